@@ -1,0 +1,144 @@
+"""/v1/jobs: submit, poll (with long-poll), fetch results, cancel, delete."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from flask import Blueprint, Response, jsonify, request
+
+from .. import document
+from ..broker import OCR_PAGE_TASK
+from ..defaults import DEFAULT_WAIT_MAX
+from ..errors import BadRequest, Conflict, NotFound
+from ..job import Job, JobStatus
+from . import ctx
+from .auth import current_owner, require_key
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+bp.before_request(require_key)
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@bp.post("")
+def submit():
+    c = ctx()
+    upload = request.files.get("file")
+    if upload is None:
+        raise BadRequest("Send the document as a multipart/form-data field named 'file'.", code="missing_file")
+    data = upload.read()
+    info = document.inspect(data, max_pages=c.settings.max_pages, max_pixels=c.settings.max_pixels)
+    job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
+                        filename=clean_filename(upload.filename))
+    try:
+        _enqueue(job)
+    except Exception:
+        # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
+        c.jobs.redis.delete(*c.jobs.keys(job.id).values())
+        raise
+    response = jsonify(job.to_api())
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return response
+
+
+def _enqueue(job: Job) -> None:
+    c = ctx()
+    producer_app = c.producer
+    with producer_app.producer_or_acquire() as producer:
+        for page in range(job.pages_total):
+            producer_app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=c.settings.queue, producer=producer)
+
+
+@bp.get("/<job_id>")
+def get(job_id: str):
+    wait = _wait_param()
+    job = _load(job_id)
+    if wait > 0 and not job.final:
+        job = ctx().jobs.wait(job.id, wait) or _gone(job_id)
+    return jsonify(job.to_api())
+
+
+@bp.get("/<job_id>/result")
+def result(job_id: str):
+    c = ctx()
+    job = _load(job_id)
+    if job.status is JobStatus.FAILED:
+        raise Conflict(f"The job failed ({job.error_code}): {job.error_message}", code="job_failed")
+    if job.status is JobStatus.CANCELLED:
+        raise Conflict("The job was cancelled; it has no result.", code="job_cancelled")
+    if job.status is not JobStatus.SUCCEEDED:
+        raise Conflict(f"The job is {job.status.value}; poll {job.to_api()['links']['self']} until it succeeds.",
+                       code="not_ready")
+    texts = c.jobs.pages(job.id)
+    text = "\n\n".join(texts)
+    if _wants_markdown():
+        return Response(text, mimetype="text/markdown", content_type="text/markdown; charset=utf-8")
+    return jsonify({
+        "id": job.id,
+        "model": {"id": job.model_id, "revision": job.model_revision},
+        "pages": [{"page": i + 1, "text": t} for i, t in enumerate(texts)],
+        "text": text,
+    })
+
+
+@bp.post("/<job_id>/cancel")
+def cancel(job_id: str):
+    c = ctx()
+    job = _load(job_id)
+    c.jobs.cancel(job.id)
+    return jsonify((c.jobs.get(job.id) or _gone(job_id)).to_api())
+
+
+@bp.delete("/<job_id>")
+def delete(job_id: str):
+    c = ctx()
+    job = _load(job_id)
+    c.jobs.delete(job.id)
+    return Response(status=204)
+
+
+def _load(job_id: str) -> Job:
+    job = ctx().jobs.get(job_id) if _JOB_ID.match(job_id) else None
+    # Another key's job is reported exactly like a missing one, so ids cannot be probed.
+    if job is None or job.owner != current_owner():
+        _gone(job_id)
+    return job
+
+
+def _gone(job_id: str):
+    raise NotFound(f"No job {job_id!r}: it was never issued, or it expired or was deleted.")
+
+
+def _wait_param() -> float:
+    raw = request.args.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1
+    if not 0 <= wait <= DEFAULT_WAIT_MAX:
+        raise BadRequest(f"wait must be a number of seconds from 0 to {DEFAULT_WAIT_MAX}.", code="invalid_parameter")
+    return wait
+
+
+def _wants_markdown() -> bool:
+    fmt = request.args.get("format")
+    if fmt is not None:
+        if fmt not in ("json", "markdown"):
+            raise BadRequest("format must be json or markdown.", code="invalid_parameter")
+        return fmt == "markdown"
+    best = request.accept_mimetypes.best_match(["application/json", "text/markdown"])
+    return best == "text/markdown" and request.accept_mimetypes["text/markdown"] > request.accept_mimetypes[
+        "application/json"]
+
+
+def clean_filename(name: str | None) -> str:
+    """A display name only: path parts, control characters and NULs removed, length bounded."""
+    if not name:
+        return ""
+    name = unicodedata.normalize("NFC", name).replace("\\", "/").split("/")[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    return name.strip().lstrip(".")[:255]

@@ -1,0 +1,109 @@
+"""The OpenAPI 3 description of the HTTP API, built in code so it cannot drift from a copy."""
+
+from __future__ import annotations
+
+
+def _error(description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def spec() -> dict:
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    job = {"description": "The job.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "gnosis-ocr", "version": "1", "description": "Asynchronous OCR: submit, poll, fetch."},
+        "paths": {
+            "/v1/jobs": {"post": {
+                "summary": "Submit a document",
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                "schema": {"type": "string", "maxLength": 200}}],
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}}}}}},
+                "responses": {"202": job, "200": job, "400": _error("No file."), "401": _error("No valid key."),
+                              "409": _error("Idempotency key reused with another document."),
+                              "413": _error("Too large."), "415": _error("Not a supported document."),
+                              "422": _error("Unreadable document."), "429": _error("Queue full."),
+                              "503": _error("Queue unreachable.")}}},
+            "/v1/jobs/{job_id}": {
+                "get": {"summary": "A job's state (long-poll with ?wait=)",
+                        "parameters": [job_id, {"name": "wait", "in": "query", "required": False,
+                                                "schema": {"type": "number", "minimum": 0, "maximum": 30}}],
+                        "responses": {"200": job, "400": _error("Bad wait."), "401": _error("No valid key."),
+                                      "404": _error("Unknown job."), "503": _error("Queue unreachable.")}},
+                "delete": {"summary": "Cancel if needed and delete everything",
+                           "parameters": [job_id],
+                           "responses": {"204": {"description": "Deleted."}, "401": _error("No valid key."),
+                                         "404": _error("Unknown job."), "503": _error("Queue unreachable.")}}},
+            "/v1/jobs/{job_id}/result": {"get": {
+                "summary": "The result of a succeeded job",
+                "parameters": [job_id, {"name": "format", "in": "query", "required": False,
+                                        "schema": {"type": "string", "enum": ["json", "markdown"]}}],
+                "responses": {"200": {"description": "The result.", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Result"}},
+                    "text/markdown": {"schema": {"type": "string"}}}},
+                    "400": _error("Bad format."), "401": _error("No valid key."), "404": _error("Unknown job."),
+                    "409": _error("Not ready, failed or cancelled."), "503": _error("Queue unreachable.")}}},
+            "/v1/jobs/{job_id}/cancel": {"post": {
+                "summary": "Cancel a queued or running job", "parameters": [job_id],
+                "responses": {"200": job, "401": _error("No valid key."), "404": _error("Unknown job."),
+                              "503": _error("Queue unreachable.")}}},
+            "/v1/cache": {"get": {"summary": "The shared model cache", "responses": {
+                "200": {"description": "Cache state.", "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/Cache"}}}},
+                "401": _error("No valid key."), "503": _error("Redis unreachable.")}}},
+            "/v1/cache/warm": {"post": {"summary": "Start the one download if absent", "responses": {
+                "200": {"description": "Already ready.", "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/Cache"}}}},
+                "202": {"description": "Download started or in progress.", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Cache"}}}},
+                "401": _error("No valid key."), "503": _error("Redis unreachable.")}}},
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive."}}}},
+            "/readyz": {"get": {"summary": "Readiness (Redis answers)", "responses": {
+                "200": {"description": "Ready."}, "503": _error("Redis unreachable.")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "Prometheus text.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "401": _error("No valid key.")}}},
+            "/openapi.json": {"get": {"summary": "This description", "responses": {
+                "200": {"description": "OpenAPI 3.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        },
+        "components": {"schemas": _schemas()},
+    }
+
+
+def _schemas() -> dict:
+    nullable_str = {"type": "string", "nullable": True}
+    return {
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+        "Job": {"type": "object",
+                "required": ["id", "status", "created_at", "started_at", "finished_at", "pages_total", "pages_done",
+                             "error", "links"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "started_at": {**nullable_str, "format": "date-time"},
+                    "finished_at": {**nullable_str, "format": "date-time"},
+                    "pages_total": {"type": "integer"}, "pages_done": {"type": "integer"},
+                    "attempts": {"type": "integer"}, "filename": nullable_str,
+                    "error": {"type": "object", "nullable": True, "properties": {
+                        "code": {"type": "string"}, "message": {"type": "string"}}},
+                    "links": {"type": "object", "properties": {"self": {"type": "string"},
+                                                               "result": {"type": "string"}}}}},
+        "Result": {"type": "object", "required": ["id", "model", "pages", "text"], "properties": {
+            "id": {"type": "string"},
+            "model": {"type": "object", "properties": {"id": nullable_str, "revision": nullable_str}},
+            "pages": {"type": "array", "items": {"type": "object", "properties": {
+                "page": {"type": "integer"}, "text": {"type": "string"}}}},
+            "text": {"type": "string"}}},
+        "Cache": {"type": "object", "required": ["model_id", "revision", "state"], "properties": {
+            "model_id": {"type": "string"}, "revision": {"type": "string"},
+            "resolved_revision": nullable_str,
+            "state": {"type": "string", "enum": ["absent", "downloading", "ready", "corrupt"]},
+            "files": {"type": "integer"}, "bytes": {"type": "integer"},
+            "last_verified": nullable_str}},
+    }

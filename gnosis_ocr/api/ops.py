@@ -1,0 +1,57 @@
+"""Operations routes: liveness, readiness, Prometheus metrics, the OpenAPI description."""
+
+from __future__ import annotations
+
+import redis
+from flask import Blueprint, Response, jsonify
+
+from ..metrics import RedisCollector
+from . import ctx
+from .auth import require_key
+from .errors import error_response
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    try:
+        ctx().redis.ping()
+    except redis.RedisError as exc:
+        return error_response(503, "redis_unavailable", f"Redis does not answer: {exc}",
+                              retry_after=ctx().settings.retry_after)
+    return jsonify({"status": "ready"})
+
+
+@bp.get("/metrics")
+def metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    c = ctx()
+    if not c.settings.metrics_open:
+        require_key()
+
+    def queue_gauges():
+        depth = GaugeMetricFamily("gnosis_queue_depth", "Pages waiting in the queue.", labels=["queue"])
+        depth.add_metric([c.settings.queue], c.redis.llen(c.settings.queue))
+        yield depth
+        inflight = GaugeMetricFamily("gnosis_pages_in_flight", "Pages taken by a worker and not yet acknowledged.")
+        inflight.add_metric([], c.redis.hlen("unacked"))
+        yield inflight
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(c.redis, extra=[queue_gauges]))
+    return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+
+@bp.get("/openapi.json")
+def openapi():
+    from .openapi import spec
+
+    return jsonify(spec())

@@ -1,0 +1,61 @@
+"""Celery's configuration, shared by the API (which only sends) and the workers.
+
+Both sides build it from the same settings, so the broker's visibility timeout
+is the same wherever kombu reads it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .settings import Settings
+
+OCR_PAGE_TASK = "gnosis.ocr_page"
+WARM_CACHE_TASK = "gnosis.warm_cache"
+CACHE_QUEUE_SUFFIX = ".cache"
+
+
+def celery_config(settings: Settings) -> dict:
+    transport = {
+        # Must outlast the hard time limit, or a long page is redelivered while it still runs.
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_connect_timeout": settings.redis_timeout,
+        "retry_on_timeout": True,
+    }
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_connection_timeout": settings.redis_timeout,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_ignore_result": True,  # the job record is ours, not Celery's PENDING
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.page_soft_time_limit,
+        "task_time_limit": settings.page_hard_time_limit,
+        "task_default_queue": settings.queue,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "enable_utc": True,
+    }
+
+
+def make_producer(settings: Settings) -> Celery:
+    """A Celery app that only sends tasks by name: it imports no task code, no engine, no torch."""
+    app = Celery("gnosis-ocr-api", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def cache_queue(settings: Settings) -> str:
+    return settings.queue + CACHE_QUEUE_SUFFIX

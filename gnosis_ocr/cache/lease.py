@@ -1,0 +1,138 @@
+"""A lease in Redis with a fencing number: one holder across all hosts, lost if not renewed.
+
+GCS FUSE offers no cross-host locks (flock is per host), so exclusion comes from
+Redis. The lease only avoids duplicate work; correctness rests on the manifest,
+which describes files by their hashes and is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# KEYS: lease, fence. ARGV: token, ttl_ms. Returns the fencing number, or 0 when held by another.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local fence = redis.call('INCR', KEYS[2])
+  redis.call('SET', KEYS[1], ARGV[1] .. '#' .. fence, 'PX', ARGV[2])
+  return fence
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: value, ttl_ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: lease, channel. ARGV: value, event.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class Lease:
+    def __init__(self, client: redis.Redis, name: str, *, ttl: float) -> None:
+        self.redis = client
+        self.key = f"{name}:lease"
+        self.fence_key = f"{name}:fence"
+        self.channel = f"{name}:events"
+        self.ttl_ms = int(ttl * 1000)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.fence = 0
+        self.lost = threading.Event()
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def value(self) -> str:
+        return f"{self.token}#{self.fence}"
+
+    def acquire(self) -> bool:
+        self.fence = int(self._acquire(keys=[self.key, self.fence_key], args=[self.token, self.ttl_ms]))
+        if self.fence:
+            self.lost.clear()
+        return bool(self.fence)
+
+    def renew(self) -> bool:
+        return bool(self._renew(keys=[self.key], args=[self.value, self.ttl_ms]))
+
+    def held(self) -> bool:
+        """True while this process still holds the lease: the fence check before publishing."""
+        return self.fence > 0 and self.redis.get(self.key) == self.value.encode()
+
+    def holder(self) -> str | None:
+        value = self.redis.get(self.key)
+        return value.decode() if value else None
+
+    def release(self, event: str = "released") -> None:
+        self.stop_heartbeat()
+        if self.fence:
+            try:
+                self._release(keys=[self.key, self.channel], args=[self.value, event])
+            except redis.RedisError as exc:
+                log.warning("lease %s not released (it will expire): %s", self.key, exc)
+        self.fence = 0
+
+    def start_heartbeat(self, on_lost: Callable[[], None] | None = None) -> None:
+        """Renew every third of the TTL from a thread; on failure set `lost` and call `on_lost`."""
+        self._stop.clear()
+
+        def beat() -> None:
+            interval = self.ttl_ms / 3000
+            while not self._stop.wait(interval):
+                try:
+                    ok = self.renew()
+                except redis.RedisError as exc:
+                    log.warning("lease renewal failed: %s", exc)
+                    continue  # keep trying until the TTL itself runs out
+                if not ok:
+                    log.error("lease %s lost (fence %d)", self.key, self.fence)
+                    self.lost.set()
+                    if on_lost:
+                        on_lost()
+                    return
+
+        self._thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._thread = None
+
+    def wait_for_change(self, timeout: float) -> str | None:
+        """Block until the holder publishes an event or `timeout` passes; returns the event, if any."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.channel)
+            if self.holder() is None:
+                return "free"
+            deadline = time.monotonic() + timeout
+            # get_message can return None early (on the subscribe confirmation), hence the loop.
+            while (remaining := deadline - time.monotonic()) > 0:
+                message = pubsub.get_message(timeout=remaining)
+                if message is not None:
+                    return message["data"].decode()
+            return None
+        finally:
+            pubsub.close()

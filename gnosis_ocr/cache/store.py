@@ -1,0 +1,239 @@
+"""ModelCache: find a complete snapshot, or elect one downloader across all hosts and wait for it.
+
+    hit:   resolved sha -> manifest -> quick check -> snapshot path
+    miss:  take the lease -> run the downloader process -> write the manifest last -> publish
+    busy:  wait on the lease's events (woken at once when it is published) -> load
+
+A downloader that dies stops renewing its lease; the lease expires and a waiter
+takes over. Anything the dead one left is checked against the hub's hashes
+before reuse, and only a lease holder writes a manifest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from ..errors import CacheCorrupt, DownloadTimeout, LeaseLost, ModelCacheError
+from ..job import now_rfc3339
+from ..metrics import Metrics
+from ..settings import Settings
+from . import manifest as mf
+from .lease import Lease
+from .state import CacheState, cache_name, manifest_path, snapshot_path
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+# How long a published manifest may take to become visible here (GCS FUSE caches "not found").
+VISIBILITY_WAIT = float(os.environ.get("GNOSIS_CACHE_VISIBILITY_WAIT", "30"))
+
+
+class ModelCache:
+    def __init__(self, settings: Settings, client: redis.Redis, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.redis = client
+        self.metrics = metrics or Metrics(client)
+        self.state = CacheState(client, settings)
+        self.lease = Lease(client, cache_name(settings), ttl=settings.lease_ttl)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def complete_snapshot(self, sha: str) -> Path | None:
+        """The snapshot path if its manifest exists and its files match; None otherwise."""
+        manifest = mf.read(manifest_path(self.settings, sha))
+        if manifest is None or manifest.sha != sha:
+            return None
+        snapshot = snapshot_path(self.settings, sha)
+        bad = mf.bad_files(manifest, snapshot, full=self.settings.cache_verify == "full")
+        if bad:
+            log.error("cache for %s@%s is corrupt (%s); it will be repaired", self.settings.model_id, sha[:12],
+                      ", ".join(bad))
+            self.state.mark("corrupt", sha=sha, bad_files=",".join(bad))
+            return None
+        return Path(snapshot)
+
+    def _wait_visible(self, sha: str) -> Path | None:
+        # Another host published it: give this host's metadata cache time to notice the new file.
+        record = self.state.record()
+        if record.get("state") != "ready" or record.get("sha") != sha:
+            return None
+        deadline = time.monotonic() + VISIBILITY_WAIT
+        delay = 0.05
+        while time.monotonic() < deadline:
+            if os.path.exists(manifest_path(self.settings, sha)):
+                return self.complete_snapshot(sha)
+            time.sleep(delay)  # polling the filesystem: there is no event to wait on across hosts
+            delay = min(delay * 2, 2.0)
+        return None
+
+    def ensure_ready(self, progress: Progress | None = None, *, refresh: bool = False) -> Path:
+        """The snapshot path of a complete model, downloading it (once, cluster-wide) if needed."""
+        deadline = time.monotonic() + self.settings.lease_wait
+        first = True
+        wait_started: float | None = None
+        while True:
+            sha = None if refresh else self.state.resolved_sha()
+            path = None
+            if sha:
+                path = self.complete_snapshot(sha) or self._wait_visible(sha)
+            if path is not None:
+                if first:
+                    self.metrics.inc("gnosis_cache_hits_total")
+                if wait_started is not None:
+                    self.metrics.observe("gnosis_cache_lock_wait_seconds", time.monotonic() - wait_started)
+                return path
+            if first:
+                self.metrics.inc("gnosis_cache_misses_total")
+                first = False
+            if self.lease.acquire():
+                if wait_started is not None:
+                    self.metrics.observe("gnosis_cache_lock_wait_seconds", time.monotonic() - wait_started)
+                try:
+                    return self._download(progress, refresh=refresh)
+                finally:
+                    self.lease.release("released")
+            if wait_started is None:
+                wait_started = time.monotonic()
+                log.info("model download in progress elsewhere (%s); waiting", self.lease.holder())
+                if progress:
+                    progress({"event": "waiting", "holder": self.lease.holder()})
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DownloadTimeout(
+                    f"Waited {self.settings.lease_wait}s for another worker's download of {self.settings.model_id}.")
+            # Woken by the holder's release at once; otherwise recheck once a lease TTL has passed.
+            self.lease.wait_for_change(min(remaining, self.settings.lease_ttl))
+            refresh = False
+
+    # ---- writing (lease holder only) -------------------------------------------------------
+
+    def _download(self, progress: Progress | None, *, refresh: bool) -> Path:
+        sha = None if refresh else self.state.resolved_sha()
+        if sha and (path := self.complete_snapshot(sha)):
+            return path  # finished by the previous holder between our check and our lease
+        if sha:
+            # Nobody may load a snapshot while its files are being replaced.
+            try:
+                os.unlink(manifest_path(self.settings, sha))
+            except FileNotFoundError:
+                pass
+        started = time.monotonic()
+        self.state.mark("downloading", by=self.lease.token, started_at=now_rfc3339())
+        proc = self._spawn_fetch()
+        self.lease.start_heartbeat(on_lost=lambda: _kill(proc))
+        try:
+            result = self._follow(proc, progress)
+        except BaseException:
+            _kill(proc)
+            self.metrics.inc("gnosis_cache_downloads_total", outcome="failed")
+            raise
+        finally:
+            self.lease.stop_heartbeat()
+        sha = result["sha"]
+        files = [mf.FileEntry(**entry) for entry in result["files"]]
+        manifest = mf.Manifest(repo_id=self.settings.model_id, sha=sha, files=files, created_at=now_rfc3339(),
+                               created_by=self.lease.token, fence=self.lease.fence)
+        # The fence check: a holder whose lease expired (paused, partitioned) publishes nothing.
+        if not self.lease.held():
+            self.metrics.inc("gnosis_cache_downloads_total", outcome="lease_lost")
+            raise LeaseLost("The download lease expired before the manifest could be written.")
+        mf.write(manifest_path(self.settings, sha), manifest)
+        self.state.record_resolved(sha)
+        self.state.mark("ready", sha=sha, files=len(files), bytes=manifest.total_bytes, fence=self.lease.fence,
+                        published_at=manifest.created_at, published_by=self.lease.token, bad_files="")
+        seconds = time.monotonic() - started
+        self.metrics.inc("gnosis_cache_bytes_downloaded_total", result.get("bytes_downloaded", 0))
+        self.metrics.inc("gnosis_cache_downloads_total", outcome="succeeded")
+        self.metrics.observe("gnosis_cache_download_seconds", seconds)
+        log.info("model %s@%s published: %d files, %d bytes downloaded in %.1fs", self.settings.model_id,
+                 sha[:12], len(files), result.get("bytes_downloaded", 0), seconds)
+        if progress:
+            progress({"event": "ready", "sha": sha, "files": len(files), "bytes": manifest.total_bytes})
+        return Path(snapshot_path(self.settings, sha))
+
+    def _spawn_fetch(self) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        cmd = [sys.executable, "-m", "gnosis_ocr.cache.fetch", "--repo", self.settings.model_id,
+               "--revision", self.settings.model_revision, "--cache-dir", self.settings.hub_cache,
+               "--workers", str(self.settings.download_workers)]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+
+    def _follow(self, proc: subprocess.Popen, progress: Progress | None) -> dict:
+        result = None
+        error = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event["event"] == "resolved":
+                self.state.record_resolved(event["sha"])
+            elif event["event"] == "done":
+                result = event
+            elif event["event"] == "error":
+                error = event
+            if progress:
+                progress(event)
+        code = proc.wait()
+        if self.lease.lost.is_set():
+            raise LeaseLost("The download lease was lost; another worker will finish the download.")
+        if code != 0 or result is None:
+            detail = f"{error['type']}: {error['message']}" if error else f"exit status {code}"
+            raise ModelCacheError(f"Downloading {self.settings.model_id} failed: {detail}")
+        return result
+
+    # ---- verification ----------------------------------------------------------------------
+
+    def verify(self) -> tuple[str, list[str]]:
+        """Re-hash every file against the manifest. Returns (sha, bad file names); raises if absent."""
+        sha = self.state.resolved_sha()
+        manifest = mf.read(manifest_path(self.settings, sha)) if sha else None
+        if manifest is None:
+            raise ModelCacheError(f"No complete cache of {self.settings.model_id} to verify.", code="cache_absent")
+        bad = mf.bad_files(manifest, snapshot_path(self.settings, manifest.sha), full=True)
+        stamp = now_rfc3339()
+        if bad:
+            self.state.mark("corrupt", sha=manifest.sha, bad_files=",".join(bad), verified_at=stamp,
+                            verification="failed")
+            # Invalidate it so that no worker loads it; the next warm or worker repairs it.
+            os.unlink(manifest_path(self.settings, manifest.sha))
+        else:
+            self.state.mark("ready", sha=manifest.sha, files=len(manifest.files), bytes=manifest.total_bytes,
+                            verified_at=stamp, verification="passed", bad_files="")
+        return manifest.sha, bad
+
+
+def _die_with_parent() -> None:
+    # If the worker is SIGKILLed, its downloader goes too, instead of writing on unsupervised.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+
+
+def raise_if_corrupt(bad: list[str]) -> None:
+    if bad:
+        raise CacheCorrupt(f"Files do not match the manifest: {', '.join(bad)}")
+
+
+__all__ = ["ModelCache", "raise_if_corrupt"]

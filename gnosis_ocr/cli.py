@@ -1,0 +1,133 @@
+"""The `gnosis-ocr` command. Exit codes: 0 success, 1 job or check failed, 2 usage or configuration error."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import ConfigError, GnosisError
+from .settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings(*, cache: bool = False) -> Settings:
+    settings = Settings.from_env()
+    if cache:
+        settings.check_cache_writable()
+    return settings
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from .api.server import ApiServer
+
+    settings = _settings()
+    ApiServer(settings, host=args.host, port=args.port, workers=args.workers, threads=args.threads).run()
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(cache=os.environ.get("OCR_ENGINE", "nanonets") == "nanonets")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub or transformers
+    from .broker import cache_queue
+    from .worker.celery_app import app
+
+    queues = f"{settings.queue},{cache_queue(settings)}"
+    argv = ["worker", f"--concurrency={args.concurrency}", f"--queues={queues}", "--optimization=fair",
+            f"--loglevel={args.loglevel}", "--without-mingle", "--without-gossip",
+            f"--hostname=gnosis-{os.getpid()}@%h", "--task-events"]
+    if args.pool:
+        argv.append(f"--pool={args.pool}")
+    app.worker_main(argv)
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import json
+
+    import redis
+
+    from .cache.state import CacheState
+    from .cache.store import ModelCache
+
+    settings = _settings(cache=args.action != "status")
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout)
+    if args.action == "status":
+        print(json.dumps(CacheState(client, settings).describe(), indent=2))
+        return EXIT_OK
+    cache = ModelCache(settings, client)
+    if args.action == "verify":
+        sha, bad = cache.verify()
+        for name in bad:
+            print(f"corrupt: {name}", file=sys.stderr)
+        print(f"{settings.model_id}@{sha}: {'FAILED, ' + str(len(bad)) + ' bad file(s)' if bad else 'ok'}")
+        return EXIT_FAILED if bad else EXIT_OK
+
+    def progress(event: dict) -> None:
+        kind = event["event"]
+        if kind == "resolved":
+            print(f"resolved {settings.model_id}@{settings.model_revision} -> {event['sha']} "
+                  f"({event['files']} files, {event['bytes']} bytes)", flush=True)
+        elif kind == "file":
+            print(f"  {'fetched' if event['downloaded'] else 'kept   '} {event['name']} ({event['size']} bytes)",
+                  flush=True)
+        elif kind == "waiting":
+            print(f"another worker is downloading ({event['holder']}); waiting", flush=True)
+        elif kind == "ready":
+            print(f"ready: {event['files']} files, {event['bytes']} bytes", flush=True)
+
+    path = cache.ensure_ready(progress, refresh=args.refresh)
+    print(f"cache ready at {path}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("GNOSIS_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"gnosis-ocr: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except GnosisError as exc:
+        print(f"gnosis-ocr: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import devstack, submit
+
+    parser = argparse.ArgumentParser(prog="gnosis-ocr", description="Asynchronous OCR service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("api", help="run the HTTP API under gunicorn")
+    p.add_argument("--host", default=os.environ.get("GNOSIS_HOST", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    p.add_argument("--workers", type=int, default=int(os.environ.get("GNOSIS_API_WORKERS", "2")))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("GNOSIS_API_THREADS", "16")))
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker", help="run a Celery worker consuming OCR pages")
+    p.add_argument("--concurrency", type=int, default=1, help="pool processes (one per GPU)")
+    p.add_argument("--pool", choices=["prefork", "solo", "threads"], default=None)
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("cache", help="model-cache operations")
+    p.add_argument("action", choices=["warm", "verify", "status"])
+    p.add_argument("--refresh", action="store_true", help="re-resolve a branch or tag to its current commit")
+    p.set_defaults(func=cmd_cache)
+
+    submit.add_parser(sub)
+    devstack.add_parser(sub)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Every tunable's default, with its unit. Settings read the environment over these."""
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+"""Broker, job records, page results and the model-download lease all live here."""
+
+DEFAULT_MODEL_CACHE_PATH = "/cache/huggingface"
+"""The shared Hugging Face home (a GCS FUSE mount in production); the hub cache is `<this>/hub`."""
+
+DEFAULT_MODEL_ID = "nanonets/Nanonets-OCR-s"
+DEFAULT_MODEL_REVISION = "main"
+DEFAULT_ENGINE = "nanonets"
+ENGINES = ("nanonets", "rapidocr", "null")
+"""`null` returns empty text without OCR: for measuring the queue's own overhead."""
+
+DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+"""Largest accepted request body, in bytes; bigger uploads get 413 before the body is read."""
+
+DEFAULT_MAX_PAGES = 100
+"""Most pages in one document (PDF or multi-frame TIFF)."""
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Most pixels in one image page, checked from the header before any decoding (pixel bombs)."""
+
+DEFAULT_PAGE_MAX_SIDE = 1280
+"""Longest side, in pixels, a page is rendered or scaled to before OCR (the model card's practice)."""
+
+DEFAULT_JOB_TTL = 24 * 3600
+"""Seconds a job's record, input and result are kept, counted from submission and again from completion."""
+
+DEFAULT_PAGE_SOFT_TIME_LIMIT = 300
+"""Seconds one page may run before it is stopped and its job fails with `timeout`."""
+
+DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE = 60
+"""Seconds after the soft limit when the page's worker process is killed outright."""
+
+DEFAULT_PAGE_MAX_ATTEMPTS = 3
+"""Deliveries of one page (crashes and redeliveries included) before its job fails with `worker_lost`."""
+
+DEFAULT_QUEUE = "ocr"
+"""Celery queue the pages go to."""
+
+DEFAULT_MAX_NEW_TOKENS = 4096
+"""Output tokens the VLM may generate for one page."""
+
+DEFAULT_WAIT_MAX = 30
+"""Longest long-poll (`?wait=`) on a job, in seconds."""
+
+DEFAULT_REDIS_TIMEOUT = 5.0
+"""Seconds a Redis call may take before the API answers 503 instead of hanging."""
+
+DEFAULT_RETRY_AFTER = 5
+"""Seconds clients are told to wait (Retry-After) when the queue is unreachable or full."""
+
+DEFAULT_LEASE_TTL = 30
+"""Seconds the model-download lease lives without a heartbeat; a dead downloader is replaced after this."""
+
+DEFAULT_LEASE_WAIT = 3600
+"""Seconds a worker waits for another worker's download before giving up."""
+
+DEFAULT_DOWNLOAD_WORKERS = 8
+"""Files fetched in parallel by the one downloader."""

@@ -1,0 +1,108 @@
+"""`gnosis-ocr dev`: the whole stack on one machine (Redis if needed, a worker, the API)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from urllib.parse import urlparse
+
+import redis
+
+from .settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("dev", help="run API + worker (+ Redis if none answers) on this machine")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--submit", metavar="FILE", nargs="+",
+                   help="submit these documents, print their results, then stop the stack")
+    p.set_defaults(func=run)
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _start_redis(url: str) -> subprocess.Popen | None:
+    parsed = urlparse(url)
+    binary = shutil.which("redis-server")
+    if binary is None or parsed.hostname not in ("localhost", "127.0.0.1", "::1"):
+        return None
+    workdir = tempfile.mkdtemp(prefix="gnosis-redis-")
+    proc = subprocess.Popen([binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1",
+                             "--dir", workdir, "--appendonly", "yes", "--maxmemory-policy", "noeviction",
+                             "--save", ""], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not _redis_answers(url):
+        time.sleep(0.05)
+    return proc
+
+
+def _wait_http(url: str, timeout: float) -> bool:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def run(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    # On a laptop or CI without a GPU the CPU engine is the sensible default.
+    env.setdefault("OCR_ENGINE", "rapidocr")
+    if env["OCR_ENGINE"] == "nanonets":
+        env.setdefault("MODEL_CACHE_PATH", os.path.expanduser("~/.cache/gnosis-ocr/huggingface"))
+    settings = Settings.from_env(env)
+    procs: list[subprocess.Popen] = []
+    if not _redis_answers(settings.redis_url):
+        started = _start_redis(settings.redis_url)
+        if started is None or not _redis_answers(settings.redis_url):
+            print(f"gnosis-ocr: nothing answers at {settings.redis_url} and no local redis-server could be started",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        procs.append(started)
+        print(f"started redis-server for {settings.redis_url}", file=sys.stderr)
+    cli = [sys.executable, "-m", "gnosis_ocr.cli"]
+    procs.append(subprocess.Popen([*cli, "worker", f"--concurrency={args.concurrency}"], env=env))
+    procs.append(subprocess.Popen([*cli, "api", "--host", "127.0.0.1", "--port", str(args.port),
+                                   "--workers", "1"], env=env))
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        if not _wait_http(base + "/readyz", 60):
+            print("gnosis-ocr: the API did not become ready", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"gnosis-ocr dev: API at {base} (engine {env['OCR_ENGINE']}); Ctrl-C stops", file=sys.stderr)
+        if args.submit:
+            from .cli import main
+
+            return main(["submit", "--wait", "--url", base, "--timeout", "300", *args.submit])
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        return EXIT_FAILED
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -1,0 +1,161 @@
+"""Recognise, check and render uploaded documents. Light enough for the API process."""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .errors import UnreadableDocument, UnsupportedDocument
+
+# pdfium keeps global state and is not thread-safe; the API serves requests on threads.
+_PDFIUM_LOCK = threading.Lock()
+
+MEDIA_TYPES = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "tiff": "image/tiff",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "pdf": "application/pdf",
+}
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    kind: str
+    pages: int
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.kind]
+
+
+def sniff(head: bytes) -> str | None:
+    """The document kind from its first bytes, whatever its name or declared type."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith(b"BM") and len(head) >= 26:
+        return "bmp"
+    # PDF readers accept the header anywhere in the first KiB.
+    if b"%PDF-" in head[:1024]:
+        return "pdf"
+    return None
+
+
+def inspect(data: bytes, *, max_pages: int, max_pixels: int) -> DocumentInfo:
+    """Check that `data` is a supported, readable document within limits, without rendering it."""
+    if not data:
+        raise UnsupportedDocument("The file is empty.", code="empty_document")
+    kind = sniff(data[:1024])
+    if kind is None:
+        raise UnsupportedDocument("The file is not a PNG, JPEG, TIFF, WebP, BMP or PDF document.")
+    pages = _pdf_pages(data) if kind == "pdf" else _image_pages(data, max_pixels=max_pixels)
+    if pages == 0:
+        raise UnreadableDocument("The document has no pages.", code="no_pages")
+    if pages > max_pages:
+        raise UnreadableDocument(
+            f"The document has {pages} pages; at most {max_pages} are accepted.", code="too_many_pages"
+        )
+    return DocumentInfo(kind=kind, pages=pages)
+
+
+def render_page(data: bytes, kind: str, index: int, *, max_side: int, max_pixels: int) -> Image.Image:
+    """Page `index` (0-based) as an RGB image whose longest side is at most `max_side` pixels."""
+    if kind == "pdf":
+        return _render_pdf_page(data, index, max_side=max_side)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img, max_pixels)
+            img.seek(index)
+            img.load()
+            page = img.convert("RGB")
+    except UnreadableDocument:
+        raise
+    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise UnreadableDocument(f"Page {index + 1} cannot be decoded: {exc}") from None
+    page.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return page
+
+
+def _check_pixels(img: Image.Image, max_pixels: int) -> None:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise UnreadableDocument(
+            f"The image is {width}x{height} pixels; at most {max_pixels} pixels are accepted.",
+            code="too_many_pixels",
+        )
+
+
+def _image_pages(data: bytes, *, max_pixels: int) -> int:
+    # The header alone gives the size, so a pixel bomb is refused before anything is decoded.
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(img, max_pixels)
+            frames = getattr(img, "n_frames", 1)
+            for frame in range(1, frames):
+                img.seek(frame)
+                _check_pixels(img, max_pixels)
+    except UnreadableDocument:
+        raise
+    except Image.DecompressionBombError:
+        raise UnreadableDocument("The image has too many pixels.", code="too_many_pixels") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise UnreadableDocument(f"The image cannot be read: {exc}") from None
+    if frames == 1:
+        _verify_image(data)
+    return frames
+
+
+def _verify_image(data: bytes) -> None:
+    # verify() walks the stream (PNG chunk CRCs, truncation) without a full decode.
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise UnreadableDocument(f"The image is corrupt: {exc}") from None
+
+
+def _open_pdf(data: bytes):
+    import pypdfium2 as pdfium
+
+    try:
+        return pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        if "password" in str(exc).lower():
+            raise UnreadableDocument("The PDF is encrypted.", code="encrypted_document") from None
+        raise UnreadableDocument(f"The PDF cannot be read: {exc}") from None
+
+
+def _pdf_pages(data: bytes) -> int:
+    with _PDFIUM_LOCK:
+        pdf = _open_pdf(data)
+        try:
+            return len(pdf)
+        finally:
+            pdf.close()
+
+
+def _render_pdf_page(data: bytes, index: int, *, max_side: int) -> Image.Image:
+    import pypdfium2 as pdfium
+
+    with _PDFIUM_LOCK:
+        pdf = _open_pdf(data)
+        try:
+            page = pdf[index]
+            width, height = page.get_size()  # PDF points
+            scale = max_side / max(width, height, 1.0)
+            bitmap = page.render(scale=scale)
+            return bitmap.to_pil().convert("RGB")
+        except pdfium.PdfiumError as exc:
+            raise UnreadableDocument(f"Page {index + 1} of the PDF cannot be rendered: {exc}") from None
+        finally:
+            pdf.close()

@@ -1,0 +1,96 @@
+"""One error tree. Each error carries its API code and HTTP status, and survives pickling.
+
+Errors also subclass the builtin they resemble, so callers that know nothing of
+gnosis-ocr can still catch them (`except FileNotFoundError`, `except TimeoutError`).
+"""
+
+from __future__ import annotations
+
+
+class GnosisError(Exception):
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        # Keyword-only arguments are lost by Exception's default pickling.
+        return (_rebuild, (type(self), self.message, self.code, self.retry_after))
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+def _rebuild(cls, message, code, retry_after):
+    return cls(message, code=code, retry_after=retry_after)
+
+
+class ConfigError(GnosisError, ValueError):
+    code = "invalid_configuration"
+
+
+class BadRequest(GnosisError, ValueError):
+    code = "bad_request"
+    status = 400
+
+
+class Unauthorized(GnosisError, PermissionError):
+    code = "unauthorized"
+    status = 401
+
+
+class TooLarge(GnosisError, ValueError):
+    code = "too_large"
+    status = 413
+
+
+class UnsupportedDocument(GnosisError, ValueError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+class UnreadableDocument(GnosisError, ValueError):
+    code = "unreadable_document"
+    status = 422
+
+
+class NotFound(GnosisError, LookupError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(GnosisError):
+    code = "conflict"
+    status = 409
+
+
+class Unavailable(GnosisError, ConnectionError):
+    code = "queue_unavailable"
+    status = 503
+
+
+class QueueFull(GnosisError):
+    code = "queue_full"
+    status = 429
+
+
+class ModelCacheError(GnosisError, OSError):
+    code = "model_unavailable"
+    status = 503
+
+
+class CacheCorrupt(ModelCacheError):
+    code = "cache_corrupt"
+
+
+class LeaseLost(ModelCacheError):
+    code = "lease_lost"
+
+
+class DownloadTimeout(ModelCacheError, TimeoutError):
+    code = "download_timeout"

@@ -1,0 +1,160 @@
+"""The one typed settings object each process builds from its environment at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from . import defaults
+from .errors import ConfigError
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = defaults.DEFAULT_REDIS_URL
+    model_cache_path: str = defaults.DEFAULT_MODEL_CACHE_PATH
+    model_id: str = defaults.DEFAULT_MODEL_ID
+    model_revision: str = defaults.DEFAULT_MODEL_REVISION
+    engine: str = defaults.DEFAULT_ENGINE
+    device: str = "auto"
+    max_new_tokens: int = defaults.DEFAULT_MAX_NEW_TOKENS
+    max_upload_bytes: int = defaults.DEFAULT_MAX_UPLOAD_BYTES
+    max_pages: int = defaults.DEFAULT_MAX_PAGES
+    max_pixels: int = defaults.DEFAULT_MAX_PIXELS
+    page_max_side: int = defaults.DEFAULT_PAGE_MAX_SIDE
+    job_ttl: int = defaults.DEFAULT_JOB_TTL
+    page_soft_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT
+    page_hard_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
+    page_max_attempts: int = defaults.DEFAULT_PAGE_MAX_ATTEMPTS
+    queue: str = defaults.DEFAULT_QUEUE
+    redis_timeout: float = defaults.DEFAULT_REDIS_TIMEOUT
+    retry_after: int = defaults.DEFAULT_RETRY_AFTER
+    lease_ttl: int = defaults.DEFAULT_LEASE_TTL
+    lease_wait: int = defaults.DEFAULT_LEASE_WAIT
+    download_workers: int = defaults.DEFAULT_DOWNLOAD_WORKERS
+    cache_verify: str = "quick"
+    api_key_hashes: frozenset[str] = field(default_factory=frozenset)
+    metrics_open: bool = True
+
+    @property
+    def hub_cache(self) -> str:
+        return os.path.join(self.model_cache_path, "hub")
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before the broker redelivers an unacknowledged page: always past the hard limit."""
+        return self.page_hard_time_limit * 2 + 60
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        soft = _int(env, "GNOSIS_PAGE_SOFT_TIMEOUT", defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT)
+        keys = [k.strip() for k in env.get("GNOSIS_API_KEYS", "").split(",") if k.strip()]
+        settings = cls(
+            redis_url=env.get("REDIS_URL", defaults.DEFAULT_REDIS_URL),
+            model_cache_path=env.get("MODEL_CACHE_PATH", defaults.DEFAULT_MODEL_CACHE_PATH),
+            model_id=env.get("OCR_MODEL_ID", defaults.DEFAULT_MODEL_ID),
+            model_revision=env.get("OCR_MODEL_REVISION", defaults.DEFAULT_MODEL_REVISION),
+            engine=env.get("OCR_ENGINE", defaults.DEFAULT_ENGINE),
+            device=env.get("OCR_DEVICE", "auto"),
+            max_new_tokens=_int(env, "OCR_MAX_NEW_TOKENS", defaults.DEFAULT_MAX_NEW_TOKENS),
+            max_upload_bytes=_int(env, "GNOSIS_MAX_UPLOAD_BYTES", defaults.DEFAULT_MAX_UPLOAD_BYTES),
+            max_pages=_int(env, "GNOSIS_MAX_PAGES", defaults.DEFAULT_MAX_PAGES),
+            max_pixels=_int(env, "GNOSIS_MAX_PIXELS", defaults.DEFAULT_MAX_PIXELS),
+            page_max_side=_int(env, "GNOSIS_PAGE_MAX_SIDE", defaults.DEFAULT_PAGE_MAX_SIDE),
+            job_ttl=_int(env, "GNOSIS_JOB_TTL", defaults.DEFAULT_JOB_TTL),
+            page_soft_time_limit=soft,
+            page_hard_time_limit=_int(
+                env, "GNOSIS_PAGE_HARD_TIMEOUT", soft + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
+            ),
+            page_max_attempts=_int(env, "GNOSIS_PAGE_MAX_ATTEMPTS", defaults.DEFAULT_PAGE_MAX_ATTEMPTS),
+            queue=env.get("GNOSIS_QUEUE", defaults.DEFAULT_QUEUE),
+            redis_timeout=_float(env, "GNOSIS_REDIS_TIMEOUT", defaults.DEFAULT_REDIS_TIMEOUT),
+            retry_after=_int(env, "GNOSIS_RETRY_AFTER", defaults.DEFAULT_RETRY_AFTER),
+            lease_ttl=_int(env, "GNOSIS_LEASE_TTL", defaults.DEFAULT_LEASE_TTL),
+            lease_wait=_int(env, "GNOSIS_LEASE_WAIT", defaults.DEFAULT_LEASE_WAIT),
+            download_workers=_int(env, "GNOSIS_DOWNLOAD_WORKERS", defaults.DEFAULT_DOWNLOAD_WORKERS),
+            cache_verify=env.get("GNOSIS_CACHE_VERIFY", "quick"),
+            api_key_hashes=frozenset(hash_key(k) for k in keys),
+            metrics_open=_bool(env, "GNOSIS_METRICS_OPEN", True),
+        )
+        settings.validate()
+        return settings
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        url = urlparse(self.redis_url)
+        if url.scheme not in _REDIS_SCHEMES or (url.scheme != "unix" and not url.hostname):
+            raise ConfigError(f"REDIS_URL {self.redis_url!r} is not a redis://, rediss:// or unix:// URL")
+        try:
+            url.port  # noqa: B018 - raises on a malformed port
+        except ValueError as exc:
+            raise ConfigError(f"REDIS_URL {self.redis_url!r} has an invalid port") from exc
+        if self.engine not in defaults.ENGINES:
+            raise ConfigError(f"OCR_ENGINE {self.engine!r} is unknown; choose one of {', '.join(defaults.ENGINES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"OCR_DEVICE {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.cache_verify not in ("quick", "full"):
+            raise ConfigError(f"GNOSIS_CACHE_VERIFY {self.cache_verify!r} is not quick or full")
+        if "/" not in self.model_id:
+            raise ConfigError(f"OCR_MODEL_ID {self.model_id!r} is not an org/name repo id")
+        if self.page_hard_time_limit <= self.page_soft_time_limit:
+            raise ConfigError("GNOSIS_PAGE_HARD_TIMEOUT must be longer than GNOSIS_PAGE_SOFT_TIMEOUT")
+        for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl",
+                     "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
+                     "download_workers", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def check_cache_writable(self) -> None:
+        """Fail fast when the shared cache cannot be written (worker and `cache` commands)."""
+        try:
+            os.makedirs(self.hub_cache, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"MODEL_CACHE_PATH {self.model_cache_path!r} cannot be created: {exc.strerror}") from exc
+        if not os.access(self.hub_cache, os.W_OK | os.X_OK):
+            raise ConfigError(f"MODEL_CACHE_PATH {self.model_cache_path!r} is not writable")
+
+
+def hash_key(key: str) -> str:
+    """API keys are kept only as SHA-256 digests."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean")

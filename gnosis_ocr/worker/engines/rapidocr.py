@@ -1,0 +1,49 @@
+"""CPU OCR with the ONNX models bundled in rapidocr-onnxruntime: real text without a GPU or a download."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib.metadata import version
+
+import numpy as np
+
+
+class RapidOcrEngine:
+    model_id = "rapidocr-onnxruntime"
+
+    def __init__(self) -> None:
+        from rapidocr_onnxruntime import RapidOCR
+
+        self._ocr = RapidOCR()
+        self.model_revision = version("rapidocr-onnxruntime")
+
+    def recognize(self, pages: Sequence) -> list[str]:
+        return [self._page(page) for page in pages]
+
+    def _page(self, image) -> str:
+        result, _ = self._ocr(np.asarray(image.convert("RGB")))
+        if not result:
+            return ""
+        return "\n".join(_reading_order(result))
+
+
+def _reading_order(result: list) -> list[str]:
+    """Group detected boxes into lines (by vertical overlap), then read each line left to right."""
+    boxes = []
+    for box, text, _score in result:
+        ys = [p[1] for p in box]
+        xs = [p[0] for p in box]
+        boxes.append((min(ys), max(ys), min(xs), text))
+    boxes.sort()
+    lines: list[list[tuple]] = []
+    for top, bottom, left, text in boxes:
+        if lines:
+            line = lines[-1]
+            line_top = min(b[0] for b in line)
+            line_bottom = max(b[1] for b in line)
+            overlap = min(bottom, line_bottom) - max(top, line_top)
+            if overlap > 0.5 * min(bottom - top, line_bottom - line_top):
+                line.append((top, bottom, left, text))
+                continue
+        lines.append([(top, bottom, left, text)])
+    return [" ".join(b[3] for b in sorted(line, key=lambda b: b[2])) for line in lines]

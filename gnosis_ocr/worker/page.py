@@ -1,0 +1,96 @@
+"""One page of one job: claim it, render it, recognise it, record it exactly once."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from datetime import datetime
+
+from billiard.exceptions import SoftTimeLimitExceeded
+
+from .. import document
+from ..errors import GnosisError
+from ..job import JobStatus
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def run_page(rt: Runtime, job_id: str, page: int, *, worker: str = "") -> str:
+    verdict = rt.jobs.start_page(job_id, page)
+    if verdict == "exhausted":
+        log.error("job %s page %d exceeded %d attempts; job failed", job_id, page, rt.settings.page_max_attempts)
+        _count_final(rt, job_id)
+    if verdict != "run":
+        return verdict
+    started = time.monotonic()
+    try:
+        text = _recognise(rt, job_id, page)
+    except SoftTimeLimitExceeded:
+        _release_memory()
+        return _fail(rt, job_id, "timeout",
+                     f"Page {page + 1} took longer than {rt.settings.page_soft_time_limit} seconds.")
+    except GnosisError as exc:
+        return _fail(rt, job_id, exc.code, exc.message)
+    except Exception:
+        log.exception("engine failed on job %s page %d", job_id, page)
+        _release_memory()
+        return _fail(rt, job_id, "engine_error", f"The OCR engine failed on page {page + 1}.")
+    if text is None:
+        return "gone"
+    engine = rt.engine()
+    done = rt.jobs.finish_page(job_id, page, text, model_id=engine.model_id, model_revision=engine.model_revision)
+    rt.metrics.observe("gnosis_page_duration_seconds", time.monotonic() - started, engine=rt.settings.engine)
+    rt.metrics.inc("gnosis_pages_processed_total", engine=rt.settings.engine)
+    if done > 0 and done == _pages_total(rt, job_id):
+        _count_final(rt, job_id)
+    return "done"
+
+
+def _recognise(rt: Runtime, job_id: str, page: int) -> str | None:
+    data = rt.jobs.input(job_id)
+    kind = rt.jobs.field(job_id, "kind")
+    if data is None or kind is None:
+        return None  # cancelled, deleted or expired while queued
+    image = document.render_page(
+        data, kind, page, max_side=rt.settings.page_max_side, max_pixels=rt.settings.max_pixels
+    )
+    return rt.engine().recognize([image])[0]
+
+
+def _pages_total(rt: Runtime, job_id: str) -> int:
+    total = rt.jobs.field(job_id, "pages_total")
+    return int(total) if total else -1
+
+
+def _fail(rt: Runtime, job_id: str, code: str, message: str) -> str:
+    log.warning("job %s failed: %s: %s", job_id, code, message)
+    if rt.jobs.fail(job_id, code, message) == JobStatus.FAILED.value:
+        _count_final(rt, job_id)
+    return "failed"
+
+
+def _count_final(rt: Runtime, job_id: str) -> None:
+    job = rt.jobs.get(job_id)
+    if job is None or not job.final:
+        return
+    labels = {"outcome": job.status.value, "code": job.error_code or ""}
+    rt.metrics.inc("gnosis_jobs_finished_total", **labels)
+    if job.finished_at:
+        seconds = (_parse(job.finished_at) - _parse(job.created_at)).total_seconds()
+        rt.metrics.observe("gnosis_job_duration_seconds", seconds, outcome=job.status.value)
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

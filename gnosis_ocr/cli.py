@@ -34,10 +34,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .broker import cache_queue
     from .worker.celery_app import app
 
+    import socket
+
+    name = f"gnosis-{os.getpid()}@{socket.gethostname()}"
+    os.environ["GNOSIS_WORKER_NAME"] = name  # pool children report under their worker's name
     queues = f"{settings.queue},{cache_queue(settings)}"
     argv = ["worker", f"--concurrency={args.concurrency}", f"--queues={queues}", "--optimization=fair",
             f"--loglevel={args.loglevel}", "--without-mingle", "--without-gossip",
-            f"--hostname=gnosis-{os.getpid()}@%h", "--task-events"]
+            f"--hostname={name}", "--task-events"]
     if args.pool:
         argv.append(f"--pool={args.pool}")
     app.worker_main(argv)

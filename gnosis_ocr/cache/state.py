@@ -66,12 +66,14 @@ class CacheState:
 
     def record_resolved(self, sha: str) -> None:
         self.redis.set(self.ref_key, sha)
-        ref = os.path.join(gnosis_dir(self.settings), "refs", self.settings.model_revision)
-        os.makedirs(os.path.dirname(ref), exist_ok=True)
-        tmp = f"{ref}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(sha)
-        os.replace(tmp, ref)
+        _write_atomic(os.path.join(gnosis_dir(self.settings), "refs", self.settings.model_revision), sha)
+
+    def publish_hub_ref(self, sha: str) -> None:
+        """Write the hub's own refs/<revision>, so other tools find the snapshot offline by repo id."""
+        if not SHA_RE.match(self.settings.model_revision):
+            ref = os.path.join(self.settings.hub_cache, repo_folder(self.settings.model_id), "refs",
+                               self.settings.model_revision)
+            _write_atomic(ref, sha)
 
     def record(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.redis.hgetall(self.record_key).items()}
@@ -115,3 +117,11 @@ class CacheState:
             "bad_files": [f for f in record.get("bad_files", "").split(",") if f],
             "cache_path": self.settings.hub_cache,
         }
+
+
+def _write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

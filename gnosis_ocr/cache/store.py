@@ -151,6 +151,7 @@ class ModelCache:
             raise LeaseLost("The download lease expired before the manifest could be written.")
         mf.write(manifest_path(self.settings, sha), manifest)
         self.state.record_resolved(sha)
+        self.state.publish_hub_ref(sha)
         self.state.mark("ready", sha=sha, files=len(files), bytes=manifest.total_bytes, fence=self.lease.fence,
                         published_at=manifest.created_at, published_by=self.lease.token, bad_files="")
         seconds = time.monotonic() - started

@@ -12,12 +12,13 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from .. import document
 from ..errors import GnosisError
 from ..job import JobStatus
+from . import heartbeat
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def run_page(rt: Runtime, job_id: str, page: int, *, worker: str = "") -> str:
+def run_page(rt: Runtime, job_id: str, page: int) -> str:
     verdict = rt.jobs.start_page(job_id, page)
     if verdict == "exhausted":
         log.error("job %s page %d exceeded %d attempts; job failed", job_id, page, rt.settings.page_max_attempts)
@@ -25,6 +26,14 @@ def run_page(rt: Runtime, job_id: str, page: int, *, worker: str = "") -> str:
     if verdict != "run":
         return verdict
     started = time.monotonic()
+    heartbeat.page_started(rt.redis, job_id, page)
+    try:
+        return _run(rt, job_id, page, started)
+    finally:
+        heartbeat.page_finished(rt.redis, job_id, page)
+
+
+def _run(rt: Runtime, job_id: str, page: int, started: float) -> str:
     try:
         text = _recognise(rt, job_id, page)
     except SoftTimeLimitExceeded:

@@ -49,8 +49,11 @@ class Runtime:
         return self._engine is not None
 
     def preload(self) -> None:
+        from .heartbeat import engine_loaded
+
         try:
             self.engine()
+            engine_loaded(self.redis)
         except GnosisError as exc:
             log.error("engine not loaded yet (%s): %s", exc.code, exc.message)
         except Exception:

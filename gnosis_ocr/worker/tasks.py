@@ -3,13 +3,13 @@
 from celery import signals
 
 from ..broker import OCR_PAGE_TASK, WARM_CACHE_TASK
-from . import page, runtime
+from . import heartbeat, page, runtime
 from .celery_app import app
 
 
-@app.task(name=OCR_PAGE_TASK, bind=True)
-def ocr_page(self, job_id: str, page_index: int) -> str:
-    return page.run_page(runtime.get(), job_id, page_index, worker=self.request.hostname or "")
+@app.task(name=OCR_PAGE_TASK)
+def ocr_page(job_id: str, page_index: int) -> str:
+    return page.run_page(runtime.get(), job_id, page_index)
 
 
 @app.task(name=WARM_CACHE_TASK, ignore_result=True)
@@ -17,7 +17,26 @@ def warm_cache() -> str:
     return runtime.get().warm_cache()
 
 
+_heartbeat: heartbeat.Heartbeat | None = None
+
+
 @signals.worker_process_init.connect
 def _load_engine_in_child(**_) -> None:
     # Loaded after the fork, once per pool process; never in the parent, which forks.
     runtime.get().preload()
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(sender=None, **_) -> None:
+    global _heartbeat
+    rt = runtime.get()
+    concurrency = getattr(getattr(sender, "pool", None), "limit", 0) or 0
+    _heartbeat = heartbeat.Heartbeat(rt.redis, app, queue=rt.settings.queue, engine=rt.settings.engine,
+                                     concurrency=concurrency)
+    _heartbeat.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**_) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

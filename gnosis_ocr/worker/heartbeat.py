@@ -1,0 +1,132 @@
+"""Worker liveness in Redis, and recovery of the pages of workers that stopped beating.
+
+A pool child killed mid-page is handled by Celery at once (acks_late +
+reject_on_worker_lost requeue the message). A whole worker that vanishes (a
+GPU host gone) leaves its messages unacknowledged until the broker's visibility
+timeout, which must outlast the longest page and so cannot be the recovery
+mechanism. Instead each worker beats every few seconds and lists its in-flight
+pages; any live worker that sees a beat go stale requeues that worker's pages.
+The original message's late redelivery is then harmless: a page is recorded once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+
+from ..broker import OCR_PAGE_TASK
+from ..job import now_rfc3339
+from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+WORKERS_KEY = "gnosis:workers"
+REAPER_LOCK = "gnosis:reaper"
+INTERVAL = float(os.environ.get("GNOSIS_HEARTBEAT_INTERVAL", "5"))
+"""Seconds between beats; a worker is dead after three missed beats."""
+
+
+def worker_name() -> str:
+    return os.environ.get("GNOSIS_WORKER_NAME") or f"gnosis-{os.getpid()}@{socket.gethostname()}"
+
+
+def _inflight_key(name: str) -> str:
+    return f"gnosis:worker:{name}:inflight"
+
+
+def _engines_key(name: str) -> str:
+    return f"gnosis:worker:{name}:engines"
+
+
+def page_started(client: redis.Redis, job_id: str, page: int) -> None:
+    client.hset(_inflight_key(worker_name()), f"{job_id}:{page}", now_rfc3339())
+
+
+def page_finished(client: redis.Redis, job_id: str, page: int) -> None:
+    try:
+        client.hdel(_inflight_key(worker_name()), f"{job_id}:{page}")
+    except redis.RedisError as exc:  # the reaper may requeue it; the page is still recorded once
+        log.warning("could not clear in-flight page: %s", exc)
+
+
+def engine_loaded(client: redis.Redis) -> None:
+    """Called in a pool child once its engine is loaded: the worker's readiness counts these."""
+    client.hset(_engines_key(worker_name()), str(os.getpid()), now_rfc3339())
+
+
+def describe(client: redis.Redis) -> list[dict]:
+    """Live workers with their last beat, for operators and tests."""
+    out = []
+    for name, beat in client.zrange(WORKERS_KEY, 0, -1, withscores=True):
+        record = client.get(f"gnosis:worker:{name.decode()}")
+        info = json.loads(record) if record else {}
+        info.update(name=name.decode(), last_beat=beat, alive=time.time() - beat < 3 * INTERVAL)
+        out.append(info)
+    return out
+
+
+class Heartbeat:
+    def __init__(self, client: redis.Redis, app, *, queue: str, engine: str, concurrency: int) -> None:
+        self.redis = client
+        self.app = app
+        self.queue = queue
+        self.name = worker_name()
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "engine": engine,
+                     "concurrency": concurrency, "started_at": now_rfc3339()}
+        self.metrics = Metrics(client)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.redis.delete(_engines_key(self.name))
+        threading.Thread(target=self._run, name="gnosis-heartbeat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.redis.zrem(WORKERS_KEY, self.name)
+            self.redis.delete(f"gnosis:worker:{self.name}", _engines_key(self.name))
+        except redis.RedisError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat()
+                self.reap()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed (Redis unreachable?): %s", exc)
+            self._stop.wait(INTERVAL)
+
+    def beat(self) -> None:
+        loaded = self.redis.hlen(_engines_key(self.name))
+        record = json.dumps({**self.info, "engines_loaded": loaded})
+        pipe = self.redis.pipeline()
+        pipe.set(f"gnosis:worker:{self.name}", record, ex=int(INTERVAL * 3) + 1)
+        pipe.zadd(WORKERS_KEY, {self.name: time.time()})
+        pipe.execute()
+
+    def reap(self) -> int:
+        """Requeue the in-flight pages of workers whose beat is stale. One reaper at a time."""
+        if not self.redis.set(REAPER_LOCK, self.name, nx=True, ex=max(int(INTERVAL), 1)):
+            return 0
+        stale_before = time.time() - 3 * INTERVAL
+        requeued = 0
+        for raw in self.redis.zrangebyscore(WORKERS_KEY, "-inf", stale_before):
+            dead = raw.decode()
+            pages = self.redis.hkeys(_inflight_key(dead))
+            for entry in pages:
+                job_id, page = entry.decode().rsplit(":", 1)
+                self.app.send_task(OCR_PAGE_TASK, args=[job_id, int(page)], queue=self.queue)
+                requeued += 1
+            self.redis.delete(_inflight_key(dead), _engines_key(dead))
+            self.redis.zrem(WORKERS_KEY, dead)
+            if pages:
+                log.warning("worker %s stopped beating; requeued %d page(s)", dead, len(pages))
+                self.metrics.inc("gnosis_worker_recoveries_total", len(pages))
+        return requeued

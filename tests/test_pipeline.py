@@ -1,0 +1,123 @@
+"""Issue 2: submit -> queue -> OCR -> poll -> result, against real Redis, workers and HTTP."""
+
+from __future__ import annotations
+
+import requests
+
+from tests.conftest import poll_job, wait_until
+from tests.docs import pdf_of_pages, text_image, words
+
+LINES = ["Quarterly report for Gnosis", "Revenue grew by forty percent", "Signed by the treasurer"]
+
+
+def test_image_round_trip_with_rapidocr(stack):
+    url = stack.api()
+    stack.worker()
+    r = requests.post(f"{url}/v1/jobs", files={"file": ("scan.png", text_image(LINES))})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] in ("queued", "running")
+    assert job["pages_total"] == 1 and job["filename"] == "scan.png"
+
+    final = poll_job(url, job["id"])
+    assert final["status"] == "succeeded", final
+    assert final["pages_done"] == 1 and final["started_at"] and final["finished_at"]
+
+    result = requests.get(f"{url}/v1/jobs/{job['id']}/result").json()
+    assert result["model"]["id"] == "rapidocr-onnxruntime"
+    assert [p["page"] for p in result["pages"]] == [1]
+    expected = words(" ".join(LINES))
+    assert len(expected & words(result["text"])) >= 0.8 * len(expected), result["text"]
+
+    md = requests.get(f"{url}/v1/jobs/{job['id']}/result", params={"format": "markdown"})
+    assert md.headers["Content-Type"].startswith("text/markdown")
+    assert md.text == result["text"]
+    via_accept = requests.get(f"{url}/v1/jobs/{job['id']}/result", headers={"Accept": "text/markdown"})
+    assert via_accept.text == result["text"]
+
+
+def test_pdf_pages_in_order_across_two_workers(stack):
+    url = stack.api()
+    w1 = stack.worker()
+    w2 = stack.worker()
+    pages = [[f"Chapter {n} begins here", f"Page marker {word}"] for n, word in
+             enumerate(["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"], 1)]
+    r = requests.post(f"{url}/v1/jobs", files={"file": ("book.pdf", pdf_of_pages(pages))})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.json()["pages_total"] == 6
+
+    seen = []
+
+    def finished():
+        job = requests.get(f"{url}/v1/jobs/{job_id}").json()
+        if not seen or seen[-1] != job["pages_done"]:
+            seen.append(job["pages_done"])
+        return job["status"] == "succeeded" and job
+
+    wait_until(finished, timeout=120, interval=0.02, message="the PDF job to succeed")
+    assert seen == sorted(seen) and seen[-1] == 6
+    assert any(0 < n < 6 for n in seen), f"pages_done never observed mid-way: {seen}"
+
+    result = requests.get(f"{url}/v1/jobs/{job_id}/result").json()
+    assert [p["page"] for p in result["pages"]] == [1, 2, 3, 4, 5, 6]
+    for page, (_, marker) in zip(result["pages"], pages):
+        assert marker.split()[-1].lower() in page["text"].lower(), (marker, page["text"])
+    # Both workers took pages: the job was split, not run by one process.
+    assert "gnosis.ocr_page" in w1.log() and "gnosis.ocr_page" in w2.log()
+
+
+def test_unknown_and_malformed_ids_are_404(stack):
+    url = stack.api()
+    for job_id in ["0" * 32, "not-a-job", "../../etc"]:
+        r = requests.get(f"{url}/v1/jobs/{job_id}")
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "not_found"
+    assert requests.get(f"{url}/v1/jobs/{'0' * 32}/result").status_code == 404
+
+
+def test_result_before_completion_is_409_and_cancelled_job_never_runs(stack):
+    url = stack.api()  # no worker yet: the job stays queued
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(LINES))}).json()
+    r = requests.get(f"{url}/v1/jobs/{job['id']}/result")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
+
+    cancelled = requests.post(f"{url}/v1/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    stack.worker()
+    # The worker drains the queue; the cancelled page is skipped, never recognised.
+    wait_until(lambda: stack.redis.llen("ocr") == 0 and stack.redis.hlen("unacked") == 0, timeout=30,
+               message="the queue to drain")
+    final = requests.get(f"{url}/v1/jobs/{job['id']}").json()
+    assert final["status"] == "cancelled" and final["started_at"] is None and final["attempts"] == 0
+    r = requests.get(f"{url}/v1/jobs/{job['id']}/result")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_cancelled"
+
+
+def test_long_poll_returns_when_job_finishes(stack):
+    url = stack.api()
+    stack.worker()
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(LINES))}).json()
+    final = requests.get(f"{url}/v1/jobs/{job['id']}", params={"wait": 30}, timeout=40).json()
+    assert final["status"] == "succeeded"
+    assert requests.get(f"{url}/v1/jobs/{job['id']}", params={"wait": 31}).status_code == 400
+
+
+def test_delete_removes_record_input_and_result(stack):
+    url = stack.api()
+    stack.worker()
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(LINES))}).json()
+    assert poll_job(url, job["id"])["status"] == "succeeded"
+    assert requests.delete(f"{url}/v1/jobs/{job['id']}").status_code == 204
+    assert requests.get(f"{url}/v1/jobs/{job['id']}").status_code == 404
+    assert not list(stack.redis.scan_iter(f"gnosis:job:{job['id']}*"))
+
+
+def test_job_record_expires_with_its_ttl(stack):
+    url = stack.api(GNOSIS_JOB_TTL="2")
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(LINES))}).json()
+    assert 0 < stack.redis.ttl(f"gnosis:job:{job['id']}") <= 2
+    assert 0 < stack.redis.ttl(f"gnosis:job:{job['id']}:input") <= 2
+    wait_until(lambda: requests.get(f"{url}/v1/jobs/{job['id']}").status_code == 404, timeout=10,
+               message="the record to expire")

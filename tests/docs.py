@@ -32,3 +32,55 @@ def pdf_of_pages(pages: list[list[str]]) -> bytes:
 def words(text: str) -> set[str]:
     """Normalised words: OCR layout and case differ, the words should not."""
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2}
+
+
+def png_pixel_bomb(width: int = 60000, height: int = 60000) -> bytes:
+    """A valid PNG header declaring a huge image, with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def pdf_with_objects(objects: list[bytes], root: int = 1) -> bytes:
+    """A PDF assembled object by object, with a correct xref table."""
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    for offset in offsets:
+        out += b"%010d 00000 n \n" % offset
+    out += b"trailer\n<< /Size %d /Root %d 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, root, xref)
+    return bytes(out)
+
+
+def pdf_page_tree_loop() -> bytes:
+    return pdf_with_objects([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Pages /Kids [2 0 R] /Count 1 /Parent 2 0 R >>",
+    ])
+
+
+def encrypted_pdf() -> bytes:
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    writer.add_blank_page(width=300, height=300)
+    writer.encrypt(user_password="secret", owner_password="owner")
+    buf = io.BytesIO()
+    writer.write(buf)
+    return buf.getvalue()
+
+
+def squash(text: str) -> str:
+    """Lower case with all whitespace and punctuation removed: OCR may join or split words."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())

@@ -1,0 +1,96 @@
+"""Process boundaries and start-up: the API stays light; bad configuration fails fast with one line."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from gnosis_ocr import errors
+from gnosis_ocr.settings import Settings
+from tests.conftest import ROOT, TEST_REDIS_URL
+
+API_IMPORT_CHECK = r"""
+import io, sys
+from gnosis_ocr.api import create_app
+from tests.docs import text_image, pdf_of_pages
+app = create_app()
+c = app.test_client()
+assert c.post("/v1/jobs", data={"file": (io.BytesIO(text_image(["x"])), "a.png")}).status_code == 202
+assert c.post("/v1/jobs", data={"file": (io.BytesIO(pdf_of_pages([["y"]])), "a.pdf")}).status_code == 202
+for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/cache"):
+    assert c.get(path).status_code == 200, path
+c.post("/v1/cache/warm")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "rapidocr_onnxruntime",
+                                                             "onnxruntime", "huggingface_hub", "torchvision"))
+print("HEAVY", heavy)
+sys.exit(1 if heavy else 0)
+"""
+
+
+def test_api_process_never_imports_torch_or_engines(redis_url, tmp_path):
+    env = {"REDIS_URL": redis_url, "MODEL_CACHE_PATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", API_IMPORT_CHECK], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("env,fragment", [
+    ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://:notaport"}, "REDIS_URL"),
+    ({"OCR_ENGINE": "tesseract"}, "OCR_ENGINE 'tesseract' is unknown"),
+    ({"GNOSIS_MAX_PAGES": "many"}, "GNOSIS_MAX_PAGES"),
+    ({"GNOSIS_JOB_TTL": "0"}, "job_ttl must be positive"),
+    ({"OCR_MODEL_ID": "no-slash"}, "OCR_MODEL_ID"),
+    ({"GNOSIS_PAGE_SOFT_TIMEOUT": "100", "GNOSIS_PAGE_HARD_TIMEOUT": "50"}, "HARD_TIMEOUT"),
+])
+def test_invalid_configuration_rejected(env, fragment):
+    with pytest.raises(errors.ConfigError, match=fragment):
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize("command", [["api"], ["worker"], ["cache", "status"]])
+def test_processes_fail_fast_on_bad_config_with_exit_2(command):
+    r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", *command], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env={"REDIS_URL": "redis//broken", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and "REDIS_URL" in lines[0], r.stderr
+
+
+def test_worker_fails_fast_on_unwritable_cache(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "worker"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env={"REDIS_URL": TEST_REDIS_URL, "MODEL_CACHE_PATH": str(blocker / "cache"),
+                                        "OCR_ENGINE": "nanonets", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "MODEL_CACHE_PATH" in r.stderr
+
+
+def test_visibility_timeout_outlasts_the_hard_limit_everywhere():
+    from gnosis_ocr.broker import celery_config
+
+    settings = Settings.from_env({"GNOSIS_PAGE_SOFT_TIMEOUT": "900"})
+    conf = celery_config(settings)
+    assert conf["task_time_limit"] > conf["task_soft_time_limit"] == 900
+    for key in ("broker_transport_options", "result_backend_transport_options"):
+        assert conf[key]["visibility_timeout"] > conf["task_time_limit"]
+    assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+
+
+@pytest.mark.parametrize("exc", [
+    errors.UnreadableDocument("bad page", code="encrypted_document"),
+    errors.DownloadTimeout("slow"),
+    errors.Unavailable("down", retry_after=7),
+])
+def test_errors_survive_pickling_and_match_builtins(exc):
+    clone = pickle.loads(pickle.dumps(exc))
+    assert type(clone) is type(exc)
+    assert (clone.code, clone.message, clone.retry_after) == (exc.code, exc.message, exc.retry_after)
+    assert isinstance(errors.DownloadTimeout("x"), TimeoutError)
+    assert isinstance(errors.NotFound("x"), LookupError)
+    assert isinstance(errors.ModelCacheError("x"), OSError)

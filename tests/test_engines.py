@@ -1,0 +1,38 @@
+"""The engines themselves: the real transformers path on a tiny Qwen2.5-VL, and RapidOCR."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from tests.docs import squash, text_image
+
+
+def test_nanonets_engine_generates_with_a_real_qwen25vl(tiny_model):
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    engine = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, device="cpu", max_new_tokens=8)
+    assert type(engine.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(engine.processor).__name__ == "Qwen2_5_VLProcessor"
+    pages = [Image.open(io.BytesIO(text_image(["one"]))), Image.open(io.BytesIO(text_image(["two"], size=(600, 800))))]
+    texts = engine.recognize(pages)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    # Greedy decoding: the same page gives the same text.
+    assert engine.recognize(pages[:1]) == engine.recognize(pages[:1])
+
+
+def test_nanonets_prompt_follows_the_model_card(tiny_model):
+    from gnosis_ocr.worker.engines.nanonets import PROMPT
+
+    assert PROMPT.startswith("Extract the text from the above document as if you were reading it naturally.")
+    assert "<page_number>" in PROMPT and "☐" in PROMPT
+
+
+def test_rapidocr_reads_lines_in_order():
+    from gnosis_ocr.worker.engines.rapidocr import RapidOcrEngine
+
+    page = Image.open(io.BytesIO(text_image(["First line here", "Second line there"])))
+    text = RapidOcrEngine().recognize([page])[0]
+    lines = [squash(line) for line in text.splitlines()]
+    assert lines == ["firstlinehere", "secondlinethere"], text

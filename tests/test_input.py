@@ -1,0 +1,151 @@
+"""Bad and hostile input: each case is a clean 4xx or a failed job with a specific code; nothing crashes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import TEST_REDIS_URL, Stack, poll_job
+from tests.docs import (encrypted_pdf, pdf_of_pages, pdf_page_tree_loop, png_pixel_bomb, squash, text_image)
+
+MAX_UPLOAD = 2 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    s = Stack(tmp_path_factory.mktemp("input"), TEST_REDIS_URL)
+    url = s.api(GNOSIS_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), GNOSIS_MAX_PAGES="5")
+    s.worker(GNOSIS_MAX_PAGES="5")
+    yield url
+    s.stop()
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+
+
+def _png() -> bytes:
+    return text_image(["Hostile input survives"])
+
+
+def _truncated_png() -> bytes:
+    data = _png()
+    return data[: len(data) // 2]
+
+
+def _garbage_after_header() -> bytes:
+    return _png()[:33] + os.urandom(4000)
+
+
+REJECTED = [
+    ("empty", b"", 415, "empty_document"),
+    ("random bytes", os.urandom(5000), 415, "unsupported_media_type"),
+    ("png cut in half", _truncated_png(), 422, "unreadable_document"),
+    ("valid header, garbage data", _garbage_after_header(), 422, "unreadable_document"),
+    ("60000x60000 png", png_pixel_bomb(), 422, "too_many_pixels"),
+    ("pdf over the page limit", pdf_of_pages([[f"page {n}"] for n in range(6)]), 422, "too_many_pages"),
+    ("encrypted pdf", encrypted_pdf(), 422, "encrypted_document"),
+    ("a text file", b"hello, this is plain text\n" * 20, 415, "unsupported_media_type"),
+]
+
+
+@pytest.mark.parametrize("name,data,status,code", REJECTED, ids=[r[0] for r in REJECTED])
+def test_rejected_with_status_and_code(api, name, data, status, code):
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("doc", data)})
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]["code"] == code
+    assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
+
+
+def test_missing_file_field(api):
+    r = requests.post(f"{api}/v1/jobs", files={"document": ("a.png", _png())})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_file"
+    r = requests.post(f"{api}/v1/jobs", data=b"not multipart", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_file"
+
+
+def test_upload_over_limit_is_413(api):
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("big.png", b"\x89PNG" + b"\0" * (MAX_UPLOAD + 1))})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+
+def test_413_arrives_before_the_body_is_sent(api):
+    # Declare 10 GB and send none of it: the answer must come from the headers alone.
+    host, port = urlparse(api).hostname, urlparse(api).port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 10000000000\r\n\r\n")
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+
+
+def test_chunked_body_over_limit_is_413(api):
+    boundary = "xyz"
+
+    def body():
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+               f"Content-Type: image/png\r\n\r\n").encode()
+        for _ in range(MAX_UPLOAD // 65536 + 4):
+            yield b"\0" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    try:
+        r = requests.post(f"{api}/v1/jobs", data=body(),
+                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    except requests.ConnectionError:
+        pytest.fail("the server dropped the connection instead of answering 413")
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "too_large"
+
+
+def _submit_and_wait(api, filename, data, **kwargs):
+    r = requests.post(f"{api}/v1/jobs", files={"file": (filename, data, *kwargs.values())})
+    assert r.status_code == 202, r.text
+    return r.json(), poll_job(api, r.json()["id"], timeout=60)
+
+
+def test_pdf_whose_page_tree_loops_fails_cleanly(api):
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("loop.pdf", pdf_page_tree_loop())})
+    if r.status_code == 202:
+        final = poll_job(api, r.json()["id"])
+        assert final["status"] == "failed" and final["error"]["code"] == "unreadable_document", final
+    else:
+        assert r.status_code == 422 and r.json()["error"]["code"] in ("unreadable_document", "no_pages")
+
+
+def test_jpeg_declared_as_pdf_is_recognised_by_content(api):
+    jpeg = text_image(["Content beats the label"], fmt="JPEG")
+    job, final = _submit_and_wait(api, "report.pdf", jpeg, content_type="application/pdf")
+    assert final["status"] == "succeeded"
+    text = requests.get(f"{api}/v1/jobs/{job['id']}/result").json()["text"]
+    assert "contentbeatsthelabel" in squash(text)
+
+
+@pytest.mark.parametrize("filename,shown", [
+    ("../../etc/passwd\x00.png", "passwd.png"),
+    ("..\\..\\windows\\evil.png", "evil.png"),
+    ("reçu-№42 договор 契約.png", "reçu-№42 договор 契約.png"),
+])
+def test_filenames_are_cleaned_not_trusted(api, filename, shown):
+    job, final = _submit_and_wait(api, filename, _png())
+    assert job["filename"] == shown
+    assert final["status"] == "succeeded"
+
+
+def test_other_jobs_unaffected_by_hostile_ones(api):
+    for _, data, _, _ in REJECTED:
+        requests.post(f"{api}/v1/jobs", files={"file": ("doc", data)})
+    job, final = _submit_and_wait(api, "ok.png", _png())
+    assert final["status"] == "succeeded"
+    assert requests.get(f"{api}/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "WEBP", "BMP"])
+def test_every_supported_image_format(api, fmt):
+    job, final = _submit_and_wait(api, f"page.{fmt.lower()}", text_image(["Format check passes"], fmt=fmt))
+    assert final["status"] == "succeeded", final
+    assert "formatcheckpasses" in squash(requests.get(f"{api}/v1/jobs/{job['id']}/result").json()["text"])

@@ -38,6 +38,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     name = f"gnosis-{os.getpid()}@{socket.gethostname()}"
     os.environ["GNOSIS_WORKER_NAME"] = name  # pool children report under their worker's name
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        import tempfile
+
+        # Set before any fork, so every pool child writes its metrics where the probe reads them.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gnosis-metrics-")
     queues = f"{settings.queue},{cache_queue(settings)}"
     argv = ["worker", f"--concurrency={args.concurrency}", f"--queues={queues}", "--optimization=fair",
             f"--loglevel={args.loglevel}", "--without-mingle", "--without-gossip",

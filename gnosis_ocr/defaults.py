@@ -59,3 +59,12 @@ DEFAULT_LEASE_WAIT = 3600
 
 DEFAULT_DOWNLOAD_WORKERS = 8
 """Files fetched in parallel by the one downloader."""
+
+DEFAULT_VISIBILITY_WAIT = 30
+"""Seconds a worker waits for a manifest published on another host to appear here (GCS FUSE stat cache)."""
+
+DEFAULT_HEARTBEAT_INTERVAL = 5.0
+"""Seconds between worker heartbeats; a worker silent for three intervals is dead and its pages requeued."""
+
+DEFAULT_MAX_QUEUE_DEPTH = 10_000
+"""Most pages waiting in the queue; beyond it submissions get 429 with Retry-After."""

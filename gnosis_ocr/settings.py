@@ -39,6 +39,10 @@ class Settings:
     lease_wait: int = defaults.DEFAULT_LEASE_WAIT
     download_workers: int = defaults.DEFAULT_DOWNLOAD_WORKERS
     cache_verify: str = "quick"
+    visibility_wait: float = defaults.DEFAULT_VISIBILITY_WAIT
+    heartbeat_interval: float = defaults.DEFAULT_HEARTBEAT_INTERVAL
+    max_queue_depth: int = defaults.DEFAULT_MAX_QUEUE_DEPTH
+    worker_port: int = 0
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     metrics_open: bool = True
 
@@ -81,6 +85,10 @@ class Settings:
             lease_wait=_int(env, "GNOSIS_LEASE_WAIT", defaults.DEFAULT_LEASE_WAIT),
             download_workers=_int(env, "GNOSIS_DOWNLOAD_WORKERS", defaults.DEFAULT_DOWNLOAD_WORKERS),
             cache_verify=env.get("GNOSIS_CACHE_VERIFY", "quick"),
+            visibility_wait=_float(env, "GNOSIS_CACHE_VISIBILITY_WAIT", defaults.DEFAULT_VISIBILITY_WAIT),
+            heartbeat_interval=_float(env, "GNOSIS_HEARTBEAT_INTERVAL", defaults.DEFAULT_HEARTBEAT_INTERVAL),
+            max_queue_depth=_int(env, "GNOSIS_MAX_QUEUE_DEPTH", defaults.DEFAULT_MAX_QUEUE_DEPTH),
+            worker_port=_int(env, "GNOSIS_WORKER_PORT", 0),
             api_key_hashes=frozenset(hash_key(k) for k in keys),
             metrics_open=_bool(env, "GNOSIS_METRICS_OPEN", True),
         )
@@ -110,7 +118,7 @@ class Settings:
             raise ConfigError("GNOSIS_PAGE_HARD_TIMEOUT must be longer than GNOSIS_PAGE_SOFT_TIMEOUT")
         for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
-                     "download_workers", "max_new_tokens"):
+                     "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -12,6 +12,7 @@ from flask import Flask, current_app
 
 from ..broker import make_producer
 from ..job import JobStore
+from ..metrics import Metrics
 from ..settings import Settings
 
 __all__ = ["create_app", "ctx"]
@@ -23,6 +24,7 @@ class ApiContext:
     redis: redis.Redis
     jobs: JobStore
     producer: object
+    metrics: Metrics
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -43,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         redis=client,
         jobs=JobStore(client, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts),
         producer=make_producer(settings),
+        metrics=Metrics(client),
     )
 
     from . import cache, errors, jobs, ops

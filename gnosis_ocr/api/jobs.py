@@ -37,6 +37,7 @@ def submit():
         # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
         c.jobs.redis.delete(*c.jobs.keys(job.id).values())
         raise
+    c.metrics.inc("gnosis_jobs_submitted_total")
     response = jsonify(job.to_api())
     response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"

@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
 
-# How long a published manifest may take to become visible here (GCS FUSE caches "not found").
-VISIBILITY_WAIT = float(os.environ.get("GNOSIS_CACHE_VISIBILITY_WAIT", "30"))
-
 
 class ModelCache:
     def __init__(self, settings: Settings, client: redis.Redis, metrics: Metrics | None = None) -> None:
@@ -69,7 +66,7 @@ class ModelCache:
         record = self.state.record()
         if record.get("state") != "ready" or record.get("sha") != sha:
             return None
-        deadline = time.monotonic() + VISIBILITY_WAIT
+        deadline = time.monotonic() + self.settings.visibility_wait
         delay = 0.05
         while time.monotonic() < deadline:
             if os.path.exists(manifest_path(self.settings, sha)):

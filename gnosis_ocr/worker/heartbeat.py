@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 WORKERS_KEY = "gnosis:workers"
 REAPER_LOCK = "gnosis:reaper"
-INTERVAL = float(os.environ.get("GNOSIS_HEARTBEAT_INTERVAL", "5"))
-"""Seconds between beats; a worker is dead after three missed beats."""
 
 
 def worker_name() -> str:
@@ -60,20 +58,11 @@ def engine_loaded(client: redis.Redis) -> None:
     client.hset(_engines_key(worker_name()), str(os.getpid()), now_rfc3339())
 
 
-def describe(client: redis.Redis) -> list[dict]:
-    """Live workers with their last beat, for operators and tests."""
-    out = []
-    for name, beat in client.zrange(WORKERS_KEY, 0, -1, withscores=True):
-        record = client.get(f"gnosis:worker:{name.decode()}")
-        info = json.loads(record) if record else {}
-        info.update(name=name.decode(), last_beat=beat, alive=time.time() - beat < 3 * INTERVAL)
-        out.append(info)
-    return out
-
-
 class Heartbeat:
-    def __init__(self, client: redis.Redis, app, *, queue: str, engine: str, concurrency: int) -> None:
+    def __init__(self, client: redis.Redis, app, *, queue: str, engine: str, concurrency: int,
+                 interval: float) -> None:
         self.redis = client
+        self.interval = interval
         self.app = app
         self.queue = queue
         self.name = worker_name()
@@ -101,21 +90,21 @@ class Heartbeat:
                 self.reap()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed (Redis unreachable?): %s", exc)
-            self._stop.wait(INTERVAL)
+            self._stop.wait(self.interval)
 
     def beat(self) -> None:
         loaded = self.redis.hlen(_engines_key(self.name))
         record = json.dumps({**self.info, "engines_loaded": loaded})
         pipe = self.redis.pipeline()
-        pipe.set(f"gnosis:worker:{self.name}", record, ex=int(INTERVAL * 3) + 1)
+        pipe.set(f"gnosis:worker:{self.name}", record, ex=int(self.interval * 3) + 1)
         pipe.zadd(WORKERS_KEY, {self.name: time.time()})
         pipe.execute()
 
     def reap(self) -> int:
         """Requeue the in-flight pages of workers whose beat is stale. One reaper at a time."""
-        if not self.redis.set(REAPER_LOCK, self.name, nx=True, ex=max(int(INTERVAL), 1)):
+        if not self.redis.set(REAPER_LOCK, self.name, nx=True, ex=max(int(self.interval), 1)):
             return 0
-        stale_before = time.time() - 3 * INTERVAL
+        stale_before = time.time() - 3 * self.interval
         requeued = 0
         for raw in self.redis.zrangebyscore(WORKERS_KEY, "-inf", stale_before):
             dead = raw.decode()

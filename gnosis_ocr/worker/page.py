@@ -13,6 +13,7 @@ from .. import document
 from ..errors import GnosisError
 from ..job import JobStatus
 from . import heartbeat
+from .probe import local_metrics
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,17 @@ def run_page(rt: Runtime, job_id: str, page: int) -> str:
     if verdict != "run":
         return verdict
     started = time.monotonic()
+    local = local_metrics()
     heartbeat.page_started(rt.redis, job_id, page)
+    local["in_flight"].inc()
+    outcome = "error"
     try:
-        return _run(rt, job_id, page, started)
+        outcome = _run(rt, job_id, page, started)
+        return outcome
     finally:
+        local["in_flight"].dec()
+        local["pages"].labels(outcome=outcome).inc()
+        local["page_seconds"].observe(time.monotonic() - started)
         heartbeat.page_finished(rt.redis, job_id, page)
 
 

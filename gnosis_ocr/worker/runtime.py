@@ -41,6 +41,9 @@ class Runtime:
                 self._engine = load_engine(self.settings, redis_client=self.redis, metrics=self.metrics)
                 seconds = time.monotonic() - started
                 self.metrics.observe("gnosis_model_load_seconds", seconds, engine=self.settings.engine)
+                from .probe import local_metrics
+
+                local_metrics()["model_load"].set(seconds)
                 log.info("engine %s ready in %.2fs (pid %d)", self.settings.engine, seconds, os.getpid())
             return self._engine
 

@@ -1,9 +1,11 @@
 """Thin Celery tasks: everything they do lives in `runtime` and `page`."""
 
+import os
+
 from celery import signals
 
 from ..broker import OCR_PAGE_TASK, WARM_CACHE_TASK
-from . import heartbeat, page, runtime
+from . import heartbeat, page, probe, runtime
 from .celery_app import app
 
 
@@ -18,6 +20,7 @@ def warm_cache() -> str:
 
 
 _heartbeat: heartbeat.Heartbeat | None = None
+_probe: probe.Probe | None = None
 
 
 @signals.worker_process_init.connect
@@ -32,11 +35,26 @@ def _start_heartbeat(sender=None, **_) -> None:
     rt = runtime.get()
     concurrency = getattr(getattr(sender, "pool", None), "limit", 0) or 0
     _heartbeat = heartbeat.Heartbeat(rt.redis, app, queue=rt.settings.queue, engine=rt.settings.engine,
-                                     concurrency=concurrency)
+                                     concurrency=concurrency, interval=rt.settings.heartbeat_interval)
     _heartbeat.start()
+    port = rt.settings.worker_port
+    if port:
+        global _probe
+        _probe = probe.Probe(rt.redis, port=port, worker=heartbeat.worker_name(), concurrency=concurrency)
+        _probe.start()
 
 
 @signals.worker_shutdown.connect
 def _stop_heartbeat(**_) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
+    if _probe is not None:
+        _probe.stop()
+
+
+@signals.worker_process_shutdown.connect
+def _forget_child_metrics(pid=None, **_) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())

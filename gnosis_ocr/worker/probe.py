@@ -1,0 +1,105 @@
+"""The worker's own HTTP port: /healthz, /readyz (model loaded?) and /metrics for orchestrators.
+
+Pool children record into prometheus-client's multiprocess directory; the
+worker's main process serves the sum, so a scrape sees every child, dead or alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import redis
+
+log = logging.getLogger(__name__)
+
+_metrics = None
+
+
+def local_metrics():
+    """This process's metric objects (created once, after PROMETHEUS_MULTIPROC_DIR is set)."""
+    global _metrics
+    if _metrics is None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        from ..metrics import HISTOGRAMS
+
+        buckets = HISTOGRAMS["gnosis_page_duration_seconds"][1]
+        _metrics = {
+            "pages": Counter("gnosis_worker_pages_total", "Pages this worker finished, by outcome.", ["outcome"]),
+            "page_seconds": Histogram("gnosis_worker_page_seconds", "Page latency in this worker.",
+                                      buckets=buckets),
+            "in_flight": Gauge("gnosis_worker_pages_in_flight", "Pages being processed now.",
+                               multiprocess_mode="livesum"),
+            "model_load": Gauge("gnosis_worker_model_load_seconds", "Seconds the engine took to load.",
+                                multiprocess_mode="max"),
+        }
+    return _metrics
+
+
+class Probe:
+    def __init__(self, client: redis.Redis, *, port: int, worker: str, concurrency: int) -> None:
+        self.redis = client
+        self.worker = worker
+        self.concurrency = max(concurrency, 1)
+        probe = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                probe.handle(self)
+
+        self.server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        self.server.daemon_threads = True
+
+    def start(self) -> None:
+        threading.Thread(target=self.server.serve_forever, name="gnosis-probe", daemon=True).start()
+        log.info("worker probe on port %d", self.server.server_address[1])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?", 1)[0]
+        if path == "/healthz":
+            return self._send(h, 200, {"status": "ok"})
+        if path == "/readyz":
+            try:
+                loaded = self.redis.hlen(f"gnosis:worker:{self.worker}:engines")
+            except redis.RedisError as exc:
+                return self._send(h, 503, {"status": "redis_unavailable", "detail": str(exc)})
+            body = {"engines_loaded": loaded, "concurrency": self.concurrency}
+            return self._send(h, 200 if loaded >= self.concurrency else 503,
+                              {"status": "ready" if loaded >= self.concurrency else "loading", **body})
+        if path == "/metrics":
+            return self._metrics(h)
+        self._send(h, 404, {"error": {"code": "not_found", "message": "No such route."}})
+
+    def _metrics(self, h: BaseHTTPRequestHandler) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            MultiProcessCollector(registry)
+        data = generate_latest(registry)
+        h.send_response(200)
+        h.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)

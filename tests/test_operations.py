@@ -1,0 +1,61 @@
+"""Operators' view: readiness of API and workers, Prometheus metrics, the OpenAPI description."""
+
+from __future__ import annotations
+
+import requests
+
+from tests.conftest import free_port, poll_job, wait_until
+from tests.docs import text_image
+
+
+def test_worker_probe_reports_readiness_and_its_own_metrics(stack):
+    url = stack.api()
+    port = free_port()
+    stack.worker(GNOSIS_WORKER_PORT=str(port), concurrency=2)
+    probe = f"http://127.0.0.1:{port}"
+    assert requests.get(probe + "/healthz").status_code == 200
+    ready = wait_until(lambda: (r := requests.get(probe + "/readyz")).status_code == 200 and r.json(), timeout=30,
+                       message="the worker probe to say ready")
+    assert ready["engines_loaded"] == 2 and ready["concurrency"] == 2
+
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["metrics page"]))}).json()
+    assert poll_job(url, job["id"])["status"] == "succeeded"
+    text = requests.get(probe + "/metrics").text
+    assert 'gnosis_worker_pages_total{outcome="done"} 1.0' in text
+    assert "gnosis_worker_page_seconds_count 1.0" in text
+
+
+def test_api_metrics_count_jobs_by_outcome_and_queue_depth(stack):
+    url = stack.api()
+    ok = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["fine page"]))}).json()
+    metrics = requests.get(f"{url}/metrics").text
+    assert 'gnosis_queue_depth{queue="ocr"} 1.0' in metrics
+    assert "gnosis_jobs_submitted_total 1.0" in metrics
+    stack.worker()
+    assert poll_job(url, ok["id"])["status"] == "succeeded"
+    metrics = requests.get(f"{url}/metrics").text
+    assert 'gnosis_jobs_finished_total{code="",outcome="succeeded"} 1.0' in metrics
+    assert 'gnosis_pages_processed_total{engine="rapidocr"} 1.0' in metrics
+    assert "gnosis_job_duration_seconds_count" in metrics
+    assert 'gnosis_queue_depth{queue="ocr"} 0.0' in metrics
+
+
+def test_readyz_tracks_redis(stack):
+    url = stack.api()
+    assert requests.get(url + "/readyz").json() == {"status": "ready"}
+    dead = stack.api(REDIS_URL="redis://127.0.0.1:1/0", GNOSIS_REDIS_TIMEOUT="0.5")
+    r = requests.get(dead + "/readyz")
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert r.json()["error"]["code"] == "redis_unavailable"
+    assert requests.get(dead + "/healthz").status_code == 200
+    r = requests.post(dead + "/v1/jobs", files={"file": ("a.png", text_image(["x"]))})
+    assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["code"] == "queue_unavailable"
+
+
+def test_openapi_lists_every_route(stack):
+    url = stack.api()
+    spec = requests.get(url + "/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/jobs/{job_id}/cancel",
+                 "/v1/cache", "/v1/cache/warm", "/healthz", "/readyz", "/metrics"):
+        assert path in spec["paths"], path

@@ -68,3 +68,9 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 
 DEFAULT_MAX_QUEUE_DEPTH = 10_000
 """Most pages waiting in the queue; beyond it submissions get 429 with Retry-After."""
+
+DEFAULT_NULL_ENGINE_DELAY = 0.0
+"""Seconds the `null` engine spends on each page: simulated work for load tests and fault drills."""
+
+DEFAULT_IDEMPOTENCY_WAIT = 5.0
+"""Seconds a repeated Idempotency-Key request waits for the first one's job record to appear."""

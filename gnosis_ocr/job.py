@@ -145,6 +145,8 @@ if done >= tonumber(redis.call('HGET', KEYS[1], 'pages_total')) then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[3])
   redis.call('DEL', KEYS[5])
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+  local idem = redis.call('HGET', KEYS[1], 'idem_key')
+  if idem and idem ~= '' then redis.call('EXPIRE', idem, ARGV[6]) end
   redis.call('PUBLISH', KEYS[4], 'succeeded')
 else
   redis.call('PUBLISH', KEYS[4], 'progress')
@@ -160,6 +162,8 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error_code', ARGV[3], 'error_message', ARGV[4]) end
 redis.call('DEL', KEYS[5])
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+local idem = redis.call('HGET', KEYS[1], 'idem_key')
+if idem and idem ~= '' then redis.call('EXPIRE', idem, ARGV[5]) end
 redis.call('PUBLISH', KEYS[4], ARGV[1])
 return ARGV[1]
 """
@@ -243,7 +247,8 @@ class JobStore:
 
     def delete(self, job_id: str) -> bool:
         self.cancel(job_id)
-        return bool(self.redis.delete(*self._k(job_id)))
+        idem = self.field(job_id, "idem_key")
+        return bool(self.redis.delete(*self._k(job_id), *([idem] if idem else [])))
 
     def pages(self, job_id: str) -> list[str]:
         raw = self.redis.hgetall(_keys(job_id)["pages"])

@@ -43,6 +43,7 @@ class Settings:
     heartbeat_interval: float = defaults.DEFAULT_HEARTBEAT_INTERVAL
     max_queue_depth: int = defaults.DEFAULT_MAX_QUEUE_DEPTH
     worker_port: int = 0
+    null_engine_delay: float = defaults.DEFAULT_NULL_ENGINE_DELAY
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     metrics_open: bool = True
 
@@ -89,6 +90,7 @@ class Settings:
             heartbeat_interval=_float(env, "GNOSIS_HEARTBEAT_INTERVAL", defaults.DEFAULT_HEARTBEAT_INTERVAL),
             max_queue_depth=_int(env, "GNOSIS_MAX_QUEUE_DEPTH", defaults.DEFAULT_MAX_QUEUE_DEPTH),
             worker_port=_int(env, "GNOSIS_WORKER_PORT", 0),
+            null_engine_delay=_float(env, "GNOSIS_NULL_ENGINE_DELAY", defaults.DEFAULT_NULL_ENGINE_DELAY),
             api_key_hashes=frozenset(hash_key(k) for k in keys),
             metrics_open=_bool(env, "GNOSIS_METRICS_OPEN", True),
         )

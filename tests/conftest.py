@@ -125,12 +125,14 @@ class Stack:
         """Consuming, and every pool process has its engine loaded."""
         import json
 
+        client = redis.Redis.from_url(self.env["REDIS_URL"])
+
         def ready():
             assert proc.alive(), proc.log()
-            for key in self.redis.scan_iter("gnosis:worker:*"):
+            for key in client.scan_iter("gnosis:worker:*"):
                 if key.count(b":") != 2:
                     continue
-                info = json.loads(self.redis.get(key) or b"{}")
+                info = json.loads(client.get(key) or b"{}")
                 if info.get("pid") == proc.pid and info.get("engines_loaded", 0) >= max(info["concurrency"], 1):
                     return True
             return False

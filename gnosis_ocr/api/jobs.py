@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 
@@ -9,10 +10,10 @@ from flask import Blueprint, Response, jsonify, request
 
 from .. import document
 from ..broker import OCR_PAGE_TASK
-from ..defaults import DEFAULT_WAIT_MAX
-from ..errors import BadRequest, Conflict, NotFound
-from ..job import Job, JobStatus
-from . import ctx
+from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
+from ..errors import BadRequest, Conflict, NotFound, QueueFull
+from ..job import Job, JobStatus, new_job_id
+from . import ctx, idempotency
 from .auth import current_owner, require_key
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -27,21 +28,57 @@ def submit():
     upload = request.files.get("file")
     if upload is None:
         raise BadRequest("Send the document as a multipart/form-data field named 'file'.", code="missing_file")
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        idempotency.validate(key)
     data = upload.read()
     info = document.inspect(data, max_pages=c.settings.max_pages, max_pixels=c.settings.max_pixels)
-    job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
-                        filename=clean_filename(upload.filename))
+
+    job_id = new_job_id()
+    idem_name = ""
+    if key is not None:
+        idem_name = idempotency.key_name(current_owner(), key)
+        first = idempotency.claim(c.redis, idem_name, job_id=job_id, document_sha=hashlib.sha256(data).hexdigest(),
+                                  ttl=c.settings.job_ttl)
+        if first is not None:
+            return _replay(first)
     try:
-        _enqueue(job)
+        _check_queue_room(info.pages)
+        job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
+                            filename=clean_filename(upload.filename), job_id=job_id,
+                            extra={"idem_key": idem_name})
+        try:
+            _enqueue(job)
+        except Exception:
+            # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
+            c.jobs.redis.delete(*c.jobs.keys(job.id).values())
+            raise
     except Exception:
-        # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
-        c.jobs.redis.delete(*c.jobs.keys(job.id).values())
+        if idem_name:
+            c.redis.delete(idem_name)
         raise
     c.metrics.inc("gnosis_jobs_submitted_total")
     response = jsonify(job.to_api())
     response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return response
+
+
+def _replay(job_id: str):
+    c = ctx()
+    if not idempotency.wait_for_record(lambda: c.jobs.get(job_id) is not None, timeout=DEFAULT_IDEMPOTENCY_WAIT):
+        raise Conflict("A request with this Idempotency-Key is still being processed; retry shortly.",
+                       code="idempotency_key_in_use")
+    response = jsonify(c.jobs.get(job_id).to_api())
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return response
+
+
+def _check_queue_room(pages: int) -> None:
+    c = ctx()
+    depth = c.redis.llen(c.settings.queue)
+    if depth + pages > c.settings.max_queue_depth:
+        raise QueueFull(f"The queue is full ({depth} pages waiting); retry later.")
 
 
 def _enqueue(job: Job) -> None:

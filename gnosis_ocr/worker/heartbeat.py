@@ -43,7 +43,8 @@ def _engines_key(name: str) -> str:
 
 
 def page_started(client: redis.Redis, job_id: str, page: int) -> None:
-    client.hset(_inflight_key(worker_name()), f"{job_id}:{page}", now_rfc3339())
+    entry = json.dumps({"pid": os.getpid(), "started_at": now_rfc3339()})
+    client.hset(_inflight_key(worker_name()), f"{job_id}:{page}", entry)
 
 
 def page_finished(client: redis.Redis, job_id: str, page: int) -> None:

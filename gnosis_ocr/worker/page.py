@@ -25,6 +25,7 @@ def run_page(rt: Runtime, job_id: str, page: int) -> str:
         log.error("job %s page %d exceeded %d attempts; job failed", job_id, page, rt.settings.page_max_attempts)
         _count_final(rt, job_id)
     if verdict != "run":
+        heartbeat.page_finished(rt.redis, job_id, page)  # a crashed earlier delivery may have left it listed
         return verdict
     started = time.monotonic()
     local = local_metrics()

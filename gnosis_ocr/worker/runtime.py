@@ -8,6 +8,8 @@ import threading
 import time
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from ..errors import GnosisError
 from ..job import JobStore
@@ -21,12 +23,15 @@ log = logging.getLogger(__name__)
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # A page that finishes while Redis restarts must still be recorded: retry for about a minute
+        # rather than fail the page (its message would come back only after the visibility timeout).
         self.redis = redis.Redis.from_url(
             settings.redis_url,
             socket_timeout=max(settings.redis_timeout, 30),
             socket_connect_timeout=settings.redis_timeout,
             health_check_interval=30,
-            retry_on_timeout=True,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=35),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.jobs = JobStore(self.redis, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts)
         self.metrics = Metrics(self.redis)

@@ -38,5 +38,5 @@ def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metri
     if settings.engine == "null":
         from .null import NullEngine
 
-        return NullEngine()
+        return NullEngine(delay=settings.null_engine_delay)
     raise ValueError(f"unknown engine {settings.engine!r}")

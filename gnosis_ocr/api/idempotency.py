@@ -1,0 +1,55 @@
+"""Idempotency-Key: the same key with the same document returns the first job; with another, 409.
+
+The key is claimed with SET NX before the job exists, so two identical requests
+racing each other still create one job. It lives as long as its job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import redis
+
+from ..errors import BadRequest, Conflict
+
+_MAX_KEY = 200
+
+
+def key_name(owner: str, key: str) -> str:
+    return f"gnosis:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def validate(key: str) -> str:
+    if not 0 < len(key) <= _MAX_KEY or not key.isprintable():
+        raise BadRequest(f"Idempotency-Key must be 1 to {_MAX_KEY} printable characters.",
+                         code="invalid_idempotency_key")
+    return key
+
+
+def claim(client: redis.Redis, name: str, *, job_id: str, document_sha: str, ttl: int) -> str | None:
+    """None when this request now owns the key; otherwise the id of the job that owns it."""
+    for _ in range(2):  # the stored key may expire between SET NX and GET
+        if client.set(name, f"{job_id}:{document_sha}", nx=True, ex=ttl):
+            return None
+        stored = client.get(name)
+        if stored is None:
+            continue
+        first_job, first_sha = stored.decode().split(":", 1)
+        if first_sha != document_sha:
+            raise Conflict("This Idempotency-Key was already used with a different document.",
+                           code="idempotency_key_reused")
+        return first_job
+    return None
+
+
+def wait_for_record(exists, *, timeout: float) -> bool:
+    """The first request may still be writing its job: give it a moment rather than answer 404."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)  # a few milliseconds in practice; no event exists for "record written"
+        delay = min(delay * 2, 0.2)
+    return True

@@ -1,0 +1,164 @@
+"""Issue 4: every job ends in a clear final state whatever happens to the processes around it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import redis
+import requests
+
+from gnosis_ocr.broker import OCR_PAGE_TASK, make_producer
+from gnosis_ocr.settings import Settings
+from tests.conftest import poll_job, wait_until
+from tests.docs import text_image
+from tests.redisproc import PrivateRedis
+
+pytestmark = pytest.mark.slow
+
+
+def submit(url: str, name: str = "a.png") -> dict:
+    r = requests.post(f"{url}/v1/jobs", files={"file": (name, text_image([f"fault drill {name}"]))})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def inflight(client: redis.Redis, job_id: str) -> tuple[str, int] | None:
+    """(worker name, pool process pid) running the job's page, if any."""
+    for key in client.scan_iter("gnosis:worker:*:inflight"):
+        raw = client.hget(key, f"{job_id}:0")
+        if raw:
+            return key.decode().split(":")[2], json.loads(raw)["pid"]
+    return None
+
+
+def test_pool_child_killed_mid_page_is_retried_promptly(stack):
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="3")
+    job = submit(url)
+    _, pid = wait_until(lambda: inflight(stack.redis, job["id"]), timeout=30, message="the page to start")
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    final = poll_job(url, job["id"], timeout=60)
+    assert final["status"] == "succeeded" and final["pages_done"] == 1
+    assert final["attempts"] == 2
+    assert time.monotonic() - killed < 60
+
+
+def test_whole_worker_killed_mid_page_is_recovered_by_another(stack):
+    url = stack.api()
+    workers = [stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="3") for _ in range(2)]
+    job = submit(url)
+    name, _ = wait_until(lambda: inflight(stack.redis, job["id"]), timeout=30, message="the page to start")
+    victim = next(w for w in workers if name.startswith(f"gnosis-{w.pid}@"))
+    victim.kill_tree()  # main process, pool children: the host is gone
+    killed = time.monotonic()
+    final = poll_job(url, job["id"], timeout=60)
+    recovered_in = time.monotonic() - killed
+    print(f"\nwhole worker killed -> job succeeded in {recovered_in:.1f}s")
+    assert final["status"] == "succeeded" and final["attempts"] == 2
+    assert recovered_in < 60
+    assert "requeued 1 page" in next(w for w in workers if w is not victim).log()
+
+    # The broker redelivers the original message much later; it must change nothing.
+    producer = make_producer(Settings.from_env({"REDIS_URL": stack.redis_url}))
+    producer.send_task(OCR_PAGE_TASK, args=[job["id"], 0], queue="ocr")
+    wait_until(lambda: stack.redis.llen("ocr") == 0 and not inflight(stack.redis, job["id"]), timeout=30,
+               message="the late redelivery to be consumed")
+    again = requests.get(f"{url}/v1/jobs/{job['id']}").json()
+    assert again == final
+    result = requests.get(f"{url}/v1/jobs/{job['id']}/result").json()
+    assert [p["page"] for p in result["pages"]] == [1]
+
+
+def test_page_that_always_kills_its_worker_fails_with_worker_lost(stack):
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="30", GNOSIS_PAGE_MAX_ATTEMPTS="2")
+    job = submit(url)
+    killed: list[int] = []
+    for _ in range(2):  # bounded: exactly the configured attempts
+        _, pid = wait_until(lambda: (e := inflight(stack.redis, job["id"])) and e[1] not in killed and e,
+                            timeout=30, message="the next delivery")
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    final = poll_job(url, job["id"], timeout=60)
+    assert final["status"] == "failed", final
+    assert final["error"]["code"] == "worker_lost"
+    assert final["attempts"] == 3
+    wait_until(lambda: stack.redis.llen("ocr") == 0, timeout=10, message="no endless redelivery")
+
+
+def test_soft_time_limit_fails_the_job_and_the_worker_goes_on(stack):
+    url = stack.api()
+    port_env = {"OCR_ENGINE": "null", "GNOSIS_NULL_ENGINE_DELAY": "5", "GNOSIS_PAGE_SOFT_TIMEOUT": "1",
+                "GNOSIS_PAGE_HARD_TIMEOUT": "4"}
+    worker = stack.worker(**port_env)
+    first = submit(url, "slow1.png")
+    _, child = wait_until(lambda: inflight(stack.redis, first["id"]), timeout=30, message="the page to start")
+    final = poll_job(url, first["id"], timeout=30)
+    assert final["status"] == "failed" and final["error"]["code"] == "timeout"
+    assert "1 seconds" in final["error"]["message"]
+    # The soft limit interrupts the page, not the process: the same pool process takes the next one.
+    second = submit(url, "slow2.png")
+    _, child2 = wait_until(lambda: inflight(stack.redis, second["id"]), timeout=30, message="the next page")
+    assert child2 == child and worker.alive()
+    assert poll_job(url, second["id"], timeout=30)["error"]["code"] == "timeout"
+
+
+def test_redis_restart_loses_no_accepted_job(stack, tmp_path):
+    private = PrivateRedis(tmp_path / "redis").start()
+    try:
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api(GNOSIS_REDIS_TIMEOUT="1")
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="2")
+        jobs = [submit(url, f"r{i}.png") for i in range(3)]
+        wait_until(lambda: inflight(redis.Redis.from_url(private.url), jobs[0]["id"]), timeout=30,
+                   message="the first page to run")
+
+        private.stop(signal.SIGKILL)
+        started = time.monotonic()
+        r = requests.post(f"{url}/v1/jobs", files={"file": ("x.png", text_image(["down"]))}, timeout=10)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0
+        assert r.json()["error"]["code"] == "queue_unavailable"
+        assert requests.get(f"{url}/v1/jobs/{jobs[0]['id']}", timeout=10).status_code == 503
+        assert requests.get(f"{url}/readyz", timeout=10).status_code == 503
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+        assert time.monotonic() - started < 10  # answered, never hung
+
+        private.start()  # same port, same directory: the AOF brings the jobs back
+        for job in jobs:
+            final = poll_job(url, job["id"], timeout=120)
+            assert final["status"] == "succeeded", final
+        assert worker.alive()  # reconnected by itself
+        assert submit(url, "after.png")["status"] == "queued"
+    finally:
+        private.stop()
+
+
+def test_hung_redis_gets_503_not_a_hang(stack, tmp_path):
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api(GNOSIS_REDIS_TIMEOUT="1")
+        private.pause()
+        started = time.monotonic()
+        r = requests.post(f"{url}/v1/jobs", files={"file": ("x.png", text_image(["hang"]))}, timeout=20)
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert requests.get(f"{url}/readyz", timeout=20).status_code == 503
+        assert time.monotonic() - started < 10
+    finally:
+        private.resume()
+        private.stop()
+
+
+def test_bounded_queue_answers_429(stack):
+    url = stack.api(GNOSIS_MAX_QUEUE_DEPTH="3")
+    for i in range(3):
+        submit(url, f"q{i}.png")
+    r = requests.post(f"{url}/v1/jobs", files={"file": ("q.png", text_image(["full"]))})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    assert r.json()["error"]["code"] == "queue_full"
+    assert len(list(stack.redis.scan_iter("gnosis:job:*:input"))) == 3  # the refused one left nothing

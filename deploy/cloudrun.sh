@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Deploy gnosis-ocr on Cloud Run: the API as a service, GPU workers as a worker pool, the model cache
+# in a GCS bucket mounted with Cloud Storage FUSE at /cache, Redis on Memorystore.
+# The model is warmed into the bucket by a Cloud Run job BEFORE the workers roll out (see docs/deploy.md).
+#
+#   PROJECT=my-proj REGION=europe-west4 BUCKET=my-models REDIS_URL=redis://10.0.0.3:6379/0 \
+#   NETWORK=default SUBNET=default ./deploy/cloudrun.sh
+set -euo pipefail
+
+: "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${BUCKET:?set BUCKET}" "${REDIS_URL:?set REDIS_URL}"
+NETWORK="${NETWORK:-default}"
+SUBNET="${SUBNET:-default}"
+TAG="${TAG:-$(git rev-parse --short HEAD)}"
+REPO="${REPO:-$REGION-docker.pkg.dev/$PROJECT/gnosis-ocr}"
+OCR_MODEL_ID="${OCR_MODEL_ID:-nanonets/Nanonets-OCR-s}"
+# Pin a commit sha in production: every worker then loads exactly the bytes that were warmed.
+OCR_MODEL_REVISION="${OCR_MODEL_REVISION:-main}"
+GPU_TYPE="${GPU_TYPE:-nvidia-l4}"
+WORKERS="${WORKERS:-2}"
+
+# Mount options for loading multi-GB safetensors from the bucket (docs/deploy.md explains each):
+#  implicit-dirs                       the hub layout's folders exist only as object prefixes
+#  metadata-cache-ttl-secs=60          stat results cached a minute; our manifest wait covers the lag
+#  metadata-cache-negative-ttl-secs=0  never cache "not found": a freshly published manifest is seen at once
+#  file-cache-max-size-mb=-1           keep the weights on the instance after the first read
+#  file-cache-enable-parallel-downloads parallel ranged reads fill the file cache several times faster
+#  file-cache-cache-file-for-range-read safetensors are read with ranges (mmap); cache them anyway
+MOUNT_OPTIONS="implicit-dirs;metadata-cache-ttl-secs=60;metadata-cache-negative-ttl-secs=0;file-cache-max-size-mb=-1;file-cache-enable-parallel-downloads=true;file-cache-cache-file-for-range-read=true"
+VOLUME="name=models,type=cloud-storage,bucket=$BUCKET,mount-options=$MOUNT_OPTIONS"
+COMMON_ENV="REDIS_URL=$REDIS_URL,MODEL_CACHE_PATH=/cache/huggingface,OCR_MODEL_ID=$OCR_MODEL_ID,OCR_MODEL_REVISION=$OCR_MODEL_REVISION"
+
+echo "== build and push images ($TAG)"
+gcloud builds submit --project "$PROJECT" --tag "$REPO/api:$TAG" --file Dockerfile.api .
+gcloud builds submit --project "$PROJECT" --tag "$REPO/worker:$TAG" --file Dockerfile.worker .
+
+echo "== warm the model cache in the bucket (one download; exits 0 when the cache is ready)"
+gcloud run jobs deploy gnosis-ocr-cache-warm --project "$PROJECT" --region "$REGION" \
+  --image "$REPO/worker:$TAG" --command gnosis-ocr --args cache,warm \
+  --set-env-vars "$COMMON_ENV,GNOSIS_LEASE_TTL=30" --set-secrets "HF_TOKEN=hf-token:latest" \
+  --cpu 4 --memory 16Gi --task-timeout 3600 --max-retries 1 \
+  --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
+  --add-volume "$VOLUME" --add-volume-mount volume=models,mount-path=/cache
+gcloud run jobs execute gnosis-ocr-cache-warm --project "$PROJECT" --region "$REGION" --wait
+# Re-hash what was written before any worker loads it.
+gcloud run jobs deploy gnosis-ocr-cache-verify --project "$PROJECT" --region "$REGION" \
+  --image "$REPO/worker:$TAG" --command gnosis-ocr --args cache,verify --set-env-vars "$COMMON_ENV" \
+  --cpu 4 --memory 8Gi --task-timeout 1800 --max-retries 0 \
+  --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
+  --add-volume "$VOLUME" --add-volume-mount volume=models,mount-path=/cache
+gcloud run jobs execute gnosis-ocr-cache-verify --project "$PROJECT" --region "$REGION" --wait
+
+echo "== API service (no GPU, no bucket needed)"
+gcloud run deploy gnosis-ocr-api --project "$PROJECT" --region "$REGION" --image "$REPO/api:$TAG" \
+  --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_API_WORKERS=2,GNOSIS_API_THREADS=16" \
+  --set-secrets "GNOSIS_API_KEYS=gnosis-api-keys:latest" \
+  --cpu 2 --memory 1Gi --concurrency 32 --timeout 120 --port 8080 \
+  --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
+  --startup-probe httpGet.path=/healthz --liveness-probe httpGet.path=/healthz
+
+echo "== GPU workers (worker pool; one Celery process per GPU)"
+gcloud beta run worker-pools deploy gnosis-ocr-worker --project "$PROJECT" --region "$REGION" \
+  --image "$REPO/worker:$TAG" --command gnosis-ocr --args worker,--concurrency,1 \
+  --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_WORKER_PORT=9808,GNOSIS_PAGE_SOFT_TIMEOUT=600" \
+  --gpu 1 --gpu-type "$GPU_TYPE" --no-gpu-zonal-redundancy --cpu 8 --memory 32Gi \
+  --instances "$WORKERS" \
+  --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
+  --add-volume "$VOLUME" --add-volume-mount volume=models,mount-path=/cache
+
+echo "== done: API at $(gcloud run services describe gnosis-ocr-api --project "$PROJECT" --region "$REGION" --format 'value(status.url)')"

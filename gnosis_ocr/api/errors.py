@@ -48,7 +48,11 @@ def register(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 413:
             message = f"The upload is larger than {ctx().settings.max_upload_bytes} bytes."
-        return error_response(status, code, message)
+        response = error_response(status, code, message)
+        allow = dict(exc.get_headers()).get("Allow")
+        if allow:
+            response.headers["Allow"] = allow  # RFC 9110: a 405 lists what is allowed
+        return response
 
     @app.errorhandler(redis.RedisError)
     def _redis(exc: redis.RedisError):

@@ -11,34 +11,41 @@ def _error(description: str) -> dict:
 def spec() -> dict:
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     job = {"description": "The job.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
+    by_id = {"job_id": "$response.body#/id"}
+    accepted = {**job, "links": {
+        "GetJob": {"operationId": "getJob", "parameters": by_id},
+        "GetResult": {"operationId": "getResult", "parameters": by_id},
+        "CancelJob": {"operationId": "cancelJob", "parameters": by_id},
+        "DeleteJob": {"operationId": "deleteJob", "parameters": by_id}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "gnosis-ocr", "version": "1", "description": "Asynchronous OCR: submit, poll, fetch."},
         "paths": {
             "/v1/jobs": {"post": {
-                "summary": "Submit a document",
+                "operationId": "submitJob", "summary": "Submit a document",
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                "schema": {"type": "string", "maxLength": 200}}],
+                                "schema": {"type": "string", "minLength": 1, "maxLength": 200,
+                                           "pattern": "^[^\\x00-\\x1f\\x7f]+$"}}],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["file"],
                     "properties": {"file": {"type": "string", "format": "binary"}}}}}},
-                "responses": {"202": job, "200": job, "400": _error("No file."), "401": _error("No valid key."),
+                "responses": {"202": accepted, "200": job, "400": _error("No file or a bad header."), "401": _error("No valid key."),
                               "409": _error("Idempotency key reused with another document."),
                               "413": _error("Too large."), "415": _error("Not a supported document."),
                               "422": _error("Unreadable document."), "429": _error("Queue full."),
                               "503": _error("Queue unreachable.")}}},
             "/v1/jobs/{job_id}": {
-                "get": {"summary": "A job's state (long-poll with ?wait=)",
+                "get": {"operationId": "getJob", "summary": "A job's state (long-poll with ?wait=)",
                         "parameters": [job_id, {"name": "wait", "in": "query", "required": False,
                                                 "schema": {"type": "number", "minimum": 0, "maximum": 30}}],
                         "responses": {"200": job, "400": _error("Bad wait."), "401": _error("No valid key."),
                                       "404": _error("Unknown job."), "503": _error("Queue unreachable.")}},
-                "delete": {"summary": "Cancel if needed and delete everything",
+                "delete": {"operationId": "deleteJob", "summary": "Cancel if needed and delete everything",
                            "parameters": [job_id],
                            "responses": {"204": {"description": "Deleted."}, "401": _error("No valid key."),
                                          "404": _error("Unknown job."), "503": _error("Queue unreachable.")}}},
             "/v1/jobs/{job_id}/result": {"get": {
-                "summary": "The result of a succeeded job",
+                "operationId": "getResult", "summary": "The result of a succeeded job",
                 "parameters": [job_id, {"name": "format", "in": "query", "required": False,
                                         "schema": {"type": "string", "enum": ["json", "markdown"]}}],
                 "responses": {"200": {"description": "The result.", "content": {
@@ -47,7 +54,7 @@ def spec() -> dict:
                     "400": _error("Bad format."), "401": _error("No valid key."), "404": _error("Unknown job."),
                     "409": _error("Not ready, failed or cancelled."), "503": _error("Queue unreachable.")}}},
             "/v1/jobs/{job_id}/cancel": {"post": {
-                "summary": "Cancel a queued or running job", "parameters": [job_id],
+                "operationId": "cancelJob", "summary": "Cancel a queued or running job", "parameters": [job_id],
                 "responses": {"200": job, "401": _error("No valid key."), "404": _error("Unknown job."),
                               "503": _error("Queue unreachable.")}}},
             "/v1/cache": {"get": {"summary": "The shared model cache", "responses": {

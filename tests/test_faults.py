@@ -162,3 +162,22 @@ def test_bounded_queue_answers_429(stack):
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
     assert r.json()["error"]["code"] == "queue_full"
     assert len(list(stack.redis.scan_iter("gnosis:job:*:input"))) == 3  # the refused one left nothing
+
+
+def test_hard_time_limit_fails_the_job_instead_of_leaving_it_running(redis_url, monkeypatch):
+    # Celery calls the task's on_failure in the worker's main process after killing a pool process
+    # stuck past the hard limit (a C extension ignoring the soft signal); this drives that hook.
+    from billiard.exceptions import TimeLimitExceeded
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    from gnosis_ocr.job import JobStore
+    from gnosis_ocr.worker import runtime, tasks
+
+    store = JobStore(redis.Redis.from_url(redis_url), ttl=60, max_attempts=3)
+    job = store.create(data=b"x", kind="png", pages=1)
+    assert store.start_page(job.id, 0) == "run"
+    runtime._runtime = None  # this test's REDIS_URL
+    tasks.ocr_page.on_failure(TimeLimitExceeded(360), "task-id", (job.id, 0), {}, None)
+    final = store.get(job.id)
+    assert final.status.value == "failed" and final.error_code == "timeout"
+    assert "hard time limit" in final.error_message

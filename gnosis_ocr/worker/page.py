@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 from datetime import datetime
 
@@ -106,9 +107,14 @@ def _parse(stamp: str) -> datetime:
 
 def _release_memory() -> None:
     gc.collect()
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available():
+    # Only if an engine already uses torch: importing it here would itself take seconds.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def hard_timeout(rt: Runtime, job_id: str, page: int) -> None:
+    """Called in the worker's main process after it killed a pool process stuck past the hard limit."""
+    heartbeat.page_finished(rt.redis, job_id, page)
+    _fail(rt, job_id, "timeout", f"Page {page + 1} exceeded the hard time limit of "
+                                 f"{rt.settings.page_hard_time_limit} seconds; its process was replaced.")

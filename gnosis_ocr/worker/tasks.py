@@ -2,6 +2,7 @@
 
 import os
 
+from billiard.exceptions import TimeLimitExceeded
 from celery import signals
 
 from ..broker import OCR_PAGE_TASK, WARM_CACHE_TASK
@@ -9,7 +10,15 @@ from . import heartbeat, page, probe, runtime
 from .celery_app import app
 
 
-@app.task(name=OCR_PAGE_TASK)
+class PageTask(app.Task):
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        # A hard time limit kills the pool process; Celery then acks the message and calls this in the
+        # main process. Without it the job would stay "running" until its TTL.
+        if isinstance(exc, TimeLimitExceeded) and len(args) == 2:
+            page.hard_timeout(runtime.get(), args[0], int(args[1]))
+
+
+@app.task(name=OCR_PAGE_TASK, base=PageTask)
 def ocr_page(job_id: str, page_index: int) -> str:
     return page.run_page(runtime.get(), job_id, page_index)
 

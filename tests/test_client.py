@@ -1,0 +1,74 @@
+"""`gnosis-ocr submit` and the Python client: progress, results, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from gnosis_ocr.client import ApiError, Client
+from tests.conftest import ROOT
+from tests.docs import pdf_of_pages, squash, text_image
+
+
+def run_submit(stack, url, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "submit", "--url", url, *args], cwd=ROOT,
+                          env=stack.env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_wait_prints_markdown_and_plain_progress(stack, tmp_path):
+    url = stack.api()
+    stack.worker()
+    doc = tmp_path / "memo.pdf"
+    doc.write_bytes(pdf_of_pages([["First memo page"], ["Second memo page"]]))
+    r = run_submit(stack, url, str(doc), "--wait")
+    assert r.returncode == 0, r.stderr
+    assert "firstmemopage" in squash(r.stdout) and "secondmemopage" in squash(r.stdout)
+    # Not a terminal: plain progress lines on stderr, ending with the final state.
+    assert "memo.pdf: succeeded 2/2 pages" in r.stderr
+
+
+def test_submit_json_to_out_dir(stack, tmp_path):
+    url = stack.api()
+    stack.worker()
+    doc = tmp_path / "note.png"
+    doc.write_bytes(text_image(["Written to a folder"]))
+    out = tmp_path / "results"
+    r = run_submit(stack, url, str(doc), "--wait", "--format", "json", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "note.json").read_text())
+    assert "writtentoafolder" in squash(result["text"])
+
+
+def test_submit_exit_codes(stack, tmp_path):
+    url = stack.api()
+    assert run_submit(stack, url, str(tmp_path / "missing.png")).returncode == 2
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    r = run_submit(stack, url, str(bad), "--wait")
+    assert r.returncode == 1 and "415" in r.stderr
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="5", GNOSIS_PAGE_SOFT_TIMEOUT="1",
+                 GNOSIS_PAGE_HARD_TIMEOUT="3")
+    slow = tmp_path / "slow.png"
+    slow.write_bytes(text_image(["times out"]))
+    r = run_submit(stack, url, str(slow), "--wait")
+    assert r.returncode == 1 and "timeout" in r.stderr
+
+
+def test_python_client_is_what_the_cli_uses(stack, tmp_path):
+    url = stack.api()
+    stack.worker()
+    doc = tmp_path / "c.png"
+    doc.write_bytes(text_image(["Client library page"]))
+    client = Client(url)
+    job = client.submit(doc, idempotency_key="c-1")
+    seen = []
+    final = client.wait(job["id"], timeout=60, on_progress=seen.append)
+    assert final["status"] == "succeeded" and seen[-1] == final
+    assert "clientlibrarypage" in squash(client.result(job["id"], markdown=True))
+    try:
+        client.job("0" * 32)
+    except ApiError as exc:
+        assert exc.status == 404 and exc.code == "not_found"
+    else:
+        raise AssertionError("expected a 404")

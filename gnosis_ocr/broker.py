@@ -12,7 +12,9 @@ from .settings import Settings
 
 OCR_PAGE_TASK = "gnosis.ocr_page"
 WARM_CACHE_TASK = "gnosis.warm_cache"
+DELIVER_WEBHOOK_TASK = "gnosis.deliver_webhook"
 CACHE_QUEUE_SUFFIX = ".cache"
+EVENTS_QUEUE_SUFFIX = ".events"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -59,3 +61,8 @@ def make_producer(settings: Settings) -> Celery:
 
 def cache_queue(settings: Settings) -> str:
     return settings.queue + CACHE_QUEUE_SUFFIX
+
+
+def events_queue(settings: Settings) -> str:
+    """Webhook deliveries: their own queue, so they never wait behind minutes-long pages."""
+    return settings.queue + EVENTS_QUEUE_SUFFIX

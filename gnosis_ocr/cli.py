@@ -31,7 +31,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(cache=os.environ.get("OCR_ENGINE", "nanonets") == "nanonets")
     os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub or transformers
-    from .broker import cache_queue
+    from .broker import cache_queue, events_queue
     from .worker.celery_app import app
 
     import socket
@@ -43,7 +43,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         # Set before any fork, so every pool child writes its metrics where the probe reads them.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gnosis-metrics-")
-    queues = f"{settings.queue},{cache_queue(settings)}"
+    queues = f"{settings.queue},{cache_queue(settings)},{events_queue(settings)}"
     argv = ["worker", f"--concurrency={args.concurrency}", f"--queues={queues}", "--optimization=fair",
             f"--loglevel={args.loglevel}", "--without-mingle", "--without-gossip",
             f"--hostname={name}", "--task-events"]

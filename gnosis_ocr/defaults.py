@@ -74,3 +74,12 @@ DEFAULT_NULL_ENGINE_DELAY = 0.0
 
 DEFAULT_IDEMPOTENCY_WAIT = 5.0
 """Seconds a repeated Idempotency-Key request waits for the first one's job record to appear."""
+
+DEFAULT_WEBHOOK_MAX_ATTEMPTS = 6
+"""Deliveries of a job's final-state webhook before giving up (network errors, 5xx, 408, 429)."""
+
+DEFAULT_WEBHOOK_BACKOFF = 2.0
+"""Seconds before the first webhook retry; doubled after each failed attempt."""
+
+DEFAULT_WEBHOOK_TIMEOUT = 10.0
+"""Seconds one webhook POST may take."""

@@ -65,6 +65,7 @@ class Job:
     model_id: str | None = None
     model_revision: str | None = None
     filename: str | None = None
+    callback_url: str | None = None
 
     @property
     def final(self) -> bool:
@@ -88,6 +89,7 @@ class Job:
             model_id=h.get("model_id") or None,
             model_revision=h.get("model_revision") or None,
             filename=h.get("filename") or None,
+            callback_url=h.get("callback_url") or None,
         )
 
     def to_api(self) -> dict:
@@ -102,6 +104,7 @@ class Job:
             "pages_done": self.pages_done,
             "attempts": self.attempts,
             "filename": self.filename,
+            "callback_url": self.callback_url,
             "error": error,
             "links": {"self": f"/v1/jobs/{self.id}", "result": f"/v1/jobs/{self.id}/result"},
         }

@@ -44,6 +44,11 @@ class Settings:
     max_queue_depth: int = defaults.DEFAULT_MAX_QUEUE_DEPTH
     worker_port: int = 0
     null_engine_delay: float = defaults.DEFAULT_NULL_ENGINE_DELAY
+    webhook_secret: str = ""
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = defaults.DEFAULT_WEBHOOK_MAX_ATTEMPTS
+    webhook_backoff: float = defaults.DEFAULT_WEBHOOK_BACKOFF
+    webhook_timeout: float = defaults.DEFAULT_WEBHOOK_TIMEOUT
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     metrics_open: bool = True
 
@@ -91,6 +96,11 @@ class Settings:
             max_queue_depth=_int(env, "GNOSIS_MAX_QUEUE_DEPTH", defaults.DEFAULT_MAX_QUEUE_DEPTH),
             worker_port=_int(env, "GNOSIS_WORKER_PORT", 0),
             null_engine_delay=_float(env, "GNOSIS_NULL_ENGINE_DELAY", defaults.DEFAULT_NULL_ENGINE_DELAY),
+            webhook_secret=env.get("GNOSIS_WEBHOOK_SECRET", ""),
+            webhook_allow_private=_bool(env, "GNOSIS_WEBHOOK_ALLOW_PRIVATE", False),
+            webhook_max_attempts=_int(env, "GNOSIS_WEBHOOK_MAX_ATTEMPTS", defaults.DEFAULT_WEBHOOK_MAX_ATTEMPTS),
+            webhook_backoff=_float(env, "GNOSIS_WEBHOOK_BACKOFF", defaults.DEFAULT_WEBHOOK_BACKOFF),
+            webhook_timeout=_float(env, "GNOSIS_WEBHOOK_TIMEOUT", defaults.DEFAULT_WEBHOOK_TIMEOUT),
             api_key_hashes=frozenset(hash_key(k) for k in keys),
             metrics_open=_bool(env, "GNOSIS_METRICS_OPEN", True),
         )

@@ -8,8 +8,8 @@ import unicodedata
 
 from flask import Blueprint, Response, jsonify, request
 
-from .. import document
-from ..broker import OCR_PAGE_TASK
+from .. import document, webhook
+from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue
 from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
 from ..errors import BadRequest, Conflict, NotFound, QueueFull
 from ..job import Job, JobStatus, new_job_id
@@ -31,6 +31,7 @@ def submit():
     key = request.headers.get("Idempotency-Key")
     if key is not None:
         idempotency.validate(key)
+    callback_url = _callback_url()
     data = upload.read()
     info = document.inspect(data, max_pages=c.settings.max_pages, max_pixels=c.settings.max_pixels)
 
@@ -46,7 +47,7 @@ def submit():
         _check_queue_room(info.pages)
         job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
                             filename=clean_filename(upload.filename), job_id=job_id,
-                            extra={"idem_key": idem_name})
+                            extra={"idem_key": idem_name, "callback_url": callback_url})
         try:
             _enqueue(job)
         except Exception:
@@ -62,6 +63,17 @@ def submit():
     response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return response
+
+
+def _callback_url() -> str:
+    url = request.form.get("callback_url")
+    if not url:
+        return ""
+    settings = ctx().settings
+    if not settings.webhook_secret:
+        raise BadRequest("Webhooks are not enabled on this server (GNOSIS_WEBHOOK_SECRET is unset).",
+                         code="webhooks_disabled")
+    return webhook.check_url(url, allow_private=settings.webhook_allow_private)
 
 
 def _replay(job_id: str):
@@ -125,7 +137,8 @@ def result(job_id: str):
 def cancel(job_id: str):
     c = ctx()
     job = _load(job_id)
-    c.jobs.cancel(job.id)
+    if c.jobs.cancel(job.id) == JobStatus.CANCELLED.value and c.jobs.field(job.id, "callback_url"):
+        c.producer.send_task(DELIVER_WEBHOOK_TASK, args=[job.id], queue=events_queue(c.settings))
     return jsonify((c.jobs.get(job.id) or _gone(job_id)).to_api())
 
 

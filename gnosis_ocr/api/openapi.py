@@ -28,7 +28,8 @@ def spec() -> dict:
                                            "pattern": "^[^\\x00-\\x1f\\x7f]+$"}}],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}}}}}},
+                    "properties": {"file": {"type": "string", "format": "binary"},
+                                   "callback_url": {"type": "string", "format": "uri", "maxLength": 2048}}}}}},
                 "responses": {"202": accepted, "200": job, "400": _error("No file or a bad header."), "401": _error("No valid key."),
                               "409": _error("Idempotency key reused with another document."),
                               "413": _error("Too large."), "415": _error("Not a supported document."),
@@ -96,7 +97,7 @@ def _schemas() -> dict:
                     "started_at": {**nullable_str, "format": "date-time"},
                     "finished_at": {**nullable_str, "format": "date-time"},
                     "pages_total": {"type": "integer"}, "pages_done": {"type": "integer"},
-                    "attempts": {"type": "integer"}, "filename": nullable_str,
+                    "attempts": {"type": "integer"}, "filename": nullable_str, "callback_url": nullable_str,
                     "error": {"type": "object", "nullable": True, "properties": {
                         "code": {"type": "string"}, "message": {"type": "string"}}},
                     "links": {"type": "object", "properties": {"self": {"type": "string"},

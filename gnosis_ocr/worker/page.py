@@ -13,7 +13,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from .. import document
 from ..errors import GnosisError
 from ..job import JobStatus
-from . import heartbeat
+from . import heartbeat, notify
 from .probe import local_metrics
 from .runtime import Runtime
 
@@ -91,9 +91,11 @@ def _fail(rt: Runtime, job_id: str, code: str, message: str) -> str:
 
 
 def _count_final(rt: Runtime, job_id: str) -> None:
+    """Once per job, by whoever moved it to its final state: metrics, then the webhook."""
     job = rt.jobs.get(job_id)
     if job is None or not job.final:
         return
+    notify.enqueue(rt, job_id, rt.jobs.field(job_id, "callback_url"))
     labels = {"outcome": job.status.value, "code": job.error_code or ""}
     rt.metrics.inc("gnosis_jobs_finished_total", **labels)
     if job.finished_at:

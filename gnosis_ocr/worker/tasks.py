@@ -5,8 +5,8 @@ import os
 from billiard.exceptions import TimeLimitExceeded
 from celery import signals
 
-from ..broker import OCR_PAGE_TASK, WARM_CACHE_TASK
-from . import heartbeat, page, probe, runtime
+from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
+from . import heartbeat, notify, page, probe, runtime
 from .celery_app import app
 
 
@@ -21,6 +21,13 @@ class PageTask(app.Task):
 @app.task(name=OCR_PAGE_TASK, base=PageTask)
 def ocr_page(job_id: str, page_index: int) -> str:
     return page.run_page(runtime.get(), job_id, page_index)
+
+
+@app.task(name=DELIVER_WEBHOOK_TASK, bind=True, ignore_result=True, max_retries=None)
+def deliver_webhook(self, job_id: str) -> None:
+    rt = runtime.get()
+    if not notify.attempt(rt, job_id, self.request.retries + 1):
+        raise self.retry(countdown=rt.settings.webhook_backoff * 2 ** self.request.retries)
 
 
 @app.task(name=WARM_CACHE_TASK, ignore_result=True)

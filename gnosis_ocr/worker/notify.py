@@ -1,0 +1,44 @@
+"""Final-state webhooks from the worker side: enqueue once per job, deliver with retries."""
+
+from __future__ import annotations
+
+import logging
+
+from ..broker import DELIVER_WEBHOOK_TASK, events_queue
+from ..errors import BadRequest
+from ..webhook import DeliveryFailed, deliver
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def enqueue(rt: Runtime, job_id: str, callback_url: str | None) -> None:
+    if not callback_url:
+        return
+    from .celery_app import app
+
+    app.send_task(DELIVER_WEBHOOK_TASK, args=[job_id], queue=events_queue(rt.settings))
+
+
+def attempt(rt: Runtime, job_id: str, number: int) -> bool:
+    """One delivery. True when finished (delivered or given up); False when it should be retried."""
+    job = rt.jobs.get(job_id)
+    url = rt.jobs.field(job_id, "callback_url")
+    if job is None or not url:
+        return True
+    record = rt.jobs.keys(job_id)["record"]
+    try:
+        status = deliver(url, job.to_api(), secret=rt.settings.webhook_secret,
+                         allow_private=rt.settings.webhook_allow_private, timeout=rt.settings.webhook_timeout)
+    except BadRequest as exc:  # the host now resolves somewhere it must not go
+        rt.redis.hset(record, mapping={"webhook_status": "refused", "webhook_attempts": number})
+        log.warning("webhook for job %s refused: %s", job_id, exc.message)
+        return True
+    except DeliveryFailed as exc:
+        last = number >= rt.settings.webhook_max_attempts
+        rt.redis.hset(record, mapping={"webhook_status": "failed" if last else "retrying",
+                                       "webhook_attempts": number})
+        log.warning("webhook for job %s failed (attempt %d): %s", job_id, number, exc)
+        return last
+    rt.redis.hset(record, mapping={"webhook_status": f"delivered:{status}", "webhook_attempts": number})
+    return True

@@ -48,12 +48,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics=Metrics(client),
     )
 
-    from . import cache, errors, jobs, ops
+    from . import cache, errors, jobs, ops, ui
 
     errors.register(app)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(cache.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(ui.bp)
     return app
 
 

@@ -113,11 +113,19 @@ class Job:
 _FINAL = "local st = redis.call('HGET', KEYS[1], 'status') " \
          "local final = (st == 'succeeded' or st == 'failed' or st == 'cancelled') "
 
-# KEYS: record, pages, attempts, events, input. ARGV: page, now, max_attempts.
+# One round trip per page start and one per page end: these run for every page of every job.
+
+# KEYS: record, pages, attempts, events, input, inflight.
+# ARGV: page, now, max_attempts, inflight field, inflight value.
+# Returns {verdict} or {'run', input, kind}; on 'run' the page is listed in its worker's in-flight hash.
 _START_PAGE = _FINAL + """
-if not st then return 'gone' end
-if final then return 'final' end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'done' end
+local field = ARGV[4]
+if not st or final or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HDEL', KEYS[6], field)
+  if not st then return {'gone'} end
+  if final then return {'final'} end
+  return {'done'}
+end
 local n = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
 redis.call('PEXPIRE', KEYS[3], redis.call('PTTL', KEYS[1]))
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -126,25 +134,31 @@ if n > tonumber(ARGV[3]) then
     'error_message', 'Page ' .. (tonumber(ARGV[1]) + 1) .. ' was delivered ' .. (n - 1) ..
     ' times and its worker never finished it; the job was stopped.')
   redis.call('DEL', KEYS[5])
+  redis.call('HDEL', KEYS[6], field)
   redis.call('PUBLISH', KEYS[4], 'failed')
-  return 'exhausted'
+  return {'exhausted'}
 end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2])
   redis.call('PUBLISH', KEYS[4], 'running')
 end
-return 'run'
+redis.call('HSET', KEYS[6], field, ARGV[5])
+return {'run', redis.call('GET', KEYS[5]), redis.call('HGET', KEYS[1], 'kind')}
 """
 
-# KEYS: record, pages, attempts, events, input. ARGV: page, text, now, model_id, model_revision, ttl.
+# KEYS: record, pages, attempts, events, input, inflight.
+# ARGV: page, text, now, model_id, model_revision, ttl, inflight field.
+# Returns {pages done or a negative code, pages total}.
 _FINISH_PAGE = _FINAL + """
-if not st then return -1 end
-if final then return -2 end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return -3 end
+redis.call('HDEL', KEYS[6], ARGV[7])
+if not st then return {-1, 0} end
+local total = tonumber(redis.call('HGET', KEYS[1], 'pages_total'))
+if final then return {-2, total} end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return {-3, total} end
 redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
 local done = redis.call('HINCRBY', KEYS[1], 'pages_done', 1)
 redis.call('HSET', KEYS[1], 'model_id', ARGV[4], 'model_revision', ARGV[5])
-if done >= tonumber(redis.call('HGET', KEYS[1], 'pages_total')) then
+if done >= total then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[3])
   redis.call('DEL', KEYS[5])
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
@@ -154,7 +168,7 @@ if done >= tonumber(redis.call('HGET', KEYS[1], 'pages_total')) then
 else
   redis.call('PUBLISH', KEYS[4], 'progress')
 end
-return done
+return {done, total}
 """
 
 # KEYS: record, pages, attempts, events, input. ARGV: status, now, error_code, error_message, ttl.
@@ -170,6 +184,15 @@ if idem and idem ~= '' then redis.call('EXPIRE', idem, ARGV[5]) end
 redis.call('PUBLISH', KEYS[4], ARGV[1])
 return ARGV[1]
 """
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A page delivery's verdict: 'run' (with the input), or 'gone', 'final', 'done', 'exhausted'."""
+
+    verdict: str
+    data: bytes | None = None
+    kind: str | None = None
 
 
 class JobStore:
@@ -227,15 +250,22 @@ class JobStore:
     def input(self, job_id: str) -> bytes | None:
         return self.redis.get(_keys(job_id)["input"])
 
-    def start_page(self, job_id: str, page: int) -> str:
-        """'run' to go ahead; 'gone', 'final', 'done' or 'exhausted' to skip this delivery."""
-        result = self._start(keys=self._k(job_id), args=[page, now_rfc3339(), self.max_attempts])
-        return result.decode()
+    def start_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str]) -> Claim:
+        """Claim a delivery of a page; `inflight` is the worker's in-flight (hash, field, value)."""
+        key, field, value = inflight
+        result = self._start(keys=[*self._k(job_id), key], args=[page, now_rfc3339(), self.max_attempts, field, value])
+        verdict = result[0].decode()
+        if verdict != "run":
+            return Claim(verdict)
+        return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None)
 
-    def finish_page(self, job_id: str, page: int, text: str, *, model_id: str, model_revision: str) -> int:
-        """Record a page's text once. Returns pages done, or a negative number when it was dropped."""
-        return int(self._finish_page(
-            keys=self._k(job_id), args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl]))
+    def finish_page(self, job_id: str, page: int, text: str, *, model_id: str, model_revision: str,
+                    inflight: tuple[str, str, str]) -> tuple[int, int]:
+        """Record a page's text once: (pages done, pages total); done is negative when it was dropped."""
+        done, total = self._finish_page(keys=[*self._k(job_id), inflight[0]],
+                                        args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl,
+                                              inflight[1]])
+        return int(done), int(total)
 
     def fail(self, job_id: str, code: str, message: str) -> str:
         """'failed' when this call ended the job; 'was_<status>' when it had already ended; 'gone'."""

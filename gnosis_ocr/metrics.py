@@ -7,7 +7,11 @@ Recording into Redis (one HINCRBYFLOAT per event) gives one scrape with totals.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import threading
+import time
 from collections.abc import Iterable
 
 import redis
@@ -52,31 +56,69 @@ def _parse_labels(raw: str) -> dict[str, str]:
 
 
 class Metrics:
-    """Record events. Metrics never fail the caller: a Redis error is logged and dropped."""
+    """Record events. Metrics never fail the caller: a Redis error is logged and dropped.
 
-    def __init__(self, client: redis.Redis) -> None:
+    With `background=True` events are buffered and written by a thread in one pipeline every
+    `interval` seconds, so a page or a request never waits on metric writes.
+    """
+
+    def __init__(self, client: redis.Redis, *, background: bool = False, interval: float = 0.25) -> None:
         self.redis = client
+        self.background = background
+        self.interval = interval
+        self._pid = -1
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also after a fork: the parent's lock, buffer and thread do not carry over.
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, str, float]] = []
+        self._thread: threading.Thread | None = None
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         assert name in COUNTERS, name
-        try:
-            self.redis.hincrbyfloat(KEY_COUNTERS, _field(name, labels), amount)
-        except redis.RedisError as exc:
-            log.debug("metric %s dropped: %s", name, exc)
+        self._record([("c", _field(name, labels), amount)])
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         _, buckets = HISTOGRAMS[name]
         base = _field(name, labels)
+        ops = [("h", f"{base}|{bound}", 1) for bound in buckets if value <= bound]
+        ops += [("h", f"{base}|+Inf", 1), ("h", f"{base}|sum", value)]
+        self._record(ops)
+
+    def _record(self, ops: list[tuple[str, str, float]]) -> None:
+        if not self.background:
+            self._write(ops)
+            return
+        if self._pid != os.getpid():
+            self._reset()
+        with self._lock:
+            self._pending.extend(ops)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gnosis-metrics", daemon=True)
+                self._thread.start()
+                atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)  # a flush period, not a synchronisation
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            ops, self._pending = self._pending, []
+        if ops:
+            self._write(ops)
+
+    def _write(self, ops: list[tuple[str, str, float]]) -> None:
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for bound in buckets:
-                if value <= bound:
-                    pipe.hincrby(KEY_HISTOGRAMS, f"{base}|{bound}", 1)
-            pipe.hincrby(KEY_HISTOGRAMS, f"{base}|+Inf", 1)
-            pipe.hincrbyfloat(KEY_HISTOGRAMS, f"{base}|sum", value)
+            for kind, field, amount in ops:
+                pipe.hincrbyfloat(KEY_COUNTERS if kind == "c" else KEY_HISTOGRAMS, field, amount)
             pipe.execute()
         except redis.RedisError as exc:
-            log.debug("metric %s dropped: %s", name, exc)
+            log.debug("%d metric updates dropped: %s", len(ops), exc)
 
 
 class RedisCollector:

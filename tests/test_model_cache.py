@@ -80,8 +80,8 @@ def test_three_workers_on_an_empty_cache_download_each_file_once(stack, hub):
     result = requests.get(f"{url}/v1/jobs/{jobs[0]['id']}/result").json()
     assert result["model"] == {"id": REPO, "revision": hub.sha}
 
-    metrics = requests.get(f"{url}/metrics").text
-    assert "gnosis_cache_misses_total 3.0" in metrics
+    metrics = wait_until(lambda: (t := requests.get(f"{url}/metrics").text) and "gnosis_cache_misses_total 3.0" in t
+                         and t, timeout=10, message="three cache misses to be counted")
     assert f"gnosis_cache_bytes_downloaded_total {float(hub.model_bytes)}" in metrics
     cache = requests.get(f"{url}/v1/cache").json()
     assert cache["state"] == "ready" and cache["resolved_revision"] == hub.sha

@@ -28,13 +28,15 @@ def test_worker_probe_reports_readiness_and_its_own_metrics(stack):
 def test_api_metrics_count_jobs_by_outcome_and_queue_depth(stack):
     url = stack.api()
     ok = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["fine page"]))}).json()
-    metrics = requests.get(f"{url}/metrics").text
+    # Metrics are written in the background, a fraction of a second later.
+    metrics = wait_until(lambda: (t := requests.get(f"{url}/metrics").text) and "gnosis_jobs_submitted_total 1.0" in t
+                         and t, timeout=10, message="the submit to be counted")
     assert 'gnosis_queue_depth{queue="ocr"} 1.0' in metrics
-    assert "gnosis_jobs_submitted_total 1.0" in metrics
     stack.worker()
     assert poll_job(url, ok["id"])["status"] == "succeeded"
-    metrics = requests.get(f"{url}/metrics").text
-    assert 'gnosis_jobs_finished_total{code="",outcome="succeeded"} 1.0' in metrics
+    metrics = wait_until(lambda: (t := requests.get(f"{url}/metrics").text)
+                         and 'gnosis_jobs_finished_total{code="",outcome="succeeded"} 1.0' in t and t, timeout=10,
+                         message="the outcome to be counted")
     assert 'gnosis_pages_processed_total{engine="rapidocr"} 1.0' in metrics
     assert "gnosis_job_duration_seconds_count" in metrics
     assert 'gnosis_queue_depth{queue="ocr"} 0.0' in metrics

@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         redis=client,
         jobs=JobStore(client, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts),
         producer=make_producer(settings),
-        metrics=Metrics(client),
+        metrics=Metrics(client, background=True),
     )
 
     from . import cache, errors, jobs, ops, ui

@@ -22,7 +22,7 @@ class ApiServer(BaseApplication):
             "timeout": 120,
             "graceful_timeout": 30,
             "keepalive": 5,
-            "accesslog": os.environ.get("GNOSIS_ACCESS_LOG", "-"),
+            "accesslog": _access_log(),
             "errorlog": "-",
             "loglevel": os.environ.get("GNOSIS_LOG_LEVEL", "info").lower(),
             "proc_name": "gnosis-ocr-api",
@@ -31,7 +31,14 @@ class ApiServer(BaseApplication):
 
     def load_config(self) -> None:
         for key, value in self.options.items():
-            self.cfg.set(key, value)
+            if value is not None:
+                self.cfg.set(key, value)
 
     def load(self):
         return create_app(self.settings)
+
+
+def _access_log() -> str | None:
+    """`-` (stdout) by default; a path; or `off`."""
+    value = os.environ.get("GNOSIS_ACCESS_LOG", "-")
+    return None if value.lower() in ("", "off", "none") else value

@@ -42,12 +42,14 @@ def _engines_key(name: str) -> str:
     return f"gnosis:worker:{name}:engines"
 
 
-def page_started(client: redis.Redis, job_id: str, page: int) -> None:
-    entry = json.dumps({"pid": os.getpid(), "started_at": now_rfc3339()})
-    client.hset(_inflight_key(worker_name()), f"{job_id}:{page}", entry)
+def inflight(job_id: str, page: int) -> tuple[str, str, str]:
+    """This delivery's entry in the worker's in-flight hash: (key, field, value), written by the job store."""
+    value = json.dumps({"pid": os.getpid(), "started_at": now_rfc3339()})
+    return _inflight_key(worker_name()), f"{job_id}:{page}", value
 
 
 def page_finished(client: redis.Redis, job_id: str, page: int) -> None:
+    """Drop an in-flight entry on the paths that end a page without recording it."""
     try:
         client.hdel(_inflight_key(worker_name()), f"{job_id}:{page}")
     except redis.RedisError as exc:  # the reaper may requeue it; the page is still recorded once
@@ -73,7 +75,7 @@ class Heartbeat:
         self._stop = threading.Event()
 
     def start(self) -> None:
-        self.redis.delete(_engines_key(self.name))
+        # Pool children may have loaded their engines before this runs: keep what they recorded.
         threading.Thread(target=self._run, name="gnosis-heartbeat", daemon=True).start()
 
     def stop(self) -> None:
@@ -94,12 +96,26 @@ class Heartbeat:
             self._stop.wait(self.interval)
 
     def beat(self) -> None:
-        loaded = self.redis.hlen(_engines_key(self.name))
+        loaded = self._live_engines()
         record = json.dumps({**self.info, "engines_loaded": loaded})
         pipe = self.redis.pipeline()
         pipe.set(f"gnosis:worker:{self.name}", record, ex=int(self.interval * 3) + 1)
         pipe.zadd(WORKERS_KEY, {self.name: time.time()})
         pipe.execute()
+
+    def _live_engines(self) -> int:
+        """Pool processes with a loaded engine; entries of replaced (crashed) children are dropped."""
+        key = _engines_key(self.name)
+        live = 0
+        for raw in self.redis.hkeys(key):
+            try:
+                os.kill(int(raw), 0)
+                live += 1
+            except (ProcessLookupError, ValueError):
+                self.redis.hdel(key, raw)
+            except PermissionError:
+                live += 1
+        return live
 
     def reap(self) -> int:
         """Requeue the in-flight pages of workers whose beat is stale. One reaper at a time."""

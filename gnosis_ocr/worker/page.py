@@ -12,7 +12,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from .. import document
 from ..errors import GnosisError
-from ..job import JobStatus
+from ..job import Claim, JobStatus
 from . import heartbeat, notify
 from .probe import local_metrics
 from .runtime import Runtime
@@ -21,69 +21,63 @@ log = logging.getLogger(__name__)
 
 
 def run_page(rt: Runtime, job_id: str, page: int) -> str:
-    verdict = rt.jobs.start_page(job_id, page)
-    if verdict == "exhausted":
+    entry = heartbeat.inflight(job_id, page)
+    claim = rt.jobs.start_page(job_id, page, inflight=entry)
+    if claim.verdict == "exhausted":
         log.error("job %s page %d exceeded %d attempts; job failed", job_id, page, rt.settings.page_max_attempts)
         _count_final(rt, job_id)
-    if verdict != "run":
-        heartbeat.page_finished(rt.redis, job_id, page)  # a crashed earlier delivery may have left it listed
-        return verdict
+    if claim.verdict != "run":
+        return claim.verdict
     started = time.monotonic()
     local = local_metrics()
-    heartbeat.page_started(rt.redis, job_id, page)
     local["in_flight"].inc()
     outcome = "error"
     try:
-        outcome = _run(rt, job_id, page, started)
+        outcome = _run(rt, job_id, page, claim, entry, started)
         return outcome
     finally:
         local["in_flight"].dec()
         local["pages"].labels(outcome=outcome).inc()
         local["page_seconds"].observe(time.monotonic() - started)
-        heartbeat.page_finished(rt.redis, job_id, page)
 
 
-def _run(rt: Runtime, job_id: str, page: int, started: float) -> str:
+def _run(rt: Runtime, job_id: str, page: int, claim: Claim, entry: tuple[str, str, str], started: float) -> str:
     try:
-        text = _recognise(rt, job_id, page)
+        text = _recognise(rt, page, claim)
     except SoftTimeLimitExceeded:
         _release_memory()
-        return _fail(rt, job_id, "timeout",
+        return _fail(rt, job_id, page, "timeout",
                      f"Page {page + 1} took longer than {rt.settings.page_soft_time_limit} seconds.")
     except GnosisError as exc:
-        return _fail(rt, job_id, exc.code, exc.message)
+        return _fail(rt, job_id, page, exc.code, exc.message)
     except Exception:
         log.exception("engine failed on job %s page %d", job_id, page)
         _release_memory()
-        return _fail(rt, job_id, "engine_error", f"The OCR engine failed on page {page + 1}.")
+        return _fail(rt, job_id, page, "engine_error", f"The OCR engine failed on page {page + 1}.")
     if text is None:
+        heartbeat.page_finished(rt.redis, job_id, page)
         return "gone"
     engine = rt.engine()
-    done = rt.jobs.finish_page(job_id, page, text, model_id=engine.model_id, model_revision=engine.model_revision)
+    done, total = rt.jobs.finish_page(job_id, page, text, model_id=engine.model_id,
+                                      model_revision=engine.model_revision, inflight=entry)
     rt.metrics.observe("gnosis_page_duration_seconds", time.monotonic() - started, engine=rt.settings.engine)
     rt.metrics.inc("gnosis_pages_processed_total", engine=rt.settings.engine)
-    if done > 0 and done == _pages_total(rt, job_id):
+    if done > 0 and done == total:
         _count_final(rt, job_id)
     return "done"
 
 
-def _recognise(rt: Runtime, job_id: str, page: int) -> str | None:
-    data = rt.jobs.input(job_id)
-    kind = rt.jobs.field(job_id, "kind")
-    if data is None or kind is None:
+def _recognise(rt: Runtime, page: int, claim: Claim) -> str | None:
+    if claim.data is None or claim.kind is None:
         return None  # cancelled, deleted or expired while queued
     image = document.render_page(
-        data, kind, page, max_side=rt.settings.page_max_side, max_pixels=rt.settings.max_pixels
+        claim.data, claim.kind, page, max_side=rt.settings.page_max_side, max_pixels=rt.settings.max_pixels
     )
     return rt.engine().recognize([image])[0]
 
 
-def _pages_total(rt: Runtime, job_id: str) -> int:
-    total = rt.jobs.field(job_id, "pages_total")
-    return int(total) if total else -1
-
-
-def _fail(rt: Runtime, job_id: str, code: str, message: str) -> str:
+def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:
+    heartbeat.page_finished(rt.redis, job_id, page)
     log.warning("job %s failed: %s: %s", job_id, code, message)
     if rt.jobs.fail(job_id, code, message) == JobStatus.FAILED.value:
         _count_final(rt, job_id)
@@ -95,7 +89,7 @@ def _count_final(rt: Runtime, job_id: str) -> None:
     job = rt.jobs.get(job_id)
     if job is None or not job.final:
         return
-    notify.enqueue(rt, job_id, rt.jobs.field(job_id, "callback_url"))
+    notify.enqueue(rt, job_id, job.callback_url)
     labels = {"outcome": job.status.value, "code": job.error_code or ""}
     rt.metrics.inc("gnosis_jobs_finished_total", **labels)
     if job.finished_at:
@@ -117,6 +111,5 @@ def _release_memory() -> None:
 
 def hard_timeout(rt: Runtime, job_id: str, page: int) -> None:
     """Called in the worker's main process after it killed a pool process stuck past the hard limit."""
-    heartbeat.page_finished(rt.redis, job_id, page)
-    _fail(rt, job_id, "timeout", f"Page {page + 1} exceeded the hard time limit of "
-                                 f"{rt.settings.page_hard_time_limit} seconds; its process was replaced.")
+    _fail(rt, job_id, page, "timeout", f"Page {page + 1} exceeded the hard time limit of "
+                                       f"{rt.settings.page_hard_time_limit} seconds; its process was replaced.")

@@ -71,7 +71,8 @@ class Probe:
             return self._send(h, 200, {"status": "ok"})
         if path == "/readyz":
             try:
-                loaded = self.redis.hlen(f"gnosis:worker:{self.worker}:engines")
+                record = self.redis.get(f"gnosis:worker:{self.worker}")
+                loaded = json.loads(record)["engines_loaded"] if record else 0
             except redis.RedisError as exc:
                 return self._send(h, 503, {"status": "redis_unavailable", "detail": str(exc)})
             body = {"engines_loaded": loaded, "concurrency": self.concurrency}

@@ -34,7 +34,7 @@ class Runtime:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.jobs = JobStore(self.redis, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts)
-        self.metrics = Metrics(self.redis)
+        self.metrics = Metrics(self.redis, background=True)
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 

@@ -53,7 +53,7 @@ def main() -> None:
     stack, redis_proc = private_stack()
     try:
         stack.env.update(OCR_ENGINE="null")
-        url = stack.api()
+        url = stack.api(workers=2, threads=16)
         worker = stack.spawn("worker", ["worker", f"--concurrency={args.processes}", "--loglevel=WARNING"])
         stack.wait_worker_ready(worker)
         bare = stack.procs.append(_bare_worker(stack, args.processes)) or stack.procs[-1]

@@ -99,10 +99,10 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def api(self, **env: str) -> str:
+    def api(self, *, workers: int = 1, threads: int = 8, **env: str) -> str:
         port = free_port()
-        proc = self.spawn("api", ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                                  "--threads", "8"], **env)
+        proc = self.spawn("api", ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                                  "--threads", str(threads)], **env)
         url = f"http://127.0.0.1:{port}"
 
         def up():

@@ -50,6 +50,7 @@ def submit():
                             extra={"idem_key": idem_name, "callback_url": callback_url})
         try:
             _enqueue(job)
+            c.queue_depth(adding=job.pages_total)
         except Exception:
             # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
             c.jobs.redis.delete(*c.jobs.keys(job.id).values())
@@ -88,7 +89,7 @@ def _replay(job_id: str):
 
 def _check_queue_room(pages: int) -> None:
     c = ctx()
-    depth = c.redis.llen(c.settings.queue)
+    depth = c.queue_depth()
     if depth + pages > c.settings.max_queue_depth:
         raise QueueFull(f"The queue is full ({depth} pages waiting); retry later.")
 

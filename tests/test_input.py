@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 from urllib.parse import urlparse
@@ -9,6 +10,7 @@ from urllib.parse import urlparse
 import pytest
 import redis
 import requests
+from PIL import Image
 
 from tests.conftest import TEST_REDIS_URL, Stack, poll_job
 from tests.docs import (encrypted_pdf, pdf_of_pages, pdf_page_tree_loop, png_pixel_bomb, squash, text_image)
@@ -66,6 +68,17 @@ def test_missing_file_field(api):
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_file"
     r = requests.post(f"{api}/v1/jobs", data=b"not multipart", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_file"
+
+
+def test_large_document_under_the_limit_is_accepted(api):
+    side = 700  # random pixels: a PNG of about 1.5 MB, bigger than any parser buffer
+    img = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    assert 1_000_000 < len(buf.getvalue()) < MAX_UPLOAD
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("noise.png", buf.getvalue())})
+    assert r.status_code == 202, r.text
+    assert poll_job(api, r.json()["id"])["status"] == "succeeded"
 
 
 def test_upload_over_limit_is_413(api):

@@ -54,8 +54,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
-    # Uploads must spool to disk, never sit whole in a form field in memory.
-    app.config["MAX_FORM_MEMORY_SIZE"] = 64 * 1024
     app.json.sort_keys = False
     client = redis.Redis.from_url(
         settings.redis_url,

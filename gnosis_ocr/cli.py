@@ -31,6 +31,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(cache=os.environ.get("OCR_ENGINE", "nanonets") == "nanonets")
     os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub or transformers
+    # CPU threads per pool process: the cores shared out, so N processes do not fight over them.
+    os.environ.setdefault("OCR_THREADS", str(max(1, (os.cpu_count() or 1) // max(args.concurrency, 1))))
     from .broker import cache_queue, events_queue
     from .worker.celery_app import app
 

@@ -24,6 +24,7 @@ class Settings:
     engine: str = defaults.DEFAULT_ENGINE
     device: str = "auto"
     max_new_tokens: int = defaults.DEFAULT_MAX_NEW_TOKENS
+    engine_threads: int = 0
     max_upload_bytes: int = defaults.DEFAULT_MAX_UPLOAD_BYTES
     max_pages: int = defaults.DEFAULT_MAX_PAGES
     max_pixels: int = defaults.DEFAULT_MAX_PIXELS
@@ -74,6 +75,7 @@ class Settings:
             engine=env.get("OCR_ENGINE", defaults.DEFAULT_ENGINE),
             device=env.get("OCR_DEVICE", "auto"),
             max_new_tokens=_int(env, "OCR_MAX_NEW_TOKENS", defaults.DEFAULT_MAX_NEW_TOKENS),
+            engine_threads=_int(env, "OCR_THREADS", 0),
             max_upload_bytes=_int(env, "GNOSIS_MAX_UPLOAD_BYTES", defaults.DEFAULT_MAX_UPLOAD_BYTES),
             max_pages=_int(env, "GNOSIS_MAX_PAGES", defaults.DEFAULT_MAX_PAGES),
             max_pixels=_int(env, "GNOSIS_MAX_PIXELS", defaults.DEFAULT_MAX_PIXELS),

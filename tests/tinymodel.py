@@ -48,8 +48,9 @@ _CORPUS = [
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0, pad_mb: int = 0) -> Path:
     """Write a complete tiny Qwen2.5-VL checkpoint to `out_dir` and return it.
 
-    `pad_mb` adds an extra weight tensor of that many MiB, to make downloads
-    long enough to throttle and interrupt in tests and benchmarks.
+    `pad_mb` widens the text MLPs until the weights weigh about that many MiB more: real
+    weights that every load reads, to make downloads and loads long enough to measure,
+    throttle and interrupt in tests and benchmarks.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -94,12 +95,15 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, pad_mb: int = 0) -> 
     )
 
     hidden = 32
+    layers = 2
+    # float32 gate, up and down projections: 3 * hidden * intermediate values per layer.
+    intermediate = 64 + (pad_mb * 1024 * 1024) // (4 * 3 * hidden * layers)
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
             "hidden_size": hidden,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": layers,
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
             "max_position_embeddings": 2048,
@@ -122,8 +126,6 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, pad_mb: int = 0) -> 
         vision_end_token_id=ids["<|vision_end|>"],
     )
     model = Qwen2_5_VLForConditionalGeneration(config)
-    if pad_mb:
-        model.register_buffer("gnosis_test_padding", torch.randn(pad_mb * 1024 * 1024 // 4), persistent=True)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)

@@ -30,11 +30,11 @@ def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metri
         cache = ModelCache(settings, redis_client, metrics)
         path = cache.ensure_ready()
         return NanonetsEngine(path, model_id=settings.model_id, revision=path.name, device=settings.device,
-                              max_new_tokens=settings.max_new_tokens)
+                              max_new_tokens=settings.max_new_tokens, threads=settings.engine_threads)
     if settings.engine == "rapidocr":
         from .rapidocr import RapidOcrEngine
 
-        return RapidOcrEngine()
+        return RapidOcrEngine(threads=settings.engine_threads)
     if settings.engine == "null":
         from .null import NullEngine
 

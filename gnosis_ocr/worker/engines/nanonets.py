@@ -21,7 +21,7 @@ PROMPT = (
 
 class NanonetsEngine:
     def __init__(self, path: str | Path, *, model_id: str, revision: str, device: str = "auto",
-                 max_new_tokens: int = 4096) -> None:
+                 max_new_tokens: int = 4096, threads: int = 0) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -31,6 +31,8 @@ class NanonetsEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(threads)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # A path, never a repo id: with HF_HUB_OFFLINE=1 this sends no request at all.
         self.processor = AutoProcessor.from_pretrained(str(path))

@@ -11,10 +11,17 @@ import numpy as np
 class RapidOcrEngine:
     model_id = "rapidocr-onnxruntime"
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 0) -> None:
         from rapidocr_onnxruntime import RapidOCR
 
-        self._ocr = RapidOCR()
+        options = {}
+        if threads > 0:
+            # onnxruntime and OpenCV otherwise take every core in every pool process.
+            import cv2
+
+            cv2.setNumThreads(threads)
+            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        self._ocr = RapidOCR(**options)
         self.model_revision = version("rapidocr-onnxruntime")
 
     def recognize(self, pages: Sequence) -> list[str]:

@@ -1,0 +1,20 @@
+# Developer entry points. The README has the same commands spelled out.
+.PHONY: test bench bench-gpu demo
+
+test:
+	python -m pytest
+
+# Benchmarks 1-5 (about 4 minutes on 2 cores); results also land in bench/results/*.json.
+bench:
+	GNOSIS_BENCH_OUT=bench/results python -m bench.queue_overhead
+	GNOSIS_BENCH_OUT=bench/results python -m bench.submit_throughput
+	GNOSIS_BENCH_OUT=bench/results python -m bench.scaling
+	GNOSIS_BENCH_OUT=bench/results python -m bench.download_once
+	GNOSIS_BENCH_OUT=bench/results python -m bench.warm_start
+
+# Only where CUDA exists; about 5 minutes on an H100/H200.
+bench-gpu:
+	python bench/gpu_throughput.py --static-cache --out bench/results/gpu_throughput.json
+
+demo:
+	gnosis-ocr dev --submit samples/letter.png

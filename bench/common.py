@@ -30,7 +30,7 @@ def report(name: str, result: dict, table: list[list]) -> None:
     print(json.dumps({"bench": name, **result}), flush=True)
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
     for n, row in enumerate(table):
-        print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)))
         if n == 0:
             print("  ".join("-" * width for width in widths))
     out = os.environ.get("GNOSIS_BENCH_OUT")

@@ -84,10 +84,6 @@ class ModelCacheError(GnosisError, OSError):
     status = 503
 
 
-class CacheCorrupt(ModelCacheError):
-    code = "cache_corrupt"
-
-
 class LeaseLost(ModelCacheError):
     code = "lease_lost"
 

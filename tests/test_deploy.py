@@ -4,7 +4,6 @@ and variable they use is one the code accepts."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

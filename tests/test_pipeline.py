@@ -62,7 +62,7 @@ def test_pdf_pages_in_order_across_two_workers(stack):
 
     result = requests.get(f"{url}/v1/jobs/{job_id}/result").json()
     assert [p["page"] for p in result["pages"]] == [1, 2, 3, 4, 5, 6]
-    for page, (_, marker) in zip(result["pages"], pages):
+    for page, (_, marker) in zip(result["pages"], pages, strict=True):
         assert marker.split()[-1].lower() in page["text"].lower(), (marker, page["text"])
     # Both workers took pages: the job was split, not run by one process.
     assert "gnosis.ocr_page" in w1.log() and "gnosis.ocr_page" in w2.log()

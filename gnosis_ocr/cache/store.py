@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-from ..errors import CacheCorrupt, DownloadTimeout, LeaseLost, ModelCacheError
+from ..errors import DownloadTimeout, LeaseLost, ModelCacheError
 from ..job import now_rfc3339
 from ..metrics import Metrics
 from ..settings import Settings
@@ -227,11 +227,3 @@ def _die_with_parent() -> None:
 def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
-
-
-def raise_if_corrupt(bad: list[str]) -> None:
-    if bad:
-        raise CacheCorrupt(f"Files do not match the manifest: {', '.join(bad)}")
-
-
-__all__ = ["ModelCache", "raise_if_corrupt"]

@@ -93,6 +93,9 @@ class Heartbeat:
                 self.reap()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed (Redis unreachable?): %s", exc)
+            except Exception:
+                # A silent heartbeat makes the other workers requeue this one's pages: never let it die.
+                log.exception("heartbeat error")
             self._stop.wait(self.interval)
 
     def beat(self) -> None:

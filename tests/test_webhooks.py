@@ -94,7 +94,7 @@ def test_cancel_is_posted_too(stack):
 @pytest.mark.parametrize("target", [
     "http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.1.2.3/hook", "http://192.168.0.10/x",
     "http://169.254.169.254/latest/meta-data", "http://[::1]/hook", "ftp://example.com/x", "not a url",
-    "http://user:pw@example.com/x",
+    "http://user:pw@example.com/x", "",
 ])
 def test_callbacks_to_private_addresses_are_refused(stack, target):
     stack.env.update(GNOSIS_WEBHOOK_SECRET=SECRET)

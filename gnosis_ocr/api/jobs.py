@@ -68,7 +68,7 @@ def submit():
 
 def _callback_url() -> str:
     url = request.form.get("callback_url")
-    if not url:
+    if url is None:
         return ""
     settings = ctx().settings
     if not settings.webhook_secret:

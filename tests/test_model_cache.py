@@ -191,3 +191,21 @@ def test_concurrent_warm_requests_start_one_download(stack, hub):
                message="the cache to become ready")
     assert all(n == 1 for n in hub.file_gets.values()) and set(hub.file_gets) == set(hub.files)
     assert requests.post(f"{url}/v1/cache/warm").status_code == 200
+
+
+def test_cache_state_without_the_mount_comes_from_redis(redis_url, tmp_path):
+    import redis as redis_lib
+
+    from gnosis_ocr.cache.state import CacheState
+
+    settings = Settings.from_env({"MODEL_CACHE_PATH": str(tmp_path / "not-mounted"), "OCR_MODEL_ID": REPO,
+                                  "OCR_MODEL_REVISION": "a" * 40})
+    state = CacheState(redis_lib.Redis.from_url(redis_url), settings)
+    assert state.describe()["state"] == "absent"
+    state.mark("downloading", by="host:1")  # a downloader that died: no lease any more
+    assert state.describe()["state"] == "absent"
+    state.mark("ready", sha="a" * 40, files=7, bytes=1234)
+    described = state.describe()
+    assert (described["state"], described["files"], described["bytes"]) == ("ready", 7, 1234)
+    state.redis.set(state.lease_key, "host:2#5")
+    assert state.describe()["state"] == "downloading"

@@ -91,18 +91,7 @@ class CacheState:
         record = self.record()
         sha = self.resolved_sha()
         holder = self.redis.get(self.lease_key)
-        state = record.get("state", "absent")
-        if sha and os.path.isdir(self.settings.model_cache_path):
-            # With the bucket mounted the files are the truth; Redis may have been flushed.
-            if not os.path.exists(manifest_path(self.settings, sha)):
-                state = "corrupt" if state == "corrupt" else "absent"
-            elif state != "corrupt":
-                state = "ready"
-        if sha and record.get("sha") not in (None, sha) and state == "ready" and not os.path.isdir(
-                self.settings.model_cache_path):
-            state = "absent"
-        if holder:
-            state = "downloading"
+        state = self._state(record, sha, holder is not None)
         return {
             "model_id": self.settings.model_id,
             "revision": self.settings.model_revision,
@@ -117,6 +106,19 @@ class CacheState:
             "bad_files": [f for f in record.get("bad_files", "").split(",") if f],
             "cache_path": self.settings.hub_cache,
         }
+
+    def _state(self, record: dict[str, str], sha: str | None, downloading: bool) -> str:
+        if downloading:
+            return "downloading"
+        recorded = record.get("state", "absent")
+        if recorded == "corrupt":
+            return "corrupt"
+        if sha and os.path.isdir(self.settings.model_cache_path):
+            # With the bucket mounted the files are the truth; Redis may have been flushed.
+            return "ready" if os.path.exists(manifest_path(self.settings, sha)) else "absent"
+        # Without the mount (the API on its own host) Redis is all there is. A "downloading" record
+        # with no lease holder is a downloader that died.
+        return "ready" if recorded == "ready" and record.get("sha") in (None, sha) else "absent"
 
 
 def _write_atomic(path: str, text: str) -> None:

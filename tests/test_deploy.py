@@ -81,3 +81,18 @@ def test_cloudrun_script_is_valid_bash_and_warms_the_cache_before_rollout():
     assert text.index("--args cache,warm") < text.index("worker-pools deploy")
     for option in ("file-cache", "metadata-cache", "implicit-dirs"):
         assert option in text, option
+
+
+def test_the_wheel_the_images_install_holds_every_package_and_the_web_page(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("gnosis_ocr-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in ("gnosis_ocr/__init__.py", "gnosis_ocr/api/static/index.html", "gnosis_ocr/api/static/app.js",
+                 "gnosis_ocr/cache/fetch.py", "gnosis_ocr/worker/engines/nanonets.py"):
+        assert path in names, path
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)

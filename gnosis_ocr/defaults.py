@@ -83,3 +83,7 @@ DEFAULT_WEBHOOK_BACKOFF = 2.0
 
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 """Seconds one webhook POST may take."""
+
+DEFAULT_PAGES_PER_TASK = 1
+"""Pages of one document per Celery task. 1 spreads a PDF over every worker; more lets a GPU engine
+recognise several pages in one batched `generate` (set it to the batch a GPU serves best)."""

@@ -33,6 +33,7 @@ class Settings:
     page_soft_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT
     page_hard_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
     page_max_attempts: int = defaults.DEFAULT_PAGE_MAX_ATTEMPTS
+    pages_per_task: int = defaults.DEFAULT_PAGES_PER_TASK
     queue: str = defaults.DEFAULT_QUEUE
     redis_timeout: float = defaults.DEFAULT_REDIS_TIMEOUT
     retry_after: int = defaults.DEFAULT_RETRY_AFTER
@@ -59,8 +60,8 @@ class Settings:
 
     @property
     def visibility_timeout(self) -> int:
-        """Seconds before the broker redelivers an unacknowledged page: always past the hard limit."""
-        return self.page_hard_time_limit * 2 + 60
+        """Seconds before the broker redelivers an unacknowledged task: always past its hard limit."""
+        return self.page_hard_time_limit * self.pages_per_task * 2 + 60
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -86,6 +87,7 @@ class Settings:
                 env, "GNOSIS_PAGE_HARD_TIMEOUT", soft + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
             ),
             page_max_attempts=_int(env, "GNOSIS_PAGE_MAX_ATTEMPTS", defaults.DEFAULT_PAGE_MAX_ATTEMPTS),
+            pages_per_task=_int(env, "GNOSIS_PAGES_PER_TASK", defaults.DEFAULT_PAGES_PER_TASK),
             queue=env.get("GNOSIS_QUEUE", defaults.DEFAULT_QUEUE),
             redis_timeout=_float(env, "GNOSIS_REDIS_TIMEOUT", defaults.DEFAULT_REDIS_TIMEOUT),
             retry_after=_int(env, "GNOSIS_RETRY_AFTER", defaults.DEFAULT_RETRY_AFTER),
@@ -132,7 +134,8 @@ class Settings:
             raise ConfigError("GNOSIS_PAGE_HARD_TIMEOUT must be longer than GNOSIS_PAGE_SOFT_TIMEOUT")
         for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
-                     "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth"):
+                     "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
+                     "pages_per_task"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -121,3 +121,20 @@ def test_job_record_expires_with_its_ttl(stack):
     assert 0 < stack.redis.ttl(f"gnosis:job:{job['id']}:input") <= 2
     wait_until(lambda: requests.get(f"{url}/v1/jobs/{job['id']}").status_code == 404, timeout=10,
                message="the record to expire")
+
+
+def test_pages_grouped_per_task_come_back_in_order(stack):
+    # GNOSIS_PAGES_PER_TASK lets a GPU engine batch pages: 7 pages go out as tasks of 3, 3 and 1.
+    stack.env["GNOSIS_PAGES_PER_TASK"] = "3"
+    url = stack.api()
+    worker = stack.worker()
+    words_per_page = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf"]
+    pdf = pdf_of_pages([[f"Marker {word} here"] for word in words_per_page])
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("grouped.pdf", pdf)}).json()
+    final = poll_job(url, job["id"], timeout=120)
+    assert final["status"] == "succeeded" and final["pages_done"] == 7 and final["attempts"] == 7
+    result = requests.get(f"{url}/v1/jobs/{job['id']}/result").json()
+    assert [p["page"] for p in result["pages"]] == list(range(1, 8))
+    for page, word in zip(result["pages"], words_per_page, strict=True):
+        assert word in page["text"].lower(), (word, page["text"])
+    assert sum("gnosis.ocr_page[" in line and "received" in line for line in worker.log().splitlines()) == 3

@@ -97,9 +97,17 @@ def _check_queue_room(pages: int) -> None:
 def _enqueue(job: Job) -> None:
     c = ctx()
     producer_app = c.producer
+    step = c.settings.pages_per_task
     with producer_app.producer_or_acquire() as producer:
-        for page in range(job.pages_total):
-            producer_app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=c.settings.queue, producer=producer)
+        for first in range(0, job.pages_total, step):
+            count = min(step, job.pages_total - first)
+            if count == 1:
+                producer_app.send_task(OCR_PAGE_TASK, args=[job.id, first], queue=c.settings.queue,
+                                       producer=producer)
+            else:  # the time limits are per page: a task of N pages gets N times as long
+                producer_app.send_task(OCR_PAGE_TASK, args=[job.id, first, count], queue=c.settings.queue,
+                                       producer=producer, soft_time_limit=c.settings.page_soft_time_limit * count,
+                                       time_limit=c.settings.page_hard_time_limit * count)
 
 
 @bp.get("/<job_id>")

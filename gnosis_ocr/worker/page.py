@@ -1,4 +1,8 @@
-"""One page of one job: claim it, render it, recognise it, record it exactly once."""
+"""Pages of one job: claim them, render them, recognise them in one engine call, record each once.
+
+A task usually carries one page; with GNOSIS_PAGES_PER_TASK it carries a run of pages, so a GPU
+engine can batch them.
+"""
 
 from __future__ import annotations
 
@@ -19,65 +23,90 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+Claimed = tuple[int, tuple[str, str, str], Claim]  # page, in-flight entry, claim
 
-def run_page(rt: Runtime, job_id: str, page: int) -> str:
-    entry = heartbeat.inflight(job_id, page)
-    claim = rt.jobs.start_page(job_id, page, inflight=entry)
-    if claim.verdict == "exhausted":
-        log.error("job %s page %d exceeded %d attempts; job failed", job_id, page, rt.settings.page_max_attempts)
-        _count_final(rt, job_id)
-    if claim.verdict != "run":
-        return claim.verdict
+
+def run_pages(rt: Runtime, job_id: str, first: int, count: int = 1) -> str:
+    claimed: list[Claimed] = []
+    verdict = "gone"
+    for page in range(first, first + count):
+        entry = heartbeat.inflight(job_id, page)
+        claim = rt.jobs.start_page(job_id, page, inflight=entry)
+        verdict = claim.verdict
+        if verdict == "exhausted":
+            log.error("job %s page %d exceeded %d attempts; job failed", job_id, page,
+                      rt.settings.page_max_attempts)
+            _count_final(rt, job_id)
+        if verdict == "run":
+            claimed.append((page, entry, claim))
+        elif verdict != "done":
+            break  # the job is over (cancelled, failed, deleted): claim nothing more
+    if not claimed:
+        return verdict
     started = time.monotonic()
     local = local_metrics()
-    local["in_flight"].inc()
+    local["in_flight"].inc(len(claimed))
     outcome = "error"
     try:
-        outcome = _run(rt, job_id, page, claim, entry, started)
+        outcome = _run(rt, job_id, claimed, started)
         return outcome
     finally:
-        local["in_flight"].dec()
-        local["pages"].labels(outcome=outcome).inc()
-        local["page_seconds"].observe(time.monotonic() - started)
+        local["in_flight"].dec(len(claimed))
+        local["pages"].labels(outcome=outcome).inc(len(claimed))
+        local["page_seconds"].observe((time.monotonic() - started) / len(claimed))
 
 
-def _run(rt: Runtime, job_id: str, page: int, claim: Claim, entry: tuple[str, str, str], started: float) -> str:
+def _run(rt: Runtime, job_id: str, claimed: list[Claimed], started: float) -> str:
+    pages = [page for page, _, _ in claimed]
     try:
-        text = _recognise(rt, page, claim)
+        texts = _recognise(rt, claimed)
     except SoftTimeLimitExceeded:
         _release_memory()
-        return _fail(rt, job_id, page, "timeout",
-                     f"Page {page + 1} took longer than {rt.settings.page_soft_time_limit} seconds.")
+        limit = rt.settings.page_soft_time_limit * len(pages)
+        return _fail(rt, job_id, pages, "timeout", f"{_describe(pages)} took longer than {limit} seconds.")
     except GnosisError as exc:
-        return _fail(rt, job_id, page, exc.code, exc.message)
+        return _fail(rt, job_id, pages, exc.code, exc.message)
     except Exception:
-        log.exception("engine failed on job %s page %d", job_id, page)
+        log.exception("engine failed on job %s pages %s", job_id, pages)
         _release_memory()
-        return _fail(rt, job_id, page, "engine_error", f"The OCR engine failed on page {page + 1}.")
-    if text is None:
-        heartbeat.page_finished(rt.redis, job_id, page)
+        return _fail(rt, job_id, pages, "engine_error", f"The OCR engine failed on {_describe(pages).lower()}.")
+    if texts is None:
+        _forget(rt, job_id, pages)
         return "gone"
     engine = rt.engine()
-    done, total = rt.jobs.finish_page(job_id, page, text, model_id=engine.model_id,
-                                      model_revision=engine.model_revision, inflight=entry)
-    rt.metrics.observe("gnosis_page_duration_seconds", time.monotonic() - started, engine=rt.settings.engine)
-    rt.metrics.inc("gnosis_pages_processed_total", engine=rt.settings.engine)
-    if done > 0 and done == total:
-        _count_final(rt, job_id)
+    per_page = (time.monotonic() - started) / len(pages)
+    for (page, entry, _), text in zip(claimed, texts, strict=True):
+        done, total = rt.jobs.finish_page(job_id, page, text, model_id=engine.model_id,
+                                          model_revision=engine.model_revision, inflight=entry)
+        rt.metrics.observe("gnosis_page_duration_seconds", per_page, engine=rt.settings.engine)
+        rt.metrics.inc("gnosis_pages_processed_total", engine=rt.settings.engine)
+        if done > 0 and done == total:
+            _count_final(rt, job_id)
     return "done"
 
 
-def _recognise(rt: Runtime, page: int, claim: Claim) -> str | None:
-    if claim.data is None or claim.kind is None:
+def _recognise(rt: Runtime, claimed: list[Claimed]) -> list[str] | None:
+    first = claimed[0][2]
+    if first.data is None or first.kind is None:
         return None  # cancelled, deleted or expired while queued
-    image = document.render_page(
-        claim.data, claim.kind, page, max_side=rt.settings.page_max_side, max_pixels=rt.settings.max_pixels
-    )
-    return rt.engine().recognize([image])[0]
+    images = [document.render_page(first.data, first.kind, page, max_side=rt.settings.page_max_side,
+                                   max_pixels=rt.settings.max_pixels) for page, _, _ in claimed]
+    return rt.engine().recognize(images)
 
 
-def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:
-    heartbeat.page_finished(rt.redis, job_id, page)
+def _describe(pages: list[int]) -> str:
+    if len(pages) == 1:
+        return f"Page {pages[0] + 1}"
+    return f"Pages {pages[0] + 1}-{pages[-1] + 1}"
+
+
+def _forget(rt: Runtime, job_id: str, pages: list[int]) -> None:
+    for page in pages:
+        heartbeat.page_finished(rt.redis, job_id, page)
+
+
+def _fail(rt: Runtime, job_id: str, pages: list[int], code: str, message: str) -> str:
+    _forget(rt, job_id, pages)
     log.warning("job %s failed: %s: %s", job_id, code, message)
     if rt.jobs.fail(job_id, code, message) == JobStatus.FAILED.value:
         _count_final(rt, job_id)
@@ -109,7 +138,9 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def hard_timeout(rt: Runtime, job_id: str, page: int) -> None:
+def hard_timeout(rt: Runtime, job_id: str, first: int, count: int = 1) -> None:
     """Called in the worker's main process after it killed a pool process stuck past the hard limit."""
-    _fail(rt, job_id, page, "timeout", f"Page {page + 1} exceeded the hard time limit of "
-                                       f"{rt.settings.page_hard_time_limit} seconds; its process was replaced.")
+    pages = list(range(first, first + count))
+    limit = rt.settings.page_hard_time_limit * count
+    _fail(rt, job_id, pages, "timeout",
+          f"{_describe(pages)} exceeded the hard time limit of {limit} seconds; the process was replaced.")

@@ -14,13 +14,13 @@ class PageTask(app.Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         # A hard time limit kills the pool process; Celery then acks the message and calls this in the
         # main process. Without it the job would stay "running" until its TTL.
-        if isinstance(exc, TimeLimitExceeded) and len(args) == 2:
-            page.hard_timeout(runtime.get(), args[0], int(args[1]))
+        if isinstance(exc, TimeLimitExceeded) and len(args) in (2, 3):
+            page.hard_timeout(runtime.get(), args[0], int(args[1]), int(args[2]) if len(args) == 3 else 1)
 
 
 @app.task(name=OCR_PAGE_TASK, base=PageTask)
-def ocr_page(job_id: str, page_index: int) -> str:
-    return page.run_page(runtime.get(), job_id, page_index)
+def ocr_page(job_id: str, page_index: int, count: int = 1) -> str:
+    return page.run_pages(runtime.get(), job_id, page_index, count)
 
 
 @app.task(name=DELIVER_WEBHOOK_TASK, bind=True, ignore_result=True, max_retries=None)

@@ -15,6 +15,7 @@ bench:
 # Only where CUDA exists; about 5 minutes on an H100/H200.
 bench-gpu:
 	python bench/gpu_throughput.py --static-cache --out bench/results/gpu_throughput.json
+	python bench/gpu_engine.py --pages 8 --new-tokens 96 --out bench/results/gpu_engine.json
 
 demo:
 	gnosis-ocr dev --submit samples/letter.png

@@ -67,7 +67,7 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 """Seconds between worker heartbeats; a worker silent for three intervals is dead and its pages requeued."""
 
 DEFAULT_MAX_QUEUE_DEPTH = 10_000
-"""Most pages waiting in the queue; beyond it submissions get 429 with Retry-After."""
+"""Most tasks (one page each by default) waiting in the queue; beyond it submissions get 429."""
 
 DEFAULT_NULL_ENGINE_DELAY = 0.0
 """Seconds the `null` engine spends on each page: simulated work for load tests and fault drills."""

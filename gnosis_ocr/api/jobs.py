@@ -50,7 +50,7 @@ def submit():
                             extra={"idem_key": idem_name, "callback_url": callback_url})
         try:
             _enqueue(job)
-            c.queue_depth(adding=job.pages_total)
+            c.queue_depth(adding=_tasks(job.pages_total))
         except Exception:
             # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
             c.jobs.redis.delete(*c.jobs.keys(job.id).values())
@@ -87,11 +87,15 @@ def _replay(job_id: str):
     return response
 
 
+def _tasks(pages: int) -> int:
+    return -(-pages // ctx().settings.pages_per_task)
+
+
 def _check_queue_room(pages: int) -> None:
     c = ctx()
-    depth = c.queue_depth()
-    if depth + pages > c.settings.max_queue_depth:
-        raise QueueFull(f"The queue is full ({depth} pages waiting); retry later.")
+    depth = c.queue_depth()  # messages in the queue: one per task
+    if depth + _tasks(pages) > c.settings.max_queue_depth:
+        raise QueueFull(f"The queue is full ({depth} tasks waiting); retry later.")
 
 
 def _enqueue(job: Job) -> None:

@@ -72,3 +72,46 @@ def test_python_client_is_what_the_cli_uses(stack, tmp_path):
         assert exc.status == 404 and exc.code == "not_found"
     else:
         raise AssertionError("expected a 404")
+
+
+def test_submit_draws_a_progress_bar_on_a_terminal(stack, tmp_path):
+    import os
+    import pty
+
+    url = stack.api()
+    stack.worker()
+    doc = tmp_path / "tty.png"
+    doc.write_bytes(text_image(["Terminal progress"]))
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "gnosis_ocr.cli", "submit", "--url", url, str(doc), "--wait"],
+                            cwd=ROOT, env=stack.env, stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    out, _ = proc.communicate(timeout=120)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert proc.returncode == 0
+    assert b"\r" in screen and b"[" + b"#" * 30 + b"] 1/1 succeeded" in screen, screen
+    assert "terminalprogress" in squash(out)
+
+
+def test_dev_starts_its_own_redis_and_prints_the_sample(tmp_path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GNOSIS_", "OCR_"))}
+    env.update(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "dev", "--port", str(port), "--submit",
+                        "samples/letter.png"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "started redis-server" in r.stderr
+    assert "invoicenumber4821" in squash(r.stdout) and "totalamountdue" in squash(r.stdout)

@@ -279,7 +279,12 @@ class JobStore:
         return result.decode()
 
     def delete(self, job_id: str) -> bool:
+        """Cancel if needed (waking long-polls and stopping workers), then remove everything."""
         self.cancel(job_id)
+        return self.discard(job_id)
+
+    def discard(self, job_id: str) -> bool:
+        """Remove the record, input, results and idempotency key, with no state change on the way."""
         idem = self.field(job_id, "idem_key")
         return bool(self.redis.delete(*self._k(job_id), *([idem] if idem else [])))
 

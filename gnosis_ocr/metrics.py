@@ -66,7 +66,6 @@ class Metrics:
         self.redis = client
         self.background = background
         self.interval = interval
-        self._pid = -1
         self._reset()
 
     def _reset(self) -> None:

@@ -43,13 +43,16 @@ def claim(client: redis.Redis, name: str, *, job_id: str, document_sha: str, ttl
     return None
 
 
-def wait_for_record(exists, *, timeout: float) -> bool:
-    """The first request may still be writing its job: give it a moment rather than answer 404."""
+def wait_for_record(fetch, *, timeout: float):
+    """The first request may still be writing its job: give it a moment rather than answer 404.
+
+    Returns what `fetch` returned once it was not None, or None after `timeout` seconds.
+    """
     deadline = time.monotonic() + timeout
     delay = 0.01
-    while not exists():
+    while (found := fetch()) is None:
         if time.monotonic() > deadline:
-            return False
+            return None
         time.sleep(delay)  # a few milliseconds in practice; no event exists for "record written"
         delay = min(delay * 2, 0.2)
-    return True
+    return found

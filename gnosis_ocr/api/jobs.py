@@ -53,11 +53,11 @@ def submit():
             c.queue_depth(adding=_tasks(job.pages_total))
         except Exception:
             # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
-            c.jobs.redis.delete(*c.jobs.keys(job.id).values())
+            c.jobs.discard(job.id)
             raise
     except Exception:
         if idem_name:
-            c.redis.delete(idem_name)
+            c.redis.delete(idem_name)  # also when the record was never written
         raise
     c.metrics.inc("gnosis_jobs_submitted_total")
     response = jsonify(job.to_api())
@@ -79,10 +79,11 @@ def _callback_url() -> str:
 
 def _replay(job_id: str):
     c = ctx()
-    if not idempotency.wait_for_record(lambda: c.jobs.get(job_id) is not None, timeout=DEFAULT_IDEMPOTENCY_WAIT):
+    job = idempotency.wait_for_record(lambda: c.jobs.get(job_id), timeout=DEFAULT_IDEMPOTENCY_WAIT)
+    if job is None:
         raise Conflict("A request with this Idempotency-Key is still being processed; retry shortly.",
                        code="idempotency_key_in_use")
-    response = jsonify(c.jobs.get(job_id).to_api())
+    response = jsonify(job.to_api())
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return response
 
@@ -150,7 +151,7 @@ def result(job_id: str):
 def cancel(job_id: str):
     c = ctx()
     job = _load(job_id)
-    if c.jobs.cancel(job.id) == JobStatus.CANCELLED.value and c.jobs.field(job.id, "callback_url"):
+    if c.jobs.cancel(job.id) == JobStatus.CANCELLED.value and job.callback_url:
         c.producer.send_task(DELIVER_WEBHOOK_TASK, args=[job.id], queue=events_queue(c.settings))
     return jsonify((c.jobs.get(job.id) or _gone(job_id)).to_api())
 

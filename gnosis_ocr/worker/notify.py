@@ -23,9 +23,9 @@ def enqueue(rt: Runtime, job_id: str, callback_url: str | None) -> None:
 def attempt(rt: Runtime, job_id: str, number: int) -> bool:
     """One delivery. True when finished (delivered or given up); False when it should be retried."""
     job = rt.jobs.get(job_id)
-    url = rt.jobs.field(job_id, "callback_url")
-    if job is None or not url:
+    if job is None or not job.callback_url:
         return True
+    url = job.callback_url
     record = rt.jobs.keys(job_id)["record"]
     try:
         status = deliver(url, job.to_api(), secret=rt.settings.webhook_secret,

@@ -29,28 +29,44 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings(cache=os.environ.get("OCR_ENGINE", "nanonets") == "nanonets")
+    engine = os.environ.get("OCR_ENGINE", "nanonets")
+    settings = _settings(cache=engine == "nanonets" and not args.light)
     os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub or transformers
     # CPU threads per pool process: the cores shared out, so N processes do not fight over them.
     os.environ.setdefault("OCR_THREADS", str(max(1, (os.cpu_count() or 1) // max(args.concurrency, 1))))
     from .broker import cache_queue, events_queue
-    from .worker.celery_app import app
 
     import socket
 
-    name = f"gnosis-{os.getpid()}@{socket.gethostname()}"
+    name = f"gnosis-{'light-' if args.light else ''}{os.getpid()}@{socket.gethostname()}"
     os.environ["GNOSIS_WORKER_NAME"] = name  # pool children report under their worker's name
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         import tempfile
 
         # Set before any fork, so every pool child writes its metrics where the probe reads them.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gnosis-metrics-")
-    queues = f"{settings.queue},{cache_queue(settings)},{events_queue(settings)}"
-    argv = ["worker", f"--concurrency={args.concurrency}", f"--queues={queues}", "--optimization=fair",
+    light_queues = f"{cache_queue(settings)},{events_queue(settings)}"
+    pool, concurrency, queues = args.pool, args.concurrency, f"{settings.queue},{light_queues}"
+    if args.light:
+        os.environ["GNOSIS_WORKER_ROLE"] = "light"
+        pool, queues = "threads", light_queues
+    elif engine == "nanonets" and args.pool in (None, "threads"):
+        # One process owns the GPUs: its threads feed pages from any job into each device's batch.
+        from .worker import runtime, sidecar
+
+        rt = runtime.get()
+        rt.preload(retry=True)
+        slots = rt.engine().slots
+        pool, concurrency, queues = "threads", slots + settings.prefetch_pages, settings.queue
+        # Webhooks and cache warm-ups get their own process, so they never wait behind pages.
+        sidecar.start_light_worker(loglevel=args.loglevel)
+    from .worker.celery_app import app
+
+    argv = ["worker", f"--concurrency={concurrency}", f"--queues={queues}", "--optimization=fair",
             f"--loglevel={args.loglevel}", "--without-mingle", "--without-gossip",
             f"--hostname={name}", "--task-events"]
-    if args.pool:
-        argv.append(f"--pool={args.pool}")
+    if pool:
+        argv.append(f"--pool={pool}")
     app.worker_main(argv)
     return EXIT_OK
 
@@ -125,9 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run a Celery worker consuming OCR pages")
-    p.add_argument("--concurrency", type=int, default=1, help="pool processes (one per GPU)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="pool processes for CPU engines; a GPU engine runs one batch per GPU and sizes its own pool")
     p.add_argument("--pool", choices=["prefork", "solo", "threads"], default=None)
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--light", action="store_true",
+                   help="consume only cache warm-ups and webhooks (a batched GPU worker starts one itself)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("cache", help="model-cache operations")

@@ -84,6 +84,15 @@ DEFAULT_WEBHOOK_BACKOFF = 2.0
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 """Seconds one webhook POST may take."""
 
-DEFAULT_PAGES_PER_TASK = 1
-"""Pages of one document per Celery task. 1 spreads a PDF over every worker; more lets a GPU engine
-recognise several pages in one batched `generate` (set it to the batch a GPU serves best)."""
+DEFAULT_BATCH_SIZE = 0
+"""Pages a GPU engine decodes at once, per device; 0 sizes it from free GPU memory (at most 64)."""
+
+DEFAULT_PREFILL_BATCH = 4
+"""Waiting pages of equal prompt length prefilled together in one forward pass."""
+
+DEFAULT_REPETITION_WINDOW = 512
+"""Output tokens the repetition guard looks back over: a page whose last this-many tokens are one unit
+of at most a quarter of it, repeated, is stopped and marked truncated. 0 turns the guard off."""
+
+DEFAULT_PREFETCH_PAGES = 4
+"""Pages a batched worker holds beyond its batch, prepared and waiting, so a freed slot refills at once."""

@@ -90,3 +90,10 @@ class LeaseLost(ModelCacheError):
 
 class DownloadTimeout(ModelCacheError, TimeoutError):
     code = "download_timeout"
+
+
+class PageTimeout(GnosisError, TimeoutError):
+    """A page ran past its time limit; the engine stopped it and its job fails."""
+
+    code = "timeout"
+    status = 504

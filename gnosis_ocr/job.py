@@ -147,14 +147,15 @@ return {'run', redis.call('GET', KEYS[5]), redis.call('HGET', KEYS[1], 'kind')}
 """
 
 # KEYS: record, pages, attempts, events, input, inflight.
-# ARGV: page, text, now, model_id, model_revision, ttl, inflight field.
+# ARGV: page, text, now, model_id, model_revision, ttl, inflight field, truncated (1 or 0).
 # Returns {pages done or a negative code, pages total}.
-_FINISH_PAGE = _FINAL + """
+_FINISH_PAGE = _FINAL + "local TRUNCATED = 't:' " + """
 redis.call('HDEL', KEYS[6], ARGV[7])
 if not st then return {-1, 0} end
 local total = tonumber(redis.call('HGET', KEYS[1], 'pages_total'))
 if final then return {-2, total} end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return {-3, total} end
+if ARGV[8] == '1' then redis.call('HSET', KEYS[2], TRUNCATED .. ARGV[1], '1') end
 redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
 local done = redis.call('HINCRBY', KEYS[1], 'pages_done', 1)
 redis.call('HSET', KEYS[1], 'model_id', ARGV[4], 'model_revision', ARGV[5])
@@ -184,6 +185,12 @@ if idem and idem ~= '' then redis.call('EXPIRE', idem, ARGV[5]) end
 redis.call('PUBLISH', KEYS[4], ARGV[1])
 return ARGV[1]
 """
+
+
+@dataclass(frozen=True)
+class PageResult:
+    text: str
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,11 +267,11 @@ class JobStore:
         return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None)
 
     def finish_page(self, job_id: str, page: int, text: str, *, model_id: str, model_revision: str,
-                    inflight: tuple[str, str, str]) -> tuple[int, int]:
+                    inflight: tuple[str, str, str], truncated: bool = False) -> tuple[int, int]:
         """Record a page's text once: (pages done, pages total); done is negative when it was dropped."""
         done, total = self._finish_page(keys=[*self._k(job_id), inflight[0]],
                                         args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl,
-                                              inflight[1]])
+                                              inflight[1], int(truncated)])
         return int(done), int(total)
 
     def fail(self, job_id: str, code: str, message: str) -> str:
@@ -288,10 +295,11 @@ class JobStore:
         idem = self.field(job_id, "idem_key")
         return bool(self.redis.delete(*self._k(job_id), *([idem] if idem else [])))
 
-    def pages(self, job_id: str) -> list[str]:
-        raw = self.redis.hgetall(_keys(job_id)["pages"])
-        texts = {int(page): text.decode() for page, text in raw.items()}
-        return [texts[i] for i in sorted(texts)]
+    def pages(self, job_id: str) -> list[PageResult]:
+        raw = {field.decode(): value for field, value in self.redis.hgetall(_keys(job_id)["pages"]).items()}
+        cut = {field[2:] for field in raw if field.startswith("t:")}  # pages cut short: "t:<page>" = 1
+        return [PageResult(raw[page].decode(), page in cut)
+                for page in sorted((f for f in raw if not f.startswith("t:")), key=int)]
 
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """The job once final, or as it stands after `timeout` seconds; woken by its events, not polled."""

@@ -32,6 +32,8 @@ COUNTERS = {
     "gnosis_cache_bytes_downloaded_total": "Bytes of model files fetched from the hub.",
     "gnosis_cache_downloads_total": "Model downloads run, by outcome.",
     "gnosis_worker_recoveries_total": "Pages requeued after their worker stopped heartbeating.",
+    "gnosis_output_tokens_total": "Tokens a generating engine wrote for recorded pages (rate() is tokens/s).",
+    "gnosis_pages_truncated_total": "Pages whose output was cut short, by reason (max_tokens, repetition).",
 }
 
 HISTOGRAMS = {
@@ -40,6 +42,10 @@ HISTOGRAMS = {
     "gnosis_cache_lock_wait_seconds": ("Time a worker waited for another's download.", _LATENCY_BUCKETS),
     "gnosis_cache_download_seconds": ("Duration of the one download.", _LATENCY_BUCKETS),
     "gnosis_model_load_seconds": ("Model load time per worker process.", _LATENCY_BUCKETS),
+    "gnosis_page_queue_wait_seconds": ("A page's wait in its engine before a batch slot took it.",
+                                       _LATENCY_BUCKETS),
+    "gnosis_page_first_token_seconds": ("A page handed to the engine until its first output token.",
+                                        _LATENCY_BUCKETS),
 }
 
 

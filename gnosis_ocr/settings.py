@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -22,7 +23,7 @@ class Settings:
     model_id: str = defaults.DEFAULT_MODEL_ID
     model_revision: str = defaults.DEFAULT_MODEL_REVISION
     engine: str = defaults.DEFAULT_ENGINE
-    device: str = "auto"
+    devices: tuple[str, ...] = ("auto",)
     max_new_tokens: int = defaults.DEFAULT_MAX_NEW_TOKENS
     engine_threads: int = 0
     max_upload_bytes: int = defaults.DEFAULT_MAX_UPLOAD_BYTES
@@ -33,7 +34,10 @@ class Settings:
     page_soft_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT
     page_hard_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
     page_max_attempts: int = defaults.DEFAULT_PAGE_MAX_ATTEMPTS
-    pages_per_task: int = defaults.DEFAULT_PAGES_PER_TASK
+    batch_size: int = defaults.DEFAULT_BATCH_SIZE
+    prefill_batch: int = defaults.DEFAULT_PREFILL_BATCH
+    repetition_window: int = defaults.DEFAULT_REPETITION_WINDOW
+    prefetch_pages: int = defaults.DEFAULT_PREFETCH_PAGES
     queue: str = defaults.DEFAULT_QUEUE
     redis_timeout: float = defaults.DEFAULT_REDIS_TIMEOUT
     retry_after: int = defaults.DEFAULT_RETRY_AFTER
@@ -61,7 +65,7 @@ class Settings:
     @property
     def visibility_timeout(self) -> int:
         """Seconds before the broker redelivers an unacknowledged task: always past its hard limit."""
-        return self.page_hard_time_limit * self.pages_per_task * 2 + 60
+        return self.page_hard_time_limit * 2 + 60
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,7 +78,7 @@ class Settings:
             model_id=env.get("OCR_MODEL_ID", defaults.DEFAULT_MODEL_ID),
             model_revision=env.get("OCR_MODEL_REVISION", defaults.DEFAULT_MODEL_REVISION),
             engine=env.get("OCR_ENGINE", defaults.DEFAULT_ENGINE),
-            device=env.get("OCR_DEVICE", "auto"),
+            devices=tuple(d.strip() for d in env.get("OCR_DEVICE", "auto").split(",") if d.strip()) or ("auto",),
             max_new_tokens=_int(env, "OCR_MAX_NEW_TOKENS", defaults.DEFAULT_MAX_NEW_TOKENS),
             engine_threads=_int(env, "OCR_THREADS", 0),
             max_upload_bytes=_int(env, "GNOSIS_MAX_UPLOAD_BYTES", defaults.DEFAULT_MAX_UPLOAD_BYTES),
@@ -87,7 +91,10 @@ class Settings:
                 env, "GNOSIS_PAGE_HARD_TIMEOUT", soft + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
             ),
             page_max_attempts=_int(env, "GNOSIS_PAGE_MAX_ATTEMPTS", defaults.DEFAULT_PAGE_MAX_ATTEMPTS),
-            pages_per_task=_int(env, "GNOSIS_PAGES_PER_TASK", defaults.DEFAULT_PAGES_PER_TASK),
+            batch_size=_int(env, "OCR_BATCH_SIZE", defaults.DEFAULT_BATCH_SIZE),
+            prefill_batch=_int(env, "OCR_PREFILL_BATCH", defaults.DEFAULT_PREFILL_BATCH),
+            repetition_window=_int(env, "OCR_REPETITION_WINDOW", defaults.DEFAULT_REPETITION_WINDOW),
+            prefetch_pages=_int(env, "GNOSIS_PREFETCH_PAGES", defaults.DEFAULT_PREFETCH_PAGES),
             queue=env.get("GNOSIS_QUEUE", defaults.DEFAULT_QUEUE),
             redis_timeout=_float(env, "GNOSIS_REDIS_TIMEOUT", defaults.DEFAULT_REDIS_TIMEOUT),
             retry_after=_int(env, "GNOSIS_RETRY_AFTER", defaults.DEFAULT_RETRY_AFTER),
@@ -124,8 +131,12 @@ class Settings:
             raise ConfigError(f"REDIS_URL {self.redis_url!r} has an invalid port") from exc
         if self.engine not in defaults.ENGINES:
             raise ConfigError(f"OCR_ENGINE {self.engine!r} is unknown; choose one of {', '.join(defaults.ENGINES)}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"OCR_DEVICE {self.device!r} is not auto, cpu, cuda or cuda:N")
+        for device in self.devices:
+            if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+                raise ConfigError(f"OCR_DEVICE {device!r} is not auto, cpu, cuda or cuda:N (or a comma-separated list)")
+        for name in ("batch_size", "repetition_window", "prefetch_pages"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.cache_verify not in ("quick", "full"):
             raise ConfigError(f"GNOSIS_CACHE_VERIFY {self.cache_verify!r} is not quick or full")
         if "/" not in self.model_id:
@@ -135,7 +146,7 @@ class Settings:
         for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
                      "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
-                     "pages_per_task"):
+                     "prefill_batch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 

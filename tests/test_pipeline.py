@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import requests
 
+from gnosis_ocr.broker import OCR_PAGE_TASK, make_producer
+from gnosis_ocr.job import JobStore
+from gnosis_ocr.settings import Settings
 from tests.conftest import poll_job, wait_until
 from tests.docs import pdf_of_pages, text_image, words
 
@@ -123,18 +126,20 @@ def test_job_record_expires_with_its_ttl(stack):
                message="the record to expire")
 
 
-def test_pages_grouped_per_task_come_back_in_order(stack):
-    # GNOSIS_PAGES_PER_TASK lets a GPU engine batch pages: 7 pages go out as tasks of 3, 3 and 1.
-    stack.env["GNOSIS_PAGES_PER_TASK"] = "3"
+def test_a_multi_page_task_from_an_older_release_still_completes_in_order(stack):
+    # Releases before cross-job batching could queue one task for a run of pages: (job, first, count).
     url = stack.api()
     worker = stack.worker()
-    words_per_page = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf"]
+    words_per_page = ["alpha", "bravo", "charlie"]
     pdf = pdf_of_pages([[f"Marker {word} here"] for word in words_per_page])
-    job = requests.post(f"{url}/v1/jobs", files={"file": ("grouped.pdf", pdf)}).json()
-    final = poll_job(url, job["id"], timeout=120)
-    assert final["status"] == "succeeded" and final["pages_done"] == 7 and final["attempts"] == 7
-    result = requests.get(f"{url}/v1/jobs/{job['id']}/result").json()
-    assert [p["page"] for p in result["pages"]] == list(range(1, 8))
+    job = JobStore(stack.redis, ttl=3600, max_attempts=3).create(data=pdf, kind="pdf", pages=3)
+    make_producer(Settings.from_env({"REDIS_URL": stack.redis_url})).send_task(
+        OCR_PAGE_TASK, args=[job.id, 0, 3], queue="ocr")
+    final = poll_job(url, job.id, timeout=120)
+    assert final["status"] == "succeeded" and final["pages_done"] == 3
+    result = requests.get(f"{url}/v1/jobs/{job.id}/result").json()
+    assert [p["page"] for p in result["pages"]] == [1, 2, 3]
+    assert [p["truncated"] for p in result["pages"]] == [False] * 3
     for page, word in zip(result["pages"], words_per_page, strict=True):
         assert word in page["text"].lower(), (word, page["text"])
-    assert sum("gnosis.ocr_page[" in line and "received" in line for line in worker.log().splitlines()) == 3
+    assert sum("gnosis.ocr_page[" in line and "received" in line for line in worker.log().splitlines()) == 1

@@ -88,31 +88,20 @@ def _replay(job_id: str):
     return response
 
 
-def _tasks(pages: int) -> int:
-    return -(-pages // ctx().settings.pages_per_task)
-
-
 def _check_queue_room(pages: int) -> None:
     c = ctx()
     depth = c.queue_depth()  # messages in the queue: one per task
-    if depth + _tasks(pages) > c.settings.max_queue_depth:
+    if depth + pages > c.settings.max_queue_depth:
         raise QueueFull(f"The queue is full ({depth} tasks waiting); retry later.")
 
 
 def _enqueue(job: Job) -> None:
     c = ctx()
     producer_app = c.producer
-    step = c.settings.pages_per_task
+    # One task per page: pages of every job meet in a GPU worker's batch, and a PDF spreads over workers.
     with producer_app.producer_or_acquire() as producer:
-        for first in range(0, job.pages_total, step):
-            count = min(step, job.pages_total - first)
-            if count == 1:
-                producer_app.send_task(OCR_PAGE_TASK, args=[job.id, first], queue=c.settings.queue,
-                                       producer=producer)
-            else:  # the time limits are per page: a task of N pages gets N times as long
-                producer_app.send_task(OCR_PAGE_TASK, args=[job.id, first, count], queue=c.settings.queue,
-                                       producer=producer, soft_time_limit=c.settings.page_soft_time_limit * count,
-                                       time_limit=c.settings.page_hard_time_limit * count)
+        for page in range(job.pages_total):
+            producer_app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=c.settings.queue, producer=producer)
 
 
 @bp.get("/<job_id>")
@@ -135,14 +124,14 @@ def result(job_id: str):
     if job.status is not JobStatus.SUCCEEDED:
         raise Conflict(f"The job is {job.status.value}; poll {job.to_api()['links']['self']} until it succeeds.",
                        code="not_ready")
-    texts = c.jobs.pages(job.id)
-    text = "\n\n".join(texts)
+    pages = c.jobs.pages(job.id)
+    text = "\n\n".join(p.text for p in pages)
     if _wants_markdown():
         return Response(text, mimetype="text/markdown", content_type="text/markdown; charset=utf-8")
     return jsonify({
         "id": job.id,
         "model": {"id": job.model_id, "revision": job.model_revision},
-        "pages": [{"page": i + 1, "text": t} for i, t in enumerate(texts)],
+        "pages": [{"page": i + 1, "text": p.text, "truncated": p.truncated} for i, p in enumerate(pages)],
         "text": text,
     })
 

@@ -105,8 +105,11 @@ def _schemas() -> dict:
         "Result": {"type": "object", "required": ["id", "model", "pages", "text"], "properties": {
             "id": {"type": "string"},
             "model": {"type": "object", "properties": {"id": nullable_str, "revision": nullable_str}},
-            "pages": {"type": "array", "items": {"type": "object", "properties": {
-                "page": {"type": "integer"}, "text": {"type": "string"}}}},
+            "pages": {"type": "array", "items": {"type": "object", "required": ["page", "text", "truncated"],
+                                                 "properties": {
+                "page": {"type": "integer"}, "text": {"type": "string"},
+                "truncated": {"type": "boolean", "description": "The page's output was cut short: it hit the "
+                              "token cap (OCR_MAX_NEW_TOKENS) or the repetition guard stopped it."}}}},
             "text": {"type": "string"}}},
         "Cache": {"type": "object", "required": ["model_id", "revision", "state"], "properties": {
             "model_id": {"type": "string"}, "revision": {"type": "string"},

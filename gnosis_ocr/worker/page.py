@@ -1,7 +1,7 @@
-"""Pages of one job: claim them, render them, recognise them in one engine call, record each once.
+"""One page of one job: claim it, render it, recognise it, record it once.
 
-A task usually carries one page; with GNOSIS_PAGES_PER_TASK it carries a run of pages, so a GPU
-engine can batch them.
+With a batched engine many of these run at once, one per worker thread, and meet in the engine's
+batch; rendering and preprocessing happen here, on the thread, while the device decodes others.
 """
 
 from __future__ import annotations
@@ -16,97 +16,93 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from .. import document
 from ..errors import GnosisError
-from ..job import Claim, JobStatus
+from ..job import JobStatus
 from . import heartbeat, notify
+from .engines import PageText
 from .probe import local_metrics
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-Claimed = tuple[int, tuple[str, str, str], Claim]  # page, in-flight entry, claim
 
-
-def run_pages(rt: Runtime, job_id: str, first: int, count: int = 1) -> str:
-    claimed: list[Claimed] = []
-    verdict = "gone"
-    for page in range(first, first + count):
-        entry = heartbeat.inflight(job_id, page)
-        claim = rt.jobs.start_page(job_id, page, inflight=entry)
-        verdict = claim.verdict
-        if verdict == "exhausted":
-            log.error("job %s page %d exceeded %d attempts; job failed", job_id, page,
-                      rt.settings.page_max_attempts)
-            _count_final(rt, job_id)
-        if verdict == "run":
-            claimed.append((page, entry, claim))
-        elif verdict != "done":
-            break  # the job is over (cancelled, failed, deleted): claim nothing more
-    if not claimed:
-        return verdict
+def run_page(rt: Runtime, job_id: str, page: int) -> str:
+    entry = heartbeat.inflight(job_id, page)
+    claim = rt.jobs.start_page(job_id, page, inflight=entry)
+    if claim.verdict == "exhausted":
+        log.error("job %s page %d exceeded %d attempts; job failed", job_id, page, rt.settings.page_max_attempts)
+        _count_final(rt, job_id)
+    if claim.verdict != "run":
+        return claim.verdict
     started = time.monotonic()
     local = local_metrics()
-    local["in_flight"].inc(len(claimed))
+    local["in_flight"].inc()
     outcome = "error"
     try:
-        outcome = _run(rt, job_id, claimed, started)
+        if claim.data is None or claim.kind is None:  # cancelled, deleted or expired while queued
+            heartbeat.page_finished(rt.redis, job_id, page)
+            outcome = "gone"
+            return outcome
+        outcome = _run(rt, job_id, page, entry, claim.data, claim.kind, started)
         return outcome
     finally:
-        local["in_flight"].dec(len(claimed))
-        local["pages"].labels(outcome=outcome).inc(len(claimed))
-        local["page_seconds"].observe((time.monotonic() - started) / len(claimed))
+        local["in_flight"].dec()
+        local["pages"].labels(outcome=outcome).inc()
+        local["page_seconds"].observe(time.monotonic() - started)
 
 
-def _run(rt: Runtime, job_id: str, claimed: list[Claimed], started: float) -> str:
-    pages = [page for page, _, _ in claimed]
+def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data: bytes, kind: str,
+         started: float) -> str:
+    from .engines.scheduler import Cancelled
+
+    limit = rt.settings.page_soft_time_limit
     try:
-        texts = _recognise(rt, claimed)
-    except SoftTimeLimitExceeded:
-        _release_memory()
-        limit = rt.settings.page_soft_time_limit * len(pages)
-        return _fail(rt, job_id, pages, "timeout", f"{_describe(pages)} took longer than {limit} seconds.")
-    except GnosisError as exc:
-        return _fail(rt, job_id, pages, exc.code, exc.message)
-    except Exception:
-        log.exception("engine failed on job %s pages %s", job_id, pages)
-        _release_memory()
-        return _fail(rt, job_id, pages, "engine_error", f"The OCR engine failed on {_describe(pages).lower()}.")
-    if texts is None:
-        _forget(rt, job_id, pages)
+        image = document.render_page(data, kind, page, max_side=rt.settings.page_max_side,
+                                     max_pixels=rt.settings.max_pixels)
+        engine = rt.engine()
+        result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id))
+    except Cancelled:
+        heartbeat.page_finished(rt.redis, job_id, page)
         return "gone"
-    engine = rt.engine()
-    per_page = (time.monotonic() - started) / len(pages)
-    for (page, entry, _), text in zip(claimed, texts, strict=True):
-        done, total = rt.jobs.finish_page(job_id, page, text, model_id=engine.model_id,
-                                          model_revision=engine.model_revision, inflight=entry)
-        rt.metrics.observe("gnosis_page_duration_seconds", per_page, engine=rt.settings.engine)
-        rt.metrics.inc("gnosis_pages_processed_total", engine=rt.settings.engine)
-        if done > 0 and done == total:
-            _count_final(rt, job_id)
+    except (SoftTimeLimitExceeded, TimeoutError):
+        _release_memory()
+        return _fail(rt, job_id, page, "timeout", f"Page {page + 1} took longer than {limit} seconds.")
+    except GnosisError as exc:
+        return _fail(rt, job_id, page, exc.code, exc.message)
+    except Exception:
+        log.exception("engine failed on job %s page %d", job_id, page)
+        _release_memory()
+        return _fail(rt, job_id, page, "engine_error", f"The OCR engine failed on page {page + 1}.")
+    done, total = rt.jobs.finish_page(job_id, page, result.text, model_id=engine.model_id,
+                                      model_revision=engine.model_revision, inflight=entry,
+                                      truncated=result.truncated)
+    _observe(rt, result, time.monotonic() - started)
+    if done > 0 and done == total:
+        _count_final(rt, job_id)
     return "done"
 
 
-def _recognise(rt: Runtime, claimed: list[Claimed]) -> list[str] | None:
-    first = claimed[0][2]
-    if first.data is None or first.kind is None:
-        return None  # cancelled, deleted or expired while queued
-    images = [document.render_page(first.data, first.kind, page, max_side=rt.settings.page_max_side,
-                                   max_pixels=rt.settings.max_pixels) for page, _, _ in claimed]
-    return rt.engine().recognize(images)
+def _job_over(rt: Runtime, job_id: str) -> bool:
+    """True once the job is cancelled, failed or deleted: its pages are then wasted work."""
+    status = rt.jobs.field(job_id, "status")
+    return status is None or JobStatus(status).final
 
 
-def _describe(pages: list[int]) -> str:
-    if len(pages) == 1:
-        return f"Page {pages[0] + 1}"
-    return f"Pages {pages[0] + 1}-{pages[-1] + 1}"
+def _observe(rt: Runtime, result: PageText, seconds: float) -> None:
+    engine = rt.settings.engine
+    rt.metrics.observe("gnosis_page_duration_seconds", seconds, engine=engine)
+    rt.metrics.inc("gnosis_pages_processed_total", engine=engine)
+    if result.tokens:
+        rt.metrics.inc("gnosis_output_tokens_total", result.tokens, engine=engine)
+    if result.truncated:
+        rt.metrics.inc("gnosis_pages_truncated_total", reason=result.stop_reason or "unknown")
+    if result.queue_seconds is not None:
+        rt.metrics.observe("gnosis_page_queue_wait_seconds", result.queue_seconds, engine=engine)
+    if result.first_token_seconds is not None:
+        rt.metrics.observe("gnosis_page_first_token_seconds", result.first_token_seconds, engine=engine)
 
 
-def _forget(rt: Runtime, job_id: str, pages: list[int]) -> None:
-    for page in pages:
-        heartbeat.page_finished(rt.redis, job_id, page)
-
-
-def _fail(rt: Runtime, job_id: str, pages: list[int], code: str, message: str) -> str:
-    _forget(rt, job_id, pages)
+def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:
+    heartbeat.page_finished(rt.redis, job_id, page)
     log.warning("job %s failed: %s: %s", job_id, code, message)
     if rt.jobs.fail(job_id, code, message) == JobStatus.FAILED.value:
         _count_final(rt, job_id)
@@ -138,9 +134,8 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def hard_timeout(rt: Runtime, job_id: str, first: int, count: int = 1) -> None:
+def hard_timeout(rt: Runtime, job_id: str, page: int) -> None:
     """Called in the worker's main process after it killed a pool process stuck past the hard limit."""
-    pages = list(range(first, first + count))
-    limit = rt.settings.page_hard_time_limit * count
-    _fail(rt, job_id, pages, "timeout",
-          f"{_describe(pages)} exceeded the hard time limit of {limit} seconds; the process was replaced.")
+    _fail(rt, job_id, page, "timeout",
+          f"Page {page + 1} exceeded the hard time limit of {rt.settings.page_hard_time_limit} seconds; "
+          "the process was replaced.")

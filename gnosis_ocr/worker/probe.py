@@ -36,6 +36,14 @@ def local_metrics():
                                multiprocess_mode="livesum"),
             "model_load": Gauge("gnosis_worker_model_load_seconds", "Seconds the engine took to load.",
                                 multiprocess_mode="max"),
+            # Batch occupancy: the gauge is now; rate(tokens) / rate(steps) is the mean over any window.
+            "batch_active": Gauge("gnosis_worker_batch_active", "Pages in the device's batch at the last step.",
+                                  ["device"], multiprocess_mode="livemax"),
+            "batch_slots": Gauge("gnosis_worker_batch_slots", "Pages the device's batch holds.", ["device"],
+                                 multiprocess_mode="livemax"),
+            "decode_steps": Counter("gnosis_worker_decode_steps_total", "Decode steps run.", ["device"]),
+            "decode_tokens": Counter("gnosis_worker_decode_tokens_total", "Tokens decoded (one per page per step).",
+                                     ["device"]),
         }
     return _metrics
 

@@ -43,12 +43,15 @@ class Runtime:
         with self._lock:
             if self._engine is None:
                 started = time.monotonic()
-                self._engine = load_engine(self.settings, redis_client=self.redis, metrics=self.metrics)
+                self._engine = load_engine(self.settings, redis_client=self.redis, metrics=self.metrics,
+                                           on_step=_record_step)
                 seconds = time.monotonic() - started
                 self.metrics.observe("gnosis_model_load_seconds", seconds, engine=self.settings.engine)
                 from .probe import local_metrics
 
                 local_metrics()["model_load"].set(seconds)
+                for scheduler in getattr(self._engine, "schedulers", ()):
+                    local_metrics()["batch_slots"].labels(device=str(scheduler.decoder.device)).set(scheduler.capacity)
                 log.info("engine %s ready in %.2fs (pid %d)", self.settings.engine, seconds, os.getpid())
             return self._engine
 
@@ -56,7 +59,28 @@ class Runtime:
     def engine_loaded(self) -> bool:
         return self._engine is not None
 
-    def preload(self) -> None:
+    def expected_engines(self, pool_limit: int) -> int:
+        """Engines this worker loads before it is ready: none for the light (webhook, cache) worker,
+        one for a batched engine serving a threads pool, else one per pool process."""
+        if os.environ.get("GNOSIS_WORKER_ROLE") == "light":
+            return 0
+        if self._engine is not None and getattr(self._engine, "batched", False):
+            return 1
+        return pool_limit
+
+    def preload(self, *, retry: bool = False) -> None:
+        """Load the engine now. With `retry`, keep trying with back-off (a batched worker has nothing to
+        do without it); otherwise a failed load is retried by the next page."""
+        delay = 2.0
+        while True:
+            self._preload_once()
+            if self._engine is not None or not retry:
+                return
+            log.warning("retrying the engine load in %.0fs", delay)
+            time.sleep(delay)  # back-off between load attempts, not a synchronisation
+            delay = min(delay * 2, 60.0)
+
+    def _preload_once(self) -> None:
         from .heartbeat import engine_loaded
 
         try:
@@ -72,6 +96,15 @@ class Runtime:
 
         path = ModelCache(self.settings, self.redis, self.metrics).ensure_ready()
         return str(path)
+
+
+def _record_step(device: str, active: int) -> None:
+    from .probe import local_metrics
+
+    local = local_metrics()
+    local["batch_active"].labels(device=device).set(active)
+    local["decode_steps"].labels(device=device).inc()
+    local["decode_tokens"].labels(device=device).inc(active)
 
 
 _runtime: Runtime | None = None

@@ -14,13 +14,15 @@ class PageTask(app.Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         # A hard time limit kills the pool process; Celery then acks the message and calls this in the
         # main process. Without it the job would stay "running" until its TTL.
-        if isinstance(exc, TimeLimitExceeded) and len(args) in (2, 3):
-            page.hard_timeout(runtime.get(), args[0], int(args[1]), int(args[2]) if len(args) == 3 else 1)
+        if isinstance(exc, TimeLimitExceeded) and len(args) >= 2:
+            page.hard_timeout(runtime.get(), args[0], int(args[1]))
 
 
 @app.task(name=OCR_PAGE_TASK, base=PageTask)
 def ocr_page(job_id: str, page_index: int, count: int = 1) -> str:
-    return page.run_pages(runtime.get(), job_id, page_index, count)
+    # `count` > 1 only in messages queued by releases that grouped pages per task.
+    verdicts = [page.run_page(runtime.get(), job_id, p) for p in range(page_index, page_index + count)]
+    return verdicts[-1]
 
 
 @app.task(name=DELIVER_WEBHOOK_TASK, bind=True, ignore_result=True, max_retries=None)
@@ -41,7 +43,8 @@ _probe: probe.Probe | None = None
 
 @signals.worker_process_init.connect
 def _load_engine_in_child(**_) -> None:
-    # Loaded after the fork, once per pool process; never in the parent, which forks.
+    # Prefork: loaded after the fork, once per pool process; never in the parent, which forks.
+    # A batched (threads pool) worker loaded its engine before it started consuming.
     runtime.get().preload()
 
 
@@ -49,7 +52,8 @@ def _load_engine_in_child(**_) -> None:
 def _start_heartbeat(sender=None, **_) -> None:
     global _heartbeat
     rt = runtime.get()
-    concurrency = getattr(getattr(sender, "pool", None), "limit", 0) or 0
+    # Readiness counts loaded engines: one per pool process, or the one batched engine of a threads pool.
+    concurrency = rt.expected_engines(getattr(getattr(sender, "pool", None), "limit", 0) or 0)
     _heartbeat = heartbeat.Heartbeat(rt.redis, app, queue=rt.settings.queue, engine=rt.settings.engine,
                                      concurrency=concurrency, interval=rt.settings.heartbeat_interval)
     _heartbeat.start()

@@ -1,8 +1,9 @@
-"""The engine interface: a list of page images in, their texts out. Engines are imported by name, lazily."""
+"""The engine interface: one page image in, its text out. Engines are imported by name, lazily."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -13,24 +14,44 @@ if TYPE_CHECKING:
     from ...settings import Settings
 
 
+@dataclass(frozen=True)
+class PageText:
+    text: str
+    truncated: bool = False
+    stop_reason: str | None = None
+    """Why generation ended: "eos", "max_tokens" or "repetition"; None for engines that do not generate."""
+    tokens: int = 0
+    queue_seconds: float | None = None
+    first_token_seconds: float | None = None
+    decode_seconds: float | None = None
+
+
 class Engine(Protocol):
     model_id: str
     model_revision: str
+    batched: bool
+    """True when many threads may call `recognize` at once and the engine serves them together."""
 
-    def recognize(self, pages: Sequence[Image.Image]) -> list[str]:
-        """One text per page, in order. Taking a list lets GPU engines batch later without touching callers."""
+    def recognize(self, page: Image.Image, *, deadline: float | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> PageText:
+        """The page's text. A batched engine stops at `deadline` (monotonic seconds) with PageTimeout and
+        raises scheduler.Cancelled once `cancelled()` turns true; others leave both to the caller."""
         ...
 
 
-def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metrics) -> Engine:
+def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metrics,
+                on_step: Callable[[str, int], None] | None = None) -> Engine:
     if settings.engine == "nanonets":
         from ...cache.store import ModelCache
         from .nanonets import NanonetsEngine
 
         cache = ModelCache(settings, redis_client, metrics)
         path = cache.ensure_ready()
-        return NanonetsEngine(path, model_id=settings.model_id, revision=path.name, device=settings.device,
-                              max_new_tokens=settings.max_new_tokens, threads=settings.engine_threads)
+        return NanonetsEngine(path, model_id=settings.model_id, revision=path.name, devices=settings.devices,
+                              max_new_tokens=settings.max_new_tokens, threads=settings.engine_threads,
+                              batch_size=settings.batch_size, max_side=settings.page_max_side,
+                              prefill_batch=settings.prefill_batch, repetition_window=settings.repetition_window,
+                              on_step=on_step)
     if settings.engine == "rapidocr":
         from .rapidocr import RapidOcrEngine
 

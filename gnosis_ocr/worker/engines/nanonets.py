@@ -1,10 +1,21 @@
-"""Nanonets-OCR-s (a Qwen2.5-VL-3B fine-tune) through transformers, loaded offline from a snapshot path."""
+"""Nanonets-OCR-s (a Qwen2.5-VL-3B fine-tune) through transformers, loaded offline from a snapshot path.
+
+One model, decoder and scheduler per device. Worker threads call `recognize` for single pages of
+any job: each prepares its page on the CPU (processor, tokenizer), hands it to the least busy
+device's scheduler, and waits while that device decodes every page in flight together.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from . import PageText
+from .decoder import StaticDecoder
+from .scheduler import RepetitionGuard, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -18,40 +29,165 @@ PROMPT = (
     "<page_number>14</page_number> or <page_number>9/14</page_number>. Prefer using ☐ and ☑ for check boxes."
 )
 
+MAX_AUTO_BATCH = 64
+"""Largest batch chosen from free memory when none is configured."""
+
+PREFILL_RESERVE_BYTES = 6 * 2**30
+"""GPU memory kept free for a prefill's activations (vision tower and prompt) when sizing the batch."""
+
 
 class NanonetsEngine:
-    def __init__(self, path: str | Path, *, model_id: str, revision: str, device: str = "auto",
-                 max_new_tokens: int = 4096, threads: int = 0) -> None:
+    batched = True
+
+    def __init__(self, path: str | Path, *, model_id: str, revision: str, devices: Sequence[str] = ("auto",),
+                 max_new_tokens: int = 4096, threads: int = 0, batch_size: int = 0, max_side: int = 1280,
+                 prefill_batch: int = 4, repetition_window: int = 512, graphs: bool | None = None,
+                 on_step: Callable[[str, int], None] | None = None) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
         self.model_id = model_id
         self.model_revision = revision
         self.max_new_tokens = max_new_tokens
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if threads > 0 and self.device.type == "cpu":
+        self.devices = resolve_devices(devices)
+        if threads > 0 and self.devices[0].type == "cpu":
             torch.set_num_threads(threads)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         # A path, never a repo id: with HF_HUB_OFFLINE=1 this sends no request at all.
         self.processor = AutoProcessor.from_pretrained(str(path))
-        # Batched generation needs the prompt flush against the new tokens.
-        self.processor.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).to(self.device).eval()
-        log.info("loaded %s@%s on %s (%s)", model_id, revision[:12], self.device, dtype)
-
-    def recognize(self, pages: Sequence) -> list[str]:
-        import torch
-
+        self.tokenizer = self.processor.tokenizer
+        # Fast tokenizers are not safe to call from many threads at once ("Already borrowed").
+        self._prep_lock = threading.Lock()
         messages = [
             {"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
         ]
-        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[prompt] * len(pages), images=list(pages), padding=True, return_tensors="pt")
-        inputs = inputs.to(self.device)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        generated = output[:, inputs["input_ids"].shape[1]:]
-        return self.processor.batch_decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        self.prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        longest_prompt = self._prompt_tokens(max_side)
+        self.max_len = longest_prompt + max_new_tokens + 1
+        self.models, self.schedulers = [], []
+        for device in self.devices:
+            model = load_model(path, device)
+            slots = batch_size or auto_batch(model, device, self.max_len)
+            decoder = StaticDecoder(model, slots=slots, max_len=self.max_len, graphs=graphs)
+            eos = model.generation_config.eos_token_id
+            eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+            hook = (lambda active, d=str(device): on_step(d, active)) if on_step else None
+            scheduler = Scheduler(decoder, eos_ids=eos_ids, prefill_batch=prefill_batch,
+                                  guard=RepetitionGuard(repetition_window) if repetition_window > 0 else None,
+                                  on_step=hook, name=f"engine-{device}")
+            self.models.append(model)
+            self.schedulers.append(scheduler)
+            log.info("loaded %s@%s on %s (%s): %d slots of %d tokens", model_id, revision[:12], device,
+                     model.dtype, slots, decoder.max_len)
+        self.warm_up(max_side)
+        for scheduler in self.schedulers:
+            scheduler.start()
+
+    @property
+    def model(self):
+        return self.models[0]
+
+    @property
+    def slots(self) -> int:
+        """Pages decoded at once across every device."""
+        return sum(s.capacity for s in self.schedulers)
+
+    def warm_up(self, max_side: int) -> None:
+        """Capture every decode graph and run one page per device before the worker reports ready."""
+        from PIL import Image
+
+        started = time.monotonic()
+        page = Image.new("RGB", (max_side // 2, max_side), "white")
+        for scheduler in self.schedulers:
+            graphs = scheduler.decoder.warm_up()
+            request = self._request(page, max_new_tokens=4)
+            scheduler._prefill([0], [request])  # the loop is not running yet: the call is ours
+            while any(scheduler.slots):
+                scheduler._step()
+            if request.error is not None:
+                raise request.error
+            log.info("engine on %s warm in %.1fs (%d decode graphs)", scheduler.decoder.device,
+                     time.monotonic() - started, graphs)
+
+    @property
+    def captures(self) -> int:
+        return sum(s.decoder.captures for s in self.schedulers)
+
+    def recognize(self, page, *, deadline: float | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> PageText:
+        request = self._request(page)
+        request.deadline = deadline
+        scheduler = min(self.schedulers, key=lambda s: s.load() / s.capacity)
+        scheduler.submit(request)
+        while not request.done.wait(0.25):
+            if cancelled is not None and cancelled():
+                request.cancel()
+        if request.error is not None:
+            raise request.error
+        with self._prep_lock:
+            text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        return PageText(text=text, truncated=request.truncated, stop_reason=request.stop_reason,
+                        tokens=len(request.tokens), queue_seconds=request.admitted - request.submitted,
+                        first_token_seconds=request.first_token - request.submitted,
+                        decode_seconds=request.finished - request.first_token)
+
+    def _request(self, page, *, max_new_tokens: int | None = None) -> Request:
+        import torch
+
+        with self._prep_lock:
+            inputs = dict(self.processor(text=[self.prompt], images=[page], return_tensors="pt"))
+        dtype = self.models[0].dtype
+        if dtype != torch.float32:  # halve what crosses to the device, off the engine's thread
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return Request(inputs, length=inputs["input_ids"].shape[1],
+                       max_new_tokens=max_new_tokens or self.max_new_tokens)
+
+    def _prompt_tokens(self, max_side: int) -> int:
+        """The longest prompt a page can make: a square page at the largest side the service renders."""
+        from PIL import Image
+
+        inputs = self.processor(text=[self.prompt], images=[Image.new("RGB", (max_side, max_side), "white")],
+                                return_tensors="pt")
+        return int(inputs["input_ids"].shape[1])
+
+    def close(self) -> None:
+        for scheduler in self.schedulers:
+            scheduler.stop()
+
+
+def resolve_devices(devices: Sequence[str]):
+    """`auto` is every visible GPU (one engine each), or the CPU where there is none."""
+    import torch
+
+    out = []
+    for name in devices:
+        if name == "auto":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            out += [torch.device(f"cuda:{i}") for i in range(count)] or [torch.device("cpu")]
+        elif name == "cuda":
+            out.append(torch.device("cuda:0"))
+        else:
+            out.append(torch.device(name))
+    return out
+
+
+def load_model(path: str | Path, device):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).to(device).eval()
+
+
+def auto_batch(model, device, max_len: int) -> int:
+    """As many slots as free GPU memory holds after a prefill's reserve, at most MAX_AUTO_BATCH."""
+    import torch
+
+    if device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(device)
+    per_slot = StaticDecoder.slot_bytes(model, max_len)
+    slots = int((free - PREFILL_RESERVE_BYTES) // per_slot)
+    if slots < 1:
+        raise MemoryError(f"{free / 2**30:.1f} GiB free on {device} holds no page of {max_len} tokens")
+    return min(slots, MAX_AUTO_BATCH)

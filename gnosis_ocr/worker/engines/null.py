@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+
+from . import PageText
 
 
 class NullEngine:
     model_id = "null"
     model_revision = "0"
+    batched = False
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
 
-    def recognize(self, pages: Sequence) -> list[str]:
+    def recognize(self, page, **_) -> PageText:
         if self.delay:
-            time.sleep(self.delay * len(pages))  # stands in for GPU time in load tests and fault drills
-        return ["" for _ in pages]
+            time.sleep(self.delay)  # stands in for GPU time in load tests and fault drills
+        return PageText("")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from importlib.metadata import version
 
 import numpy as np
 
+from . import PageText
+
 
 class RapidOcrEngine:
     model_id = "rapidocr-onnxruntime"
+    batched = False
 
     def __init__(self, threads: int = 0) -> None:
         from rapidocr_onnxruntime import RapidOCR
@@ -24,14 +26,9 @@ class RapidOcrEngine:
         self._ocr = RapidOCR(**options)
         self.model_revision = version("rapidocr-onnxruntime")
 
-    def recognize(self, pages: Sequence) -> list[str]:
-        return [self._page(page) for page in pages]
-
-    def _page(self, image) -> str:
-        result, _ = self._ocr(np.asarray(image.convert("RGB")))
-        if not result:
-            return ""
-        return "\n".join(_reading_order(result))
+    def recognize(self, page, **_) -> PageText:
+        result, _ = self._ocr(np.asarray(page.convert("RGB")))
+        return PageText("\n".join(_reading_order(result)) if result else "")
 
 
 def _reading_order(result: list) -> list[str]:

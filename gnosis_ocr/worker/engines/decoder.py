@@ -1,0 +1,219 @@
+"""A static-KV-cache decoder for Qwen2.5-VL: pages in fixed slots, one decode step for all of them.
+
+`generate` is bound by Python and kernel launches (about 55-62 ms a step on an H200 whatever the
+batch, docs/benchmarks.md). Here the KV cache is allocated once, every page owns a slot in it, and a
+decode step for all slots is a fixed sequence of kernels over fixed buffers, so on CUDA it is
+captured once per shape bucket as a CUDA graph and replayed: no Python and no launches per layer.
+
+The prefill (vision tower and prompt) runs through the model's own forward, so the image features
+and Qwen2.5-VL's 3-D rope positions are exactly the library's; its keys and values are copied into
+the page's slot. After the prompt every position is text, where the three rope axes are equal, so a
+decode position is the slot's own length plus the rope delta the prefill reported. Each slot has its
+own length and delta: left padding never enters the cache, so a page decodes the same whatever its
+batch-mates are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+KV_ALIGN = 256
+"""Cache lengths are multiples of this, so attention kernels see aligned shapes."""
+
+
+def buckets(limit: int, first: int, growth: float) -> list[int]:
+    """Increasing sizes from `first` to `limit`, each about `growth` times the last, `limit` included."""
+    out, size = [], first
+    while size < limit:
+        out.append(size)
+        size = max(size + 1, int(size * growth))
+    out.append(limit)
+    return out
+
+
+def bucket_for(value: int, sizes: Sequence[int]) -> int:
+    for size in sizes:
+        if value <= size:
+            return size
+    raise ValueError(f"{value} exceeds the largest bucket {sizes[-1]}")
+
+
+class StaticDecoder:
+    """Owns the KV cache of `slots` pages of up to `max_len` tokens each, and the decode step over them."""
+
+    def __init__(self, model, *, slots: int, max_len: int, graphs: bool | None = None) -> None:
+        config = model.config.get_text_config()
+        self.model = model
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        weight = self.lm.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.slots = slots
+        self.max_len = -(-max_len // KV_ALIGN) * KV_ALIGN
+        self.n_layers = config.num_hidden_layers
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        shape = (self.n_layers, slots, self.n_kv, self.max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        rotary = self.lm.rotary_emb
+        self.inv_freq = rotary.inv_freq.detach().float().to(self.device)
+        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        # The graphs' inputs and outputs: fixed addresses, rewritten in place between replays.
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=self.device)  # tokens in the cache
+        self.deltas = torch.zeros(slots, dtype=torch.long, device=self.device)  # rope position - cache index
+        self.active = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.batch_buckets = buckets(slots, 1, 2.0)
+        self.len_buckets = [b for b in buckets(self.max_len, 512, 1.5)]
+        self.len_buckets = sorted({-(-b // KV_ALIGN) * KV_ALIGN for b in self.len_buckets})
+        self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self.captures = 0  # graph captures so far: a steady state adds none
+
+    @staticmethod
+    def slot_bytes(model, max_len: int) -> int:
+        """GPU memory one slot's keys and values take."""
+        config = model.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+        return per_token * (-(-max_len // KV_ALIGN) * KV_ALIGN) * model.dtype.itemsize
+
+    # --- prefill -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slots: Sequence[int], inputs: dict) -> list[int]:
+        """Run one batch of prompts of equal length through the model; their caches go into `slots`.
+
+        Returns each page's first generated token (greedy)."""
+        n = inputs["input_ids"].shape[1]
+        if n >= self.max_len:
+            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.max_len}")
+        inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        self.model.model.rope_deltas = None  # the library caches it across calls; this is a new prompt
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        cache = out.cache if "cache" in out else out.past_key_values  # renamed in 5.x
+        deltas = self.model.model.rope_deltas
+        index = torch.tensor(list(slots), device=self.device)
+        for layer in range(self.n_layers):
+            keys, values = _layer_kv(cache, layer)
+            self.k_cache[layer, index, :, :n] = keys.to(self.dtype)
+            self.v_cache[layer, index, :, :n] = values.to(self.dtype)
+        first = out.logits[:, -1].argmax(-1)
+        self.tokens[index] = first
+        self.lengths[index] = n
+        self.deltas[index] = (deltas.view(-1).to(self.device) if deltas is not None
+                              else torch.zeros(len(slots), dtype=torch.long, device=self.device))
+        self.active[index] = 1
+        return first.tolist()
+
+    def release(self, slot: int) -> None:
+        self.active[slot] = 0
+        self.lengths[slot] = 0
+
+    # --- decode --------------------------------------------------------------------------------------
+
+    def step(self, batch: int, length: int) -> torch.Tensor:
+        """One greedy step for slots [0, batch): attention over the first `length` cache positions.
+
+        Active slots' tokens advance and their lengths grow by one; returns the next tokens (on device)."""
+        b = bucket_for(batch, self.batch_buckets)
+        L = bucket_for(length, self.len_buckets)
+        if self.use_graphs:
+            graph = self._graphs.get((b, L))
+            if graph is None:
+                graph = self._capture(b, L)
+            graph.replay()
+        else:
+            with torch.inference_mode():
+                self._step(b, L)
+        return self.next_tokens[:b]
+
+    def warm_up(self) -> int:
+        """Capture every (batch, length) graph now, so no page ever waits for a capture."""
+        if self.use_graphs:
+            for b in self.batch_buckets:
+                for L in self.len_buckets:
+                    if (b, L) not in self._graphs:
+                        self._capture(b, L)
+            self.lengths.zero_()
+            self.active.zero_()
+        return len(self._graphs)
+
+    def _capture(self, b: int, L: int) -> torch.cuda.CUDAGraph:
+        saved = [t.clone() for t in (self.tokens, self.lengths, self.active)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            self._step(b, L)  # warm-up run outside the graph: kernels choose their algorithms here
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip((self.tokens, self.lengths, self.active), saved, strict=True):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+            self._step(b, L)
+        for t, s in zip((self.tokens, self.lengths, self.active), saved, strict=True):
+            t.copy_(s)
+        self._graphs[(b, L)] = graph
+        self.captures += 1
+        return graph
+
+    def _step(self, b: int, L: int) -> None:
+        pos = self.lengths[:b]
+        x = self.lm.embed_tokens(self.tokens[:b]).unsqueeze(1)  # [b, 1, hidden]
+        freqs = (pos + self.deltas[:b]).unsqueeze(-1).float() * self.inv_freq  # [b, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, None, :]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, None, :]
+        visible = torch.arange(L, device=self.device)[None, :] <= pos[:, None]
+        mask = torch.zeros((b, 1, 1, L), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible[:, None, None, :], torch.finfo(self.dtype).min)
+        where = pos.view(b, 1, 1, 1).expand(b, self.n_kv, 1, self.head_dim)
+        for i, layer in enumerate(self.lm.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_cache, v_cache = self.k_cache[i, :b], self.v_cache[i, :b]
+            k_cache.scatter_(2, where, k)
+            v_cache.scatter_(2, where, v)
+            o = F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask,
+                                               scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = self.lm_head(self.lm.norm(x[:, 0]))
+        nxt = logits.argmax(-1)
+        self.next_tokens[:b].copy_(nxt)
+        active = self.active[:b]
+        self.tokens[:b].copy_(torch.where(active.bool(), nxt, self.tokens[:b]))
+        self.lengths[:b].add_(active)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's keys and values from the library's cache object, across its 5.x spellings."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[layer], cache.value_cache[layer]
+    return cache[layer][0], cache[layer][1]

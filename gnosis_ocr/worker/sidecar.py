@@ -1,0 +1,46 @@
+"""The light worker beside a batched GPU worker: webhooks and cache warm-ups, in their own process.
+
+A batched worker's threads are all waiting on pages in the GPU's batch, so a webhook or a cache
+warm-up delivered to it would wait for a page to finish. They have their own queues; this process
+consumes them, dies with its parent, and is restarted if it dies alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY = 2.0
+"""Seconds before a light worker that exited is started again."""
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def start_light_worker(*, loglevel: str = "INFO") -> threading.Thread:
+    env = {**os.environ, "GNOSIS_WORKER_PORT": "0"}  # the probe port belongs to the GPU worker
+    env.pop("GNOSIS_WORKER_NAME", None)
+    args = [sys.executable, "-m", "gnosis_ocr.cli", "worker", "--light", "--concurrency=4", f"--loglevel={loglevel}"]
+
+    def supervise() -> None:
+        while True:
+            proc = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
+            code = proc.wait()
+            log.warning("light worker exited with %s; restarting in %.0fs", code, RESTART_DELAY)
+            time.sleep(RESTART_DELAY)  # a restart back-off, not a synchronisation
+
+    thread = threading.Thread(target=supervise, name="gnosis-light-worker", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,148 @@
+"""The batched GPU engine's decode, on a tiny Qwen2.5-VL on the CPU: same tokens as `generate`, and
+continuous batching that admits, stops and drops pages at step boundaries."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from gnosis_ocr.errors import PageTimeout
+from gnosis_ocr.worker.engines.scheduler import Cancelled, RepetitionGuard
+from tests.docs import text_image
+
+# Different sizes give prompts of different lengths: a ragged batch.
+SIZES = [(1000, 400), (200, 90), (40, 40), (500, 500), (90, 300)]
+
+
+def page(i: int) -> Image.Image:
+    return Image.open(io.BytesIO(text_image([f"page {i} of the batch"], size=SIZES[i % len(SIZES)])))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=48,
+                         batch_size=3, prefill_batch=2, repetition_window=0)
+    yield eng
+    eng.close()
+
+
+def reference(engine, image: Image.Image, max_new_tokens: int) -> list[int]:
+    """Plain `generate` on the page alone: the tokens the fast path must reproduce."""
+    model = engine.model
+    inputs = engine.processor(text=[engine.prompt], images=[image], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def submit(engine, image: Image.Image, *, max_new_tokens: int | None = None, deadline: float | None = None):
+    request = engine._request(image, max_new_tokens=max_new_tokens)
+    request.deadline = deadline
+    return engine.schedulers[0].submit(request)
+
+
+def wait(request, timeout: float = 60):
+    assert request.done.wait(timeout), "the engine never answered"
+    return request
+
+
+def test_one_page_decodes_token_for_token_like_generate(engine):
+    for i in range(3):
+        request = wait(submit(engine, page(i)))
+        assert request.error is None
+        assert request.tokens == reference(engine, page(i), 48)
+
+
+def test_a_ragged_batch_decodes_each_page_as_if_alone(engine):
+    lengths = {engine._request(page(i)).length for i in range(5)}
+    assert len(lengths) >= 3, "the pages should make prompts of different lengths"
+    requests = [submit(engine, page(i)) for i in range(5)]  # 5 pages, 3 slots: two wait for a free slot
+    for i, request in enumerate(requests):
+        wait(request)
+        assert request.error is None
+        assert request.tokens == reference(engine, page(i), 48), f"page {i} differs from generate"
+
+
+def test_a_finished_page_frees_its_slot_for_a_waiting_one_at_once(engine):
+    long = [submit(engine, page(i), max_new_tokens=48) for i in range(2)]
+    short = submit(engine, page(2), max_new_tokens=2)
+    waiting = submit(engine, page(3), max_new_tokens=2)  # no slot free until `short` ends
+    for request in (*long, short, waiting):
+        wait(request)
+    assert waiting.admitted < min(r.finished for r in long), "the waiting page waited for the longest page"
+    assert all(r.tokens == reference(engine, page(i), 48) for i, r in enumerate(long))
+    assert short.truncated and short.stop_reason == "max_tokens" and len(short.tokens) == 2
+
+
+def test_a_page_over_its_time_limit_leaves_the_batch_alone(engine):
+    others = [submit(engine, page(i)) for i in range(2)]
+    late = submit(engine, page(4), deadline=time.monotonic() + 0.02)
+    wait(late)
+    assert isinstance(late.error, PageTimeout) and late.error.code == "timeout"
+    assert isinstance(late.error, TimeoutError)
+    for i, request in enumerate(others):
+        assert wait(request).error is None and request.tokens == reference(engine, page(i), 48)
+
+
+def test_a_cancelled_page_leaves_at_the_next_step(engine):
+    keep = submit(engine, page(0))
+    gone = submit(engine, page(1), max_new_tokens=10_000)
+    # Cancel once it is decoding: it must stop at the next step, long before its token budget.
+    deadline = time.monotonic() + 30
+    while not gone.tokens and time.monotonic() < deadline:
+        time.sleep(0.001)  # polling a flag another thread sets; no event to wait on
+    gone.cancel()
+    assert isinstance(wait(gone).error, Cancelled)
+    assert len(gone.tokens) < 200
+    assert wait(keep).error is None and keep.tokens == reference(engine, page(0), 48)
+
+
+def test_recognize_from_many_threads_returns_each_pages_text(engine):
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = engine.recognize(page(i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == list(range(6))
+    for i, result in results.items():
+        expected = engine.tokenizer.decode(reference(engine, page(i), 48), skip_special_tokens=True)
+        assert result.text == expected and result.queue_seconds >= 0 and result.first_token_seconds > 0
+
+
+def test_repetition_guard_stops_a_looping_page_and_marks_it_truncated(tiny_model):
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    # The tiny random model falls into a loop within a few hundred tokens, as VLMs do on tables.
+    eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=1200,
+                         batch_size=2, repetition_window=64)
+    try:
+        result = eng.recognize(page(0))
+    finally:
+        eng.close()
+    assert result.truncated and result.stop_reason == "repetition"
+    assert result.tokens < 1200
+
+
+def test_repetition_guard_needs_a_whole_window_of_one_repeated_unit():
+    guard = RepetitionGuard(window=32, every=1)
+    assert guard.repeating([7] * 40)
+    assert guard.repeating(list(range(50)) + [1, 2, 3] * 11)
+    assert guard.repeating(list(range(100, 140)) + list(range(8)) * 5)
+    assert not guard.repeating([1, 2, 3] * 8)  # shorter than the window
+    assert not guard.repeating(list(range(64)))
+    assert not guard.repeating(list(range(20)) * 3)  # a unit of 20: repeats fewer than 4 times in 32 tokens
+    assert not RepetitionGuard(window=0).repeating([7] * 1000)

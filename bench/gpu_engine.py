@@ -1,13 +1,21 @@
-"""The service's own NanonetsEngine on the full Nanonets-OCR-s architecture, on a GPU.
+"""The batched NanonetsEngine on the full Nanonets-OCR-s architecture, alone and through the service.
 
-`gpu_throughput.py` times `generate` on hand-built inputs; this runs the engine exactly as a worker
-does: a checkpoint saved to disk (random Qwen2.5-VL-3B weights, bf16, a tokenizer with the real
-vocabulary size and special-token ids, Qwen2.5-VL's processor classes and chat template), loaded from
-the snapshot path, pages through the processor and the model card's prompt, greedy decoding. It
-compares recognising pages one per call with GNOSIS_PAGES_PER_TASK-style batches. Run only where
-CUDA exists:
+One command on a CUDA machine (about 6-7 minutes on an H100/H200) measures issue 9's numbers:
 
-    python bench/gpu_engine.py [--pages 8] [--new-tokens 128] [--out results.json]
+- the engine alone: a checkpoint saved to disk (random Qwen2.5-VL-3B weights, bf16, a tokenizer with
+  the real vocabulary size and special-token ids, Qwen2.5-VL's processor and chat template), loaded
+  from its snapshot path; 1280-px A4 pages through the processor and the model card's prompt; output
+  lengths forced to a fixed mix (mean ~1,083 tokens) by stopping each page at its length as if it had
+  written EOS. Pages/s, output tokens/s, ms per decode step, peak memory and graph captures after
+  warm-up at B = 1, 8, 32 and the default B; single-page latency at 1,100 tokens; token mismatches
+  against plain `generate` on a few pages;
+- the whole service: Redis, the API under gunicorn, a worker with the engine loading the model through
+  the shared-cache code from a local stand-in hub, 64 one-page jobs from 8 clients at once.
+
+    python bench/gpu_engine.py --out docs/results/gpu_engine_h200.json
+    python bench/gpu_engine.py --tiny --out /tmp/tiny.json     # the same script on a CPU, tiny model
+
+Results are written after every section, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
+import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -26,6 +36,8 @@ from bench.gpu_throughput import a4_page, build_model  # noqa: E402
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # ids 151643..151656
+MIX = [300, 600, 900, 1100, 1400, 2200]
+"""Output tokens per page, cycled: mean 1,083, near the 1,100 of a typical page."""
 
 
 def save_checkpoint(model, out: str, *, small: bool = False) -> str:
@@ -50,60 +62,306 @@ def save_checkpoint(model, out: str, *, small: bool = False) -> str:
                                     video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
     model.generation_config.eos_token_id = 151645
     model.generation_config.pad_token_id = 151643
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="1GB")  # shards download in parallel
     processor.save_pretrained(out)
     return out
 
 
+
+class Report:
+    def __init__(self, path: str | None, **fields) -> None:
+        self.path = path
+        self.data = {"bench": "gpu_engine", **fields}
+
+    def section(self, name: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        print(f"== {name}", file=sys.stderr, flush=True)
+        try:
+            self.data[name] = fn(*args, **kwargs)
+        except Exception as exc:  # report and go on: one failed section must not lose the others
+            traceback.print_exc()
+            self.data[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        self.data.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
+        print(f"   {name}: {json.dumps(self.data[name])[:600]}", file=sys.stderr, flush=True)
+        self.save()
+        return self.data[name]
+
+    def save(self) -> None:
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.data, f, indent=1)
+
+
+def checkpoint(torch, tiny: bool) -> str:
+    out = tempfile.mkdtemp(prefix="nanonets-random-")
+    if tiny:
+        from tests.tinymodel import build_tiny_model
+
+        return str(build_tiny_model(out))
+    model = build_model(torch)
+    save_checkpoint(model, out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def forced(scheduler) -> None:
+    """Pages stop at their forced length only: random weights must not end them early."""
+    scheduler.eos_ids = set()
+
+
+def requests_for(engine, pages, lengths):
+    return [engine._request(page, max_new_tokens=n) for page, n in zip(pages, lengths, strict=True)]
+
+
+def run_batch(torch, engine, scheduler, requests) -> dict:
+    sync(torch)
+    before = (scheduler.steps, scheduler.tokens, scheduler.step_seconds, scheduler.prefill_seconds,
+              scheduler.decoder.captures)
+    started = time.perf_counter()
+    for request in requests:
+        scheduler.submit(request)
+    for request in requests:
+        request.done.wait()
+    sync(torch)
+    seconds = time.perf_counter() - started
+    errors = [repr(r.error) for r in requests if r.error is not None]
+    tokens = sum(len(r.tokens) for r in requests)
+    steps = scheduler.steps - before[0]
+    return {"slots": scheduler.capacity, "pages": len(requests), "seconds": round(seconds, 2),
+            "pages_per_s": round(len(requests) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "output_tokens": tokens, "steps": steps,
+            "mean_batch": round((scheduler.tokens - before[1]) / max(steps, 1), 1),
+            "ms_per_step": round(1000 * (scheduler.step_seconds - before[2]) / max(steps, 1), 2),
+            "prefill_s": round(scheduler.prefill_seconds - before[3], 2),
+            "prefill_ms_per_page": round(1000 * (scheduler.prefill_seconds - before[3]) / len(requests), 1),
+            "captures_during_run": scheduler.decoder.captures - before[4],
+            "errors": errors[:3]}
+
+
+def sync(torch) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib(torch) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def scheduler_for(engine, slots: int):
+    """Another decoder and scheduler of `slots` on the engine's model (the default one is left as is)."""
+    from gnosis_ocr.worker.engines.decoder import StaticDecoder
+    from gnosis_ocr.worker.engines.scheduler import Scheduler
+
+    decoder = StaticDecoder(engine.model, slots=slots, max_len=engine.max_len)
+    started = time.perf_counter()
+    captured = decoder.warm_up()
+    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=engine.schedulers[0].prefill_batch).start()
+    return scheduler, {"captures": captured, "capture_s": round(time.perf_counter() - started, 1)}
+
+
+def engine_alone(torch, engine, page, batches: list[int], pages_per_slot: int) -> dict:
+    default = engine.schedulers[0]
+    forced(default)
+    rows = []
+    for slots in batches:
+        if slots == default.capacity:
+            scheduler, warm = default, {"captures": 0, "capture_s": 0}
+        else:
+            scheduler, warm = scheduler_for(engine, slots)
+        count = max(len(MIX), pages_per_slot * slots)
+        requests = requests_for(engine, [page] * count, [MIX[i % len(MIX)] for i in range(count)])
+        torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+        row = {"batch": slots, "default": scheduler is default, **warm, **run_batch(torch, engine, scheduler, requests),
+               "peak_gib": peak_gib(torch)}
+        rows.append(row)
+        print(f"   B={slots}: {row}", file=sys.stderr, flush=True)
+        if scheduler is not default:
+            scheduler.stop()
+            del scheduler
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"rows": rows}
+
+
+def single_page(torch, engine, page, tokens: int) -> dict:
+    scheduler = engine.schedulers[0]
+    forced(scheduler)
+    request = requests_for(engine, [page], [tokens])[0]
+    row = run_batch(torch, engine, scheduler, [request])
+    return {"tokens": tokens, "seconds": row["seconds"], "first_token_s": round(request.first_token - request.submitted, 3),
+            "ms_per_step": row["ms_per_step"], "prefill_ms": row["prefill_ms_per_page"]}
+
+
+def mismatches(torch, engine, pages, new_tokens: int) -> dict:
+    """The fast path against plain `generate` on the same pages, token for token (EOS as the model says)."""
+    scheduler = engine.schedulers[0]
+    eos = engine.model.generation_config.eos_token_id
+    scheduler.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    rows = []
+    for page in pages:
+        request = requests_for(engine, [page], [new_tokens])[0]
+        scheduler.submit(request)
+        request.done.wait()
+        inputs = engine.processor(text=[engine.prompt], images=[page], return_tensors="pt").to(engine.model.device)
+        with torch.inference_mode():
+            out = engine.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+        ref = ref[:ref.index(eos)] if eos in ref else ref
+        first = next((i for i, (a, b) in enumerate(zip(ref, request.tokens)) if a != b), None)
+        if first is None and len(ref) != len(request.tokens):
+            first = min(len(ref), len(request.tokens))
+        rows.append({"tokens": len(ref), "identical": first is None, "first_mismatch": first})
+    return {"pages": len(rows), "identical_pages": sum(r["identical"] for r in rows), "rows": rows}
+
+
+def service(path: str, *, jobs: int, clients: int, tiny: bool) -> dict:
+    """API + Redis + a real worker loading the model through the cache code, `jobs` one-page jobs at once."""
+    import io
+
+    import requests
+
+    from bench.common import private_stack
+    from tests.conftest import Proc, wait_until
+    from tests.hubstub import HubStub
+
+    stack, redis_proc = private_stack()
+    stub = HubStub("bench/nanonets-random", path).start()
+    try:
+        env = {"OCR_ENGINE": "nanonets", "OCR_MODEL_ID": "bench/nanonets-random", "HF_ENDPOINT": stub.url,
+               "OCR_MAX_NEW_TOKENS": str(max(MIX)), "OCR_REPETITION_WINDOW": "0",
+               "GNOSIS_BENCH_LENGTHS": ",".join(map(str, MIX)), "GNOSIS_LOG_LEVEL": "INFO"}
+        url = stack.api(workers=2, threads=16)
+        started = time.perf_counter()
+        worker = Proc([sys.executable, "-m", "bench.service_worker", "worker"], {**stack.env, **env},
+                      stack.tmp / "worker.log")
+        stack.procs.append(worker)
+        stack.wait_worker_ready(worker, timeout=400)
+        ready_s = time.perf_counter() - started
+        buf = io.BytesIO()
+        a4_page(160 if tiny else 1280).save(buf, format="PNG")
+        png = buf.getvalue()
+        ids: list[str] = []
+        lock = threading.Lock()
+        per_client = jobs // clients
+
+        def client() -> None:
+            with requests.Session() as s:
+                for _ in range(per_client):
+                    r = s.post(f"{url}/v1/jobs", files={"file": ("page.png", png)}, timeout=60)
+                    r.raise_for_status()
+                    with lock:
+                        ids.append(r.json()["id"])
+
+        first_submit = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        submitted_s = time.perf_counter() - first_submit
+
+        def final(job_id: str) -> dict:
+            return requests.get(f"{url}/v1/jobs/{job_id}", params={"wait": 30}, timeout=40).json()
+
+        results = [wait_until(lambda j=j: (f := final(j))["status"] in ("succeeded", "failed") and f,
+                              timeout=600, interval=0.0, message=f"job {j}") for j in ids]
+        seconds = time.perf_counter() - first_submit
+        ok = sum(r["status"] == "succeeded" for r in results)
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        tokens = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("gnosis_output_tokens_total"))
+        return {"jobs": len(ids), "clients": clients, "succeeded": ok, "seconds": round(seconds, 2),
+                "pages_per_s": round(ok / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+                "submit_s": round(submitted_s, 2), "worker_ready_s": round(ready_s, 1),
+                "failed": [r.get("error") for r in results if r["status"] != "succeeded"][:3]}
+    finally:
+        stack.stop()
+        stub.stop()
+        redis_proc.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pages", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on any device: checks the script")
+    parser.add_argument("--batches", default="1,8,32", help="batch sizes besides the default one")
+    parser.add_argument("--pages-per-slot", type=int, default=2)
+    parser.add_argument("--compare-pages", type=int, default=3)
+    parser.add_argument("--compare-tokens", type=int, default=128)
+    parser.add_argument("--jobs", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--skip-service", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     import torch
+    import transformers
 
-    if not torch.cuda.is_available():
-        sys.exit("CUDA is not available: this benchmark runs only on a GPU machine.")
-    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
-
-    result = {"bench": "gpu_engine", "gpu": torch.cuda.get_device_name(0), "pages": args.pages,
-              "new_tokens": args.new_tokens}
+    if not torch.cuda.is_available() and not args.tiny:
+        sys.exit("CUDA is not available: run with --tiny to check the script on a CPU.")
+    report = Report(args.out, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                    torch=torch.__version__, transformers=transformers.__version__, mix=MIX)
     started = time.perf_counter()
-    model = build_model(torch)
-    path = save_checkpoint(model, tempfile.mkdtemp(prefix="nanonets-random-"))
-    del model
-    torch.cuda.empty_cache()
-    result["save_s"] = round(time.perf_counter() - started, 1)
-    result["checkpoint_gb"] = round(sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 1e9, 2)
+    path = checkpoint(torch, args.tiny)
+    report.data["checkpoint_s"] = round(time.perf_counter() - started, 1)
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
     started = time.perf_counter()
     engine = NanonetsEngine(path, model_id="nanonets/Nanonets-OCR-s (random weights)", revision="0" * 40,
-                            device="cuda", max_new_tokens=args.new_tokens)
-    torch.cuda.synchronize()
-    result["load_s"] = round(time.perf_counter() - started, 1)
-    engine.model.generation_config.min_new_tokens = args.new_tokens  # equal work per page
-    pages = [a4_page(1280) for _ in range(args.pages)]
-    engine.recognize(pages[:1])  # warm-up
+                            max_new_tokens=max(MIX), repetition_window=0,
+                            devices=["auto"], max_side=1280)
+    sync(torch)
+    default = engine.schedulers[0]
+    report.data["engine"] = {"device": str(default.decoder.device), "default_batch": default.capacity,
+                             "max_len": default.decoder.max_len, "load_and_warm_s": round(time.perf_counter() - started, 1),
+                             "captures_at_warm_up": engine.captures,
+                             "batch_buckets": default.decoder.batch_buckets, "len_buckets": default.decoder.len_buckets}
+    report.save()
+    page = a4_page(160 if args.tiny else 1280)
+    probe = engine._request(page)
+    report.data["engine"]["prompt_tokens"] = probe.length
+    report.data["engine"]["image_tokens"] = int(probe.inputs["image_grid_thw"][0].prod()) // 4
+    batches = sorted({int(b) for b in args.batches.split(",")} | {default.capacity})
+    report.section("single_page", single_page, torch, engine, page, 1100)
+    report.section("engine_alone", engine_alone, torch, engine, page, batches, args.pages_per_slot)
+    report.data["captures_after_warm_up"] = engine.captures - report.data["engine"]["captures_at_warm_up"]
+    compare = [a4_page(160 if args.tiny else 1280)] + [_other_page(i, args.tiny) for i in range(args.compare_pages - 1)]
+    report.section("mismatches", mismatches, torch, engine, compare, args.compare_tokens)
+    engine.close()
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not args.skip_service:
+        report.section("service", service, path, jobs=args.jobs, clients=args.clients, tiny=args.tiny)
+    print(json.dumps(report.data))
+    summary(report.data)
 
-    rows = []
-    for batch in (1, args.pages):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        texts = [t for i in range(0, len(pages), batch) for t in engine.recognize(pages[i:i + batch])]
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        assert len(texts) == len(pages)
-        rows.append({"pages_per_call": batch, "seconds": round(seconds, 2), "pages_per_s": round(len(pages) / seconds, 3)})
-        print(f"pages per call {batch}: {rows[-1]}", file=sys.stderr, flush=True)
-    result["rows"] = rows
-    result["speedup"] = round(rows[1]["pages_per_s"] / rows[0]["pages_per_s"], 2)
-    result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+
+def _other_page(i: int, tiny: bool):
+    """Pages of other shapes and content than the A4 one: a letter and a receipt-like strip."""
+    from PIL import Image, ImageDraw
+
+    size = [(1280, 960), (480, 1280)][i % 2] if not tiny else [(160, 120), (60, 160)][i % 2]
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    for n, y in enumerate(range(10, size[1] - 10, max(size[1] // 30, 8))):
+        draw.text((10, y), f"{n} item {n * 7 % 13} total {n * 3.5:.2f}", fill="black")
+    return img
+
+
+def summary(data: dict) -> None:
+    print(f"\n{data['gpu']}, torch {data['torch']}, transformers {data['transformers']}, mix {data['mix']}")
+    engine = data.get("engine", {})
+    print(f"default batch {engine.get('default_batch')}, prompt {engine.get('prompt_tokens')} tokens, "
+          f"captures at warm-up {engine.get('captures_at_warm_up')}, after {data.get('captures_after_warm_up')}")
+    rows = data.get("engine_alone", {}).get("rows", [])
+    print(f"{'B':>4} {'pages':>6} {'pages/s':>8} {'tok/s':>8} {'ms/step':>8} {'mean B':>7} {'prefill ms/page':>16} "
+          f"{'peak GiB':>9}")
+    for r in rows:
+        print(f"{r['batch']:>4} {r['pages']:>6} {r['pages_per_s']:>8} {r['tokens_per_s']:>8} {r['ms_per_step']:>8} "
+              f"{r['mean_batch']:>7} {r['prefill_ms_per_page']:>16} {r['peak_gib']!s:>9}")
+    print("single page:", data.get("single_page"))
+    print("mismatches:", {k: v for k, v in data.get("mismatches", {}).items() if k != "rows"})
+    print("service:", data.get("service"))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def submit():
                             extra={"idem_key": idem_name, "callback_url": callback_url})
         try:
             _enqueue(job)
-            c.queue_depth(adding=_tasks(job.pages_total))
+            c.queue_depth(adding=job.pages_total)
         except Exception:
             # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
             c.jobs.discard(job.id)

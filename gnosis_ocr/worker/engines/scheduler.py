@@ -91,6 +91,8 @@ class Scheduler:
         self._stop = False
         self.steps = 0
         self.tokens = 0
+        self.step_seconds = 0.0  # wall time in decode steps (read back included): ms per step for benchmarks
+        self.prefill_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name=f"gnosis-{name}", daemon=True)
 
     @property
@@ -177,6 +179,7 @@ class Scheduler:
             request.admitted = now
         try:
             firsts = self.decoder.prefill(slots, _concat([r.inputs for r in chunk]))
+            self.prefill_seconds += time.monotonic() - now
         except Exception as exc:
             log.exception("prefill failed for %d page(s)", len(chunk))
             for slot, request in zip(slots, chunk, strict=True):
@@ -193,7 +196,9 @@ class Scheduler:
     def _step(self) -> None:
         top = max(slot for slot, r in enumerate(self.slots) if r is not None)
         longest = max(r.length + len(r.tokens) for r in self.slots if r is not None)
+        started = time.monotonic()
         nxt = self.decoder.step(top + 1, longest).tolist()
+        self.step_seconds += time.monotonic() - started
         active = self._in_flight()
         self.steps += 1
         self.tokens += active

@@ -1,0 +1,47 @@
+"""`gnosis-ocr worker` with output lengths forced to a fixed mix, for the whole-service GPU benchmark.
+
+Random weights would stop pages at random places (or never): the benchmark needs each page to write
+exactly its share of a known mix. Each page takes the next length of GNOSIS_BENCH_LENGTHS and stops
+there as if it had written EOS; nothing else of the worker changes.
+
+    GNOSIS_BENCH_LENGTHS=300,600,900,1100,1400,2200 python -m bench.service_worker worker
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def patch(lengths: list[int]) -> None:
+    from gnosis_ocr.worker.engines import nanonets, scheduler
+
+    cycle = itertools.cycle(lengths)
+    lock = threading.Lock()
+    make_request = nanonets.NanonetsEngine._request
+
+    def forced(self, page, *, max_new_tokens=None):
+        if max_new_tokens is None:
+            with lock:
+                max_new_tokens = next(cycle)
+        return make_request(self, page, max_new_tokens=max_new_tokens)
+
+    nanonets.NanonetsEngine._request = forced
+    init = scheduler.Scheduler.__init__
+
+    def no_eos(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.eos_ids = set()
+
+    scheduler.Scheduler.__init__ = no_eos
+
+
+if __name__ == "__main__":
+    patch([int(n) for n in os.environ["GNOSIS_BENCH_LENGTHS"].split(",")])
+    from gnosis_ocr.cli import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -153,7 +153,8 @@ def scheduler_for(engine, slots: int):
     from gnosis_ocr.worker.engines.decoder import StaticDecoder
     from gnosis_ocr.worker.engines.scheduler import Scheduler
 
-    decoder = StaticDecoder(engine.model, slots=slots, max_len=engine.max_len)
+    decoder = StaticDecoder(engine.model, slots=slots, max_len=engine.max_len,
+                            graphs=engine.schedulers[0].decoder.use_graphs)
     started = time.perf_counter()
     captured = decoder.warm_up()
     scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=engine.schedulers[0].prefill_batch).start()
@@ -306,9 +307,17 @@ def main() -> None:
     from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
     started = time.perf_counter()
-    engine = NanonetsEngine(path, model_id="nanonets/Nanonets-OCR-s (random weights)", revision="0" * 40,
-                            max_new_tokens=max(MIX), repetition_window=0,
-                            devices=["auto"], max_side=1280)
+    def load(graphs=None):
+        return NanonetsEngine(path, model_id="nanonets/Nanonets-OCR-s (random weights)", revision="0" * 40,
+                              max_new_tokens=max(MIX), repetition_window=0, devices=["auto"], max_side=1280,
+                              graphs=graphs)
+
+    try:
+        engine = load()
+    except Exception as exc:  # measure the eager decode rather than nothing, and say why
+        traceback.print_exc()
+        report.data["graphs_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        engine = load(graphs=False)
     sync(torch)
     default = engine.schedulers[0]
     report.data["engine"] = {"device": str(default.decoder.device), "default_batch": default.capacity,

@@ -193,9 +193,12 @@ class StaticDecoder:
             k_cache, v_cache = self.k_cache[i, :b], self.v_cache[i, :b]
             k_cache.scatter_(2, where, k)
             v_cache.scatter_(2, where, v)
+            # The query heads that share a KV head become that head's "query positions": one plain SDPA
+            # call reads each key and value once (enable_gqa would fall back to copying them per head).
+            q = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             o = F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=self.n_kv != self.n_heads)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
+                                               scale=attn.scaling)
+            x = x + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.lm_head(self.lm.norm(x[:, 0]))
         nxt = logits.argmax(-1)

@@ -146,3 +146,22 @@ def test_repetition_guard_needs_a_whole_window_of_one_repeated_unit():
     assert not guard.repeating(list(range(64)))
     assert not guard.repeating(list(range(20)) * 3)  # a unit of 20: repeats fewer than 4 times in 32 tokens
     assert not RepetitionGuard(window=0).repeating([7] * 1000)
+
+
+def test_one_engine_per_device_shares_the_pages(tiny_model):
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    # Two engines on the CPU stand in for two GPUs: each gets its own model, cache and loop.
+    eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu", "cpu"],
+                         max_new_tokens=32, batch_size=2, repetition_window=0)
+    try:
+        assert len(eng.schedulers) == 2 and eng.slots == 4
+        assert eng.models[0] is not eng.models[1]
+        threads = [threading.Thread(target=eng.recognize, args=(page(i),)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(s.steps > 0 for s in eng.schedulers), [s.steps for s in eng.schedulers]
+    finally:
+        eng.close()

@@ -1,0 +1,127 @@
+"""Issue 9 through the real service: a batched worker (one process, a threads pool feeding the engine's
+continuous batch) on a tiny Qwen2.5-VL, with real Redis, Celery, gunicorn and HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from tests.conftest import poll_job, wait_until
+from tests.docs import text_image
+from tests.hubstub import HubStub
+from tests.test_model_cache import REPO
+from tests.test_webhooks import Receiver, hooks_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def hub(tiny_model):
+    stub = HubStub(REPO, tiny_model).start()
+    yield stub
+    stub.stop()
+
+
+def batched(stack, hub: HubStub, *, tokens: int, slots: int = 4, **extra: str) -> None:
+    stack.env.update({"OCR_ENGINE": "nanonets", "OCR_MODEL_ID": REPO, "HF_ENDPOINT": hub.url, "OCR_DEVICE": "cpu",
+                      "OCR_MAX_NEW_TOKENS": str(tokens), "OCR_BATCH_SIZE": str(slots),
+                      "OCR_REPETITION_WINDOW": "0", "GNOSIS_PREFETCH_PAGES": "1", **extra})
+
+
+def submit(url: str, n: int, **data: str) -> dict:
+    r = requests.post(f"{url}/v1/jobs", files={"file": (f"p{n}.png", text_image([f"page {n}"], size=(300 + 40 * n, 200)))},
+                      data=data)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def in_flight(stack, worker) -> dict[str, dict]:
+    key = next((k for k in stack.redis.scan_iter("gnosis:worker:*:inflight") if f"gnosis-{worker.pid}@" in k.decode()),
+               None)
+    return {f.decode(): json.loads(v) for f, v in stack.redis.hgetall(key).items()} if key else {}
+
+
+def worker_metrics(port: int) -> dict[str, float]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{")[0].split(" ")[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_pages_of_many_jobs_are_decoded_together(stack, hub):
+    from tests.conftest import free_port
+
+    batched(stack, hub, tokens=48)
+    url = stack.api()
+    port = free_port()
+    worker = stack.worker(GNOSIS_WORKER_PORT=str(port))
+    jobs = [submit(url, n) for n in range(8)]
+    finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
+    assert [f["status"] for f in finals] == ["succeeded"] * 8, finals
+    for job in jobs:
+        result = requests.get(f"{url}/v1/jobs/{job['id']}/result").json()
+        # The tiny model never writes EOS: every page stops at the token cap, and says so.
+        assert [p["truncated"] for p in result["pages"]] == [True]
+    metrics = worker_metrics(port)
+    # More tokens than steps: several pages advanced in each step, from different jobs.
+    assert metrics["gnosis_worker_decode_tokens_total"] > 1.5 * metrics["gnosis_worker_decode_steps_total"]
+    assert metrics["gnosis_worker_batch_slots"] == 4
+    cluster = requests.get(f"{url}/metrics").text
+    assert 'gnosis_pages_truncated_total{reason="max_tokens"} 8.0' in cluster
+    assert "gnosis_page_first_token_seconds_count" in cluster and "gnosis_output_tokens_total" in cluster
+    assert "(thread)" in worker.log()  # Celery's banner: one process, a threads pool
+
+
+def test_a_killed_worker_requeues_every_page_of_its_batch(stack, hub):
+    batched(stack, hub, tokens=1500, slots=3)
+    url = stack.api()
+    victim = stack.worker()
+    jobs = [submit(url, n) for n in range(3)]
+    wait_until(lambda: len(in_flight(stack, victim)) == 3, timeout=60, message="three pages in the batch")
+    victim.kill_tree()  # the whole host is gone, mid-decode
+    rescuer = stack.worker()
+    finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
+    assert [f["status"] for f in finals] == ["succeeded"] * 3, finals
+    assert all(f["attempts"] == 2 for f in finals)
+    assert "requeued 3 page(s)" in rescuer.log()
+
+
+def test_a_cancelled_job_leaves_the_batch_and_its_webhook_does_not_wait(stack, hub):
+    receiver = Receiver()
+    try:
+        hooks_env(stack)
+        batched(stack, hub, tokens=4000, slots=2)
+        url = stack.api()
+        worker = stack.worker()
+        busy = [submit(url, n) for n in range(2)]  # fill both slots and every page thread with long pages
+        wait_until(lambda: len(in_flight(stack, worker)) == 2, timeout=60, message="both slots busy")
+        job = busy[0]
+        cancelled_at = time.monotonic()
+        assert requests.post(f"{url}/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+        # The page leaves at the next step (its in-flight entry goes), long before its 1,500 tokens.
+        wait_until(lambda: f"{job['id']}:0" not in in_flight(stack, worker), timeout=10,
+                   message="the cancelled page to leave the batch")
+        # The light worker posts the webhook while the other page still decodes.
+        wait_until(lambda: receiver.calls, timeout=10, message="the cancel webhook")
+        assert json.loads(receiver.calls[0][1])["status"] == "cancelled"
+        assert f"{busy[1]['id']}:0" in in_flight(stack, worker), "the webhook waited for the other page"
+        print(f"\ncancel -> page out of the batch and webhook delivered in {time.monotonic() - cancelled_at:.2f}s")
+        assert poll_job(url, busy[1]["id"], timeout=120)["status"] == "succeeded"
+    finally:
+        receiver.stop()
+
+
+def test_a_page_over_its_time_limit_fails_its_job_with_timeout(stack, hub):
+    batched(stack, hub, tokens=4000, slots=2, GNOSIS_PAGE_SOFT_TIMEOUT="1", GNOSIS_PAGE_HARD_TIMEOUT="30")
+    url = stack.api()
+    worker = stack.worker()
+    job = submit(url, 0)
+    final = poll_job(url, job["id"], timeout=60)
+    assert final["status"] == "failed" and final["error"]["code"] == "timeout", final
+    assert worker.alive() and not in_flight(stack, worker)

@@ -172,7 +172,8 @@ def engine_alone(torch, engine, page, batches: list[int], pages_per_slot: int) -
             scheduler, warm = scheduler_for(engine, slots)
         count = max(len(MIX), pages_per_slot * slots)
         requests = requests_for(engine, [page] * count, [MIX[i % len(MIX)] for i in range(count)])
-        torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         row = {"batch": slots, "default": scheduler is default, **warm, **run_batch(torch, engine, scheduler, requests),
                "peak_gib": peak_gib(torch)}
         rows.append(row)
@@ -180,7 +181,8 @@ def engine_alone(torch, engine, page, batches: list[int], pages_per_slot: int) -
         if scheduler is not default:
             scheduler.stop()
             del scheduler
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return {"rows": rows}
 
 
@@ -189,7 +191,8 @@ def single_page(torch, engine, page, tokens: int) -> dict:
     forced(scheduler)
     request = requests_for(engine, [page], [tokens])[0]
     row = run_batch(torch, engine, scheduler, [request])
-    return {"tokens": tokens, "seconds": row["seconds"], "first_token_s": round(request.first_token - request.submitted, 3),
+    return {"tokens": tokens, "seconds": row["seconds"],
+            "first_token_s": round(request.first_token - request.submitted, 3),
             "ms_per_step": row["ms_per_step"], "prefill_ms": row["prefill_ms_per_page"]}
 
 
@@ -321,7 +324,8 @@ def main() -> None:
     sync(torch)
     default = engine.schedulers[0]
     report.data["engine"] = {"device": str(default.decoder.device), "default_batch": default.capacity,
-                             "max_len": default.decoder.max_len, "load_and_warm_s": round(time.perf_counter() - started, 1),
+                             "max_len": default.decoder.max_len,
+                             "load_and_warm_s": round(time.perf_counter() - started, 1),
                              "captures_at_warm_up": engine.captures,
                              "batch_buckets": default.decoder.batch_buckets, "len_buckets": default.decoder.len_buckets}
     report.save()

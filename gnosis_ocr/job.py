@@ -149,13 +149,13 @@ return {'run', redis.call('GET', KEYS[5]), redis.call('HGET', KEYS[1], 'kind')}
 # KEYS: record, pages, attempts, events, input, inflight.
 # ARGV: page, text, now, model_id, model_revision, ttl, inflight field, truncated (1 or 0).
 # Returns {pages done or a negative code, pages total}.
-_FINISH_PAGE = _FINAL + "local TRUNCATED = 't:' " + """
+_FINISH_PAGE = _FINAL + """
 redis.call('HDEL', KEYS[6], ARGV[7])
 if not st then return {-1, 0} end
 local total = tonumber(redis.call('HGET', KEYS[1], 'pages_total'))
 if final then return {-2, total} end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return {-3, total} end
-if ARGV[8] == '1' then redis.call('HSET', KEYS[2], TRUNCATED .. ARGV[1], '1') end
+if ARGV[8] == '1' then redis.call('HSET', KEYS[2], 't:' .. ARGV[1], '1') end  -- read back by pages()
 redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
 local done = redis.call('HINCRBY', KEYS[1], 'pages_done', 1)
 redis.call('HSET', KEYS[1], 'model_id', ARGV[4], 'model_revision', ARGV[5])

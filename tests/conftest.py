@@ -166,6 +166,20 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+TINY_REPO = "test-org/tiny-ocr"
+"""The repo id the stand-in hub serves the tiny model under."""
+
+
+@pytest.fixture
+def hub(tiny_model):
+    """A stand-in hub on loopback serving the tiny model: the real download and cache code runs on it."""
+    from tests.hubstub import HubStub
+
+    stub = HubStub(TINY_REPO, tiny_model).start()
+    yield stub
+    stub.stop()
+
+
 def poll_job(url: str, job_id: str, *, timeout: float = 60) -> dict:
     """Long-poll until final: the API holds the request, the test does not sleep."""
     deadline = time.monotonic() + timeout

@@ -9,31 +9,23 @@ import time
 import pytest
 import requests
 
-from tests.conftest import poll_job, wait_until
+from tests.conftest import TINY_REPO, poll_job, wait_until
 from tests.docs import text_image
 from tests.hubstub import HubStub
-from tests.test_model_cache import REPO
 from tests.test_webhooks import Receiver, hooks_env
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def hub(tiny_model):
-    stub = HubStub(REPO, tiny_model).start()
-    yield stub
-    stub.stop()
-
-
 def batched(stack, hub: HubStub, *, tokens: int, slots: int = 4, **extra: str) -> None:
-    stack.env.update({"OCR_ENGINE": "nanonets", "OCR_MODEL_ID": REPO, "HF_ENDPOINT": hub.url, "OCR_DEVICE": "cpu",
+    stack.env.update({"OCR_ENGINE": "nanonets", "OCR_MODEL_ID": TINY_REPO, "HF_ENDPOINT": hub.url, "OCR_DEVICE": "cpu",
                       "OCR_MAX_NEW_TOKENS": str(tokens), "OCR_BATCH_SIZE": str(slots),
                       "OCR_REPETITION_WINDOW": "0", "GNOSIS_PREFETCH_PAGES": "1", **extra})
 
 
 def submit(url: str, n: int, **data: str) -> dict:
-    r = requests.post(f"{url}/v1/jobs", files={"file": (f"p{n}.png", text_image([f"page {n}"], size=(300 + 40 * n, 200)))},
-                      data=data)
+    image = text_image([f"page {n}"], size=(300 + 40 * n, 200))
+    r = requests.post(f"{url}/v1/jobs", files={"file": (f"p{n}.png", image)}, data=data)
     assert r.status_code == 202, r.text
     return r.json()
 

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from gnosis_ocr.errors import PageTimeout
-from gnosis_ocr.worker.engines.scheduler import Cancelled, RepetitionGuard
+from gnosis_ocr.worker.engines import Cancelled
+from gnosis_ocr.worker.engines.scheduler import RepetitionGuard
 from tests.docs import text_image
 
 # Different sizes give prompts of different lengths: a ragged batch.

@@ -14,11 +14,11 @@ import requests
 
 from gnosis_ocr.cache.state import manifest_path, repo_folder
 from gnosis_ocr.settings import Settings
-from tests.conftest import ROOT, poll_job, wait_until
+from tests.conftest import ROOT, TINY_REPO, poll_job, wait_until
 from tests.docs import text_image
 from tests.hubstub import HubStub
 
-REPO = "test-org/tiny-ocr"
+REPO = TINY_REPO
 pytestmark = pytest.mark.slow
 
 
@@ -27,13 +27,6 @@ def padded_model(tmp_path_factory) -> Path:
     from tests.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("padded-model"), pad_mb=6)
-
-
-@pytest.fixture
-def hub(tiny_model):
-    stub = HubStub(REPO, tiny_model).start()
-    yield stub
-    stub.stop()
 
 
 def nanonets_env(stack, stub: HubStub, **extra: str) -> dict[str, str]:

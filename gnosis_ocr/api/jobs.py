@@ -90,9 +90,9 @@ def _replay(job_id: str):
 
 def _check_queue_room(pages: int) -> None:
     c = ctx()
-    depth = c.queue_depth()  # messages in the queue: one per task
+    depth = c.queue_depth()  # messages in the queue: one per page
     if depth + pages > c.settings.max_queue_depth:
-        raise QueueFull(f"The queue is full ({depth} tasks waiting); retry later.")
+        raise QueueFull(f"The queue is full ({depth} pages waiting); retry later.")
 
 
 def _enqueue(job: Job) -> None:

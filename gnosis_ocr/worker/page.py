@@ -18,7 +18,7 @@ from .. import document
 from ..errors import GnosisError
 from ..job import JobStatus
 from . import heartbeat, notify
-from .engines import PageText
+from .engines import Cancelled, PageText
 from .probe import local_metrics
 from .runtime import Runtime
 
@@ -52,8 +52,6 @@ def run_page(rt: Runtime, job_id: str, page: int) -> str:
 
 def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data: bytes, kind: str,
          started: float) -> str:
-    from .engines.scheduler import Cancelled
-
     limit = rt.settings.page_soft_time_limit
     try:
         image = document.render_page(data, kind, page, max_side=rt.settings.page_max_side,
@@ -63,8 +61,9 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data:
     except Cancelled:
         heartbeat.page_finished(rt.redis, job_id, page)
         return "gone"
-    except (SoftTimeLimitExceeded, TimeoutError):
-        _release_memory()
+    except (SoftTimeLimitExceeded, TimeoutError) as exc:
+        if isinstance(exc, SoftTimeLimitExceeded):  # raised inside the engine's own call: free what it held
+            _release_memory()
         return _fail(rt, job_id, page, "timeout", f"Page {page + 1} took longer than {limit} seconds.")
     except GnosisError as exc:
         return _fail(rt, job_id, page, exc.code, exc.message)

@@ -23,7 +23,10 @@ class PageText:
     tokens: int = 0
     queue_seconds: float | None = None
     first_token_seconds: float | None = None
-    decode_seconds: float | None = None
+
+
+class Cancelled(Exception):
+    """Raised by a batched engine when the page's job was cancelled or deleted while it waited or decoded."""
 
 
 class Engine(Protocol):
@@ -35,7 +38,7 @@ class Engine(Protocol):
     def recognize(self, page: Image.Image, *, deadline: float | None = None,
                   cancelled: Callable[[], bool] | None = None) -> PageText:
         """The page's text. A batched engine stops at `deadline` (monotonic seconds) with PageTimeout and
-        raises scheduler.Cancelled once `cancelled()` turns true; others leave both to the caller."""
+        raises Cancelled once `cancelled()` turns true; others leave both to the caller."""
         ...
 
 

@@ -73,8 +73,7 @@ class StaticDecoder:
         self.active = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.batch_buckets = buckets(slots, 1, 2.0)
-        self.len_buckets = [b for b in buckets(self.max_len, 512, 1.5)]
-        self.len_buckets = sorted({-(-b // KV_ALIGN) * KV_ALIGN for b in self.len_buckets})
+        self.len_buckets = sorted({-(-b // KV_ALIGN) * KV_ALIGN for b in buckets(self.max_len, 512, 1.5)})
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -147,26 +146,23 @@ class StaticDecoder:
                 for L in self.len_buckets:
                     if (b, L) not in self._graphs:
                         self._capture(b, L)
-            self.lengths.zero_()
-            self.active.zero_()
         return len(self._graphs)
 
     def _capture(self, b: int, L: int) -> torch.cuda.CUDAGraph:
-        saved = [t.clone() for t in (self.tokens, self.lengths, self.active)]
+        state = (self.tokens, self.lengths, self.active)  # what a step advances: put back after each run
+        saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             self._step(b, L)  # warm-up run outside the graph: kernels choose their algorithms here
         torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip((self.tokens, self.lengths, self.active), saved, strict=True):
-            t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-            self._step(b, L)
-        for t, s in zip((self.tokens, self.lengths, self.active), saved, strict=True):
+        for t, s in zip(state, saved, strict=True):
             t.copy_(s)
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+            self._step(b, L)  # recorded, not run: only the warm-up moved the state
         self._graphs[(b, L)] = graph
         self.captures += 1
         return graph

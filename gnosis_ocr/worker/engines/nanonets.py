@@ -99,13 +99,7 @@ class NanonetsEngine:
         started = time.monotonic()
         page = Image.new("RGB", (max_side // 2, max_side), "white")
         for scheduler in self.schedulers:
-            graphs = scheduler.decoder.warm_up()
-            request = self._request(page, max_new_tokens=4)
-            scheduler._prefill([0], [request])  # the loop is not running yet: the call is ours
-            while any(scheduler.slots):
-                scheduler._step()
-            if request.error is not None:
-                raise request.error
+            graphs = scheduler.warm_up(self._request(page, max_new_tokens=4))
             log.info("engine on %s warm in %.1fs (%d decode graphs)", scheduler.decoder.device,
                      time.monotonic() - started, graphs)
 
@@ -128,8 +122,7 @@ class NanonetsEngine:
             text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
         return PageText(text=text, truncated=request.truncated, stop_reason=request.stop_reason,
                         tokens=len(request.tokens), queue_seconds=request.admitted - request.submitted,
-                        first_token_seconds=request.first_token - request.submitted,
-                        decode_seconds=request.finished - request.first_token)
+                        first_token_seconds=request.first_token - request.submitted)
 
     def _request(self, page, *, max_new_tokens: int | None = None) -> Request:
         import torch

@@ -18,12 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import PageTimeout
+from . import Cancelled
 
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """The page's job was cancelled or deleted while the page waited or decoded."""
 
 
 @dataclass(eq=False)
@@ -101,11 +98,21 @@ class Scheduler:
 
     def load(self) -> int:
         """Pages in flight or waiting: the busiest scheduler gets the next page last."""
-        return len(self._pending) + sum(r is not None for r in self.slots)
+        return len(self._pending) + self._in_flight()
 
     def start(self) -> Scheduler:
         self._thread.start()
         return self
+
+    def warm_up(self, request: Request) -> int:
+        """Before `start`: capture every decode graph and run `request` through on the caller's thread."""
+        graphs = self.decoder.warm_up()
+        self._prefill([0], [request])
+        while any(self.slots):
+            self._step()
+        if request.error is not None:
+            raise request.error
+        return graphs
 
     def stop(self) -> None:
         with self._cond:

@@ -36,10 +36,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.environ.setdefault("OCR_THREADS", str(max(1, (os.cpu_count() or 1) // max(args.concurrency, 1))))
     from .broker import cache_queue, events_queue
 
-    import socket
+    from .worker import registry
 
-    name = f"gnosis-{'light-' if args.light else ''}{os.getpid()}@{socket.gethostname()}"
-    os.environ["GNOSIS_WORKER_NAME"] = name  # pool children report under their worker's name
+    # Made before the engine loads (it records itself under this id) and inherited by pool processes.
+    name = registry.assign_worker_id("light-" if args.light else "")
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         import tempfile
 
@@ -50,15 +50,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.light:
         os.environ["GNOSIS_WORKER_ROLE"] = "light"
         pool, queues = "threads", light_queues
-    elif engine == "nanonets" and args.pool in (None, "threads"):
-        # One process owns the GPUs: its threads feed pages from any job into each device's batch.
-        from .worker import runtime, sidecar
+    else:
+        from .worker import sidecar
 
-        rt = runtime.get()
-        rt.preload(retry=True)
-        slots = rt.engine().slots
-        pool, concurrency, queues = "threads", slots + settings.prefetch_pages, settings.queue
-        # Webhooks and cache warm-ups get their own process, so they never wait behind pages.
+        if engine == "nanonets" and args.pool in (None, "threads"):
+            # One process owns the GPUs: its threads feed pages from any job into each device's batch.
+            from .worker import runtime
+
+            rt = runtime.get()
+            rt.preload(retry=True)
+            pool, concurrency = "threads", rt.engine().slots + settings.prefetch_pages
+        # Webhooks and cache warm-ups get their own process and pool: they never wait behind pages, and
+        # a warm-up of gigabytes is not cut off by the page time limit.
+        queues = settings.queue
         sidecar.start_light_worker(loglevel=args.loglevel)
     from .worker.celery_app import app
 

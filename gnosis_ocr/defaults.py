@@ -25,7 +25,23 @@ DEFAULT_PAGE_MAX_SIDE = 1280
 """Longest side, in pixels, a page is rendered or scaled to before OCR (the model card's practice)."""
 
 DEFAULT_JOB_TTL = 24 * 3600
-"""Seconds a job's record, input and result are kept, counted from submission and again from completion."""
+"""Seconds a job's record and result are kept once it is final (succeeded, failed, cancelled).
+A job that is queued or running never expires."""
+
+DEFAULT_JOB_MAX_AGE = 7 * 24 * 3600
+"""Seconds after submission when a job that has still not finished is failed with `expired`
+(a backlog no worker ever drains); it is then kept for GNOSIS_JOB_TTL like any final job."""
+
+DEFAULT_MAX_QUEUED_BYTES = 2 * 1024**3
+"""Input bytes of all live jobs together; past it submissions get 429. Keep it under Redis's maxmemory."""
+
+DEFAULT_INPUT_CACHE_BYTES = 1024**3
+"""Bytes of job inputs a worker host keeps on local disk, so that each document leaves Redis once per
+host rather than once per page; 0 turns the copy off."""
+
+DEFAULT_REDIS_RETRY = 60.0
+"""Seconds a worker keeps retrying to record a finished page through Redis errors (a restart, a
+failover, an out-of-memory reply) before it returns the page's message to the queue."""
 
 DEFAULT_PAGE_SOFT_TIME_LIMIT = 300
 """Seconds one page may run before it is stopped and its job fails with `timeout`."""

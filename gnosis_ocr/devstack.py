@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -41,13 +42,53 @@ def _start_redis(url: str) -> subprocess.Popen | None:
     if binary is None or parsed.hostname not in ("localhost", "127.0.0.1", "::1"):
         return None
     workdir = tempfile.mkdtemp(prefix="gnosis-redis-")
-    proc = subprocess.Popen([binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1",
-                             "--dir", workdir, "--appendonly", "yes", "--maxmemory-policy", "noeviction",
-                             "--save", ""], stdout=subprocess.DEVNULL)
+    proc = _spawn([binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1",
+                   "--dir", workdir, "--appendonly", "yes", "--maxmemory-policy", "noeviction",
+                   "--save", ""], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not _redis_answers(url):
         time.sleep(0.05)
     return proc
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _spawn(args: list[str], **kwargs) -> subprocess.Popen:
+    """A child in its own process group, so stopping it stops everything it started (pool processes,
+    gunicorn workers, the light worker), and told to stop if this process dies without cleaning up."""
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
+
+
+def _stop(procs: list[subprocess.Popen], *, grace: float = 15) -> None:
+    for p in reversed(procs):
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:  # stragglers: a page that would not stop, a pool process that outlived its parent
+        _signal_group(p, signal.SIGKILL)
+        if p.poll() is None:
+            p.wait(timeout=10)
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _on_sigterm(signum, frame) -> None:
+    # A supervisor's stop: unwind through run()'s finally, which stops the whole stack.
+    raise SystemExit(128 + signum)
 
 
 def _wait_http(url: str, timeout: float) -> bool:
@@ -81,11 +122,12 @@ def run(args: argparse.Namespace) -> int:
         procs.append(started)
         print(f"started redis-server for {settings.redis_url}", file=sys.stderr)
     cli = [sys.executable, "-m", "gnosis_ocr.cli"]
-    procs.append(subprocess.Popen([*cli, "worker", f"--concurrency={args.concurrency}"], env=env))
-    procs.append(subprocess.Popen([*cli, "api", "--host", "127.0.0.1", "--port", str(args.port),
-                                   "--workers", "1"], env=env))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     base = f"http://127.0.0.1:{args.port}"
     try:
+        procs.append(_spawn([*cli, "worker", f"--concurrency={args.concurrency}"], env=env))
+        procs.append(_spawn([*cli, "api", "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"],
+                            env=env))
         if not _wait_http(base + "/readyz", 60):
             print("gnosis-ocr: the API did not become ready", file=sys.stderr)
             return EXIT_FAILED
@@ -98,11 +140,4 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         return EXIT_FAILED
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(procs)

@@ -1,4 +1,4 @@
-"""The job record: ours, in Redis, written at submit time and expired with the job's TTL.
+"""The job record: ours, in Redis, written at submit time, kept while live, expired a TTL after it ends.
 
 Every state change is one Lua script, so a cancel racing a last page, or a
 redelivered page racing its first delivery, can never leave two answers.
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import redis
+
+from . import job_scripts as scripts
 
 PREFIX = "gnosis:"
 
@@ -110,96 +112,54 @@ class Job:
         }
 
 
-_FINAL = "local st = redis.call('HGET', KEYS[1], 'status') " \
-         "local final = (st == 'succeeded' or st == 'failed' or st == 'cancelled') "
-
-# One round trip per page start and one per page end: these run for every page of every job.
-
-# KEYS: record, pages, attempts, events, input, inflight.
-# ARGV: page, now, max_attempts, inflight field, inflight value.
-# Returns {verdict} or {'run', input, kind}; on 'run' the page is listed in its worker's in-flight hash.
-_START_PAGE = _FINAL + """
-local field = ARGV[4]
-if not st or final or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  redis.call('HDEL', KEYS[6], field)
-  if not st then return {'gone'} end
-  if final then return {'final'} end
-  return {'done'}
-end
-local n = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-redis.call('PEXPIRE', KEYS[3], redis.call('PTTL', KEYS[1]))
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if n > tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[2], 'error_code', 'worker_lost',
-    'error_message', 'Page ' .. (tonumber(ARGV[1]) + 1) .. ' was delivered ' .. (n - 1) ..
-    ' times and its worker never finished it; the job was stopped.')
-  redis.call('DEL', KEYS[5])
-  redis.call('HDEL', KEYS[6], field)
-  redis.call('PUBLISH', KEYS[4], 'failed')
-  return {'exhausted'}
-end
-if st == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2])
-  redis.call('PUBLISH', KEYS[4], 'running')
-end
-redis.call('HSET', KEYS[6], field, ARGV[5])
-return {'run', redis.call('GET', KEYS[5]), redis.call('HGET', KEYS[1], 'kind')}
-"""
-
-# KEYS: record, pages, attempts, events, input, inflight.
-# ARGV: page, text, now, model_id, model_revision, ttl, inflight field, truncated (1 or 0).
-# Returns {pages done or a negative code, pages total}.
-_FINISH_PAGE = _FINAL + """
-redis.call('HDEL', KEYS[6], ARGV[7])
-if not st then return {-1, 0} end
-local total = tonumber(redis.call('HGET', KEYS[1], 'pages_total'))
-if final then return {-2, total} end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return {-3, total} end
-if ARGV[8] == '1' then redis.call('HSET', KEYS[2], 't:' .. ARGV[1], '1') end  -- read back by pages()
-redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
-local done = redis.call('HINCRBY', KEYS[1], 'pages_done', 1)
-redis.call('HSET', KEYS[1], 'model_id', ARGV[4], 'model_revision', ARGV[5])
-if done >= total then
-  redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[3])
-  redis.call('DEL', KEYS[5])
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-  local idem = redis.call('HGET', KEYS[1], 'idem_key')
-  if idem and idem ~= '' then redis.call('EXPIRE', idem, ARGV[6]) end
-  redis.call('PUBLISH', KEYS[4], 'succeeded')
-else
-  redis.call('PUBLISH', KEYS[4], 'progress')
-end
-return {done, total}
-"""
-
-# KEYS: record, pages, attempts, events, input. ARGV: status, now, error_code, error_message, ttl.
-_FINISH_JOB = _FINAL + """
-if not st then return 'gone' end
-if final then return 'was_' .. st end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error_code', ARGV[3], 'error_message', ARGV[4]) end
-redis.call('DEL', KEYS[5])
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
-local idem = redis.call('HGET', KEYS[1], 'idem_key')
-if idem and idem ~= '' then redis.call('EXPIRE', idem, ARGV[5]) end
-redis.call('PUBLISH', KEYS[4], ARGV[1])
-return ARGV[1]
-"""
-
-
 @dataclass(frozen=True)
 class PageResult:
     text: str
     truncated: bool = False
 
 
+class Verdict(str, enum.Enum):
+    """What a page delivery found when it tried to claim its page."""
+
+    RUN = "run"  # claimed: run it
+    GONE = "gone"  # the job was deleted
+    FINAL = "final"  # the job already ended (cancelled, failed)
+    DONE = "done"  # this page was recorded by an earlier delivery
+    EXHAUSTED = "exhausted"  # past GNOSIS_PAGE_MAX_ATTEMPTS: this call failed the job with worker_lost
+
+
+class Recorded(str, enum.Enum):
+    """What recording a page's text did."""
+
+    RECORDED = "recorded"
+    GONE = "gone"
+    FINAL = "final"
+    DUPLICATE = "duplicate"  # another delivery recorded it first
+
+
 @dataclass(frozen=True)
 class Claim:
-    """A page delivery's verdict: 'run' (with the input), or 'gone', 'final', 'done', 'exhausted'."""
-
-    verdict: str
+    verdict: Verdict
     data: bytes | None = None
     kind: str | None = None
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    outcome: Recorded
+    done: int
+    total: int
+
+    @property
+    def completed_job(self) -> bool:
+        return self.outcome is Recorded.RECORDED and self.done >= self.total
+
+
+LIVE_KEY = f"{PREFIX}jobs:live"
+"""Every job not yet final, scored by its creation time on Redis's clock: what the max-age sweep reads."""
+
+QUEUED_BYTES_KEY = f"{PREFIX}queued_bytes"
+"""Input bytes of every live job: the bound GNOSIS_MAX_QUEUED_BYTES is checked against this."""
 
 
 class JobStore:
@@ -209,9 +169,12 @@ class JobStore:
         self.redis = client
         self.ttl = ttl
         self.max_attempts = max_attempts
-        self._start = client.register_script(_START_PAGE)
-        self._finish_page = client.register_script(_FINISH_PAGE)
-        self._finish_job = client.register_script(_FINISH_JOB)
+        self._create = client.register_script(scripts.CREATE)
+        self._start = client.register_script(scripts.START_PAGE)
+        self._finish_page = client.register_script(scripts.FINISH_PAGE)
+        self._finish_job = client.register_script(scripts.FINISH_JOB)
+        self._overdue = client.register_script(scripts.OVERDUE)
+        self._discard = client.register_script(scripts.DISCARD)
 
     @staticmethod
     def keys(job_id: str) -> dict[str, str]:
@@ -219,12 +182,12 @@ class JobStore:
 
     def _k(self, job_id: str) -> list[str]:
         k = _keys(job_id)
-        return [k["record"], k["pages"], k["attempts"], k["events"], k["input"]]
+        return [k["record"], k["input"], k["pages"], k["attempts"], k["events"], LIVE_KEY, QUEUED_BYTES_KEY]
 
     def create(self, *, data: bytes, kind: str, pages: int, owner: str = "", filename: str | None = None,
                job_id: str | None = None, extra: dict[str, str] | None = None) -> Job:
+        """Store a new queued job and its input. It has no expiry until it is final."""
         job_id = job_id or new_job_id()
-        k = _keys(job_id)
         record = {
             "id": job_id,
             "status": JobStatus.QUEUED.value,
@@ -237,12 +200,12 @@ class JobStore:
             "filename": filename or "",
             **(extra or {}),
         }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(k["record"], mapping=record)
-        pipe.expire(k["record"], self.ttl)
-        pipe.set(k["input"], data, ex=self.ttl)
-        pipe.execute()
+        pairs = [str(item) for pair in record.items() for item in pair]
+        self._create(keys=self._k(job_id), args=[job_id, data, len(data), record.get("idem_key", ""), *pairs])
         return Job.from_hash({key: str(value) for key, value in record.items()})
+
+    def queued_bytes(self) -> int:
+        return int(self.redis.get(QUEUED_BYTES_KEY) or 0)
 
     def get(self, job_id: str) -> Job | None:
         h = self.redis.hgetall(_keys(job_id)["record"])
@@ -257,22 +220,26 @@ class JobStore:
     def input(self, job_id: str) -> bytes | None:
         return self.redis.get(_keys(job_id)["input"])
 
-    def start_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str]) -> Claim:
-        """Claim a delivery of a page; `inflight` is the worker's in-flight (hash, field, value)."""
+    def start_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], want_input: bool = True) -> Claim:
+        """Claim a delivery of a page; `inflight` is the worker's in-flight (hash, field, value).
+
+        With `want_input` false the caller already holds the document, and Redis sends none of it.
+        """
         key, field, value = inflight
-        result = self._start(keys=[*self._k(job_id), key], args=[page, now_rfc3339(), self.max_attempts, field, value])
-        verdict = result[0].decode()
-        if verdict != "run":
+        result = self._start(keys=[*self._k(job_id), key],
+                             args=[page, now_rfc3339(), self.max_attempts, field, value, int(want_input), self.ttl])
+        verdict = Verdict(result[0].decode())
+        if verdict is not Verdict.RUN:
             return Claim(verdict)
         return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None)
 
     def finish_page(self, job_id: str, page: int, text: str, *, model_id: str, model_revision: str,
-                    inflight: tuple[str, str, str], truncated: bool = False) -> tuple[int, int]:
-        """Record a page's text once: (pages done, pages total); done is negative when it was dropped."""
-        done, total = self._finish_page(keys=[*self._k(job_id), inflight[0]],
-                                        args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl,
-                                              inflight[1], int(truncated)])
-        return int(done), int(total)
+                    inflight: tuple[str, str, str], truncated: bool = False) -> PageRecord:
+        """Record a page's text once."""
+        outcome, done, total = self._finish_page(
+            keys=[*self._k(job_id), inflight[0]],
+            args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl, inflight[1], int(truncated)])
+        return PageRecord(Recorded(outcome.decode()), int(done), int(total))
 
     def fail(self, job_id: str, code: str, message: str) -> str:
         """'failed' when this call ended the job; 'was_<status>' when it had already ended; 'gone'."""
@@ -281,9 +248,24 @@ class JobStore:
     def cancel(self, job_id: str) -> str:
         return self._end(job_id, JobStatus.CANCELLED, "", "")
 
-    def _end(self, job_id: str, status: JobStatus, code: str, message: str) -> str:
-        result = self._finish_job(keys=self._k(job_id), args=[status.value, now_rfc3339(), code, message, self.ttl])
+    def _end(self, job_id: str, status: JobStatus, code: str, message: str, *, max_age_ms: int = 0) -> str:
+        result = self._finish_job(keys=self._k(job_id),
+                                  args=[status.value, now_rfc3339(), code, message, self.ttl, max_age_ms])
         return result.decode()
+
+    def expire_overdue(self, max_age: float, *, limit: int = 100) -> list[str]:
+        """Fail live jobs older than `max_age` seconds with `expired`: the ids this call ended."""
+        ended = []
+        max_age_ms = int(max_age * 1000)
+        for raw in self._overdue(keys=[LIVE_KEY], args=[max_age_ms, limit]):
+            job_id = raw.decode()
+            message = f"The job did not finish within {max_age:g} seconds of its submission (GNOSIS_JOB_MAX_AGE)."
+            verdict = self._end(job_id, JobStatus.FAILED, "expired", message, max_age_ms=max_age_ms)
+            if verdict == JobStatus.FAILED.value:
+                ended.append(job_id)
+            elif verdict == "gone":
+                self.redis.zrem(LIVE_KEY, job_id)  # deleted by hand, or lost with an old Redis
+        return ended
 
     def delete(self, job_id: str) -> bool:
         """Cancel if needed (waking long-polls and stopping workers), then remove everything."""
@@ -292,8 +274,7 @@ class JobStore:
 
     def discard(self, job_id: str) -> bool:
         """Remove the record, input, results and idempotency key, with no state change on the way."""
-        idem = self.field(job_id, "idem_key")
-        return bool(self.redis.delete(*self._k(job_id), *([idem] if idem else [])))
+        return bool(self._discard(keys=self._k(job_id)))
 
     def pages(self, job_id: str) -> list[PageResult]:
         raw = {field.decode(): value for field, value in self.redis.hgetall(_keys(job_id)["pages"]).items()}

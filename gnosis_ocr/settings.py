@@ -31,6 +31,11 @@ class Settings:
     max_pixels: int = defaults.DEFAULT_MAX_PIXELS
     page_max_side: int = defaults.DEFAULT_PAGE_MAX_SIDE
     job_ttl: int = defaults.DEFAULT_JOB_TTL
+    job_max_age: int = defaults.DEFAULT_JOB_MAX_AGE
+    max_queued_bytes: int = defaults.DEFAULT_MAX_QUEUED_BYTES
+    input_cache_bytes: int = defaults.DEFAULT_INPUT_CACHE_BYTES
+    input_cache_dir: str = ""
+    redis_retry: float = defaults.DEFAULT_REDIS_RETRY
     page_soft_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT
     page_hard_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
     page_max_attempts: int = defaults.DEFAULT_PAGE_MAX_ATTEMPTS
@@ -86,6 +91,11 @@ class Settings:
             max_pixels=_int(env, "GNOSIS_MAX_PIXELS", defaults.DEFAULT_MAX_PIXELS),
             page_max_side=_int(env, "GNOSIS_PAGE_MAX_SIDE", defaults.DEFAULT_PAGE_MAX_SIDE),
             job_ttl=_int(env, "GNOSIS_JOB_TTL", defaults.DEFAULT_JOB_TTL),
+            job_max_age=_int(env, "GNOSIS_JOB_MAX_AGE", defaults.DEFAULT_JOB_MAX_AGE),
+            max_queued_bytes=_int(env, "GNOSIS_MAX_QUEUED_BYTES", defaults.DEFAULT_MAX_QUEUED_BYTES),
+            input_cache_bytes=_int(env, "GNOSIS_INPUT_CACHE_BYTES", defaults.DEFAULT_INPUT_CACHE_BYTES),
+            input_cache_dir=env.get("GNOSIS_INPUT_CACHE_DIR", ""),
+            redis_retry=_float(env, "GNOSIS_REDIS_RETRY", defaults.DEFAULT_REDIS_RETRY),
             page_soft_time_limit=soft,
             page_hard_time_limit=_int(
                 env, "GNOSIS_PAGE_HARD_TIMEOUT", soft + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
@@ -134,7 +144,7 @@ class Settings:
         for device in self.devices:
             if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
                 raise ConfigError(f"OCR_DEVICE {device!r} is not auto, cpu, cuda or cuda:N (or a comma-separated list)")
-        for name in ("batch_size", "repetition_window", "prefetch_pages"):
+        for name in ("batch_size", "repetition_window", "prefetch_pages", "input_cache_bytes", "redis_retry"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.cache_verify not in ("quick", "full"):
@@ -143,7 +153,8 @@ class Settings:
             raise ConfigError(f"OCR_MODEL_ID {self.model_id!r} is not an org/name repo id")
         if self.page_hard_time_limit <= self.page_soft_time_limit:
             raise ConfigError("GNOSIS_PAGE_HARD_TIMEOUT must be longer than GNOSIS_PAGE_SOFT_TIMEOUT")
-        for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl",
+        for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl", "job_max_age",
+                     "max_queued_bytes",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
                      "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
                      "prefill_batch"):

@@ -2,9 +2,10 @@
 
 Signature: `X-Gnosis-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>" with
 GNOSIS_WEBHOOK_SECRET>`. Receivers recompute it and reject stale timestamps (replays).
-Addresses are checked when the URL is accepted and again before each delivery (DNS can change):
-loopback, private, link-local, multicast and reserved addresses are refused unless
-GNOSIS_WEBHOOK_ALLOW_PRIVATE is set.
+Addresses are checked when the URL is accepted and again before each delivery (DNS can change), and
+the delivery connects to the address it checked: loopback, private, link-local, multicast and
+reserved addresses (also inside IPv6 forms that carry an IPv4 address) are refused unless
+GNOSIS_WEBHOOK_ALLOW_PRIVATE is set. `X-Gnosis-Delivery` is one id per event, the same on retries.
 """
 
 from __future__ import annotations
@@ -44,48 +45,98 @@ def verify(secret: str, header: str, body: bytes, *, tolerance: float = 300) -> 
     return hmac.compare_digest(sign(secret, timestamp, body), header)
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, NAT64, Teredo):
+    a packet to it may reach them, so they are what is judged."""
+    if address.ipv4_mapped:
+        return [address.ipv4_mapped]
+    if address.sixtofour:
+        return [address.sixtofour]
+    if address.teredo:
+        return list(address.teredo)
+    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if not address.is_global or address.is_multicast:
+        return False
+    if address.version == 6:
+        return all(is_public(inner) for inner in _embedded_ipv4(address))
+    return True
+
+
 def check_url(url: str, *, allow_private: bool) -> str:
     """The URL if it is an http(s) URL whose host resolves only to public addresses; BadRequest otherwise."""
+    resolve(url, allow_private=allow_private)
+    return url
+
+
+def resolve(url: str, *, allow_private: bool) -> list[str]:
+    """The addresses the URL's host resolves to, every one of them checked; BadRequest otherwise."""
     if len(url) > MAX_URL:
         raise BadRequest(f"callback_url is longer than {MAX_URL} characters.", code="invalid_callback_url")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest("callback_url must be an http:// or https:// URL.", code="invalid_callback_url")
-    if parts.username or parts.password:
+    if "@" in parts.netloc:  # credentials, even empty ones ("http://:@host/")
         raise BadRequest("callback_url must not carry credentials.", code="invalid_callback_url")
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError):
         raise BadRequest(f"callback_url host {parts.hostname!r} does not resolve.",
                          code="invalid_callback_url") from None
-    if not allow_private:
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-            if not address.is_global or address.is_multicast:
-                raise BadRequest("callback_url points to a loopback, private or reserved address.",
-                                 code="invalid_callback_url")
-    return url
+    addresses = list(dict.fromkeys(info[4][0].split("%", 1)[0] for info in infos))
+    if not allow_private and not all(is_public(ipaddress.ip_address(a)) for a in addresses):
+        raise BadRequest("callback_url points to a loopback, private or reserved address.",
+                         code="invalid_callback_url")
+    return addresses
+
+
+def delivery_id(job_id: str, status: str) -> str:
+    """One id per event, the same on every retry, so receivers can drop repeats."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"gnosis-ocr:{job_id}:{status}").hex
 
 
 def deliver(url: str, payload: dict, *, secret: str, allow_private: bool, timeout: float) -> int:
     """POST once. Returns the status; raises DeliveryFailed when a retry may help."""
-    import requests
+    import urllib3
 
-    check_url(url, allow_private=allow_private)
+    # Connect to the address that was checked: resolving the name again could reach anywhere (DNS rebinding).
+    address = resolve(url, allow_private=allow_private)[0]
+    parts = urlsplit(url)
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {
+        "Host": parts.netloc,
         "Content-Type": "application/json",
         "User-Agent": "gnosis-ocr-webhook/1",
         "X-Gnosis-Event": f"job.{payload['status']}",
-        "X-Gnosis-Delivery": uuid.uuid4().hex,
+        "X-Gnosis-Delivery": delivery_id(payload["id"], payload["status"]),
         "X-Gnosis-Signature": sign(secret, int(time.time()), body),
     }
+    options = {"timeout": urllib3.Timeout(total=timeout), "retries": False, "maxsize": 1}
+    if parts.scheme == "https":
+        # The certificate is checked against the URL's host name, not the address dialled.
+        pool = urllib3.HTTPSConnectionPool(address, parts.port or 443, server_hostname=parts.hostname,
+                                           assert_hostname=parts.hostname, cert_reqs="CERT_REQUIRED", **options)
+    else:
+        pool = urllib3.HTTPConnectionPool(address, parts.port or 80, **options)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
     try:
         # No redirects: a redirect could lead anywhere, past the address check.
-        response = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
-    except requests.RequestException as exc:
+        response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, assert_same_host=False)
+    except urllib3.exceptions.HTTPError as exc:
         raise DeliveryFailed(str(exc)) from None
-    if response.status_code >= 500 or response.status_code in (408, 429):
-        raise DeliveryFailed(f"HTTP {response.status_code}")
-    return response.status_code
+    finally:
+        pool.close()
+    if response.status >= 500 or response.status in (408, 429):
+        raise DeliveryFailed(f"HTTP {response.status}")
+    return response.status

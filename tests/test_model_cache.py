@@ -87,7 +87,7 @@ def test_killed_downloader_is_replaced_and_nothing_partial_is_loaded(stack, padd
         nanonets_env(stack, stub)
         url = stack.api()
         first = stack.worker(wait_ready=False)
-        lease_key = f"gnosis:cache:{REPO}@main:lease"
+        lease_key = f"gnosis:cache:{REPO}:lease"
         wait_until(lambda: stub.bytes_served > 1024 * 1024, timeout=90, message="the download to be under way")
         holder = stack.redis.get(lease_key)
         assert holder is not None

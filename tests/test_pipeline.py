@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import requests
 
 from gnosis_ocr.broker import OCR_PAGE_TASK, make_producer
@@ -117,13 +119,32 @@ def test_delete_removes_record_input_and_result(stack):
     assert not list(stack.redis.scan_iter(f"gnosis:job:{job['id']}*"))
 
 
-def test_job_record_expires_with_its_ttl(stack):
-    url = stack.api(GNOSIS_JOB_TTL="2")
+def test_a_live_job_outlives_its_ttl_and_retention_starts_when_it_ends(stack):
+    stack.env["GNOSIS_JOB_TTL"] = "2"
+    url = stack.api()
     job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(LINES))}).json()
-    assert 0 < stack.redis.ttl(f"gnosis:job:{job['id']}") <= 2
-    assert 0 < stack.redis.ttl(f"gnosis:job:{job['id']}:input") <= 2
+    submitted = time.monotonic()
+    record, document = f"gnosis:job:{job['id']}", f"gnosis:job:{job['id']}:input"
+    assert stack.redis.ttl(record) == -1 and stack.redis.ttl(document) == -1  # queued: kept, however long
+    # A backlog longer than the TTL: the job waits past it and is still there.
+    wait_until(lambda: time.monotonic() - submitted > 3 and requests.get(f"{url}/v1/jobs/{job['id']}").ok,
+               timeout=10, message="the job to outlive its TTL while queued")
+    stack.worker()
+    assert poll_job(url, job["id"])["status"] == "succeeded"
+    assert 0 < stack.redis.ttl(record) <= 2 and not stack.redis.exists(document)
     wait_until(lambda: requests.get(f"{url}/v1/jobs/{job['id']}").status_code == 404, timeout=10,
-               message="the record to expire")
+               message="the finished job to expire")
+
+
+def test_a_job_past_its_max_age_fails_with_expired_and_is_kept(stack):
+    url = stack.api(GNOSIS_JOB_TTL="60")
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="60", GNOSIS_JOB_MAX_AGE="1", GNOSIS_JOB_TTL="60")
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(LINES))}).json()
+    final = poll_job(url, job["id"], timeout=30)
+    assert final["status"] == "failed" and final["error"]["code"] == "expired", final
+    assert "GNOSIS_JOB_MAX_AGE" in final["error"]["message"]
+    assert 0 < stack.redis.ttl(f"gnosis:job:{job['id']}") <= 60
+    assert stack.redis.zcard("gnosis:jobs:live") == 0 and int(stack.redis.get("gnosis:queued_bytes")) == 0
 
 
 def test_a_multi_page_task_from_an_older_release_still_completes_in_order(stack):

@@ -1,7 +1,8 @@
 """Idempotency-Key: the same key with the same document returns the first job; with another, 409.
 
 The key is claimed with SET NX before the job exists, so two identical requests
-racing each other still create one job. It lives as long as its job.
+racing each other still create one job. It lives as long as its job. If the request that claimed it
+died before writing its job, a retry waits a few seconds for the record, then takes the key over.
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def claim(client: redis.Redis, name: str, *, job_id: str, document_sha: str, ttl
                            code="idempotency_key_reused")
         return first_job
     return None
+
+
+# KEYS: idempotency key. ARGV: the stale value, the new value, ttl. 1 when this call took the key over.
+_TAKE_OVER = """
+local value = redis.call('GET', KEYS[1])
+if value and value ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+def take_over(client: redis.Redis, name: str, *, stale_job: str, job_id: str, document_sha: str,
+              ttl: int) -> str | None:
+    """Claim a key whose first request never created its job. None when this request now owns it;
+    otherwise the id of the job of whichever request took it over first."""
+    taken = client.eval(_TAKE_OVER, 1, name, f"{stale_job}:{document_sha}", f"{job_id}:{document_sha}", ttl)
+    if taken:
+        return None
+    stored = client.get(name)
+    return stored.decode().split(":", 1)[0] if stored else None
 
 
 def wait_for_record(fetch, *, timeout: float):

@@ -39,12 +39,20 @@ def submit():
     idem_name = ""
     if key is not None:
         idem_name = idempotency.key_name(current_owner(), key)
-        first = idempotency.claim(c.redis, idem_name, job_id=job_id, document_sha=hashlib.sha256(data).hexdigest(),
-                                  ttl=c.settings.job_ttl)
+        sha = hashlib.sha256(data).hexdigest()
+        first = idempotency.claim(c.redis, idem_name, job_id=job_id, document_sha=sha, ttl=c.settings.job_ttl)
         if first is not None:
-            return _replay(first)
+            replay = _replay(first)
+            if replay is not None:
+                return replay
+            # The request that claimed the key never wrote its job (its API process died in between):
+            # this one takes the key over, unless another retry took it first.
+            first = idempotency.take_over(c.redis, idem_name, stale_job=first, job_id=job_id, document_sha=sha,
+                                          ttl=c.settings.job_ttl)
+            if first is not None:
+                return _replay(first) or _still_in_use()
     try:
-        _check_queue_room(info.pages)
+        _check_queue_room(info.pages, len(data))
         job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
                             filename=clean_filename(upload.filename), job_id=job_id,
                             extra={"idem_key": idem_name, "callback_url": callback_url})
@@ -78,21 +86,30 @@ def _callback_url() -> str:
 
 
 def _replay(job_id: str):
+    """The first request's job, once its record exists; None if it never appeared."""
     c = ctx()
     job = idempotency.wait_for_record(lambda: c.jobs.get(job_id), timeout=DEFAULT_IDEMPOTENCY_WAIT)
     if job is None:
-        raise Conflict("A request with this Idempotency-Key is still being processed; retry shortly.",
-                       code="idempotency_key_in_use")
+        return None
     response = jsonify(job.to_api())
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return response
 
 
-def _check_queue_room(pages: int) -> None:
+def _still_in_use():
+    raise Conflict("A request with this Idempotency-Key is still being processed; retry shortly.",
+                   code="idempotency_key_in_use")
+
+
+def _check_queue_room(pages: int, size: int) -> None:
     c = ctx()
     depth = c.queue_depth()  # messages in the queue: one per page
     if depth + pages > c.settings.max_queue_depth:
         raise QueueFull(f"The queue is full ({depth} pages waiting); retry later.")
+    queued = c.jobs.queued_bytes()
+    if queued + size > c.settings.max_queued_bytes:
+        raise QueueFull(f"The queue holds {queued} bytes of documents, its limit is {c.settings.max_queued_bytes}; "
+                        "retry later.")
 
 
 def _enqueue(job: Job) -> None:

@@ -56,6 +56,8 @@ class Lease:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.fence = 0
         self.lost = threading.Event()
+        self.on_lost: Callable[[], None] | None = None
+        """Called from the renewal thread if the lease is lost (another holder took over)."""
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -67,9 +69,13 @@ class Lease:
         return f"{self.token}#{self.fence}"
 
     def acquire(self) -> bool:
+        """Take the lease if it is free. Renewal starts at once: whatever the holder does next (re-hash
+        gigabytes over FUSE before its download starts) may take longer than the TTL."""
         self.fence = int(self._acquire(keys=[self.key, self.fence_key], args=[self.token, self.ttl_ms]))
         if self.fence:
             self.lost.clear()
+            self.on_lost = None
+            self.start_heartbeat()
         return bool(self.fence)
 
     def renew(self) -> bool:
@@ -92,8 +98,9 @@ class Lease:
                 log.warning("lease %s not released (it will expire): %s", self.key, exc)
         self.fence = 0
 
-    def start_heartbeat(self, on_lost: Callable[[], None] | None = None) -> None:
+    def start_heartbeat(self) -> None:
         """Renew every third of the TTL from a thread; on failure set `lost` and call `on_lost`."""
+        self.stop_heartbeat()
         self._stop.clear()
 
         def beat() -> None:
@@ -107,8 +114,8 @@ class Lease:
                 if not ok:
                     log.error("lease %s lost (fence %d)", self.key, self.fence)
                     self.lost.set()
-                    if on_lost:
-                        on_lost()
+                    if self.on_lost:
+                        self.on_lost()
                     return
 
         self._thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)

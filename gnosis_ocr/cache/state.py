@@ -22,6 +22,12 @@ def cache_name(settings: Settings) -> str:
     return f"gnosis:cache:{settings.model_id}@{settings.model_revision}"
 
 
+def lease_name(settings: Settings) -> str:
+    """One download lease per repository, not per revision: `main` and the sha it resolves to share
+    blobs, and two downloaders would sweep each other's partial files."""
+    return f"gnosis:cache:{settings.model_id}"
+
+
 def repo_folder(model_id: str) -> str:
     return "models--" + model_id.replace("/", "--")
 
@@ -46,7 +52,7 @@ class CacheState:
         self.name = cache_name(settings)
         self.record_key = f"{self.name}:record"
         self.ref_key = f"{self.name}:ref"
-        self.lease_key = f"{self.name}:lease"
+        self.lease_key = f"{lease_name(settings)}:lease"
 
     def resolved_sha(self) -> str | None:
         """The commit sha this revision was resolved to by a downloader; a sha resolves to itself."""

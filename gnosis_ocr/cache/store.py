@@ -30,7 +30,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from . import manifest as mf
 from .lease import Lease
-from .state import CacheState, cache_name, manifest_path, snapshot_path
+from .state import CacheState, lease_name, manifest_path, snapshot_path
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ModelCache:
         self.redis = client
         self.metrics = metrics or Metrics(client)
         self.state = CacheState(client, settings)
-        self.lease = Lease(client, cache_name(settings), ttl=settings.lease_ttl)
+        self.lease = Lease(client, lease_name(settings), ttl=settings.lease_ttl)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -59,6 +59,10 @@ class ModelCache:
                       ", ".join(bad))
             self.state.mark("corrupt", sha=sha, bad_files=",".join(bad))
             return None
+        record = self.state.record()
+        if record.get("state") == "corrupt" and record.get("sha") in (None, sha):
+            # A reader saw it broken (a repair since, or a FUSE view that caught up): it is whole now.
+            self.state.mark("ready", sha=sha, files=len(manifest.files), bytes=manifest.total_bytes, bad_files="")
         return Path(snapshot)
 
     def _wait_visible(self, sha: str) -> Path | None:
@@ -129,15 +133,13 @@ class ModelCache:
         started = time.monotonic()
         self.state.mark("downloading", by=self.lease.token, started_at=now_rfc3339())
         proc = self._spawn_fetch()
-        self.lease.start_heartbeat(on_lost=lambda: _kill(proc))
+        self.lease.on_lost = lambda: _kill(proc)  # renewed since acquire(); released by our caller
         try:
             result = self._follow(proc, progress)
         except BaseException:
             _kill(proc)
             self.metrics.inc("gnosis_cache_downloads_total", outcome="failed")
             raise
-        finally:
-            self.lease.stop_heartbeat()
         sha = result["sha"]
         files = [mf.FileEntry(**entry) for entry in result["files"]]
         manifest = mf.Manifest(repo_id=self.settings.model_id, sha=sha, files=files, created_at=now_rfc3339(),
@@ -178,9 +180,8 @@ class ModelCache:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if event["event"] == "resolved":
-                self.state.record_resolved(event["sha"])
-            elif event["event"] == "done":
+            # The revision's ref moves only when its snapshot is published, never while it is half there.
+            if event["event"] == "done":
                 result = event
             elif event["event"] == "error":
                 error = event

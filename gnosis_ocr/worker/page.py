@@ -14,10 +14,12 @@ from datetime import datetime
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+import redis
+
 from .. import document
 from ..errors import GnosisError
-from ..job import JobStatus
-from . import heartbeat, notify
+from ..job import Claim, JobStatus, Verdict
+from . import notify, registry
 from .engines import Cancelled, PageText
 from .probe import local_metrics
 from .runtime import Runtime
@@ -25,21 +27,29 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 
-def run_page(rt: Runtime, job_id: str, page: int) -> str:
-    entry = heartbeat.inflight(job_id, page)
-    claim = rt.jobs.start_page(job_id, page, inflight=entry)
-    if claim.verdict == "exhausted":
+class RequeuePage(Exception):
+    """Redis failed while claiming or recording a page: the task returns its message to the queue."""
+
+
+def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> str:
+    """Claim, run and record one page; the verdict as a string. Raises RequeuePage on Redis errors."""
+    entry = registry.entry(job_id, page, tag)
+    try:
+        claim = _claim(rt, job_id, page, entry)
+    except redis.RedisError as exc:
+        raise RequeuePage(f"could not claim job {job_id} page {page}: {exc}") from exc
+    if claim.verdict is Verdict.EXHAUSTED:
         log.error("job %s page %d exceeded %d attempts; job failed", job_id, page, rt.settings.page_max_attempts)
-        _count_final(rt, job_id)
-    if claim.verdict != "run":
-        return claim.verdict
+        _safely(count_final, rt, job_id)
+    if claim.verdict is not Verdict.RUN:
+        return claim.verdict.value
     started = time.monotonic()
     local = local_metrics()
     local["in_flight"].inc()
     outcome = "error"
     try:
-        if claim.data is None or claim.kind is None:  # cancelled, deleted or expired while queued
-            heartbeat.page_finished(rt.redis, job_id, page)
+        if claim.data is None or claim.kind is None:  # cancelled or deleted while queued
+            registry.clear(rt.redis, job_id, page)
             outcome = "gone"
             return outcome
         outcome = _run(rt, job_id, page, entry, claim.data, claim.kind, started)
@@ -48,6 +58,24 @@ def run_page(rt: Runtime, job_id: str, page: int) -> str:
         local["in_flight"].dec()
         local["pages"].labels(outcome=outcome).inc()
         local["page_seconds"].observe(time.monotonic() - started)
+
+
+def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str]) -> Claim:
+    """Claim the page, with its document from this host's copy when there is one."""
+    data = rt.inputs.get(job_id)
+    if data is not None:
+        claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=False)
+        return Claim(claim.verdict, data, claim.kind) if claim.verdict is Verdict.RUN else claim
+    with rt.inputs.fetching(job_id):  # pages of one job claimed at once on this host fetch it once
+        data = rt.inputs.get(job_id)
+        claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=data is None)
+        if claim.verdict is not Verdict.RUN:
+            return claim
+        if data is None:
+            if claim.data is not None:
+                rt.inputs.put(job_id, claim.data)
+            return claim
+        return Claim(claim.verdict, data, claim.kind)
 
 
 def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data: bytes, kind: str,
@@ -59,7 +87,8 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data:
         engine = rt.engine()
         result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id))
     except Cancelled:
-        heartbeat.page_finished(rt.redis, job_id, page)
+        registry.clear(rt.redis, job_id, page)
+        rt.inputs.drop(job_id)
         return "gone"
     except (SoftTimeLimitExceeded, TimeoutError) as exc:
         if isinstance(exc, SoftTimeLimitExceeded):  # raised inside the engine's own call: free what it held
@@ -71,13 +100,39 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data:
         log.exception("engine failed on job %s page %d", job_id, page)
         _release_memory()
         return _fail(rt, job_id, page, "engine_error", f"The OCR engine failed on page {page + 1}.")
-    done, total = rt.jobs.finish_page(job_id, page, result.text, model_id=engine.model_id,
-                                      model_revision=engine.model_revision, inflight=entry,
-                                      truncated=result.truncated)
+    # The text is in hand: recording it is worth retrying through a Redis restart, a failover or an
+    # out-of-memory reply, rather than running the page again.
+    record = _retrying(rt, f"record job {job_id} page {page}", lambda: rt.jobs.finish_page(
+        job_id, page, result.text, model_id=engine.model_id, model_revision=engine.model_revision, inflight=entry,
+        truncated=result.truncated))
     _observe(rt, result, time.monotonic() - started)
-    if done > 0 and done == total:
-        _count_final(rt, job_id)
+    if record.completed_job:
+        rt.inputs.drop(job_id)
+        _safely(count_final, rt, job_id)
     return "done"
+
+
+def _retrying(rt: Runtime, what: str, call):
+    """`call()`, retried with back-off through Redis errors for GNOSIS_REDIS_RETRY seconds."""
+    deadline = time.monotonic() + rt.settings.redis_retry
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except redis.RedisError as exc:
+            if time.monotonic() + delay > deadline:
+                raise RequeuePage(f"could not {what}: {exc}") from exc
+            log.warning("could not %s (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)  # back-off between retries of a failed Redis call
+            delay = min(delay * 2, 5.0)
+
+
+def _safely(fn, *args) -> None:
+    """Metrics and webhooks after a job ended: a Redis error here must not undo the page."""
+    try:
+        fn(*args)
+    except Exception as exc:  # Redis or the broker unreachable: a missed count, never a lost page
+        log.warning("could not count or announce finished job %s: %s", args[-1], exc)
 
 
 def _job_over(rt: Runtime, job_id: str) -> bool:
@@ -101,14 +156,16 @@ def _observe(rt: Runtime, result: PageText, seconds: float) -> None:
 
 
 def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:
-    heartbeat.page_finished(rt.redis, job_id, page)
     log.warning("job %s failed: %s: %s", job_id, code, message)
-    if rt.jobs.fail(job_id, code, message) == JobStatus.FAILED.value:
-        _count_final(rt, job_id)
+    verdict = _retrying(rt, f"fail job {job_id}", lambda: rt.jobs.fail(job_id, code, message))
+    registry.clear(rt.redis, job_id, page)
+    rt.inputs.drop(job_id)
+    if verdict == JobStatus.FAILED.value:
+        _safely(count_final, rt, job_id)
     return "failed"
 
 
-def _count_final(rt: Runtime, job_id: str) -> None:
+def count_final(rt: Runtime, job_id: str) -> None:
     """Once per job, by whoever moved it to its final state: metrics, then the webhook."""
     job = rt.jobs.get(job_id)
     if job is None or not job.final:
@@ -135,6 +192,9 @@ def _release_memory() -> None:
 
 def hard_timeout(rt: Runtime, job_id: str, page: int) -> None:
     """Called in the worker's main process after it killed a pool process stuck past the hard limit."""
-    _fail(rt, job_id, page, "timeout",
-          f"Page {page + 1} exceeded the hard time limit of {rt.settings.page_hard_time_limit} seconds; "
-          "the process was replaced.")
+    try:
+        _fail(rt, job_id, page, "timeout",
+              f"Page {page + 1} exceeded the hard time limit of {rt.settings.page_hard_time_limit} seconds; "
+              "the process was replaced.")
+    except RequeuePage as exc:  # the message is already acknowledged: the max-age sweep ends the job
+        log.error("%s", exc)

@@ -16,6 +16,7 @@ from ..job import JobStore
 from ..metrics import Metrics
 from ..settings import Settings
 from .engines import Engine, load_engine
+from .inputs import InputCache
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Runtime:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.jobs = JobStore(self.redis, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts)
+        self.inputs = InputCache(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)
         self.metrics = Metrics(self.redis, background=True)
         self._engine: Engine | None = None
         self._lock = threading.Lock()
@@ -81,7 +83,7 @@ class Runtime:
             delay = min(delay * 2, 60.0)
 
     def _preload_once(self) -> None:
-        from .heartbeat import engine_loaded
+        from .registry import engine_loaded
 
         try:
             self.engine()

@@ -1,7 +1,8 @@
-"""The light worker beside a batched GPU worker: webhooks and cache warm-ups, in their own process.
+"""The light worker beside every page worker: webhooks and cache warm-ups, in their own process.
 
-A batched worker's threads are all waiting on pages in the GPU's batch, so a webhook or a cache
-warm-up delivered to it would wait for a page to finish. They have their own queues; this process
+A page worker's pool slots are all busy with pages, so a webhook or a cache warm-up delivered to it
+would wait for a page to finish, and a warm-up would inherit the page time limit (its threads pool
+has none). They have their own queues; this process
 consumes them, dies with its parent, and is restarted if it dies alone.
 """
 
@@ -31,7 +32,8 @@ def _die_with_parent() -> None:
 
 def start_light_worker(*, loglevel: str = "INFO") -> threading.Thread:
     env = {**os.environ, "GNOSIS_WORKER_PORT": "0"}  # the probe port belongs to the GPU worker
-    env.pop("GNOSIS_WORKER_NAME", None)
+    for name in ("GNOSIS_WORKER_ID", "GNOSIS_WORKER_ID_OWNER"):  # it is a worker of its own
+        env.pop(name, None)
     args = [sys.executable, "-m", "gnosis_ocr.cli", "worker", "--light", "--concurrency=4", f"--loglevel={loglevel}"]
 
     def supervise() -> None:

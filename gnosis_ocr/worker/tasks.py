@@ -2,12 +2,22 @@
 
 import os
 
+import logging
+import time
+
 from billiard.exceptions import TimeLimitExceeded
 from celery import signals
+from celery.exceptions import Reject
 
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
-from . import heartbeat, notify, page, probe, runtime
+from . import heartbeat, notify, page, probe, registry, runtime
 from .celery_app import app
+
+log = logging.getLogger(__name__)
+
+REQUEUE_DELAY = 1.0
+"""Seconds a page waits before its message goes back to the queue after a Redis error, so that a
+failing Redis is not hammered by every worker thread at once."""
 
 
 class PageTask(app.Task):
@@ -18,10 +28,17 @@ class PageTask(app.Task):
             page.hard_timeout(runtime.get(), args[0], int(args[1]))
 
 
-@app.task(name=OCR_PAGE_TASK, base=PageTask)
-def ocr_page(job_id: str, page_index: int, count: int = 1) -> str:
-    # `count` > 1 only in messages queued by releases that grouped pages per task.
-    verdicts = [page.run_page(runtime.get(), job_id, p) for p in range(page_index, page_index + count)]
+@app.task(name=OCR_PAGE_TASK, base=PageTask, bind=True)
+def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
+    # The broker's tag lets the reaper return this very message if the whole worker dies.
+    tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
+    try:
+        # `count` > 1 only in messages queued by releases that grouped pages per task.
+        verdicts = [page.run_page(runtime.get(), job_id, p, tag=tag) for p in range(page_index, page_index + count)]
+    except page.RequeuePage as exc:
+        log.warning("%s; returning the page to the queue", exc)
+        time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
+        raise Reject(str(exc), requeue=True) from None
     return verdicts[-1]
 
 
@@ -48,19 +65,24 @@ def _load_engine_in_child(**_) -> None:
     runtime.get().preload()
 
 
+@signals.worker_init.connect
+def _name_worker(**_) -> None:
+    # Main process, before the pool forks: `celery -A` workers get a unique id as `gnosis-ocr worker` does.
+    registry.ensure_worker_id(os.environ.get("GNOSIS_WORKER_ROLE") == "light" and "light-" or "")
+
+
 @signals.worker_ready.connect
 def _start_heartbeat(sender=None, **_) -> None:
     global _heartbeat
     rt = runtime.get()
     # Readiness counts loaded engines: one per pool process, or the one batched engine of a threads pool.
     concurrency = rt.expected_engines(getattr(getattr(sender, "pool", None), "limit", 0) or 0)
-    _heartbeat = heartbeat.Heartbeat(rt.redis, app, queue=rt.settings.queue, engine=rt.settings.engine,
-                                     concurrency=concurrency, interval=rt.settings.heartbeat_interval)
+    _heartbeat = heartbeat.Heartbeat(rt, app, concurrency=concurrency)
     _heartbeat.start()
     port = rt.settings.worker_port
     if port:
         global _probe
-        _probe = probe.Probe(rt.redis, port=port, worker=heartbeat.worker_name(), concurrency=concurrency)
+        _probe = probe.Probe(rt.redis, port=port, worker=registry.worker_id(), concurrency=concurrency)
         _probe.start()
 
 

@@ -1,0 +1,138 @@
+"""Which worker is running which page, and recovery of the pages of workers that died.
+
+Every worker start gets its own id (`GNOSIS_WORKER_ID`, made once in the worker's main process and
+inherited by its pool processes), so two containers with pid 1 and one hostname never share an
+entry. A worker is alive while its record key exists: the key expires on Redis's clock, so hosts
+whose clocks disagree cannot declare each other dead.
+
+Each worker lists its in-flight pages in a hash, with the broker's delivery tag of each. When a
+worker's record has expired, any live worker returns that worker's unacknowledged messages to their
+queue (exactly what the broker's visibility timeout would do, hours earlier), so a crash costs one
+redelivery of each page and one attempt, never a second copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import uuid
+
+import redis
+
+from ..broker import OCR_PAGE_TASK
+from ..job import now_rfc3339
+
+log = logging.getLogger(__name__)
+
+WORKERS_KEY = "gnosis:workers"
+"""Every registered worker id (a sorted set scored by registration time, for listing only)."""
+
+REAPER_LOCK = "gnosis:reaper"
+
+
+def assign_worker_id(role: str = "") -> str:
+    """A new id for this worker start, exported so that pool processes report under it."""
+    worker = f"gnosis-{role}{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    os.environ["GNOSIS_WORKER_ID"] = worker
+    os.environ["GNOSIS_WORKER_ID_OWNER"] = str(os.getpid())
+    return worker
+
+
+def ensure_worker_id(role: str = "") -> str:
+    """In a worker's main process: its own id, never one inherited from the environment that
+    started it (a container image or a parent that set it would give every replica the same id)."""
+    if os.environ.get("GNOSIS_WORKER_ID_OWNER") != str(os.getpid()):
+        return assign_worker_id(role)
+    return os.environ["GNOSIS_WORKER_ID"]
+
+
+def worker_id() -> str:
+    return os.environ.get("GNOSIS_WORKER_ID") or assign_worker_id()
+
+
+def record_key(worker: str) -> str:
+    return f"gnosis:worker:{worker}"
+
+
+def inflight_key(worker: str) -> str:
+    return f"gnosis:worker:{worker}:inflight"
+
+
+def engines_key(worker: str) -> str:
+    return f"gnosis:worker:{worker}:engines"
+
+
+def entry(job_id: str, page: int, tag: str | None) -> tuple[str, str, str]:
+    """This delivery's entry in the worker's in-flight hash: (key, field, value), written by the job store."""
+    value = json.dumps({"pid": os.getpid(), "started_at": now_rfc3339(), "tag": tag})
+    return inflight_key(worker_id()), f"{job_id}:{page}", value
+
+
+def clear(client: redis.Redis, job_id: str, page: int) -> None:
+    """Drop an in-flight entry on the paths that end a page without recording it."""
+    try:
+        client.hdel(inflight_key(worker_id()), f"{job_id}:{page}")
+    except redis.RedisError as exc:  # harmless: a dead worker's finished message is no longer unacked
+        log.warning("could not clear in-flight page: %s", exc)
+
+
+def engine_loaded(client: redis.Redis) -> None:
+    """Called in a pool process once its engine is loaded: the worker's readiness counts these."""
+    client.hset(engines_key(worker_id()), str(os.getpid()), now_rfc3339())
+
+
+def register(client: redis.Redis, worker: str, record: dict, *, ttl: float) -> None:
+    """One beat: the record that says this worker is alive, for `ttl` seconds of Redis's clock."""
+    pipe = client.pipeline()
+    pipe.set(record_key(worker), json.dumps(record), px=max(int(ttl * 1000), 1))
+    pipe.zadd(WORKERS_KEY, {worker: 0}, nx=True)
+    pipe.execute()
+
+
+def unregister(client: redis.Redis, worker: str) -> None:
+    client.zrem(WORKERS_KEY, worker)
+    client.delete(record_key(worker), engines_key(worker))
+
+
+def housekeeper(client: redis.Redis, seconds: float) -> bool:
+    """True for the one worker, cluster-wide, that does the housekeeping of the next `seconds`."""
+    return bool(client.set(REAPER_LOCK, worker_id(), nx=True, px=max(int(seconds * 1000), 1)))
+
+
+def reap(client: redis.Redis, app, *, queue: str) -> int:
+    """Return the in-flight pages of dead workers to the queue; the number returned."""
+    requeued = 0
+    for raw in client.zrange(WORKERS_KEY, 0, -1):
+        dead = raw.decode()
+        if client.exists(record_key(dead)):
+            continue
+        pages = client.hgetall(inflight_key(dead))
+        returned = sum(_requeue(client, app, queue, field.decode(), value) for field, value in pages.items())
+        client.delete(inflight_key(dead), engines_key(dead))
+        client.zrem(WORKERS_KEY, dead)
+        if pages:
+            log.warning("worker %s stopped beating; requeued %d page(s) (%d listed)", dead, returned, len(pages))
+        requeued += returned
+    return requeued
+
+
+def _requeue(client: redis.Redis, app, queue: str, field: str, value: bytes) -> bool:
+    try:
+        tag = json.loads(value).get("tag")
+    except ValueError:
+        tag = None
+    if tag:
+        # The original message, back from the broker's unacknowledged set: no copy is made. If it is no
+        # longer there, it was already acknowledged or returned, and there is nothing to do.
+        with app.connection_for_write() as conn:
+            qos = conn.default_channel.qos
+            if not client.hexists(qos.unacked_key, tag):
+                return False
+            qos.restore_by_tag(tag)
+        return True
+    # An entry written by a release that did not record delivery tags.
+    job_id, page = field.rsplit(":", 1)
+    app.send_task(OCR_PAGE_TASK, args=[job_id, int(page)], queue=queue)
+    return True

@@ -1,0 +1,315 @@
+"""Issue 10: nothing lost over time, across hosts and on a fresh machine.
+
+Redis errors are injected with Redis's own ACLs (the worker's user loses access to the job keys, so
+its claims and records fail as an out-of-memory or read-only reply would, while the broker goes on); clock skew with a
+`time.time` offset in the worker's interpreter; identical `pid@hostname` workers with PID and UTS
+namespaces (`unshare`), as two containers would have.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import redis
+import requests
+from PIL import Image
+
+from gnosis_ocr.api import idempotency
+from tests.conftest import ROOT, Proc, free_port, poll_job, wait_until
+from tests.docs import text_image
+from tests.redisproc import PrivateRedis
+
+pytestmark = pytest.mark.slow
+
+
+def submit(url: str, data: bytes | None = None, name: str = "a.png", **form: str) -> dict:
+    r = requests.post(f"{url}/v1/jobs", files={"file": (name, data or text_image([f"lifetime {name}"]))}, data=form)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def running_entry(client: redis.Redis, job_id: str) -> dict | None:
+    for key in client.scan_iter("gnosis:worker:*:inflight"):
+        raw = client.hget(key, f"{job_id}:0")
+        if raw:
+            return {"worker": key.decode().split(":")[2], **json.loads(raw)}
+    return None
+
+
+def no_inflight(client: redis.Redis) -> bool:
+    return not any(client.hlen(k) for k in client.scan_iter("gnosis:worker:*:inflight"))
+
+
+# ---- Redis errors while claiming or recording a page --------------------------------------------------
+
+
+@pytest.fixture
+def acl_redis(stack, tmp_path):
+    """A private Redis whose `worker` user can be denied the job keys while the API's user keeps them."""
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    admin = redis.Redis.from_url(private.url)
+    admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"])
+    stack.env["REDIS_URL"] = private.url
+    worker_url = f"redis://worker:pw@127.0.0.1:{private.port}/0"
+    yield admin, worker_url
+    private.stop()
+
+
+def deny_job_keys(admin: redis.Redis, denied: bool) -> None:
+    """Every key but the job records (`gnosis:job:*`, `gnosis:jobs:*`): the broker and heartbeats go on."""
+    keys = ["[^g]*", "gnosis-*", "gnosis:[^j]*"] if denied else ["*"]
+    admin.acl_setuser("worker", enabled=True, reset_keys=True, keys=keys)
+
+
+def test_a_page_whose_claim_fails_comes_back_when_redis_does(stack, acl_redis):
+    admin, worker_url = acl_redis
+    url = stack.api()
+    deny_job_keys(admin, True)
+    worker = stack.worker(OCR_ENGINE="null", REDIS_URL=worker_url)
+    job = submit(url)
+    wait_until(lambda: "could not claim" in worker.log(), timeout=30, message="a failed claim")
+    assert requests.get(f"{url}/v1/jobs/{job['id']}").json()["status"] == "queued"
+    deny_job_keys(admin, False)
+    final = poll_job(url, job["id"], timeout=60)
+    assert final["status"] == "succeeded" and final["attempts"] == 1, final
+    wait_until(lambda: no_inflight(admin) and admin.llen("ocr") == 0 and admin.hlen("unacked") == 0, timeout=15,
+               message="every returned copy consumed and acknowledged")
+
+
+def test_a_page_whose_record_fails_is_recorded_once_redis_answers(stack, acl_redis):
+    admin, worker_url = acl_redis
+    url = stack.api()
+    worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="2", REDIS_URL=worker_url)
+    job = submit(url)
+    wait_until(lambda: running_entry(admin, job["id"]), timeout=30, message="the page to start")
+    deny_job_keys(admin, True)  # the text is computed while Redis refuses to record it
+    wait_until(lambda: "could not record" in worker.log(), timeout=30, message="a failed record")
+    deny_job_keys(admin, False)
+    final = poll_job(url, job["id"], timeout=60)
+    assert final["status"] == "succeeded" and final["attempts"] == 1, final  # recorded, not run again
+    assert no_inflight(admin)
+
+
+# ---- liveness across hosts ----------------------------------------------------------------------------
+
+
+def skewed_env(tmp_path, seconds: float) -> dict[str, str]:
+    """The worker's interpreter reads a wall clock `seconds` off, as a host with a wrong clock would."""
+    shim = tmp_path / f"skew{seconds:+g}"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import time
+        _real = time.time
+        time.time = lambda: _real() + ({seconds})
+    """))
+    return {"PYTHONPATH": f"{shim}{os.pathsep}{ROOT}"}
+
+
+def test_a_worker_with_a_slow_clock_is_not_taken_for_dead(stack, tmp_path):
+    url = stack.api()
+    slow = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="8", **skewed_env(tmp_path, -60))
+    other = stack.worker(OCR_ENGINE="null")
+    job = submit(url)
+    entry = wait_until(lambda: running_entry(stack.redis, job["id"]), timeout=30, message="the page to start")
+    assert entry["worker"].startswith(f"gnosis-{slow.pid}@")
+    final = poll_job(url, job["id"], timeout=60)
+    assert final["status"] == "succeeded" and final["attempts"] == 1, final
+    assert "stopped beating" not in slow.log() + other.log()
+
+
+def _unshare_works() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--uts", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs PID and UTS namespaces (root)")
+def test_two_containers_with_pid_1_and_one_hostname_keep_their_pages_apart(stack):
+    """Both workers are pid 1 on host `ocr-worker`; one is started the Celery way (`celery -A`)."""
+    url = stack.api()
+    env = {**stack.env, "OCR_ENGINE": "null", "GNOSIS_NULL_ENGINE_DELAY": "4"}
+    box = ["unshare", "--pid", "--fork", "--mount-proc", "--uts", "sh", "-c", 'hostname ocr-worker && exec "$@"', "-"]
+    commands = [
+        [sys.executable, "-m", "gnosis_ocr.cli", "worker"],
+        [sys.executable, "-m", "celery", "-A", "gnosis_ocr.worker.celery_app", "worker", "--concurrency=1",
+         "--queues=ocr", "--without-mingle", "--without-gossip"],
+    ]
+    workers = [Proc([*box, *cmd], env, stack.tmp / f"box{i}.log") for i, cmd in enumerate(commands)]
+    stack.procs.extend(workers)
+
+    def ids() -> list[str]:
+        found = []
+        for key in stack.redis.scan_iter("gnosis:worker:*"):
+            info = json.loads(stack.redis.get(key) or b"{}") if key.count(b":") == 2 else {}
+            if info.get("pid") == 1 and info.get("concurrency"):
+                found.append(key.decode().split(":")[2])
+        return found if len(found) == 2 else []
+
+    names = wait_until(ids, timeout=60, message="both workers to beat")
+    assert all(n.startswith("gnosis-1@ocr-worker-") for n in names) and names[0] != names[1]
+
+    job = submit(url)
+    entry = wait_until(lambda: running_entry(stack.redis, job["id"]), timeout=30, message="the page to start")
+    assert entry["worker"] in names
+    # `gnosis-ocr worker` prints its id in Celery's banner; the `celery -A` one does not.
+    victim = workers[0] if entry["worker"] in workers[0].log() else workers[1]
+    victim.kill_tree()  # the container is gone; the other, same pid and hostname, goes on beating
+    final = poll_job(url, job["id"], timeout=60)
+    assert final["status"] == "succeeded" and final["attempts"] == 2, final
+
+
+# ---- one crash, one delivery --------------------------------------------------------------------------
+
+
+def test_a_crashed_worker_costs_one_delivery_and_leaves_no_copy(stack):
+    url = stack.api()
+    workers = [stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="3") for _ in range(2)]
+    job = submit(url)
+    entry = wait_until(lambda: running_entry(stack.redis, job["id"]), timeout=30, message="the page to start")
+    assert entry["tag"]  # the broker's delivery tag is what the reaper returns
+    next(w for w in workers if entry["worker"].startswith(f"gnosis-{w.pid}@")).kill_tree()
+    final = poll_job(url, job["id"], timeout=60)
+    assert final["status"] == "succeeded" and final["attempts"] == 2, final
+    # The dead worker's message was returned, not copied: nothing waits to be redelivered later.
+    wait_until(lambda: stack.redis.hlen("unacked") == 0 and stack.redis.llen("ocr") == 0, timeout=15,
+               message="no message left behind for the visibility timeout")
+
+
+# ---- side queues --------------------------------------------------------------------------------------
+
+
+def test_a_webhook_is_delivered_while_a_long_page_holds_the_only_slot(stack):
+    from tests.test_webhooks import Receiver, hooks_env
+
+    hooks_env(stack)
+    hook = Receiver()
+    try:
+        url = stack.api()
+        stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="30", concurrency=1)
+        long = submit(url, name="long.png")
+        wait_until(lambda: running_entry(stack.redis, long["id"]), timeout=30, message="the long page to start")
+        other = submit(url, name="other.png", callback_url=hook.url)
+        requests.post(f"{url}/v1/jobs/{other['id']}/cancel")
+        wait_until(lambda: hook.calls, timeout=20, message="the webhook, while the long page runs")
+        assert requests.get(f"{url}/v1/jobs/{long['id']}").json()["status"] == "running"
+    finally:
+        hook.stop()
+
+
+# ---- bandwidth and memory -----------------------------------------------------------------------------
+
+
+def noisy_pdf(pages: int) -> bytes:
+    import random
+
+    rng = random.Random(7)
+    images = [Image.frombytes("RGB", (300, 300), rng.randbytes(300 * 300 * 3)) for _ in range(pages)]
+    out = io.BytesIO()
+    images[0].save(out, "PDF", save_all=True, append_images=images[1:], quality=90)
+    return out.getvalue()
+
+
+def test_a_many_page_document_leaves_redis_about_once(stack, tmp_path):
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", concurrency=2, GNOSIS_INPUT_CACHE_DIR=str(tmp_path / "inputs"))
+    pdf = noisy_pdf(10)
+    before = stack.redis.info("stats")["total_net_output_bytes"]
+    job = submit(url, pdf, name="big.pdf")
+    assert poll_job(url, job["id"], timeout=120)["status"] == "succeeded"
+    sent = stack.redis.info("stats")["total_net_output_bytes"] - before
+    print(f"\n{len(pdf)} byte, 10-page PDF: {sent} bytes read from Redis ({sent / len(pdf):.2f}x)")
+    assert sent <= 2 * len(pdf)
+
+
+def test_queued_bytes_are_bounded_and_released(stack):
+    document = text_image(["bytes bound"])
+    url = stack.api(GNOSIS_MAX_QUEUED_BYTES=str(int(len(document) * 1.5)))
+    first = submit(url, document)
+    r = requests.post(f"{url}/v1/jobs", files={"file": ("b.png", document)})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    assert r.json()["error"]["code"] == "queue_full" and "bytes" in r.json()["error"]["message"]
+    assert len(list(stack.redis.scan_iter("gnosis:job:*:input"))) == 1
+    stack.worker()
+    assert poll_job(url, first["id"])["status"] == "succeeded"
+    assert submit(url, document)["status"] == "queued"  # the finished job's bytes were released
+
+
+# ---- idempotency after an API crash -------------------------------------------------------------------
+
+
+def test_an_idempotency_key_orphaned_by_a_crash_is_taken_over(stack):
+    url = stack.api()
+    key = "order-4821"
+    document = text_image(["orphaned key"])
+    import hashlib
+
+    # What a crash between claiming the key and writing the job leaves behind.
+    stack.redis.set(idempotency.key_name("", key), f"{'0' * 32}:{hashlib.sha256(document).hexdigest()}", ex=3600)
+    r = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})
+    assert r.status_code == 202, r.text
+    again = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})
+    assert again.status_code == 200 and again.json()["id"] == r.json()["id"]
+
+
+# ---- the fresh machine --------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_dev_stopped_with_sigterm_stops_its_whole_tree(stack):
+    port = free_port()
+    dev = subprocess.Popen([sys.executable, "-m", "gnosis_ocr.cli", "dev", "--port", str(port)],
+                           env={**stack.env, "OCR_ENGINE": "null"}, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up():
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(up, timeout=90, message="the dev stack to be ready")
+        tree = wait_until(lambda: (d := descendants(dev.pid)) and len(d) >= 4 and d, timeout=30,
+                          message="the API and worker processes")
+        dev.send_signal(signal.SIGTERM)  # what any supervisor sends
+        dev.wait(timeout=60)
+        wait_until(lambda: not [p for p in tree if alive(p)], timeout=30, message="every child to stop")
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        if dev.poll() is None:
+            dev.kill()

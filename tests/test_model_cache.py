@@ -92,6 +92,10 @@ def test_killed_downloader_is_replaced_and_nothing_partial_is_loaded(stack, padd
         holder = stack.redis.get(lease_key)
         assert holder is not None
         assert not os.path.exists(manifest_path(settings_for(stack), stub.sha))
+        # The revision's ref moves only when the snapshot is published, never while it is half there.
+        from gnosis_ocr.cache.state import CacheState
+
+        assert CacheState(stack.redis, settings_for(stack)).resolved_sha() is None
 
         first.kill_tree()  # the whole worker, as when its host disappears
         killed_at = time.monotonic()
@@ -202,3 +206,50 @@ def test_cache_state_without_the_mount_comes_from_redis(redis_url, tmp_path):
     assert (described["state"], described["files"], described["bytes"]) == ("ready", 7, 1234)
     state.redis.set(state.lease_key, "host:2#5")
     assert state.describe()["state"] == "downloading"
+
+
+def test_the_lease_is_renewed_from_the_moment_it_is_taken(redis_url):
+    import redis as redis_lib
+
+    from gnosis_ocr.cache.lease import Lease
+
+    lease = Lease(redis_lib.Redis.from_url(redis_url), "gnosis:test:repo", ttl=1.0)
+    assert lease.acquire()
+    try:
+        # Whatever the holder does first (re-hashing gigabytes over FUSE) may outlast the TTL: it stays held.
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < 3:
+            assert lease.held(), "the lease expired before its holder was done"
+            time.sleep(0.1)  # sampling a condition over a period, not waiting for an event
+    finally:
+        lease.release()
+    assert lease.holder() is None
+
+
+def test_one_download_lease_per_repository_whatever_the_revision(redis_url, tmp_path):
+    import redis as redis_lib
+
+    from gnosis_ocr.cache.store import ModelCache
+
+    client = redis_lib.Redis.from_url(redis_url)
+    caches = [ModelCache(Settings.from_env({"MODEL_CACHE_PATH": str(tmp_path), "OCR_MODEL_ID": REPO,
+                                            "OCR_MODEL_REVISION": revision}), client)
+              for revision in ("main", "a" * 40)]
+    assert caches[0].lease.acquire()
+    try:
+        assert not caches[1].lease.acquire()  # `main` and its pinned sha share blobs and partial files
+    finally:
+        caches[0].lease.release()
+
+
+def test_a_corrupt_mark_is_cleared_once_the_cache_checks_whole(stack, hub):
+    nanonets_env(stack, hub)
+    assert cli(stack, "cache", "warm").returncode == 0
+    from gnosis_ocr.cache.state import CacheState
+
+    state = CacheState(stack.redis, settings_for(stack))
+    state.mark("corrupt", sha=hub.sha, bad_files="model.safetensors")  # a reader's view, since repaired
+    assert '"state": "corrupt"' in cli(stack, "cache", "status").stdout
+    assert cli(stack, "cache", "warm").returncode == 0  # a hit: the quick check passes
+    status = cli(stack, "cache", "status").stdout
+    assert '"state": "ready"' in status and '"bad_files": []' in status

@@ -66,6 +66,8 @@ def test_final_job_is_posted_signed_and_retried(stack, receiver):
     job_id = r.json()["id"]
     assert poll_job(url, job_id)["status"] == "succeeded"
     wait_until(lambda: len(receiver.calls) == 3, timeout=30, message="two failures then a delivery")
+    # One event, one id on every retry: receivers drop the repeats.
+    assert len({headers["X-Gnosis-Delivery"] for headers, _ in receiver.calls}) == 1
     for headers, body in receiver.calls:
         assert webhook.verify(SECRET, headers["X-Gnosis-Signature"], body)
         assert headers["X-Gnosis-Event"] == "job.succeeded"
@@ -95,6 +97,9 @@ def test_cancel_is_posted_too(stack):
     "http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.1.2.3/hook", "http://192.168.0.10/x",
     "http://169.254.169.254/latest/meta-data", "http://[::1]/hook", "ftp://example.com/x", "not a url",
     "http://user:pw@example.com/x", "",
+    # IPv6 forms that carry a private IPv4 address, and empty credentials:
+    "http://[::127.0.0.1]/hook", "http://[::ffff:10.0.0.1]/hook", "http://[2002:7f00:1::]/hook",
+    "http://[64:ff9b::7f00:1]/hook", "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook", "http://:@example.com/x",
 ])
 def test_callbacks_to_private_addresses_are_refused(stack, target):
     stack.env.update(GNOSIS_WEBHOOK_SECRET=SECRET)
@@ -108,3 +113,30 @@ def test_callbacks_need_a_secret(stack):
     r = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["x"]))},
                       data={"callback_url": "https://example.com/hook"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "webhooks_disabled"
+
+
+def test_delivery_connects_to_the_address_it_checked(monkeypatch):
+    """DNS rebinding: the name resolves to a public address when checked and to loopback a moment later.
+    A resolver that changes its answer cannot run here without a DNS server, so getaddrinfo is replaced."""
+    import socket
+
+    inside = Receiver()
+    answers = iter(["192.0.2.10", "127.0.0.1"])  # TEST-NET-1 (public enough for the check), then loopback
+    real = socket.getaddrinfo
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "hooks.example.com":
+            address = next(answers, "127.0.0.1")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(webhook, "is_public", lambda address: str(address) != "127.0.0.1")
+    port = inside.server.server_address[1]
+    try:
+        with pytest.raises(webhook.DeliveryFailed):
+            webhook.deliver(f"http://hooks.example.com:{port}/hook", {"id": "j", "status": "succeeded"},
+                            secret=SECRET, allow_private=False, timeout=2)
+        assert inside.calls == []  # the loopback receiver was never reached
+    finally:
+        inside.stop()

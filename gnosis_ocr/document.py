@@ -58,12 +58,16 @@ def inspect(data: bytes, *, max_pages: int, max_pixels: int) -> DocumentInfo:
     kind = sniff(data[:1024])
     if kind is None:
         raise UnsupportedDocument("The file is not a PNG, JPEG, TIFF, WebP, BMP or PDF document.")
-    pages = _pdf_pages(data) if kind == "pdf" else _image_pages(data, max_pixels=max_pixels)
+    if kind == "pdf":
+        pages = _pdf_pages(data, max_pages=max_pages)
+    else:
+        pages = _image_pages(data, max_pixels=max_pixels, max_pages=max_pages)
     if pages == 0:
         raise UnreadableDocument("The document has no pages.", code="no_pages")
     if pages > max_pages:
         raise UnreadableDocument(
-            f"The document has {pages} pages; at most {max_pages} are accepted.", code="too_many_pages"
+            f"The document has more than {max_pages} pages; at most {max_pages} are accepted.",
+            code="too_many_pages",
         )
     return DocumentInfo(kind=kind, pages=pages)
 
@@ -95,14 +99,20 @@ def _check_pixels(img: Image.Image, max_pixels: int) -> None:
         )
 
 
-def _image_pages(data: bytes, *, max_pixels: int) -> int:
+def _image_pages(data: bytes, *, max_pixels: int, max_pages: int) -> int:
+    """Frames counted one by one, stopping at `max_pages` + 1: Pillow's `n_frames` would walk every
+    frame of a 100,000-frame TIFF before the limit could be checked."""
     # The header alone gives the size, so a pixel bomb is refused before anything is decoded.
+    frames = 1
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_pixels(img, max_pixels)
-            frames = getattr(img, "n_frames", 1)
-            for frame in range(1, frames):
-                img.seek(frame)
+            while frames <= max_pages:
+                try:
+                    img.seek(frames)
+                except EOFError:
+                    break
+                frames += 1
                 _check_pixels(img, max_pixels)
     except UnreadableDocument:
         raise
@@ -135,11 +145,24 @@ def _open_pdf(data: bytes):
         raise UnreadableDocument(f"The PDF cannot be read: {exc}") from None
 
 
-def _pdf_pages(data: bytes) -> int:
+def _pdf_pages(data: bytes, *, max_pages: int) -> int:
+    """The page count, checked against the pages that exist: a page tree may claim /Count 100 with one
+    real page, and each claimed page would otherwise become a task."""
+    import pypdfium2 as pdfium
+
     with _PDFIUM_LOCK:
         pdf = _open_pdf(data)
         try:
-            return len(pdf)
+            pages = len(pdf)
+            if pages > max_pages:
+                return pages
+            for index in range(pages):
+                try:
+                    pdf.get_page_size(index)  # reads the page's dictionary, never its content
+                except pdfium.PdfiumError:
+                    raise UnreadableDocument(
+                        f"The PDF says it has {pages} pages but page {index + 1} does not exist.") from None
+            return pages
         finally:
             pdf.close()
 

@@ -169,3 +169,69 @@ def test_every_supported_image_format(api, fmt):
     job, final = _submit_and_wait(api, f"page.{fmt.lower()}", text_image(["Format check passes"], fmt=fmt))
     assert final["status"] == "succeeded", final
     assert "formatcheckpasses" in squash(requests.get(f"{api}/v1/jobs/{job['id']}/result").json()["text"])
+
+
+def many_frame_tiff(frames: int) -> bytes:
+    """A TIFF of `frames` 1x1 grey frames, each a 102-byte IFD chained to the next (what Pillow would
+    take seconds to write, written directly)."""
+    import struct
+
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    for i in range(frames):
+        start = len(out)
+        pixel = start + 2 + 8 * 12 + 4  # the frame's one pixel, right after its IFD
+        nxt = 0 if i == frames - 1 else pixel + 1
+        tags = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+                (273, 4, 1, pixel), (278, 3, 1, 1), (279, 4, 1, 1)]
+        out += struct.pack("<H", len(tags))
+        for tag, typ, count, value in tags:
+            out += struct.pack("<HHII", tag, typ, count, value)
+        out += struct.pack("<I", nxt) + b"\x80"
+    return bytes(out)
+
+
+def lying_pdf(claimed: int) -> bytes:
+    """One real page under a page tree that claims `claimed` pages."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [3 0 R] /Count %d >>" % claimed,
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Root 1 0 R /Size %d >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def test_counting_frames_stops_past_the_page_limit(monkeypatch):
+    from PIL import TiffImagePlugin
+
+    from gnosis_ocr import document
+    from gnosis_ocr.errors import UnreadableDocument
+
+    tiff = many_frame_tiff(100_000)
+    seeks = []
+    real_seek = TiffImagePlugin.TiffImageFile.seek
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "seek", lambda self, f: (seeks.append(f), real_seek(self, f))[1])
+    with pytest.raises(UnreadableDocument) as refused:
+        document.inspect(tiff, max_pages=100, max_pixels=10**6)
+    assert refused.value.code == "too_many_pages"
+    assert max(seeks) <= 101  # the 100,001st frame and beyond were never looked at
+
+
+def test_a_many_frame_tiff_is_refused_at_submit(api):
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("frames.tiff", many_frame_tiff(15_000))})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_pages"
+    assert "more than 5" in r.json()["error"]["message"]
+
+
+def test_a_pdf_claiming_pages_it_lacks_is_refused_before_anything_is_queued(api):
+    depth = redis.Redis.from_url(TEST_REDIS_URL).llen("ocr")
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("liar.pdf", lying_pdf(4))})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unreadable_document", r.text
+    assert "page 2 does not exist" in r.json()["error"]["message"]
+    assert redis.Redis.from_url(TEST_REDIS_URL).llen("ocr") == depth

@@ -21,6 +21,10 @@ def _settings(*, cache: bool = False) -> Settings:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    # Before anything imports ssl, socket or threading: the API's workers are gevent workers.
+    from gevent import monkey
+
+    monkey.patch_all()
     from .api.server import ApiServer
 
     settings = _settings()

@@ -112,3 +112,10 @@ of at most a quarter of it, repeated, is stopped and marked truncated. 0 turns t
 
 DEFAULT_PREFETCH_PAGES = 4
 """Pages a batched worker holds beyond its batch, prepared and waiting, so a freed slot refills at once."""
+
+DEFAULT_API_CONNECTIONS = 1000
+"""Open connections each API process serves at once (each a gevent greenlet: idle ones cost a few KiB)."""
+
+DEFAULT_HEADER_TIMEOUT = 10
+"""Seconds a client has to send a complete request head (and to send the next one on a kept-alive
+connection) before the API drops it: slow-header clients cannot pile up."""

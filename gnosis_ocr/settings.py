@@ -36,6 +36,8 @@ class Settings:
     input_cache_bytes: int = defaults.DEFAULT_INPUT_CACHE_BYTES
     input_cache_dir: str = ""
     redis_retry: float = defaults.DEFAULT_REDIS_RETRY
+    api_connections: int = defaults.DEFAULT_API_CONNECTIONS
+    header_timeout: int = defaults.DEFAULT_HEADER_TIMEOUT
     page_soft_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT
     page_hard_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
     page_max_attempts: int = defaults.DEFAULT_PAGE_MAX_ATTEMPTS
@@ -96,6 +98,8 @@ class Settings:
             input_cache_bytes=_int(env, "GNOSIS_INPUT_CACHE_BYTES", defaults.DEFAULT_INPUT_CACHE_BYTES),
             input_cache_dir=env.get("GNOSIS_INPUT_CACHE_DIR", ""),
             redis_retry=_float(env, "GNOSIS_REDIS_RETRY", defaults.DEFAULT_REDIS_RETRY),
+            api_connections=_int(env, "GNOSIS_API_CONNECTIONS", defaults.DEFAULT_API_CONNECTIONS),
+            header_timeout=_int(env, "GNOSIS_HEADER_TIMEOUT", defaults.DEFAULT_HEADER_TIMEOUT),
             page_soft_time_limit=soft,
             page_hard_time_limit=_int(
                 env, "GNOSIS_PAGE_HARD_TIMEOUT", soft + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
@@ -154,7 +158,7 @@ class Settings:
         if self.page_hard_time_limit <= self.page_soft_time_limit:
             raise ConfigError("GNOSIS_PAGE_HARD_TIMEOUT must be longer than GNOSIS_PAGE_SOFT_TIMEOUT")
         for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl", "job_max_age",
-                     "max_queued_bytes",
+                     "max_queued_bytes", "api_connections", "header_timeout",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
                      "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
                      "prefill_batch"):

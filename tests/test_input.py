@@ -235,3 +235,47 @@ def test_a_pdf_claiming_pages_it_lacks_is_refused_before_anything_is_queued(api)
     assert r.status_code == 422 and r.json()["error"]["code"] == "unreadable_document", r.text
     assert "page 2 does not exist" in r.json()["error"]["message"]
     assert redis.Redis.from_url(TEST_REDIS_URL).llen("ocr") == depth
+
+
+def test_a_413_says_which_limit_was_hit(api):
+    parts = {f"extra{i}": "x" for i in range(40)}
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("a.png", _png())}, data=parts)
+    assert r.status_code == 413 and "more than 16 parts" in r.json()["error"]["message"], r.text
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("a.png", _png())}, data={"callback_url": "x" * 1_000_000})
+    assert r.status_code == 413 and "form field" in r.json()["error"]["message"], r.text
+    r = requests.post(f"{api}/v1/jobs", files={"file": ("a.png", b"\0" * (MAX_UPLOAD + 1))})
+    assert r.status_code == 413 and "request body is" in r.json()["error"]["message"], r.text
+
+
+def raw_request(url: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    parsed = urlparse(url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as s:
+        s.sendall(data)
+        response = b""
+        while chunk := s.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET /v1/jobs/" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 10_000 + b"\r\n\r\n", 431),
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(100)) + b"\r\n", 431),
+])
+def test_errors_the_http_server_answers_itself_are_json_too(api, request_bytes, status):
+    got, headers, body = raw_request(api, request_bytes)
+    assert got == status, body
+    assert headers["content-type"] == "application/json" and headers["x-content-type-options"] == "nosniff"
+    error = __import__("json").loads(body)["error"]
+    assert error["code"] and error["message"]
+
+
+def test_every_response_says_nosniff(api):
+    job, final = _submit_and_wait(api, "a.png", _png())
+    for path in ("/healthz", "/readyz", f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/result?format=markdown",
+                 "/v1/jobs/" + "0" * 32, "/metrics", "/openapi.json"):
+        assert requests.get(api + path).headers.get("X-Content-Type-Options") == "nosniff", path

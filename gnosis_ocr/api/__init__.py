@@ -22,6 +22,13 @@ __all__ = ["create_app", "ctx"]
 DEPTH_TTL = 0.25
 """Seconds a process trusts its last reading of the queue depth."""
 
+MAX_FORM_PARTS = 16
+"""Parts in one multipart submission (the file, `callback_url`, room for clients' extras)."""
+
+MAX_FORM_FIELD_BYTES = 256 * 1024
+"""Bytes in one non-file form field (Werkzeug also applies it to each read of a file part, so it stays
+well above its 64 KiB read size)."""
+
 
 @dataclass
 class ApiContext:
@@ -54,6 +61,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    # A submission is one file and a few small fields: refuse anything else early and cheaply.
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
+    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
     app.json.sort_keys = False
     client = redis.Redis.from_url(
         settings.redis_url,
@@ -72,6 +82,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     from . import cache, errors, jobs, ops, ui
 
     errors.register(app)
+
+    @app.after_request
+    def _nosniff(response):
+        # Results are model output: a browser must never guess they are HTML.
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
     app.register_blueprint(jobs.bp)
     app.register_blueprint(cache.bp)
     app.register_blueprint(ops.bp)

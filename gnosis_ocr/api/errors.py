@@ -47,7 +47,7 @@ def register(app: Flask) -> None:
         code = _HTTP_CODES.get(status, "http_error")
         message = exc.description or exc.name
         if status == 413:
-            message = f"The upload is larger than {ctx().settings.max_upload_bytes} bytes."
+            message = _too_large(exc)
         response = error_response(status, code, message)
         allow = dict(exc.get_headers()).get("Allow")
         if allow:
@@ -68,6 +68,30 @@ def register(app: Flask) -> None:
                                   retry_after=ctx().settings.retry_after)
         log.exception("unhandled error")
         return error_response(500, "internal_error", "The server failed to handle the request.")
+
+
+def _too_large(exc: HTTPException) -> str:
+    """Which limit a 413 hit: the body, one form field, or the number of parts."""
+    from flask import request
+
+    from . import MAX_FORM_FIELD_BYTES, MAX_FORM_PARTS, ctx
+
+    limit = ctx().settings.max_upload_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        return f"The request body is {length} bytes; at most {limit} are accepted."
+    # Werkzeug raises the same exception for all three; its multipart decoder says which it was.
+    tb, decoder = exc.__traceback__, None
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if hasattr(candidate, "_parts_decoded"):
+            decoder = candidate
+        tb = tb.tb_next
+    if decoder is not None and decoder._parts_decoded > (decoder.max_parts or MAX_FORM_PARTS):
+        return f"The form has more than {MAX_FORM_PARTS} parts."
+    if decoder is not None or length is not None:
+        return f"A form field other than the file is larger than {MAX_FORM_FIELD_BYTES} bytes."
+    return f"The request body is larger than {limit} bytes."
 
 
 def _is_broker_error(exc: BaseException) -> bool:

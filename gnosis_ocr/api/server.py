@@ -1,4 +1,4 @@
-"""The API under gunicorn (threads per process, so long-polls do not starve submissions)."""
+"""The API under gunicorn with gevent workers (`gworker.py`): idle and slow clients cost a greenlet each."""
 
 from __future__ import annotations
 
@@ -16,12 +16,18 @@ class ApiServer(BaseApplication):
         self.options = {
             "bind": f"{host}:{port}",
             "workers": workers,
-            "worker_class": "gthread",
-            "threads": threads,
-            # Longer than the longest long-poll (?wait=30) plus an upload.
+            "worker_class": "gnosis_ocr.api.gworker.ApiWorker",
+            # Connections per process (each a greenlet); `--threads` is kept for compatibility and
+            # only raises this floor.
+            "worker_connections": max(settings.api_connections, threads),
+            # The worker's heartbeat to the master: a process whose event loop is blocked this long is replaced.
             "timeout": 120,
             "graceful_timeout": 30,
-            "keepalive": 5,
+            # Also the limit on reading a request head: a client that trickles its headers is dropped.
+            "keepalive": settings.header_timeout,
+            "limit_request_line": 4094,
+            "limit_request_fields": 64,
+            "limit_request_field_size": 8190,
             "accesslog": _access_log(),
             "errorlog": "-",
             "loglevel": os.environ.get("GNOSIS_LOG_LEVEL", "info").lower(),

@@ -1,0 +1,102 @@
+"""Issue 12: a few slow sockets, long-polls or greedy keys cannot silence the API for everyone else."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import pytest
+import requests
+
+from tests.conftest import poll_job, wait_until
+from tests.docs import text_image
+
+pytestmark = pytest.mark.slow
+
+
+def connect(url: str) -> socket.socket:
+    parsed = urlparse(url)
+    return socket.create_connection((parsed.hostname, parsed.port), timeout=10)
+
+
+def slow_headers(url: str, n: int) -> list[socket.socket]:
+    """Sockets that start a request and never finish its headers."""
+    socks = []
+    for i in range(n):
+        s = connect(url)
+        s.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow-{i}: ".encode())
+        socks.append(s)
+    return socks
+
+
+def long_polls(url: str, job_id: str, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = connect(url)
+        s.sendall(f"GET /v1/jobs/{job_id}?wait=30 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        socks.append(s)
+    return socks
+
+
+def noise_png(size: int) -> bytes:
+    """A real PNG of about `size` bytes (noise does not compress)."""
+    import io
+    import random
+
+    from PIL import Image
+
+    side = int((size / 3) ** 0.5)
+    image = Image.frombytes("RGB", (side, side), random.Random(1).randbytes(side * side * 3))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_slow_sockets_and_long_polls_do_not_starve_the_api(stack):
+    url = stack.api(workers=2)
+    queued = requests.post(f"{url}/v1/jobs", files={"file": ("q.png", text_image(["held"]))}).json()
+    held = slow_headers(url, 200) + long_polls(url, queued["id"], 200)
+    try:
+        document = noise_png(100_000)
+        health, submits = [], []
+        for i in range(20):
+            started = time.monotonic()
+            assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+            health.append(time.monotonic() - started)
+            started = time.monotonic()
+            r = requests.post(f"{url}/v1/jobs", files={"file": (f"p{i}.png", document)}, timeout=5)
+            assert r.status_code == 202, r.text
+            submits.append(time.monotonic() - started)
+        print(f"\nwith 200 slow-header sockets and 200 long-polls open: /healthz max {max(health) * 1000:.0f} ms, "
+              f"100 KB POST max {max(submits) * 1000:.0f} ms")
+
+        # The long-polls still work: a worker finishes the job and a waiting client hears at once.
+        stack.worker()
+        assert poll_job(url, queued["id"], timeout=60)["status"] == "succeeded"
+        waiting = held[200]
+        waiting.settimeout(30)
+        assert b'"status":"succeeded"' in waiting.recv(65536)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_client_that_trickles_its_headers_is_dropped(stack):
+    url = stack.api(GNOSIS_HEADER_TIMEOUT="2")
+    s = slow_headers(url, 1)[0]
+    started = time.monotonic()
+    closed = threading.Event()
+
+    def trickle():
+        try:
+            while not closed.is_set():
+                s.sendall(b"a")
+                time.sleep(0.5)  # the attacker's pace, not a synchronisation
+        except OSError:
+            closed.set()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    wait_until(closed.is_set, timeout=20, message="the server to drop the trickling client")
+    assert time.monotonic() - started < 15

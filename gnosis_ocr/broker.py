@@ -17,8 +17,32 @@ CACHE_QUEUE_SUFFIX = ".cache"
 EVENTS_QUEUE_SUFFIX = ".events"
 
 
+PRIORITY_STEPS = (0, 3, 6, 9)
+"""The Redis transport keeps one list per step and pops the lowest number first."""
+
+PRIORITY_SEP = "\x06\x16"
+"""kombu's separator between a queue's name and its priority step in the list's key."""
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists holding a queue's messages, highest priority first."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def page_priority(backlog: int) -> int:
+    """A page's priority from its submitter's pages still to do (this job's included): a key with a
+    few pages goes ahead of one with thousands, so pages of different keys interleave."""
+    for step, bound in zip(PRIORITY_STEPS, (10, 100, 1000), strict=False):
+        if backlog <= bound:
+            return step
+    return PRIORITY_STEPS[-1]
+
+
 def celery_config(settings: Settings) -> dict:
     transport = {
+        "priority_steps": list(PRIORITY_STEPS),
+        "sep": PRIORITY_SEP,
+        "queue_order_strategy": "priority",
         # Must outlast the hard time limit, or a long page is redelivered while it still runs.
         "visibility_timeout": settings.visibility_timeout,
         "socket_connect_timeout": settings.redis_timeout,

@@ -21,13 +21,14 @@ def _settings(*, cache: bool = False) -> Settings:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    # Before anything imports ssl, socket or threading: the API's workers are gevent workers.
-    from gevent import monkey
+    settings = _settings()
+    if settings.api_worker_class == "gevent":
+        # Before anything imports ssl, socket or threading (settings import none of them).
+        from gevent import monkey
 
-    monkey.patch_all()
+        monkey.patch_all()
     from .api.server import ApiServer
 
-    settings = _settings()
     ApiServer(settings, host=args.host, port=args.port, workers=args.workers, threads=args.threads).run()
     return EXIT_OK
 

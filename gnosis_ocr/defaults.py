@@ -119,3 +119,6 @@ DEFAULT_API_CONNECTIONS = 1000
 DEFAULT_HEADER_TIMEOUT = 10
 """Seconds a client has to send a complete request head (and to send the next one on a kept-alive
 connection) before the API drops it: slow-header clients cannot pile up."""
+
+DEFAULT_MAX_KEY_PAGES = 2500
+"""With API keys on: pages one key may have waiting or running; past it that key (only) gets 429."""

@@ -162,6 +162,10 @@ QUEUED_BYTES_KEY = f"{PREFIX}queued_bytes"
 """Input bytes of every live job: the bound GNOSIS_MAX_QUEUED_BYTES is checked against this."""
 
 
+def owner_pages_key(owner: str) -> str:
+    return f"{PREFIX}owner:{owner}:pages"
+
+
 class JobStore:
     """Job records, inputs and page results in Redis."""
 
@@ -201,11 +205,16 @@ class JobStore:
             **(extra or {}),
         }
         pairs = [str(item) for pair in record.items() for item in pair]
-        self._create(keys=self._k(job_id), args=[job_id, data, len(data), record.get("idem_key", ""), *pairs])
+        self._create(keys=self._k(job_id),
+                     args=[job_id, data, len(data), record.get("idem_key", ""), pages, owner, *pairs])
         return Job.from_hash({key: str(value) for key, value in record.items()})
 
     def queued_bytes(self) -> int:
         return int(self.redis.get(QUEUED_BYTES_KEY) or 0)
+
+    def owner_pages(self, owner: str) -> int:
+        """Pages of this owner's live jobs not yet done."""
+        return int(self.redis.get(owner_pages_key(owner)) or 0)
 
     def get(self, job_id: str) -> Job | None:
         h = self.redis.hgetall(_keys(job_id)["record"])

@@ -3,6 +3,7 @@
 Keys, in this order for every script (`JobStore._k`):
   1 record, 2 input, 3 pages, 4 attempts, 5 events, 6 live index, 7 queued-bytes counter,
   8 the claiming worker's in-flight hash (page scripts only).
+The owner's pending-pages counter is named from the record inside the scripts (one Redis, not a cluster).
 
 A live job has no expiry: its retention clock (GNOSIS_JOB_TTL) starts when it becomes final, in
 `close` below. Times that decide anything come from Redis's own clock (TIME), never a host's.
@@ -22,15 +23,29 @@ local final = (st == 'succeeded' or st == 'failed' or st == 'cancelled')
 
 # Moves a live job to its final state: frees its input (and the queued-bytes it counted), starts the
 # retention clock on what stays, takes it off the live index and wakes long-polls.
-_CLOSE = """
+_OWNER = """
+local function owner_pages_key()
+  return 'gnosis:owner:' .. (redis.call('HGET', KEYS[1], 'owner') or '') .. ':pages'
+end
+-- What a live job counts against the queue bounds: its input bytes, and its owner's pages not yet done.
+local function uncount()
+  if redis.call('HGET', KEYS[1], 'counted') ~= '1' then return end
+  redis.call('DECRBY', KEYS[7], tonumber(redis.call('HGET', KEYS[1], 'input_bytes') or '0'))
+  local left = tonumber(redis.call('HGET', KEYS[1], 'pages_total') or '0') -
+               tonumber(redis.call('HGET', KEYS[1], 'pages_done') or '0')
+  redis.call('DECRBY', owner_pages_key(), left)
+  redis.call('HSET', KEYS[1], 'counted', '0')
+end
+"""
+
+# Moves a live job to its final state: frees its input (and what it counted against the bounds),
+# starts the retention clock on what stays, takes it off the live index and wakes long-polls.
+_CLOSE = _OWNER + """
 local function close(status, now, ttl, code, message)
   redis.call('HSET', KEYS[1], 'status', status, 'finished_at', now)
   if code ~= '' then redis.call('HSET', KEYS[1], 'error_code', code, 'error_message', message) end
   redis.call('DEL', KEYS[2])
-  if redis.call('HGET', KEYS[1], 'input_counted') == '1' then
-    redis.call('DECRBY', KEYS[7], tonumber(redis.call('HGET', KEYS[1], 'input_bytes') or '0'))
-    redis.call('HSET', KEYS[1], 'input_counted', '0')
-  end
+  uncount()
   for _, i in ipairs({1, 3, 4}) do redis.call('EXPIRE', KEYS[i], ttl) end
   local idem = redis.call('HGET', KEYS[1], 'idem_key')
   if idem and idem ~= '' then redis.call('EXPIRE', idem, ttl) end
@@ -39,15 +54,15 @@ local function close(status, now, ttl, code, message)
 end
 """
 
-# ARGV: job id, input bytes (may be empty: stored elsewhere), input size, idempotency key or '',
-# then field/value pairs of the record. Returns the creation time in ms (Redis's clock).
+# ARGV: job id, input bytes (may be empty: stored elsewhere), input size, idempotency key or '', pages,
+# owner, then field/value pairs of the record. Returns the creation time in ms (Redis's clock).
 CREATE = _NOW_MS + """
 local created = now_ms()
-redis.call('HSET', KEYS[1], 'created_ms', created, 'input_bytes', ARGV[3], 'input_counted', '1',
-  unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'created_ms', created, 'input_bytes', ARGV[3], 'counted', '1', unpack(ARGV, 7))
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
 redis.call('ZADD', KEYS[6], created, ARGV[1])
 redis.call('INCRBY', KEYS[7], tonumber(ARGV[3]))
+redis.call('INCRBY', 'gnosis:owner:' .. ARGV[6] .. ':pages', tonumber(ARGV[5]))
 -- The key was claimed with an expiry before the job existed; from now on it lives as long as the job.
 if ARGV[4] ~= '' then redis.call('PERSIST', ARGV[4]) end
 return created
@@ -91,6 +106,7 @@ if final then return {'final', 0, total} end
 if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return {'duplicate', 0, total} end
 if ARGV[8] == '1' then redis.call('HSET', KEYS[3], 't:' .. ARGV[1], '1') end  -- read back by pages()
 local done = redis.call('HINCRBY', KEYS[1], 'pages_done', 1)
+if redis.call('HGET', KEYS[1], 'counted') == '1' then redis.call('DECR', owner_pages_key()) end
 redis.call('HSET', KEYS[1], 'model_id', ARGV[4], 'model_revision', ARGV[5])
 if done >= total then
   close('succeeded', ARGV[3], ARGV[6], '', '')
@@ -119,11 +135,9 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1])
 """
 
 # KEYS: record, input, pages, attempts, events, live, queued bytes. Removes a job, releasing what it counted.
-DISCARD = """
+DISCARD = _OWNER + """
 local idem = redis.call('HGET', KEYS[1], 'idem_key')
-if redis.call('HGET', KEYS[1], 'input_counted') == '1' then
-  redis.call('DECRBY', KEYS[7], tonumber(redis.call('HGET', KEYS[1], 'input_bytes') or '0'))
-end
+uncount()
 local id = redis.call('HGET', KEYS[1], 'id')
 if id then redis.call('ZREM', KEYS[6], id) end
 local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])

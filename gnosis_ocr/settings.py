@@ -38,6 +38,8 @@ class Settings:
     redis_retry: float = defaults.DEFAULT_REDIS_RETRY
     api_connections: int = defaults.DEFAULT_API_CONNECTIONS
     header_timeout: int = defaults.DEFAULT_HEADER_TIMEOUT
+    api_worker_class: str = "gevent"
+    max_key_pages: int = defaults.DEFAULT_MAX_KEY_PAGES
     page_soft_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT
     page_hard_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
     page_max_attempts: int = defaults.DEFAULT_PAGE_MAX_ATTEMPTS
@@ -100,6 +102,8 @@ class Settings:
             redis_retry=_float(env, "GNOSIS_REDIS_RETRY", defaults.DEFAULT_REDIS_RETRY),
             api_connections=_int(env, "GNOSIS_API_CONNECTIONS", defaults.DEFAULT_API_CONNECTIONS),
             header_timeout=_int(env, "GNOSIS_HEADER_TIMEOUT", defaults.DEFAULT_HEADER_TIMEOUT),
+            api_worker_class=env.get("GNOSIS_API_WORKER_CLASS", "gevent"),
+            max_key_pages=_int(env, "GNOSIS_MAX_KEY_PAGES", defaults.DEFAULT_MAX_KEY_PAGES),
             page_soft_time_limit=soft,
             page_hard_time_limit=_int(
                 env, "GNOSIS_PAGE_HARD_TIMEOUT", soft + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
@@ -151,6 +155,8 @@ class Settings:
         for name in ("batch_size", "repetition_window", "prefetch_pages", "input_cache_bytes", "redis_retry"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.api_worker_class not in ("gevent", "gthread"):
+            raise ConfigError(f"GNOSIS_API_WORKER_CLASS {self.api_worker_class!r} is not gevent or gthread")
         if self.cache_verify not in ("quick", "full"):
             raise ConfigError(f"GNOSIS_CACHE_VERIFY {self.cache_verify!r} is not quick or full")
         if "/" not in self.model_id:
@@ -158,7 +164,7 @@ class Settings:
         if self.page_hard_time_limit <= self.page_soft_time_limit:
             raise ConfigError("GNOSIS_PAGE_HARD_TIMEOUT must be longer than GNOSIS_PAGE_SOFT_TIMEOUT")
         for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl", "job_max_age",
-                     "max_queued_bytes", "api_connections", "header_timeout",
+                     "max_queued_bytes", "api_connections", "header_timeout", "max_key_pages",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
                      "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
                      "prefill_batch"):

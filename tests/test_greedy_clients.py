@@ -100,3 +100,35 @@ def test_a_client_that_trickles_its_headers_is_dropped(stack):
     threading.Thread(target=trickle, daemon=True).start()
     wait_until(closed.is_set, timeout=20, message="the server to drop the trickling client")
     assert time.monotonic() - started < 15
+
+
+def test_one_key_cannot_fill_the_queue_and_a_small_key_does_not_wait_behind_it(stack):
+    stack.env["GNOSIS_API_KEYS"] = "big-key,small-key"
+    url = stack.api(GNOSIS_MAX_KEY_PAGES="40")
+    big, small = {"Authorization": "Bearer big-key"}, {"Authorization": "Bearer small-key"}
+
+    def submit(headers: dict, name: str) -> requests.Response:
+        return requests.post(f"{url}/v1/jobs", files={"file": (name, text_image([name]))}, headers=headers)
+
+    big_jobs = [submit(big, f"big{i}.png").json()["id"] for i in range(40)]
+    refused = submit(big, "big-too-many.png")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "key_queue_full"
+    assert int(refused.headers["Retry-After"]) > 0
+    mine = submit(small, "small.png")
+    assert mine.status_code == 202  # the other key is unaffected by the big key's bound
+
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.2")
+
+    def small_done():
+        job = requests.get(f"{url}/v1/jobs/{mine.json()['id']}", params={"wait": 5}, headers=small).json()
+        return job["status"] == "succeeded" and job
+
+    wait_until(small_done, timeout=60, message="the small key's job")
+    statuses = [requests.get(f"{url}/v1/jobs/{j}", headers=big).json()["status"] for j in big_jobs]
+    print(f"\nsmall key's job done with {statuses.count('queued')} of the big key's 40 jobs still queued")
+    assert statuses.count("queued") >= 20  # it went ahead of most of the big key's backlog
+    for j in big_jobs:  # and the backlog still drains
+        wait_until(lambda: requests.get(f"{url}/v1/jobs/{j}", params={"wait": 5}, headers=big).json()["status"]
+                   == "succeeded", timeout=60, message="the big key's backlog")
+    assert int(stack.redis.get("gnosis:owner:" + "" + stack.redis.hget(f"gnosis:job:{big_jobs[0]}", "owner")
+                               .decode() + ":pages") or 0) == 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
-from ..broker import make_producer
+from ..broker import make_producer, queue_keys
 from ..job import JobStore
 from ..metrics import Metrics
 from ..settings import Settings
@@ -48,13 +48,21 @@ class ApiContext:
         """
         now = time.monotonic()
         if now - self._depth[0] > DEPTH_TTL:
-            fresh = self.redis.llen(self.settings.queue)  # outside the lock: other threads keep going
+            fresh = queue_length(self.redis, self.settings.queue)  # outside the lock: others keep going
             with self._depth_lock:
                 self._depth = (now, fresh)
         with self._depth_lock:
             fetched_at, depth = self._depth
             self._depth = (fetched_at, depth + adding)
             return depth
+
+
+def queue_length(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a queue, over all its priority lists."""
+    pipe = client.pipeline(transaction=False)
+    for key in queue_keys(queue):
+        pipe.llen(key)
+    return sum(pipe.execute())
 
 
 def create_app(settings: Settings | None = None) -> Flask:

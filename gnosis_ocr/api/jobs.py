@@ -9,7 +9,7 @@ import unicodedata
 from flask import Blueprint, Response, jsonify, request
 
 from .. import document, webhook
-from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue
+from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue, page_priority
 from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
 from ..errors import BadRequest, Conflict, NotFound, QueueFull
 from ..job import Job, JobStatus, new_job_id
@@ -52,12 +52,12 @@ def submit():
             if first is not None:
                 return _replay(first) or _still_in_use()
     try:
-        _check_queue_room(info.pages, len(data))
+        backlog = _check_queue_room(info.pages, len(data))
         job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
                             filename=clean_filename(upload.filename), job_id=job_id,
                             extra={"idem_key": idem_name, "callback_url": callback_url})
         try:
-            _enqueue(job)
+            _enqueue(job, page_priority(backlog))
             c.queue_depth(adding=job.pages_total)
         except Exception:
             # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
@@ -101,7 +101,8 @@ def _still_in_use():
                    code="idempotency_key_in_use")
 
 
-def _check_queue_room(pages: int, size: int) -> None:
+def _check_queue_room(pages: int, size: int) -> int:
+    """Refuse (429) a job the queue has no room for; returns its owner's pages to do, this job's included."""
     c = ctx()
     depth = c.queue_depth()  # messages in the queue: one per page
     if depth + pages > c.settings.max_queue_depth:
@@ -110,15 +111,23 @@ def _check_queue_room(pages: int, size: int) -> None:
     if queued + size > c.settings.max_queued_bytes:
         raise QueueFull(f"The queue holds {queued} bytes of documents, its limit is {c.settings.max_queued_bytes}; "
                         "retry later.")
+    owner = current_owner()
+    backlog = c.jobs.owner_pages(owner) + pages
+    if owner and backlog > c.settings.max_key_pages:
+        # One key cannot take the whole queue: its own bound, others unaffected.
+        raise QueueFull(f"This API key has {backlog - pages} pages waiting, its limit is {c.settings.max_key_pages}; "
+                        "retry later.", code="key_queue_full")
+    return backlog
 
 
-def _enqueue(job: Job) -> None:
+def _enqueue(job: Job, priority: int) -> None:
     c = ctx()
     producer_app = c.producer
     # One task per page: pages of every job meet in a GPU worker's batch, and a PDF spreads over workers.
     with producer_app.producer_or_acquire() as producer:
         for page in range(job.pages_total):
-            producer_app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=c.settings.queue, producer=producer)
+            producer_app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=c.settings.queue, producer=producer,
+                                   priority=priority)
 
 
 @bp.get("/<job_id>")

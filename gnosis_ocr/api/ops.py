@@ -6,7 +6,7 @@ import redis
 from flask import Blueprint, Response, jsonify
 
 from ..metrics import RedisCollector
-from . import ctx
+from . import ctx, queue_length
 from .auth import require_key
 from .errors import error_response
 
@@ -39,7 +39,7 @@ def metrics():
 
     def queue_gauges():
         depth = GaugeMetricFamily("gnosis_queue_depth", "Pages waiting in the queue.", labels=["queue"])
-        depth.add_metric([c.settings.queue], c.redis.llen(c.settings.queue))
+        depth.add_metric([c.settings.queue], queue_length(c.redis, c.settings.queue))
         yield depth
         inflight = GaugeMetricFamily("gnosis_pages_in_flight", "Pages taken by a worker and not yet acknowledged.")
         inflight.add_metric([], c.redis.hlen("unacked"))

@@ -16,10 +16,10 @@ class ApiServer(BaseApplication):
         self.options = {
             "bind": f"{host}:{port}",
             "workers": workers,
-            "worker_class": "gnosis_ocr.api.gworker.ApiWorker",
-            # Connections per process (each a greenlet); `--threads` is kept for compatibility and
-            # only raises this floor.
-            "worker_connections": max(settings.api_connections, threads),
+            # gevent: connections per process, each a greenlet. gthread (behind a buffering proxy
+            # only): `threads` requests at once per process, a slow client holding one.
+            **({"worker_class": "gnosis_ocr.api.gworker.ApiWorker", "worker_connections": settings.api_connections}
+               if settings.api_worker_class == "gevent" else {"worker_class": "gthread", "threads": threads}),
             # The worker's heartbeat to the master: a process whose event loop is blocked this long is replaced.
             "timeout": 120,
             "graceful_timeout": 30,

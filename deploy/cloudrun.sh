@@ -51,9 +51,9 @@ gcloud run jobs execute gnosis-ocr-cache-verify --project "$PROJECT" --region "$
 
 echo "== API service (no GPU, no bucket needed)"
 gcloud run deploy gnosis-ocr-api --project "$PROJECT" --region "$REGION" --image "$REPO/api:$TAG" \
-  --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_API_WORKERS=2,GNOSIS_API_THREADS=16" \
+  --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_API_WORKERS=2,GNOSIS_MAX_UPLOAD_BYTES=32000000" \
   --set-secrets "GNOSIS_API_KEYS=gnosis-api-keys:latest" \
-  --cpu 2 --memory 1Gi --concurrency 32 --timeout 120 --port 8080 \
+  --cpu 2 --memory 1Gi --concurrency 500 --timeout 120 --port 8080 \
   --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
   --startup-probe httpGet.path=/healthz --liveness-probe httpGet.path=/healthz
 

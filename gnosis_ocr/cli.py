@@ -21,13 +21,9 @@ def _settings(*, cache: bool = False) -> Settings:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    settings = _settings()
-    if settings.api_worker_class == "gevent":
-        # Before anything imports ssl, socket or threading (settings import none of them).
-        from gevent import monkey
-
-        monkey.patch_all()
     from .api.server import ApiServer
+
+    settings = _settings()
 
     ApiServer(settings, host=args.host, port=args.port, workers=args.workers, threads=args.threads).run()
     return EXIT_OK
@@ -120,6 +116,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["api"] and os.environ.get("GNOSIS_API_WORKER_CLASS", "gevent") == "gevent":
+        # The API's workers are gevent workers: patch before anything (the parser's modules included)
+        # imports ssl, socket or threading.
+        from gevent import monkey
+
+        monkey.patch_all()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("GNOSIS_LOG_LEVEL", "INFO").upper(),

@@ -91,6 +91,8 @@ class Stack:
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "OMP_NUM_THREADS": "1",
             "GNOSIS_HEARTBEAT_INTERVAL": "1",
+            # An API being stopped waits for idle keep-alive connections this long.
+            "GNOSIS_HEADER_TIMEOUT": "1",
         })
 
     def spawn(self, name: str, args: list[str], **env: str) -> Proc:

@@ -55,7 +55,7 @@ def noise_png(size: int) -> bytes:
 
 
 def test_slow_sockets_and_long_polls_do_not_starve_the_api(stack):
-    url = stack.api(workers=2)
+    url = stack.api(workers=2, GNOSIS_HEADER_TIMEOUT="10")  # the default: the slow sockets stay for the probes
     queued = requests.post(f"{url}/v1/jobs", files={"file": ("q.png", text_image(["held"]))}).json()
     held = slow_headers(url, 200) + long_polls(url, queued["id"], 200)
     try:

@@ -78,6 +78,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         health_check_interval=30,
+        # Every open long-poll holds a pub/sub connection: room for each connection the process serves,
+        # plus the short calls beside them (redis-py's default pool stops at 100).
+        max_connections=2 * settings.api_connections,
     )
     app.extensions["gnosis"] = ApiContext(
         settings=settings,

@@ -33,6 +33,9 @@ class Runtime:
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=35),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            # A batched worker runs a page per thread (up to 64 slots and the prefetched pages), each
+            # with its own calls; redis-py's default pool stops at 100.
+            max_connections=1000,
         )
         self.jobs = JobStore(self.redis, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts)
         self.inputs = InputCache(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 import redis
 
 from . import job_scripts as scripts
+from .inputstore import InputStore
 
 PREFIX = "gnosis:"
 
@@ -169,10 +170,11 @@ def owner_pages_key(owner: str) -> str:
 class JobStore:
     """Job records, inputs and page results in Redis."""
 
-    def __init__(self, client: redis.Redis, *, ttl: int, max_attempts: int) -> None:
+    def __init__(self, client: redis.Redis, *, ttl: int, max_attempts: int, inputs: InputStore | None = None) -> None:
         self.redis = client
         self.ttl = ttl
         self.max_attempts = max_attempts
+        self.inputs = inputs or InputStore()
         self._create = client.register_script(scripts.CREATE)
         self._start = client.register_script(scripts.START_PAGE)
         self._finish_page = client.register_script(scripts.FINISH_PAGE)
@@ -205,8 +207,14 @@ class JobStore:
             **(extra or {}),
         }
         pairs = [str(item) for pair in record.items() for item in pair]
-        self._create(keys=self._k(job_id),
-                     args=[job_id, data, len(data), record.get("idem_key", ""), pages, owner, *pairs])
+        # Outside Redis, the file is written first: a record never points at an input not yet there.
+        self.inputs.put(job_id, data)
+        try:
+            self._create(keys=self._k(job_id), args=[job_id, data if self.inputs.in_redis else b"", len(data),
+                                                     record.get("idem_key", ""), pages, owner, *pairs])
+        except BaseException:
+            self.inputs.delete(job_id)
+            raise
         return Job.from_hash({key: str(value) for key, value in record.items()})
 
     def queued_bytes(self) -> int:
@@ -227,6 +235,8 @@ class JobStore:
         return value.decode() if value is not None else None
 
     def input(self, job_id: str) -> bytes | None:
+        if not self.inputs.in_redis:
+            return self.inputs.get(job_id)
         return self.redis.get(_keys(job_id)["input"])
 
     def start_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], want_input: bool = True) -> Claim:
@@ -238,6 +248,8 @@ class JobStore:
         result = self._start(keys=[*self._k(job_id), key],
                              args=[page, now_rfc3339(), self.max_attempts, field, value, int(want_input), self.ttl])
         verdict = Verdict(result[0].decode())
+        if verdict is Verdict.EXHAUSTED:
+            self.inputs.delete(job_id)
         if verdict is not Verdict.RUN:
             return Claim(verdict)
         return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None)
@@ -248,7 +260,10 @@ class JobStore:
         outcome, done, total = self._finish_page(
             keys=[*self._k(job_id), inflight[0]],
             args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl, inflight[1], int(truncated)])
-        return PageRecord(Recorded(outcome.decode()), int(done), int(total))
+        record = PageRecord(Recorded(outcome.decode()), int(done), int(total))
+        if record.completed_job:
+            self.inputs.delete(job_id)
+        return record
 
     def fail(self, job_id: str, code: str, message: str) -> str:
         """'failed' when this call ended the job; 'was_<status>' when it had already ended; 'gone'."""
@@ -259,8 +274,10 @@ class JobStore:
 
     def _end(self, job_id: str, status: JobStatus, code: str, message: str, *, max_age_ms: int = 0) -> str:
         result = self._finish_job(keys=self._k(job_id),
-                                  args=[status.value, now_rfc3339(), code, message, self.ttl, max_age_ms])
-        return result.decode()
+                                  args=[status.value, now_rfc3339(), code, message, self.ttl, max_age_ms]).decode()
+        if result == status.value:
+            self.inputs.delete(job_id)
+        return result
 
     def expire_overdue(self, max_age: float, *, limit: int = 100) -> list[str]:
         """Fail live jobs older than `max_age` seconds with `expired`: the ids this call ended."""
@@ -283,6 +300,7 @@ class JobStore:
 
     def discard(self, job_id: str) -> bool:
         """Remove the record, input, results and idempotency key, with no state change on the way."""
+        self.inputs.delete(job_id)
         return bool(self._discard(keys=self._k(job_id)))
 
     def pages(self, job_id: str) -> list[PageResult]:

@@ -40,6 +40,7 @@ class Settings:
     header_timeout: int = defaults.DEFAULT_HEADER_TIMEOUT
     api_worker_class: str = "gevent"
     max_key_pages: int = defaults.DEFAULT_MAX_KEY_PAGES
+    input_store: str = "redis"
     page_soft_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT
     page_hard_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
     page_max_attempts: int = defaults.DEFAULT_PAGE_MAX_ATTEMPTS
@@ -104,6 +105,7 @@ class Settings:
             header_timeout=_int(env, "GNOSIS_HEADER_TIMEOUT", defaults.DEFAULT_HEADER_TIMEOUT),
             api_worker_class=env.get("GNOSIS_API_WORKER_CLASS", "gevent"),
             max_key_pages=_int(env, "GNOSIS_MAX_KEY_PAGES", defaults.DEFAULT_MAX_KEY_PAGES),
+            input_store=env.get("GNOSIS_INPUT_STORE", "redis"),
             page_soft_time_limit=soft,
             page_hard_time_limit=_int(
                 env, "GNOSIS_PAGE_HARD_TIMEOUT", soft + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
@@ -155,6 +157,8 @@ class Settings:
         for name in ("batch_size", "repetition_window", "prefetch_pages", "input_cache_bytes", "redis_retry"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.input_store != "redis" and not os.path.isabs(self.input_store):
+            raise ConfigError(f"GNOSIS_INPUT_STORE {self.input_store!r} is not `redis` or an absolute directory")
         if self.api_worker_class not in ("gevent", "gthread"):
             raise ConfigError(f"GNOSIS_API_WORKER_CLASS {self.api_worker_class!r} is not gevent or gthread")
         if self.cache_verify not in ("quick", "full"):

@@ -161,6 +161,14 @@ def stack(tmp_path, redis_url):
     s.stop()
 
 
+@pytest.fixture(params=["redis", "directory"])
+def both_stores(request, stack, tmp_path):
+    """Runs a test with inputs in Redis and again with inputs in a shared directory (GNOSIS_INPUT_STORE)."""
+    if request.param == "directory":
+        stack.env["GNOSIS_INPUT_STORE"] = str(tmp_path / "inputs")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from tests.tinymodel import build_tiny_model

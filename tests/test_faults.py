@@ -48,7 +48,7 @@ def test_pool_child_killed_mid_page_is_retried_promptly(stack):
     assert time.monotonic() - killed < 60
 
 
-def test_whole_worker_killed_mid_page_is_recovered_by_another(stack):
+def test_whole_worker_killed_mid_page_is_recovered_by_another(stack, both_stores):
     url = stack.api()
     workers = [stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="3") for _ in range(2)]
     job = submit(url)
@@ -108,7 +108,7 @@ def test_soft_time_limit_fails_the_job_and_the_worker_goes_on(stack):
     assert poll_job(url, second["id"], timeout=30)["error"]["code"] == "timeout"
 
 
-def test_redis_restart_loses_no_accepted_job(stack, tmp_path):
+def test_redis_restart_loses_no_accepted_job(stack, tmp_path, both_stores):
     private = PrivateRedis(tmp_path / "redis").start()
     try:
         stack.env["REDIS_URL"] = private.url

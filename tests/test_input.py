@@ -18,10 +18,13 @@ from tests.docs import (encrypted_pdf, pdf_of_pages, pdf_page_tree_loop, png_pix
 MAX_UPLOAD = 2 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory):
+@pytest.fixture(scope="module", params=["redis", "directory"])
+def api(request, tmp_path_factory):
+    """Every hostile input against inputs kept in Redis, then in a shared directory."""
     redis.Redis.from_url(TEST_REDIS_URL).flushdb()
     s = Stack(tmp_path_factory.mktemp("input"), TEST_REDIS_URL)
+    if request.param == "directory":
+        s.env["GNOSIS_INPUT_STORE"] = str(tmp_path_factory.mktemp("inputs"))
     url = s.api(GNOSIS_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), GNOSIS_MAX_PAGES="5")
     s.worker(GNOSIS_MAX_PAGES="5")
     yield url

@@ -42,7 +42,7 @@ def test_image_round_trip_with_rapidocr(stack):
     assert via_accept.text == result["text"]
 
 
-def test_pdf_pages_in_order_across_two_workers(stack):
+def test_pdf_pages_in_order_across_two_workers(stack, both_stores):
     url = stack.api()
     w1 = stack.worker()
     w2 = stack.worker()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
+from .. import inputstore
 from ..broker import make_producer, queue_keys
 from ..job import JobStore
 from ..metrics import Metrics
@@ -85,7 +86,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["gnosis"] = ApiContext(
         settings=settings,
         redis=client,
-        jobs=JobStore(client, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts),
+        jobs=JobStore(client, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts,
+                      inputs=inputstore.from_setting(settings.input_store)),
         producer=make_producer(settings),
         metrics=Metrics(client, background=True),
     )

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import redis
 
@@ -21,6 +22,9 @@ from . import registry
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+INPUT_SWEEP_INTERVAL = 300
+"""Seconds between sweeps of the input directory for files whose job has ended (GNOSIS_INPUT_STORE)."""
 
 
 class Heartbeat:
@@ -33,6 +37,7 @@ class Heartbeat:
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "engine": rt.settings.engine,
                      "concurrency": concurrency, "started_at": now_rfc3339()}
         self._stop = threading.Event()
+        self._swept = 0.0
 
     def start(self) -> None:
         # Pool processes may have loaded their engines before this runs: keep what they recorded.
@@ -72,6 +77,9 @@ class Heartbeat:
         for job_id in self.rt.jobs.expire_overdue(self.rt.settings.job_max_age):
             log.error("job %s did not finish within GNOSIS_JOB_MAX_AGE; failed with expired", job_id)
             count_final(self.rt, job_id)
+        if time.monotonic() - self._swept > INPUT_SWEEP_INTERVAL:
+            self._swept = time.monotonic()
+            self.rt.jobs.inputs.sweep(lambda job_id: self.rt.jobs.field(job_id, "status") in ("queued", "running"))
 
     def _live_engines(self) -> int:
         """Pool processes with a loaded engine; entries of replaced (crashed) processes are dropped."""

@@ -48,9 +48,13 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
     local["in_flight"].inc()
     outcome = "error"
     try:
-        if claim.data is None or claim.kind is None:  # cancelled or deleted while queued
-            registry.clear(rt.redis, job_id, page)
-            outcome = "gone"
+        if claim.data is None or claim.kind is None:
+            if _job_over(rt, job_id):  # cancelled or deleted while queued
+                registry.clear(rt.redis, job_id, page)
+                outcome = "gone"
+                return outcome
+            outcome = _fail(rt, job_id, page, "input_missing",
+                            "The document was not found in the input store (GNOSIS_INPUT_STORE).")
             return outcome
         outcome = _run(rt, job_id, page, entry, claim.data, claim.kind, started)
         return outcome
@@ -68,14 +72,28 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str]) -> 
         return Claim(claim.verdict, data, claim.kind) if claim.verdict is Verdict.RUN else claim
     with rt.inputs.fetching(job_id):  # pages of one job claimed at once on this host fetch it once
         data = rt.inputs.get(job_id)
-        claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=data is None)
+        from_redis = data is None and rt.jobs.inputs.in_redis
+        claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=from_redis)
         if claim.verdict is not Verdict.RUN:
             return claim
         if data is None:
-            if claim.data is not None:
-                rt.inputs.put(job_id, claim.data)
-            return claim
+            data = claim.data if from_redis else _read_store(rt, job_id)
+            if data is not None:
+                rt.inputs.put(job_id, data)
         return Claim(claim.verdict, data, claim.kind)
+
+
+def _read_store(rt: Runtime, job_id: str) -> bytes | None:
+    """The input from the shared directory; written on another host, it may take the mount's metadata
+    cache a while to show it."""
+    deadline = time.monotonic() + rt.settings.visibility_wait
+    delay = 0.05
+    while (data := rt.jobs.inputs.get(job_id)) is None and time.monotonic() < deadline:
+        if _job_over(rt, job_id):
+            return None
+        time.sleep(delay)  # polling the filesystem: no event crosses hosts
+        delay = min(delay * 2, 2.0)
+    return data
 
 
 def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data: bytes, kind: str,

@@ -11,6 +11,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .. import inputstore
 from ..errors import GnosisError
 from ..job import JobStore
 from ..metrics import Metrics
@@ -37,7 +38,8 @@ class Runtime:
             # with its own calls; redis-py's default pool stops at 100.
             max_connections=1000,
         )
-        self.jobs = JobStore(self.redis, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts)
+        self.jobs = JobStore(self.redis, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts,
+                             inputs=inputstore.from_setting(settings.input_store))
         self.inputs = InputCache(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)
         self.metrics = Metrics(self.redis, background=True)
         self._engine: Engine | None = None

@@ -27,7 +27,8 @@ WORKERS="${WORKERS:-2}"
 #  file-cache-cache-file-for-range-read safetensors are read with ranges (mmap); cache them anyway
 MOUNT_OPTIONS="implicit-dirs;metadata-cache-ttl-secs=60;metadata-cache-negative-ttl-secs=0;file-cache-max-size-mb=-1;file-cache-enable-parallel-downloads=true;file-cache-cache-file-for-range-read=true"
 VOLUME="name=models,type=cloud-storage,bucket=$BUCKET,mount-options=$MOUNT_OPTIONS"
-COMMON_ENV="REDIS_URL=$REDIS_URL,MODEL_CACHE_PATH=/cache/huggingface,OCR_MODEL_ID=$OCR_MODEL_ID,OCR_MODEL_REVISION=$OCR_MODEL_REVISION"
+# Documents wait in the bucket (GNOSIS_INPUT_STORE), not in Redis: Redis holds records, results and the queue.
+COMMON_ENV="REDIS_URL=$REDIS_URL,MODEL_CACHE_PATH=/cache/huggingface,OCR_MODEL_ID=$OCR_MODEL_ID,OCR_MODEL_REVISION=$OCR_MODEL_REVISION,GNOSIS_INPUT_STORE=/cache/inputs"
 
 echo "== build and push images ($TAG)"
 gcloud builds submit --project "$PROJECT" --tag "$REPO/api:$TAG" --file Dockerfile.api .
@@ -49,12 +50,13 @@ gcloud run jobs deploy gnosis-ocr-cache-verify --project "$PROJECT" --region "$R
   --add-volume "$VOLUME" --add-volume-mount volume=models,mount-path=/cache
 gcloud run jobs execute gnosis-ocr-cache-verify --project "$PROJECT" --region "$REGION" --wait
 
-echo "== API service (no GPU, no bucket needed)"
+echo "== API service (no GPU; the bucket is mounted for the documents it accepts)"
 gcloud run deploy gnosis-ocr-api --project "$PROJECT" --region "$REGION" --image "$REPO/api:$TAG" \
   --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_API_WORKERS=2,GNOSIS_MAX_UPLOAD_BYTES=32000000" \
   --set-secrets "GNOSIS_API_KEYS=gnosis-api-keys:latest" \
   --cpu 2 --memory 1Gi --concurrency 500 --timeout 120 --port 8080 \
   --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
+  --add-volume "$VOLUME" --add-volume-mount volume=models,mount-path=/cache \
   --startup-probe httpGet.path=/healthz --liveness-probe httpGet.path=/healthz
 
 echo "== GPU workers (worker pool; one Celery process per GPU)"

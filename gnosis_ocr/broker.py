@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from .redisconn import celery_broker
 from .settings import Settings
 
 OCR_PAGE_TASK = "gnosis.ocr_page"
@@ -48,8 +49,10 @@ def celery_config(settings: Settings) -> dict:
         "socket_connect_timeout": settings.redis_timeout,
         "retry_on_timeout": True,
     }
+    broker_url, extra = celery_broker(settings.redis_url)
+    transport.update(extra)
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,

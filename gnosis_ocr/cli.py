@@ -79,13 +79,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     import json
 
-    import redis
-
     from .cache.state import CacheState
     from .cache.store import ModelCache
+    from .redisconn import connect
 
     settings = _settings(cache=args.action != "status")
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout)
+    client = connect(settings.redis_url, socket_connect_timeout=settings.redis_timeout)
     if args.action == "status":
         print(json.dumps(CacheState(client, settings).describe(), indent=2))
         return EXIT_OK

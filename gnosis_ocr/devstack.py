@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from .redisconn import connect
 from .settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
 
 def _redis_answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(connect(url, socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
 

@@ -127,7 +127,9 @@ class Stack:
         """Consuming, and every pool process has its engine loaded."""
         import json
 
-        client = redis.Redis.from_url(self.env["REDIS_URL"])
+        from gnosis_ocr.redisconn import connect
+
+        client = connect(self.env["REDIS_URL"])
 
         def ready():
             assert proc.alive(), proc.log()

@@ -13,6 +13,7 @@ import redis
 from flask import Flask, current_app
 
 from .. import inputstore
+from ..redisconn import connect
 from ..broker import make_producer, queue_keys
 from ..job import JobStore
 from ..metrics import Metrics
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_FIELD_BYTES
     app.json.sort_keys = False
-    client = redis.Redis.from_url(
+    client = connect(
         settings.redis_url,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,

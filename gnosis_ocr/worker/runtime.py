@@ -12,6 +12,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .. import inputstore
+from ..redisconn import connect
 from ..errors import GnosisError
 from ..job import JobStore
 from ..metrics import Metrics
@@ -27,7 +28,7 @@ class Runtime:
         self.settings = settings
         # A page that finishes while Redis restarts must still be recorded: retry for about a minute
         # rather than fail the page (its message would come back only after the visibility timeout).
-        self.redis = redis.Redis.from_url(
+        self.redis = connect(
             settings.redis_url,
             socket_timeout=max(settings.redis_timeout, 30),
             socket_connect_timeout=settings.redis_timeout,

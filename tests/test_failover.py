@@ -1,0 +1,61 @@
+"""Issue 11: a Sentinel-managed Redis fails over while pages run; nothing accepted is lost."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import requests
+
+from tests.conftest import poll_job, wait_until
+from tests.docs import text_image
+from tests.redisproc import SentinelGroup
+
+pytestmark = pytest.mark.slow
+
+
+def submit(url: str, name: str, timeout: float = 10) -> requests.Response:
+    return requests.post(f"{url}/v1/jobs", files={"file": (name, text_image([f"failover {name}"]))}, timeout=timeout)
+
+
+def test_a_sentinel_failover_while_pages_run_loses_no_accepted_job(stack, tmp_path):
+    group = SentinelGroup(tmp_path / "sentinel").start()
+    try:
+        stack.env["REDIS_URL"] = group.url
+        url = stack.api(GNOSIS_REDIS_TIMEOUT="1")
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.5", concurrency=2)
+        jobs = [submit(url, f"before{i}.png").json()["id"] for i in range(8)]
+        wait_until(lambda: requests.get(f"{url}/v1/jobs/{jobs[0]}").json()["status"] != "queued", timeout=30,
+                   message="pages to be running")
+
+        old_primary = group.primary_port()
+        group.primary.stop(signal.SIGKILL)
+        killed = time.monotonic()
+        answers: list[int] = []
+
+        def accepted_again():
+            r = submit(url, f"during{len(answers)}.png")
+            answers.append(r.status_code)
+            assert r.status_code in (202, 503), r.text  # never a 500
+            if r.status_code == 503:
+                assert int(r.headers["Retry-After"]) > 0 and r.json()["error"]["code"] == "queue_unavailable"
+            return r.status_code == 202 and r.json()["id"]
+
+        jobs.append(wait_until(accepted_again, timeout=60, interval=0.2, message="the API to accept jobs again"))
+        switched = time.monotonic() - killed
+        assert group.primary_port() != old_primary
+
+        lost = []
+        for job_id in jobs:
+            if requests.get(f"{url}/v1/jobs/{job_id}").status_code == 404:
+                lost.append(job_id)  # accepted by the old primary, never replicated
+                continue
+            final = poll_job(url, job_id, timeout=120)
+            assert final["status"] == "succeeded", final
+        print(f"\nfailover: API accepting again after {switched:.1f}s ({answers.count(503)} x 503, "
+              f"{answers.count(202)} x 202); {len(jobs) - len(lost)} jobs succeeded, {len(lost)} lost")
+        assert not lost
+        assert worker.alive()  # reconnected to the new primary by itself
+    finally:
+        group.stop()

@@ -80,7 +80,9 @@ class Stack:
     def __init__(self, tmp_path: Path, redis_url: str) -> None:
         self.tmp = tmp_path
         self.redis_url = redis_url
-        self.redis = redis.Redis.from_url(redis_url)
+        from gnosis_ocr.redisconn import connect
+
+        self.redis = connect(redis_url)
         self.procs: list[Proc] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GNOSIS_", "OCR_"))}
         self.env.update({

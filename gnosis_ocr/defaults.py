@@ -9,7 +9,7 @@ DEFAULT_MODEL_CACHE_PATH = "/cache/huggingface"
 DEFAULT_MODEL_ID = "nanonets/Nanonets-OCR-s"
 DEFAULT_MODEL_REVISION = "main"
 DEFAULT_ENGINE = "nanonets"
-ENGINES = ("nanonets", "rapidocr", "null")
+ENGINES = ("nanonets", "tesseract", "rapidocr", "null")
 """`null` returns empty text without OCR: for measuring the queue's own overhead."""
 
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024

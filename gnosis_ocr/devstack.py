@@ -30,6 +30,19 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _cpu_engine() -> str:
+    """Tesseract when its English model is installed; otherwise RapidOCR, whose model is in its wheel."""
+    from .errors import GnosisError
+    from .worker.engines.tesseract import tessdata_dir
+
+    try:
+        tessdata_dir()
+        return "tesseract"
+    except GnosisError as exc:
+        print(f"gnosis-ocr dev: {exc.message} Using rapidocr, which runs words together.", file=sys.stderr)
+        return "rapidocr"
+
+
 def _redis_answers(url: str) -> bool:
     try:
         return bool(connect(url, socket_connect_timeout=1).ping())
@@ -109,7 +122,7 @@ def _wait_http(url: str, timeout: float) -> bool:
 def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     # On a laptop or CI without a GPU the CPU engine is the sensible default.
-    env.setdefault("OCR_ENGINE", "rapidocr")
+    env.setdefault("OCR_ENGINE", _cpu_engine())
     if env["OCR_ENGINE"] == "nanonets":
         env.setdefault("MODEL_CACHE_PATH", os.path.expanduser("~/.cache/gnosis-ocr/huggingface"))
     settings = Settings.from_env(env)

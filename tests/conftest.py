@@ -89,7 +89,7 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
             "REDIS_URL": redis_url,
             "MODEL_CACHE_PATH": str(tmp_path / "cache"),
-            "OCR_ENGINE": "rapidocr",
+            "OCR_ENGINE": "tesseract",
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "OMP_NUM_THREADS": "1",
             "GNOSIS_HEARTBEAT_INTERVAL": "1",

@@ -37,7 +37,7 @@ def test_compose_services_and_profiles():
     gpu = services["worker-gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert gpu["environment"]["OCR_ENGINE"] == "nanonets" and services["worker-cpu"]["environment"][
-        "OCR_ENGINE"] == "rapidocr"
+        "OCR_ENGINE"] == "tesseract"
     assert "model-cache:/cache" in gpu["volumes"]
 
 

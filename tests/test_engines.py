@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from PIL import Image
 
+from tests.conftest import ROOT
 from tests.docs import squash, text_image
 
 
@@ -39,3 +41,28 @@ def test_rapidocr_reads_lines_in_order():
     text = RapidOcrEngine().recognize(page).text
     lines = [squash(line) for line in text.splitlines()]
     assert lines == ["firstlinehere", "secondlinethere"], text
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_tesseract_reads_the_sample_word_for_word(scale):
+    from gnosis_ocr.worker.engines.tesseract import TesseractEngine
+
+    page = Image.open(ROOT / "samples" / "letter.png")
+    page = page.resize((int(page.width * scale), int(page.height * scale)))
+    assert TesseractEngine(threads=1).recognize(page).text.splitlines() == [
+        "GNOSIS OCR SAMPLE LETTER",
+        "Invoice number 4821 dated 12 March 2026",
+        "Total amount due: 1,250.00 EUR",
+        "Thank you for your business.",
+    ]
+
+
+def test_tesseract_without_its_model_says_what_to_install(monkeypatch, tmp_path):
+    from gnosis_ocr.errors import GnosisError
+    from gnosis_ocr.worker.engines import tesseract
+
+    monkeypatch.setattr(tesseract, "TESSDATA_DIRS", ())
+    monkeypatch.setenv("TESSDATA_PREFIX", str(tmp_path))
+    with pytest.raises(GnosisError) as missing:
+        tesseract.tessdata_dir()
+    assert "tesseract-ocr-eng" in missing.value.message

@@ -37,7 +37,7 @@ def test_api_metrics_count_jobs_by_outcome_and_queue_depth(stack):
     metrics = wait_until(lambda: (t := requests.get(f"{url}/metrics").text)
                          and 'gnosis_jobs_finished_total{code="",outcome="succeeded"} 1.0' in t and t, timeout=10,
                          message="the outcome to be counted")
-    assert 'gnosis_pages_processed_total{engine="rapidocr"} 1.0' in metrics
+    assert 'gnosis_pages_processed_total{engine="tesseract"} 1.0' in metrics
     assert "gnosis_job_duration_seconds_count" in metrics
     assert 'gnosis_queue_depth{queue="ocr"} 0.0' in metrics
 

@@ -55,6 +55,10 @@ def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metri
                               batch_size=settings.batch_size, max_side=settings.page_max_side,
                               prefill_batch=settings.prefill_batch, repetition_window=settings.repetition_window,
                               on_step=on_step)
+    if settings.engine == "tesseract":
+        from .tesseract import TesseractEngine
+
+        return TesseractEngine(threads=settings.engine_threads)
     if settings.engine == "rapidocr":
         from .rapidocr import RapidOcrEngine
 

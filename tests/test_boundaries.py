@@ -40,7 +40,7 @@ def test_api_process_never_imports_torch_or_engines(redis_url, tmp_path):
 @pytest.mark.parametrize("env,fragment", [
     ({"REDIS_URL": "http://localhost:6379"}, "REDIS_URL"),
     ({"REDIS_URL": "redis://:notaport"}, "REDIS_URL"),
-    ({"OCR_ENGINE": "tesseract"}, "OCR_ENGINE 'tesseract' is unknown"),
+    ({"OCR_ENGINE": "easyocr"}, "OCR_ENGINE 'easyocr' is unknown"),
     ({"GNOSIS_MAX_PAGES": "many"}, "GNOSIS_MAX_PAGES"),
     ({"GNOSIS_JOB_TTL": "0"}, "job_ttl must be positive"),
     ({"OCR_MODEL_ID": "no-slash"}, "OCR_MODEL_ID"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import requests
 
 from gnosis_ocr.broker import OCR_PAGE_TASK, make_producer
@@ -15,9 +16,10 @@ from tests.docs import pdf_of_pages, text_image, words
 LINES = ["Quarterly report for Gnosis", "Revenue grew by forty percent", "Signed by the treasurer"]
 
 
-def test_image_round_trip_with_rapidocr(stack):
+@pytest.mark.parametrize("engine,model_id", [("tesseract", "tesseract"), ("rapidocr", "rapidocr-onnxruntime")])
+def test_image_round_trip_on_the_cpu_engines(stack, engine, model_id):
     url = stack.api()
-    stack.worker()
+    stack.worker(OCR_ENGINE=engine)
     r = requests.post(f"{url}/v1/jobs", files={"file": ("scan.png", text_image(LINES))})
     assert r.status_code == 202, r.text
     job = r.json()
@@ -30,7 +32,7 @@ def test_image_round_trip_with_rapidocr(stack):
     assert final["pages_done"] == 1 and final["started_at"] and final["finished_at"]
 
     result = requests.get(f"{url}/v1/jobs/{job['id']}/result").json()
-    assert result["model"]["id"] == "rapidocr-onnxruntime"
+    assert result["model"]["id"] == model_id
     assert [p["page"] for p in result["pages"]] == [1]
     expected = words(" ".join(LINES))
     assert len(expected & words(result["text"])) >= 0.8 * len(expected), result["text"]

@@ -195,19 +195,11 @@ def many_frame_tiff(frames: int) -> bytes:
 
 def lying_pdf(claimed: int) -> bytes:
     """One real page under a page tree that claims `claimed` pages."""
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [3 0 R] /Count %d >>" % claimed,
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Root 1 0 R /Size %d >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+    from tests.docs import pdf_with_objects
+
+    return pdf_with_objects([b"<< /Type /Catalog /Pages 2 0 R >>",
+                             b"<< /Type /Pages /Kids [3 0 R] /Count %d >>" % claimed,
+                             b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"])
 
 
 def test_counting_frames_stops_past_the_page_limit(monkeypatch):

@@ -40,6 +40,10 @@ def start_light_worker(*, loglevel: str = "INFO") -> threading.Thread:
         while True:
             proc = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
             code = proc.wait()
+            if code in (-signal.SIGTERM, -signal.SIGINT):
+                # Asked to stop (the stack is shutting down, or an operator stopped it): not a crash.
+                log.info("light worker stopped by signal %d; not restarting", -code)
+                return
             log.warning("light worker exited with %s; restarting in %.0fs", code, RESTART_DELAY)
             time.sleep(RESTART_DELAY)  # a restart back-off, not a synchronisation
 

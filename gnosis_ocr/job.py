@@ -217,12 +217,10 @@ class JobStore:
             raise
         return Job.from_hash({key: str(value) for key, value in record.items()})
 
-    def queued_bytes(self) -> int:
-        return int(self.redis.get(QUEUED_BYTES_KEY) or 0)
-
-    def owner_pages(self, owner: str) -> int:
-        """Pages of this owner's live jobs not yet done."""
-        return int(self.redis.get(owner_pages_key(owner)) or 0)
+    def backlog(self, owner: str) -> tuple[int, int]:
+        """(input bytes of every live job, pages of this owner's live jobs not yet done), in one round trip."""
+        queued, pages = self.redis.mget(QUEUED_BYTES_KEY, owner_pages_key(owner))
+        return int(queued or 0), int(pages or 0)
 
     def get(self, job_id: str) -> Job | None:
         h = self.redis.hgetall(_keys(job_id)["record"])

@@ -91,9 +91,8 @@ def test_a_client_that_trickles_its_headers_is_dropped(stack):
 
     def trickle():
         try:
-            while not closed.is_set():
+            while not closed.wait(0.5):  # the attacker's pace: a byte every half second
                 s.sendall(b"a")
-                time.sleep(0.5)  # the attacker's pace, not a synchronisation
         except OSError:
             closed.set()
 

@@ -218,9 +218,12 @@ def test_the_lease_is_renewed_from_the_moment_it_is_taken(redis_url):
     try:
         # Whatever the holder does first (re-hashing gigabytes over FUSE) may outlast the TTL: it stays held.
         held_since = time.monotonic()
-        while time.monotonic() - held_since < 3:
+
+        def held_past_three_ttls() -> bool:
             assert lease.held(), "the lease expired before its holder was done"
-            time.sleep(0.1)  # sampling a condition over a period, not waiting for an event
+            return time.monotonic() - held_since > 3
+
+        wait_until(held_past_three_ttls, timeout=10, interval=0.1, message="three TTLs to pass")
     finally:
         lease.release()
     assert lease.holder() is None

@@ -107,12 +107,12 @@ def _check_queue_room(pages: int, size: int) -> int:
     depth = c.queue_depth()  # messages in the queue: one per page
     if depth + pages > c.settings.max_queue_depth:
         raise QueueFull(f"The queue is full ({depth} pages waiting); retry later.")
-    queued = c.jobs.queued_bytes()
+    owner = current_owner()
+    queued, owner_pages = c.jobs.backlog(owner)
     if queued + size > c.settings.max_queued_bytes:
         raise QueueFull(f"The queue holds {queued} bytes of documents, its limit is {c.settings.max_queued_bytes}; "
                         "retry later.")
-    owner = current_owner()
-    backlog = c.jobs.owner_pages(owner) + pages
+    backlog = owner_pages + pages
     if owner and backlog > c.settings.max_key_pages:
         # One key cannot take the whole queue: its own bound, others unaffected.
         raise QueueFull(f"This API key has {backlog - pages} pages waiting, its limit is {c.settings.max_key_pages}; "

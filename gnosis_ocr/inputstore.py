@@ -57,15 +57,7 @@ class DirectoryInputs(InputStore):
     def put(self, job_id: str, data: bytes) -> None:
         path = self._path(job_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data)
 
     def get(self, job_id: str) -> bytes | None:
         try:
@@ -102,6 +94,19 @@ class DirectoryInputs(InputStore):
                 if shard.is_dir():
                     with contextlib.suppress(FileNotFoundError), os.scandir(shard.path) as files:
                         yield from (f.path for f in files if f.is_file())
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write to a unique temporary name beside `path`, then rename: readers see all of it or nothing."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def from_setting(value: str) -> InputStore:

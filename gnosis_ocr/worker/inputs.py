@@ -14,8 +14,9 @@ import fcntl
 import logging
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
+
+from ..inputstore import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,10 @@ class InputCache:
     def put(self, job_id: str, data: bytes) -> None:
         if not self.enabled or len(data) > self.max_bytes:
             return
-        tmp = f"{self._path(job_id)}.{uuid.uuid4().hex}.tmp"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self._path(job_id))
+            write_atomic(self._path(job_id), data)
         except OSError as exc:  # a full disk costs a Redis read per page, never the page
             log.warning("could not keep job %s's input locally: %s", job_id, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             return
         self._trim()
 

@@ -73,6 +73,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if pool:
         argv.append(f"--pool={pool}")
     app.worker_main(argv)
+    from .worker import runtime
+
+    if runtime.engine_died():
+        return runtime.EXIT_ENGINE_DEAD
     return EXIT_OK
 
 

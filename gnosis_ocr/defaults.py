@@ -107,8 +107,21 @@ DEFAULT_PREFILL_BATCH = 4
 """Waiting pages of equal prompt length prefilled together in one forward pass."""
 
 DEFAULT_REPETITION_WINDOW = 512
-"""Output tokens the repetition guard looks back over: a page whose last this-many tokens are one unit
-of at most a quarter of it, repeated, is stopped and marked truncated. 0 turns the guard off."""
+"""Output tokens, at least, that one repeated unit must fill before the repetition guard stops a page
+(and marks it truncated); 0 turns the guard off. See REPETITION_MIN_REPEATS."""
+
+REPETITION_MIN_REPEATS = 100
+"""Times in a row one unit (a row, a word, a blank line) must repeat before the guard calls it a loop:
+more lines than a page holds (an A4 page at 8 pt has about 90), so empty forms, checkbox grids, tables
+of zeros and dotted leaders are never cut."""
+
+ENGINE_STALL_GRACE = 60.0
+"""Seconds past a page's deadline that a batched engine may take to answer before the page's thread
+declares the engine's loop stuck, marks the engine dead and returns the page to the queue."""
+
+ENGINE_EXIT_GRACE = 30.0
+"""Seconds a worker whose engine died waits for its pages to go back to the queue (a warm shutdown)
+before it exits regardless."""
 
 DEFAULT_PREFETCH_PAGES = 4
 """Pages a batched worker holds beyond its batch, prepared and waiting, so a freed slot refills at once."""

@@ -97,3 +97,18 @@ class PageTimeout(GnosisError, TimeoutError):
 
     code = "timeout"
     status = 504
+
+
+class EngineDead(GnosisError, RuntimeError):
+    """The engine can no longer run pages (its loop died, or its device is unusable): pages go back to
+    the queue for another worker, and this worker exits so that its supervisor starts a fresh one."""
+
+    code = "engine_dead"
+    status = 503
+
+
+class EngineCheckFailed(GnosisError, RuntimeError):
+    """The engine's start-up self-check failed (a replayed decode graph differs from the eager step):
+    the worker refuses to start rather than serve wrong text."""
+
+    code = "engine_check_failed"

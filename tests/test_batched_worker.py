@@ -119,3 +119,47 @@ def test_a_page_over_its_time_limit_fails_its_job_with_timeout(stack, hub):
     final = poll_job(url, job["id"], timeout=60)
     assert final["status"] == "failed" and final["error"]["code"] == "timeout", final
     assert worker.alive() and not in_flight(stack, worker)
+
+
+@pytest.mark.parametrize("fail_release", [False, True], ids=["step", "release"])
+def test_a_worker_whose_gpu_fails_returns_every_page_turns_unready_and_exits(stack, hub, fail_release):
+    import sys
+    import threading
+
+    from tests.conftest import Proc, free_port
+
+    # Pages of different lengths: with a failing release, the first to finish brings the engine down.
+    batched(stack, hub, tokens=400, slots=3, GNOSIS_PAGE_SOFT_TIMEOUT="120")
+    url = stack.api()
+    port = free_port()
+    env = {**stack.env, "GNOSIS_WORKER_PORT": str(port), "GNOSIS_TEST_FAIL_AFTER_STEPS": "40",
+           "GNOSIS_TEST_FAIL_RELEASE": "1" if fail_release else ""}
+    victim = Proc([sys.executable, "-m", "tests.faulty_worker", "worker"], env, stack.tmp / "victim.log")
+    stack.procs.append(victim)
+    stack.wait_worker_ready(victim)
+    seen: list[str] = []
+    watching = threading.Event()
+
+    def watch_readiness() -> None:
+        while not watching.is_set() and victim.alive():
+            try:
+                seen.append(requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()["status"])
+            except (requests.RequestException, ValueError):
+                pass
+
+    watcher = threading.Thread(target=watch_readiness, daemon=True)
+    watcher.start()
+    jobs = [submit(url, n) for n in range(4)]  # three decoding, one prefetched
+    wait_until(lambda: not victim.alive(), timeout=60, message="the worker with the failed GPU to exit")
+    died_at = time.monotonic()
+    watching.set()
+    assert victim.popen.returncode == 70, victim.log()[-3000:]
+    assert "engine_dead" in seen and seen[0] == "ready", seen[:3] + seen[-3:]
+    log = victim.log()
+    assert "is dead" in log and "returning the page to the queue" in log
+    rescuer = stack.worker()
+    finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
+    assert [f["status"] for f in finals] == ["succeeded"] * 4, finals
+    assert all(f["attempts"] <= 2 for f in finals), [f["attempts"] for f in finals]
+    assert time.monotonic() - died_at < 120, "finished within the page deadline"
+    assert "failed" not in [f["status"] for f in finals] and rescuer.alive()

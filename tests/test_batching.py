@@ -13,7 +13,6 @@ from PIL import Image
 
 from gnosis_ocr.errors import PageTimeout
 from gnosis_ocr.worker.engines import Cancelled
-from gnosis_ocr.worker.engines.scheduler import RepetitionGuard
 from tests.docs import text_image
 
 # Different sizes give prompts of different lengths: a ragged batch.
@@ -127,26 +126,16 @@ def test_recognize_from_many_threads_returns_each_pages_text(engine):
 def test_repetition_guard_stops_a_looping_page_and_marks_it_truncated(tiny_model):
     from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
-    # The tiny random model falls into a loop within a few hundred tokens, as VLMs do on tables.
-    eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=1200,
+    # The tiny random model falls into a loop of a ~10-token unit within a few hundred tokens, as VLMs do on
+    # tables; the guard waits for more repeats than a page has lines, then stops it well before the cap.
+    eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=4000,
                          batch_size=2, repetition_window=64)
     try:
         result = eng.recognize(page(0))
     finally:
         eng.close()
     assert result.truncated and result.stop_reason == "repetition"
-    assert result.tokens < 1200
-
-
-def test_repetition_guard_needs_a_whole_window_of_one_repeated_unit():
-    guard = RepetitionGuard(window=32, every=1)
-    assert guard.repeating([7] * 40)
-    assert guard.repeating(list(range(50)) + [1, 2, 3] * 11)
-    assert guard.repeating(list(range(100, 140)) + list(range(8)) * 5)
-    assert not guard.repeating([1, 2, 3] * 8)  # shorter than the window
-    assert not guard.repeating(list(range(64)))
-    assert not guard.repeating(list(range(20)) * 3)  # a unit of 20: repeats fewer than 4 times in 32 tokens
-    assert not RepetitionGuard(window=0).repeating([7] * 1000)
+    assert result.tokens < 3000, result.tokens
 
 
 def test_one_engine_per_device_shares_the_pages(tiny_model):

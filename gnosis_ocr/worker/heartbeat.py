@@ -63,7 +63,10 @@ class Heartbeat:
             self._stop.wait(self.interval)
 
     def beat(self) -> None:
-        record = {**self.info, "engines_loaded": self._live_engines()}
+        dead = self.rt.engine_dead
+        record = {**self.info, "engines_loaded": 0 if dead else self._live_engines()}
+        if dead is not None:
+            record["engine_dead"] = str(dead)
         registry.register(self.redis, self.worker, record, ttl=3 * self.interval)
 
     def housekeeping(self) -> None:

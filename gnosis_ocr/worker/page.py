@@ -17,7 +17,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 import redis
 
 from .. import document
-from ..errors import GnosisError
+from ..errors import EngineDead, GnosisError
 from ..job import Claim, JobStatus, Verdict
 from . import notify, registry
 from .engines import Cancelled, PageText
@@ -33,6 +33,8 @@ class RequeuePage(Exception):
 
 def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> str:
     """Claim, run and record one page; the verdict as a string. Raises RequeuePage on Redis errors."""
+    if rt.engine_dead is not None:  # this worker is on its way out: leave the page, attempts untouched
+        raise RequeuePage(f"job {job_id} page {page}: the engine is dead ({rt.engine_dead})")
     entry = registry.entry(job_id, page, tag)
     try:
         claim = _claim(rt, job_id, page, entry)
@@ -108,6 +110,9 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data:
         registry.clear(rt.redis, job_id, page)
         rt.inputs.drop(job_id)
         return "gone"
+    except EngineDead as exc:  # not the page's fault: another worker runs it
+        registry.clear(rt.redis, job_id, page)
+        raise RequeuePage(f"job {job_id} page {page}: {exc.message}") from exc
     except (SoftTimeLimitExceeded, TimeoutError) as exc:
         if isinstance(exc, SoftTimeLimitExceeded):  # raised inside the engine's own call: free what it held
             _release_memory()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
@@ -49,8 +50,10 @@ def local_metrics():
 
 
 class Probe:
-    def __init__(self, client: redis.Redis, *, port: int, worker: str, concurrency: int) -> None:
+    def __init__(self, client: redis.Redis, *, port: int, worker: str, concurrency: int,
+                 dead: Callable[[], BaseException | None] = lambda: None) -> None:
         self.redis = client
+        self.dead = dead
         self.worker = worker
         self.concurrency = max(concurrency, 1)
         probe = self
@@ -78,6 +81,9 @@ class Probe:
         if path == "/healthz":
             return self._send(h, 200, {"status": "ok"})
         if path == "/readyz":
+            dead = self.dead()
+            if dead is not None:  # known here first: the record in Redis may lag a beat
+                return self._send(h, 503, {"status": "engine_dead", "detail": str(dead)})
             try:
                 record = self.redis.get(f"gnosis:worker:{self.worker}")
                 loaded = json.loads(record)["engines_loaded"] if record else 0

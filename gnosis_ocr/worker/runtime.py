@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -12,8 +13,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .. import inputstore
+from ..defaults import ENGINE_EXIT_GRACE
 from ..redisconn import connect
-from ..errors import GnosisError
+from ..errors import EngineCheckFailed, GnosisError
 from ..job import JobStore
 from ..metrics import Metrics
 from ..settings import Settings
@@ -45,6 +47,8 @@ class Runtime:
         self.metrics = Metrics(self.redis, background=True)
         self._engine: Engine | None = None
         self._lock = threading.Lock()
+        self.engine_dead: BaseException | None = None
+        self.on_engine_dead = None  # how the process stops when its engine dies; tests replace it
 
     def engine(self) -> Engine:
         """The engine, loaded on first use; a failed load is retried by the next page."""
@@ -52,7 +56,7 @@ class Runtime:
             if self._engine is None:
                 started = time.monotonic()
                 self._engine = load_engine(self.settings, redis_client=self.redis, metrics=self.metrics,
-                                           on_step=_record_step)
+                                           on_step=_record_step, on_dead=self._engine_died)
                 seconds = time.monotonic() - started
                 self.metrics.observe("gnosis_model_load_seconds", seconds, engine=self.settings.engine)
                 from .probe import local_metrics
@@ -65,7 +69,18 @@ class Runtime:
 
     @property
     def engine_loaded(self) -> bool:
-        return self._engine is not None
+        return self._engine is not None and self.engine_dead is None
+
+    def _engine_died(self, error: BaseException) -> None:
+        """The engine cannot serve any more (its loop died or its device is gone). Its pages are already
+        resolved with EngineDead and go back to the queue from their threads; readiness turns 503 now;
+        then the worker stops (a warm shutdown: consuming ends, page threads finish requeueing) and
+        exits with EXIT_ENGINE_DEAD so that its supervisor starts a fresh process on a fresh context."""
+        if self.engine_dead is not None:
+            return
+        self.engine_dead = error
+        log.critical("the engine is dead (%s); returning pages to the queue and restarting the worker", error)
+        (self.on_engine_dead or _stop_this_process)(error)
 
     def expected_engines(self, pool_limit: int) -> int:
         """Engines this worker loads before it is ready: none for the light (webhook, cache) worker,
@@ -94,6 +109,8 @@ class Runtime:
         try:
             self.engine()
             engine_loaded(self.redis)
+        except EngineCheckFailed:  # wrong text would follow: no retry, the worker refuses to start
+            raise
         except GnosisError as exc:
             log.error("engine not loaded yet (%s): %s", exc.code, exc.message)
         except Exception:
@@ -104,6 +121,19 @@ class Runtime:
 
         path = ModelCache(self.settings, self.redis, self.metrics).ensure_ready()
         return str(path)
+
+
+EXIT_ENGINE_DEAD = 70
+"""The worker's exit status after its engine died (EX_SOFTWARE): its supervisor starts a fresh one."""
+
+
+def _stop_this_process(error: BaseException) -> None:
+    """A warm shutdown now (Celery stops consuming and lets the page threads requeue their pages; the
+    channel returns what is still unacknowledged), and an exit regardless once the grace is over."""
+    timer = threading.Timer(ENGINE_EXIT_GRACE, os._exit, args=(EXIT_ENGINE_DEAD,))
+    timer.daemon = True
+    timer.start()
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _record_step(device: str, active: int) -> None:
@@ -117,6 +147,11 @@ def _record_step(device: str, active: int) -> None:
 
 _runtime: Runtime | None = None
 _runtime_pid: int | None = None
+
+
+def engine_died() -> bool:
+    """Whether this process's engine died (without building a runtime where there is none)."""
+    return _runtime is not None and _runtime_pid == os.getpid() and _runtime.engine_dead is not None
 
 
 def get() -> Runtime:

@@ -82,7 +82,8 @@ def _start_heartbeat(sender=None, **_) -> None:
     port = rt.settings.worker_port
     if port:
         global _probe
-        _probe = probe.Probe(rt.redis, port=port, worker=registry.worker_id(), concurrency=concurrency)
+        _probe = probe.Probe(rt.redis, port=port, worker=registry.worker_id(), concurrency=concurrency,
+                             dead=lambda: rt.engine_dead)
         _probe.start()
 
 

@@ -15,6 +15,8 @@ batch-mates are.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 from collections.abc import Sequence
 
@@ -72,6 +74,8 @@ class StaticDecoder:
         self.deltas = torch.zeros(slots, dtype=torch.long, device=self.device)  # rope position - cache index
         self.active = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        # The last step's final hidden states: what the start-up check compares, bit for bit.
+        self.hidden = torch.zeros((slots, config.hidden_size), dtype=self.dtype, device=self.device)
         self.batch_buckets = buckets(slots, 1, 2.0)
         self.len_buckets = sorted({-(-b // KV_ALIGN) * KV_ALIGN for b in buckets(self.max_len, 512, 1.5)})
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
@@ -100,10 +104,12 @@ class StaticDecoder:
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        self.model.model.rope_deltas = None  # the library caches it across calls; this is a new prompt
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        # Positions computed for these prompts and passed in: never the model's `rope_deltas` attribute,
+        # which `generate` and other calls also write and a release may stop setting.
+        positions, deltas = self.rope_index(inputs)
+        with self.device_context():
+            out = self.model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache = out.cache if "cache" in out else out.past_key_values  # renamed in 5.x
-        deltas = self.model.model.rope_deltas
         index = torch.tensor(list(slots), device=self.device)
         for layer in range(self.n_layers):
             keys, values = _layer_kv(cache, layer)
@@ -112,14 +118,56 @@ class StaticDecoder:
         first = out.logits[:, -1].argmax(-1)
         self.tokens[index] = first
         self.lengths[index] = n
-        self.deltas[index] = (deltas.view(-1).to(self.device) if deltas is not None
-                              else torch.zeros(len(slots), dtype=torch.long, device=self.device))
+        self.deltas[index] = deltas.view(-1).to(self.device, torch.long)
         self.active[index] = 1
         return first.tolist()
+
+    def rope_index(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen2.5-VL's 3-D rope positions of each prompt and its delta (decode position minus cache
+        index), from the library's own `get_rope_index`, called with the arguments this release takes."""
+        get = self.model.model.get_rope_index
+        accepted = _parameters(get)
+        names = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
+        positions, deltas = get(**{k: inputs[k] for k in names if k in inputs and k in accepted})
+        return positions, deltas
 
     def release(self, slot: int) -> None:
         self.active[slot] = 0
         self.lengths[slot] = 0
+
+    def pause(self, slots: Sequence[int]) -> None:
+        """Freeze these slots: steps compute them but neither advance their tokens nor their lengths."""
+        self.active[list(slots)] = 0
+
+    def resume(self, slots: Sequence[int]) -> None:
+        self.active[list(slots)] = 1
+
+    # --- the device ----------------------------------------------------------------------------------
+
+    def device_context(self):
+        """Kernels, streams and graph captures on this decoder's GPU, whatever the thread's current one."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def bind_thread(self) -> None:
+        """Make this decoder's GPU the calling thread's current device (the loop thread's, once)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def healthy(self) -> bool:
+        """Whether the device still runs work: after a sticky CUDA error every call raises."""
+        try:
+            with self.device_context():
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                return int(torch.ones(1, device=self.device).add_(1).item()) == 2
+        except Exception:
+            log.exception("device %s failed its health probe", self.device)
+            return False
+
+    def free_memory(self) -> None:
+        if self.device.type == "cuda":
+            with self.device_context():
+                torch.cuda.empty_cache()
 
     # --- decode --------------------------------------------------------------------------------------
 
@@ -129,33 +177,62 @@ class StaticDecoder:
         Active slots' tokens advance and their lengths grow by one; returns the next tokens (on device)."""
         b = bucket_for(batch, self.batch_buckets)
         L = bucket_for(length, self.len_buckets)
-        if self.use_graphs:
-            graph = self._graphs.get((b, L))
-            if graph is None:
-                graph = self._capture(b, L)
-            graph.replay()
-        else:
-            with torch.inference_mode():
-                self._step(b, L)
+        with self.device_context():
+            if self.use_graphs:
+                graph = self._graphs.get((b, L))
+                if graph is None:
+                    graph = self._capture(b, L)
+                graph.replay()
+            else:
+                with torch.inference_mode():
+                    self._step(b, L)
         return self.next_tokens[:b]
 
     def warm_up(self) -> int:
         """Capture every (batch, length) graph now, so no page ever waits for a capture."""
         if self.use_graphs:
-            for b in self.batch_buckets:
-                for L in self.len_buckets:
-                    if (b, L) not in self._graphs:
-                        self._capture(b, L)
+            with self.device_context():
+                for b in self.batch_buckets:
+                    for L in self.len_buckets:
+                        if (b, L) not in self._graphs:
+                            self._capture(b, L)
         return len(self._graphs)
+
+    def self_check(self, batch: int, length: int) -> dict:
+        """The decode step as replayed (a graph, on CUDA) against the same step run eagerly on the same
+        inputs: next tokens and final hidden states must be bit-identical. Leaves the state as one step
+        would. A graph recorded on the wrong device or stream replays nothing, and fails here."""
+        b = bucket_for(batch, self.batch_buckets)
+        L = bucket_for(length, self.len_buckets)
+        state = (self.tokens, self.lengths, self.active)
+        with self.device_context():
+            saved = [t.clone() for t in state]
+            with torch.inference_mode():
+                self._step(b, L)
+            eager_hidden, eager_next = self.hidden[:b].clone(), self.next_tokens[:b].clone()
+            for t, s in zip(state, saved, strict=True):
+                t.copy_(s)
+            self.hidden.zero_()
+            self.next_tokens.fill_(-1)
+            self.step(batch, length)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            hidden_equal = bool(torch.equal(self.hidden[:b], eager_hidden))
+            tokens_equal = bool(torch.equal(self.next_tokens[:b], eager_next))
+            max_diff = float((self.hidden[:b].float() - eager_hidden.float()).abs().max())
+        return {"device": str(self.device), "graphs": self.use_graphs, "batch": b, "length": L,
+                "identical": hidden_equal and tokens_equal, "tokens_equal": tokens_equal,
+                "max_abs_diff": max_diff}
 
     def _capture(self, b: int, L: int) -> torch.cuda.CUDAGraph:
         state = (self.tokens, self.lengths, self.active)  # what a step advances: put back after each run
         saved = [t.clone() for t in state]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        # On this decoder's device: a stream or capture on another GPU records none of its kernels.
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():
             self._step(b, L)  # warm-up run outside the graph: kernels choose their algorithms here
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -196,8 +273,9 @@ class StaticDecoder:
                                                scale=attn.scaling)
             x = x + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = self.lm_head(self.lm.norm(x[:, 0]))
-        nxt = logits.argmax(-1)
+        hidden = self.lm.norm(x[:, 0])
+        self.hidden[:b].copy_(hidden)
+        nxt = self.lm_head(hidden).argmax(-1)
         self.next_tokens[:b].copy_(nxt)
         active = self.active[:b]
         self.tokens[:b].copy_(torch.where(active.bool(), nxt, self.tokens[:b]))
@@ -216,3 +294,13 @@ def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(cache, "key_cache"):
         return cache.key_cache[layer], cache.value_cache[layer]
     return cache[layer][0], cache[layer][1]
+
+
+def _parameters(fn) -> set[str]:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set(params) | {"input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask"}
+    return set(params)

@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ... import defaults
+from ...errors import EngineDead
 from . import PageText
 from .decoder import StaticDecoder
-from .scheduler import RepetitionGuard, Request, Scheduler
+from .repetition import RepetitionGuard
+from .scheduler import Request, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +45,17 @@ class NanonetsEngine:
     def __init__(self, path: str | Path, *, model_id: str, revision: str, devices: Sequence[str] = ("auto",),
                  max_new_tokens: int = 4096, threads: int = 0, batch_size: int = 0, max_side: int = 1280,
                  prefill_batch: int = 4, repetition_window: int = 512, graphs: bool | None = None,
-                 on_step: Callable[[str, int], None] | None = None) -> None:
+                 on_step: Callable[[str, int], None] | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None,
+                 stall_grace: float = defaults.ENGINE_STALL_GRACE) -> None:
         import torch
         from transformers import AutoProcessor
 
         self.model_id = model_id
         self.model_revision = revision
         self.max_new_tokens = max_new_tokens
+        self.stall_grace = stall_grace
+        self.on_dead = on_dead
         self.devices = resolve_devices(devices)
         if threads > 0 and self.devices[0].type == "cpu":
             torch.set_num_threads(threads)
@@ -72,9 +79,9 @@ class NanonetsEngine:
             eos = model.generation_config.eos_token_id
             eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
             hook = (lambda active, d=str(device): on_step(d, active)) if on_step else None
-            scheduler = Scheduler(decoder, eos_ids=eos_ids, prefill_batch=prefill_batch,
-                                  guard=RepetitionGuard(repetition_window) if repetition_window > 0 else None,
-                                  on_step=hook, name=f"engine-{device}")
+            guard = RepetitionGuard(repetition_window, max_tokens=max_new_tokens) if repetition_window > 0 else None
+            scheduler = Scheduler(decoder, eos_ids=eos_ids, prefill_batch=prefill_batch, guard=guard,
+                                  on_step=hook, on_dead=self._dead, name=f"engine-{device}")
             self.models.append(model)
             self.schedulers.append(scheduler)
             log.info("loaded %s@%s on %s (%s): %d slots of %d tokens", model_id, revision[:12], device,
@@ -92,16 +99,40 @@ class NanonetsEngine:
         """Pages decoded at once across every device."""
         return sum(s.capacity for s in self.schedulers)
 
+    @property
+    def devices_in_use(self) -> list[str]:
+        return [str(s.decoder.device) for s in self.schedulers]
+
+    @property
+    def dead(self) -> EngineDead | None:
+        """Why the engine can no longer serve (a device's loop died), or None while it can."""
+        return next((s.dead for s in self.schedulers if s.dead is not None), None)
+
+    @property
+    def checks(self) -> list[dict]:
+        """Each device's start-up check: its decode graph replayed against the eager step."""
+        return [s.check for s in self.schedulers if s.check is not None]
+
     def warm_up(self, max_side: int) -> None:
-        """Capture every decode graph and run one page per device before the worker reports ready."""
+        """Capture every decode graph, check a replay against the eager step and run one page per device,
+        each under its own device, before the worker reports ready."""
         from PIL import Image
 
         started = time.monotonic()
         page = Image.new("RGB", (max_side // 2, max_side), "white")
         for scheduler in self.schedulers:
             graphs = scheduler.warm_up(self._request(page, max_new_tokens=4))
-            log.info("engine on %s warm in %.1fs (%d decode graphs)", scheduler.decoder.device,
-                     time.monotonic() - started, graphs)
+            log.info("engine on %s warm in %.1fs (%d decode graphs; replay identical to eager: %s)",
+                     scheduler.decoder.device, time.monotonic() - started, graphs,
+                     (scheduler.check or {}).get("identical"))
+
+    def _dead(self, error: BaseException) -> None:
+        # One device gone takes the process down: its CUDA context cannot be trusted or reset in place.
+        for scheduler in self.schedulers:
+            if scheduler.dead is None:
+                scheduler._die(error if isinstance(error, EngineDead) else EngineDead(str(error)))
+        if self.on_dead is not None:
+            self.on_dead(error)
 
     @property
     def captures(self) -> int:
@@ -109,12 +140,29 @@ class NanonetsEngine:
 
     def recognize(self, page, *, deadline: float | None = None,
                   cancelled: Callable[[], bool] | None = None) -> PageText:
+        """The page's text. Never waits without a limit: a loop that has not answered `stall_grace`
+        seconds past the deadline is declared stuck (EngineDead, and the page goes back to the queue)."""
+        if self.dead is not None:
+            raise self.dead
         request = self._request(page)
-        request.deadline = deadline
-        scheduler = min(self.schedulers, key=lambda s: s.load() / s.capacity)
+        request.deadline = deadline if deadline is not None else (
+            time.monotonic() + defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT)
+        live = [s for s in self.schedulers if s.alive]
+        if not live:
+            raise self.dead or EngineDead("The engine has no live device.")
+        scheduler = min(live, key=lambda s: s.load() / s.capacity)
         scheduler.submit(request)
-        while not request.done.wait(0.25):
-            if cancelled is not None and cancelled():
+        give_up = request.deadline + self.stall_grace
+        try:
+            while not request.done.wait(0.25):
+                if cancelled is not None and _asks_to_cancel(cancelled):
+                    request.cancel()
+                if time.monotonic() > give_up:
+                    scheduler.stalled(f"a page waited {self.stall_grace:.0f}s past its deadline")
+                elif not scheduler.alive:
+                    scheduler.stalled("its loop thread is gone")
+        finally:
+            if not request.done.is_set():  # this thread is leaving (a soft time limit, say): so does the page
                 request.cancel()
         if request.error is not None:
             raise request.error
@@ -146,6 +194,16 @@ class NanonetsEngine:
     def close(self) -> None:
         for scheduler in self.schedulers:
             scheduler.stop()
+
+
+def _asks_to_cancel(cancelled: Callable[[], bool]) -> bool:
+    """`cancelled()` reads Redis: an error there is no reason to decode on to the token cap unseen, nor to
+    abandon the page; ask again at the next poll."""
+    try:
+        return bool(cancelled())
+    except Exception as exc:
+        log.warning("could not check whether the page's job was cancelled: %s", exc)
+        return False
 
 
 def resolve_devices(devices: Sequence[str]):

@@ -2,8 +2,18 @@
 
 Pages come from any job, from many worker threads. A page that finishes leaves its slot at the step
 it ends, and a waiting page is prefilled into that slot before the next step, so nobody waits for
-the longest page of a batch. Deadlines and cancellations are checked at every step: a page over its
-time limit or of a cancelled job leaves the batch without disturbing the others.
+the longest page of a batch. Deadlines and cancellations are checked at every step, for waiting pages
+as well as decoding ones: a page over its time limit or of a cancelled job leaves without disturbing
+the others.
+
+Failures cost as little as they can, and every request is resolved exactly once:
+- a prefill that fails is retried in halves (smaller chunks after running out of memory), down to the
+  one page that fails alone, which fails;
+- a decode step that fails is re-run on halves of the batch (the others paused), down to the page that
+  fails alone; the rest go on decoding. If every page fails alone the engine is broken, not a page;
+- after any failure the device is probed; a device that no longer answers (a sticky CUDA error), or any
+  error inside the recovery itself, ends the loop: the engine is dead, every page it held is resolved
+  with EngineDead (the worker returns them to the queue), and `on_dead` tells the worker to restart.
 """
 
 from __future__ import annotations
@@ -15,12 +25,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from ...errors import PageTimeout
+from ...errors import EngineCheckFailed, EngineDead, PageTimeout
 from . import Cancelled
+from .repetition import Repetition, RepetitionGuard
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Request", "RepetitionGuard", "Scheduler"]
+
+MAX_SOLO_FAILURES = 3
+"""Pages in a row that fail decode steps alone, with no good step between them, before the engine is
+declared broken: a broken engine returns pages to the queue instead of failing every job it sees."""
 
 
 @dataclass(eq=False)
@@ -39,6 +54,9 @@ class Request:
     stop_reason: str | None = None  # "eos", "max_tokens", "repetition"
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    resolutions: int = 0
+    """How often the scheduler resolved this request: exactly once, whatever raised where."""
+    watch: Repetition | None = None
     _cancel: bool = False
 
     def cancel(self) -> None:
@@ -48,46 +66,41 @@ class Request:
     def truncated(self) -> bool:
         return self.stop_reason in ("max_tokens", "repetition")
 
-
-class RepetitionGuard:
-    """Spots output that has started repeating itself: the last `window` tokens are one unit of at most
-    `window // min_repeats` tokens over and over (the known failure of VLMs on tables)."""
-
-    def __init__(self, window: int, min_repeats: int = 4, every: int = 16) -> None:
-        self.window = window
-        self.max_period = window // max(min_repeats, 2)
-        self.every = every
-
-    def repeating(self, tokens: list[int]) -> bool:
-        n = len(tokens)
-        if self.window <= 0 or n < self.window or n % self.every:
-            return False
-        tail = np.asarray(tokens[-self.window - self.max_period:], dtype=np.int64)
-        last = tail[-self.window:]
-        # A period p must repeat the last token p places back: test only those candidates.
-        candidates = np.nonzero(tail[-self.max_period - 1:-1] == tail[-1])[0]
-        for p in sorted(self.max_period - candidates):
-            if np.array_equal(last[p:], last[:-p]):
-                return True
-        return False
+    @property
+    def unwanted(self) -> BaseException | None:
+        """Why the page should leave now: cancelled, or over its deadline."""
+        if self._cancel:
+            return Cancelled()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return PageTimeout(f"The page was stopped after {time.monotonic() - self.submitted:.0f} seconds, "
+                               "over its time limit.")
+        return None
 
 
 class Scheduler:
     """The engine loop for one device. `submit` is thread-safe; everything else runs on the loop thread."""
 
     def __init__(self, decoder, *, eos_ids: set[int], prefill_batch: int = 4, guard: RepetitionGuard | None = None,
-                 on_step: Callable[[int], None] | None = None, name: str = "engine") -> None:
+                 on_step: Callable[[int], None] | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None, name: str = "engine") -> None:
         self.decoder = decoder
         self.eos_ids = eos_ids
         self.prefill_batch = max(1, prefill_batch)
-        self.guard = guard
+        self.guard = guard if guard is not None and guard.enabled else None
         self.on_step = on_step
+        self.on_dead = on_dead
         self.slots: list[Request | None] = [None] * decoder.slots
         self._pending: deque[Request] = deque()
+        self._limbo: list[Request] = []  # taken from the queue, not yet seated in a slot
         self._cond = threading.Condition()
         self._stop = False
+        self.dead: EngineDead | None = None
+        self.check: dict | None = None  # the start-up graph-against-eager check, once warm
         self.steps = 0
         self.tokens = 0
+        self.failed_steps = 0
+        self.failed_prefills = 0
+        self._solo_failures = 0
         self.step_seconds = 0.0  # wall time in decode steps (read back included): ms per step for benchmarks
         self.prefill_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name=f"gnosis-{name}", daemon=True)
@@ -96,20 +109,35 @@ class Scheduler:
     def capacity(self) -> int:
         return self.decoder.slots
 
+    @property
+    def alive(self) -> bool:
+        return self.dead is None and (self._thread.is_alive() or not self._thread.ident)
+
     def load(self) -> int:
         """Pages in flight or waiting: the busiest scheduler gets the next page last."""
-        return len(self._pending) + self._in_flight()
+        return len(self._pending) + len(self._limbo) + self._in_flight()
 
     def start(self) -> Scheduler:
         self._thread.start()
         return self
 
     def warm_up(self, request: Request) -> int:
-        """Before `start`: capture every decode graph and run `request` through on the caller's thread."""
-        graphs = self.decoder.warm_up()
-        self._prefill([0], [request])
-        while any(self.slots):
-            self._step()
+        """Before `start`: capture every decode graph, run `request` through on the caller's thread, and
+        check its first step as replayed against the same step run eagerly (EngineCheckFailed if not
+        bit-identical: a worker that would serve wrong text refuses to start)."""
+        with self.decoder.device_context():
+            graphs = self.decoder.warm_up()
+            self._limbo.append(request)
+            self._prefill([0], [request])
+            if self.slots[0] is not None:
+                self.check = self.decoder.self_check(1, request.length + len(request.tokens))
+                if not self.check["identical"]:
+                    raise EngineCheckFailed(
+                        f"the decode graph on {self.decoder.device} does not reproduce the eager step "
+                        f"(largest difference {self.check['max_abs_diff']:.3g}); refusing to serve wrong text")
+                self._advance(0, request, int(self.decoder.next_tokens[0]))
+            while any(self.slots):
+                self._decode()
         if request.error is not None:
             raise request.error
         return graphs
@@ -118,109 +146,225 @@ class Scheduler:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.ident:
+            self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> Request:
         with self._cond:
+            if self.dead is not None:
+                raise self.dead
             if self._stop:
-                raise RuntimeError("the engine is stopping")
+                raise EngineDead("The engine is stopping.")
             self._pending.append(request)
             self._cond.notify()
         return request
 
+    def stalled(self, reason: str) -> None:
+        """Called from a page's thread when the loop has not answered long past a deadline: whatever the
+        loop is stuck in, its pages go back to the queue now."""
+        self._die(EngineDead(f"The engine on {self.decoder.device} stopped making progress: {reason}."))
+
     # --- the loop ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stop and not self._pending and not any(self.slots):
-                    self._cond.wait()
-                if self._stop:
-                    break
-            try:
+        try:
+            self.decoder.bind_thread()
+            while True:
+                with self._cond:
+                    while not self._stop and not self._pending and not any(self.slots):
+                        self._cond.wait()
+                    if self._stop or self.dead is not None:
+                        break
+                self._drop_unwanted()
                 self._admit()
                 if any(self.slots):
-                    self._step()
-            except Exception as exc:  # a failed step loses its batch, never the loop
-                log.exception("decode step failed; failing the %d page(s) in flight", self._in_flight())
-                for slot, request in enumerate(self.slots):
-                    if request is not None:
-                        self._finish(slot, request, error=exc)
+                    self._decode()
+        except BaseException as exc:  # anything that escapes the recovery paths: the device is not trusted
+            self._die(exc)
+            return
+        self._drain(EngineDead("The engine stopped."))
+
+    def _die(self, exc: BaseException) -> None:
+        error = exc if isinstance(exc, EngineDead) else EngineDead(
+            f"The engine on {self.decoder.device} failed and cannot go on: {type(exc).__name__}: {exc}")
+        with self._cond:
+            if self.dead is not None:
+                return
+            self.dead = error
+            self._stop = True
+        log.critical("engine on %s is dead (%s); returning its %d page(s) to the queue", self.decoder.device,
+                     error.message, self.load(), exc_info=exc if exc is not error else None)
+        self._drain(error)
+        if self.on_dead is not None:
+            try:
+                self.on_dead(error)
+            except Exception:
+                log.exception("on_dead handler failed")
+
+    def _drain(self, error: BaseException) -> None:
+        """Resolve every request still held, touching nothing on the device."""
         for slot, request in enumerate(self.slots):
             if request is not None:
-                self._finish(slot, request, error=RuntimeError("the engine stopped"))
+                self.slots[slot] = None
+                self._resolve(request, error=error)
+        for request in list(self._limbo):
+            self._resolve(request, error=error)
         with self._cond:
             while self._pending:
-                self._resolve(self._pending.popleft(), error=RuntimeError("the engine stopped"))
+                self._resolve(self._pending.popleft(), error=error)
 
     def _in_flight(self) -> int:
         return sum(r is not None for r in self.slots)
+
+    def _occupied(self) -> list[int]:
+        return [slot for slot, r in enumerate(self.slots) if r is not None]
+
+    def _drop_unwanted(self) -> None:
+        """Cancelled and expired pages leave the queue even while every slot is busy."""
+        with self._cond:
+            if not any(r.unwanted for r in self._pending):
+                return
+            keep: deque[Request] = deque()
+            while self._pending:
+                request = self._pending.popleft()
+                reason = request.unwanted
+                if reason is None:
+                    keep.append(request)
+                else:
+                    self._resolve(request, error=reason)
+            self._pending = keep
 
     def _admit(self) -> None:
         free = [slot for slot, r in enumerate(self.slots) if r is None]
         if not free:
             return
-        taken: list[Request] = []
         with self._cond:
-            while self._pending and len(taken) < len(free):
-                request = self._pending.popleft()
-                if request._cancel:
-                    self._resolve(request, error=Cancelled())
-                elif _expired(request):
-                    self._resolve(request, error=_timeout(request))
-                else:
-                    taken.append(request)
+            while self._pending and len(self._limbo) < len(free):
+                self._limbo.append(self._pending.popleft())
         # Prompts of equal length need no padding: prefill them together.
         groups: dict[int, list[Request]] = {}
-        for request in taken:
+        for request in list(self._limbo):
             groups.setdefault(request.length, []).append(request)
         for group in groups.values():
-            for start in range(0, len(group), self.prefill_batch):
-                chunk = group[start:start + self.prefill_batch]
-                slots = [free.pop(0) for _ in chunk]
-                self._prefill(slots, chunk)
+            while group:
+                chunk, group = group[:self.prefill_batch], group[self.prefill_batch:]
+                self._prefill([free.pop(0) for _ in chunk], chunk)
 
     def _prefill(self, slots: list[int], chunk: list[Request]) -> None:
+        """Prefill `chunk` into `slots`; on failure retry in halves, down to the page that fails alone."""
         now = time.monotonic()
         for request in chunk:
-            request.admitted = now
+            request.admitted = request.admitted or now
         try:
             firsts = self.decoder.prefill(slots, _concat([r.inputs for r in chunk]))
-            self.prefill_seconds += time.monotonic() - now
         except Exception as exc:
-            log.exception("prefill failed for %d page(s)", len(chunk))
-            for slot, request in zip(slots, chunk, strict=True):
+            self.failed_prefills += 1
+            self._check_device(exc)
+            for slot in slots:
                 self.decoder.release(slot)
-                self._resolve(request, error=exc)
+            if _out_of_memory(exc):
+                self.decoder.free_memory()
+                if len(chunk) > 1 and self.prefill_batch > len(chunk) // 2:
+                    self.prefill_batch = max(1, len(chunk) // 2)
+                    log.warning("prefill of %d pages ran out of memory: prefilling at most %d at a time from now on",
+                                len(chunk), self.prefill_batch)
+            if len(chunk) == 1:
+                log.error("prefill failed for one page: %s: %s", type(exc).__name__, exc)
+                self._resolve(chunk[0], error=exc)
+                return
+            log.warning("prefill of %d pages failed (%s: %s); retrying in halves", len(chunk), type(exc).__name__, exc)
+            mid = len(chunk) // 2
+            self._prefill(slots[:mid], chunk[:mid])
+            self._prefill(slots[mid:], chunk[mid:])
             return
+        self.prefill_seconds += time.monotonic() - now
         now = time.monotonic()
         for slot, request, token in zip(slots, chunk, firsts, strict=True):
+            self._limbo.remove(request)
             request.inputs = {}  # the pixels are no longer needed
             request.first_token = now
+            request.watch = self.guard.watch() if self.guard is not None else None
             self.slots[slot] = request
             self._advance(slot, request, token)
 
-    def _step(self) -> None:
-        top = max(slot for slot, r in enumerate(self.slots) if r is not None)
-        longest = max(r.length + len(r.tokens) for r in self.slots if r is not None)
-        started = time.monotonic()
-        nxt = self.decoder.step(top + 1, longest).tolist()
-        self.step_seconds += time.monotonic() - started
-        active = self._in_flight()
+    def _decode(self) -> None:
+        """One step for every page in flight; a failed step is narrowed down to the page that causes it."""
+        active = self._occupied()
+        try:
+            nxt = self._step(active)
+        except Exception as exc:
+            self.failed_steps += 1
+            self._check_device(exc)
+            log.warning("decode step failed for %d page(s) (%s: %s); isolating the page that causes it",
+                        len(active), type(exc).__name__, exc)
+        else:
+            self._solo_failures = 0
+            return self._advance_all(active, nxt)  # outside the try: a failure here is no step's
+        suspects = self._isolate(active)
+        if len(active) > 1 and len(suspects) == len(active):
+            raise EngineDead(f"Every page fails decode steps on {self.decoder.device}, each alone: the engine is "
+                             f"broken ({type(suspects[0][1]).__name__}: {suspects[0][1]}).")
+        if suspects and len(suspects) < len(active):
+            self._solo_failures = 0  # others stepped fine: these pages are the cause
+        for slot, exc in suspects:
+            log.error("the page in slot %d fails decode steps alone (%s: %s); failing it", slot,
+                      type(exc).__name__, exc)
+            self._finish(slot, self.slots[slot], error=exc)
+        self._solo_failures += len(suspects)
+        if self._solo_failures >= MAX_SOLO_FAILURES:
+            raise EngineDead(f"{self._solo_failures} pages in a row failed decode steps on {self.decoder.device} "
+                             "with no good step between them: the engine is broken.")
+
+    def _isolate(self, slots: list[int]) -> list[tuple[int, BaseException]]:
+        """Step halves of `slots` separately (the others paused); the slots that fail even alone."""
+        halves = [slots] if len(slots) == 1 else [slots[:len(slots) // 2], slots[len(slots) // 2:]]
+        suspects = []
+        for half in halves:
+            try:
+                nxt = self._step(half)
+            except Exception as exc:
+                self._check_device(exc)
+                suspects += self._isolate(half) if len(half) > 1 else [(half[0], exc)]
+            else:
+                self._advance_all(half, nxt)
+        return suspects
+
+    def _advance_all(self, slots: list[int], nxt: list[int]) -> None:
+        for slot in slots:
+            self._advance(slot, self.slots[slot], nxt[slot])
+
+    def _step(self, slots: list[int]) -> list[int]:
+        """One decode step for `slots` (the next token of every slot); other pages in flight are paused
+        (their state does not move)."""
+        paused = [s for s in self._occupied() if s not in slots]
+        if paused:
+            self.decoder.pause(paused)
+        try:
+            top = max(slots)
+            longest = max(self.slots[s].length + len(self.slots[s].tokens) for s in slots)
+            started = time.monotonic()
+            nxt = self.decoder.step(top + 1, longest).tolist()
+            self.step_seconds += time.monotonic() - started
+        finally:
+            if paused:
+                self.decoder.resume(paused)
         self.steps += 1
-        self.tokens += active
+        self.tokens += len(slots)
         if self.on_step is not None:
-            self.on_step(active)
-        for slot, request in enumerate(self.slots):
-            if request is not None:
-                self._advance(slot, request, nxt[slot])
+            self.on_step(len(slots))
+        return nxt
+
+    def _check_device(self, exc: BaseException) -> None:
+        """After a failure: raise EngineDead if the device itself is no longer usable."""
+        if not self.decoder.healthy():
+            raise EngineDead(f"The device {self.decoder.device} is unusable after "
+                             f"{type(exc).__name__}: {exc}") from exc
 
     def _advance(self, slot: int, request: Request, token: int) -> None:
         """Take a page's new token; end the page when it is complete, stuck, late or unwanted."""
-        if request._cancel:
-            return self._finish(slot, request, error=Cancelled())
-        if _expired(request):
-            return self._finish(slot, request, error=_timeout(request))
+        reason = request.unwanted
+        if reason is not None:
+            return self._finish(slot, request, error=reason)
         if token in self.eos_ids:
             return self._finish(slot, request, reason="eos")
         request.tokens.append(token)
@@ -228,31 +372,33 @@ class Scheduler:
             return self._finish(slot, request, reason="max_tokens")
         if request.length + len(request.tokens) + 1 >= self.decoder.max_len:
             return self._finish(slot, request, reason="max_tokens")
-        if self.guard is not None and self.guard.repeating(request.tokens):
+        if request.watch is not None and request.watch.update(request.tokens):
             return self._finish(slot, request, reason="repetition")
         return None
 
     def _finish(self, slot: int, request: Request, *, reason: str | None = None,
                 error: BaseException | None = None) -> None:
         self.slots[slot] = None
-        self.decoder.release(slot)
         request.stop_reason = reason
+        # Resolved before the slot is released on the device: if that write fails, the page's text
+        # (or its error) is already with its thread, and only the engine dies.
         self._resolve(request, error=error)
+        self.decoder.release(slot)
 
-    @staticmethod
-    def _resolve(request: Request, *, error: BaseException | None = None) -> None:
+    def _resolve(self, request: Request, *, error: BaseException | None = None) -> None:
+        request.resolutions += 1
+        if request in self._limbo:
+            self._limbo.remove(request)
+        if request.resolutions > 1:
+            log.error("a page was resolved %d times; keeping its first outcome", request.resolutions)
+            return
         request.error = error
         request.finished = time.monotonic()
         request.done.set()
 
 
-def _expired(request: Request) -> bool:
-    return request.deadline is not None and time.monotonic() > request.deadline
-
-
-def _timeout(request: Request) -> PageTimeout:
-    return PageTimeout(f"The page was stopped after {time.monotonic() - request.submitted:.0f} seconds, "
-                       "over its time limit.")
+def _out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 def _concat(inputs: list[dict]) -> dict:

@@ -1,0 +1,46 @@
+"""`gnosis-ocr worker` whose GPU "fails" mid-batch, for the engine-death tests.
+
+After GNOSIS_TEST_FAIL_AFTER_STEPS decode steps the device behaves as after a sticky CUDA error: the
+step raises and the health probe fails. With GNOSIS_TEST_FAIL_RELEASE, steps go on working and it is
+the write that frees a finished page's slot that fails instead. Nothing else of the worker changes.
+
+    GNOSIS_TEST_FAIL_AFTER_STEPS=5 python -m tests.faulty_worker worker
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def patch(after_steps: int, fail_release: bool) -> None:
+    from gnosis_ocr.worker.engines.decoder import StaticDecoder
+
+    state = {"steps": 0, "broken": False}
+    step, release, healthy = StaticDecoder.step, StaticDecoder.release, StaticDecoder.healthy
+
+    def failing_step(self, batch, length):
+        state["steps"] += 1
+        if state["steps"] > after_steps:
+            state["broken"] = not fail_release
+            if not fail_release:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return step(self, batch, length)
+
+    def failing_release(self, slot):
+        if fail_release and state["steps"] > after_steps:
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return release(self, slot)
+
+    StaticDecoder.step = failing_step
+    StaticDecoder.release = failing_release
+    StaticDecoder.healthy = lambda self: not state["broken"] and healthy(self)
+
+
+if __name__ == "__main__":
+    patch(int(os.environ["GNOSIS_TEST_FAIL_AFTER_STEPS"]), bool(os.environ.get("GNOSIS_TEST_FAIL_RELEASE")))
+    from gnosis_ocr.cli import main
+
+    sys.exit(main())

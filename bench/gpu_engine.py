@@ -197,7 +197,10 @@ def single_page(torch, engine, page, tokens: int) -> dict:
 
 
 def mismatches(torch, engine, pages, new_tokens: int) -> dict:
-    """The fast path against plain `generate` on the same pages, token for token (EOS as the model says)."""
+    """The fast path against plain `generate` on the same pages, token for token (EOS as the model says).
+
+    At each page's first divergence, the reference's logit margin (top-1 minus top-2): a margin near
+    zero is kernel noise choosing between two near-equal tokens; a wide one would be a bug."""
     scheduler = engine.schedulers[0]
     eos = engine.model.generation_config.eos_token_id
     scheduler.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
@@ -208,14 +211,42 @@ def mismatches(torch, engine, pages, new_tokens: int) -> dict:
         request.done.wait()
         inputs = engine.processor(text=[engine.prompt], images=[page], return_tensors="pt").to(engine.model.device)
         with torch.inference_mode():
-            out = engine.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-        ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+            out = engine.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                        output_scores=True, return_dict_in_generate=True)
+        ref = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
         ref = ref[:ref.index(eos)] if eos in ref else ref
         first = next((i for i, (a, b) in enumerate(zip(ref, request.tokens)) if a != b), None)
         if first is None and len(ref) != len(request.tokens):
             first = min(len(ref), len(request.tokens))
-        rows.append({"tokens": len(ref), "identical": first is None, "first_mismatch": first})
-    return {"pages": len(rows), "identical_pages": sum(r["identical"] for r in rows), "rows": rows}
+        margin = None
+        if first is not None and first < len(out.scores):
+            top = out.scores[first][0].float().topk(2).values
+            margin = round(float(top[0] - top[1]), 4)
+        mismatched = sum(a != b for a, b in zip(ref, request.tokens)) + abs(len(ref) - len(request.tokens))
+        rows.append({"tokens": len(ref), "identical": first is None, "first_mismatch": first,
+                     "mismatched_tokens": mismatched, "margin_at_first_mismatch": margin,
+                     "error": repr(request.error) if request.error else None})
+    return {"pages": len(rows), "identical_pages": sum(r["identical"] for r in rows),
+            "mismatched_tokens": sum(r["mismatched_tokens"] for r in rows), "rows": rows}
+
+
+def float32_mismatches(torch, path: str, pages, new_tokens: int) -> dict:
+    """The same comparison in float32 with TF32 off: no kernel noise to hide behind, so zero mismatches."""
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    engine = NanonetsEngine(path, model_id="fp32 check", revision="0" * 40, max_new_tokens=new_tokens,
+                            repetition_window=0, devices=["auto"], max_side=1280, batch_size=len(pages),
+                            dtype="float32")
+    try:
+        return {"dtype": "float32", "tf32": False, "checks": engine.checks,
+                **mismatches(torch, engine, pages, new_tokens)}
+    finally:
+        engine.close()
+        del engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def service(path: str, *, jobs: int, clients: int, tiny: bool) -> dict:
@@ -268,20 +299,34 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool) -> dict:
             return requests.get(f"{url}/v1/jobs/{job_id}", params={"wait": 30}, timeout=40).json()
 
         results = [wait_until(lambda j=j: (f := final(j))["status"] in ("succeeded", "failed") and f,
-                              timeout=600, interval=0.0, message=f"job {j}") for j in ids]
+                              timeout=900, interval=0.0, message=f"job {j}") for j in ids]
         seconds = time.perf_counter() - first_submit
         ok = sum(r["status"] == "succeeded" for r in results)
+        steady = steady_state([r["finished_at"] for r in results if r.get("finished_at")])
         metrics = requests.get(f"{url}/metrics", timeout=10).text
         tokens = sum(float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith("gnosis_output_tokens_total"))
         return {"jobs": len(ids), "clients": clients, "succeeded": ok, "seconds": round(seconds, 2),
-                "pages_per_s": round(ok / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+                "pages_per_s": round(ok / seconds, 3), "steady_pages_per_s": steady,
+                "tokens_per_s": round(tokens / seconds, 1),
                 "submit_s": round(submitted_s, 2), "worker_ready_s": round(ready_s, 1),
                 "failed": [r.get("error") for r in results if r["status"] != "succeeded"][:3]}
     finally:
         stack.stop()
         stub.stop()
         redis_proc.stop()
+
+
+def steady_state(finished_at: list[str]) -> float | None:
+    """Pages/s over the middle of the run (the 10th to the 90th percentile of finish times): the rate
+    once the batch is full, without the ramp-up at the start and the tail at the end."""
+    from datetime import datetime
+
+    stamps = sorted(datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() for t in finished_at)
+    if len(stamps) < 10:
+        return None
+    lo, hi = len(stamps) // 10, len(stamps) * 9 // 10
+    return round((hi - lo) / max(stamps[hi] - stamps[lo], 1e-6), 3)
 
 
 def main() -> None:
@@ -291,15 +336,20 @@ def main() -> None:
     parser.add_argument("--pages-per-slot", type=int, default=2)
     parser.add_argument("--compare-pages", type=int, default=3)
     parser.add_argument("--compare-tokens", type=int, default=128)
-    parser.add_argument("--jobs", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=512)
+    parser.add_argument("--fp32-pages", type=int, default=3)
+    parser.add_argument("--fp32-tokens", type=int, default=256)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--skip-service", action="store_true")
+    parser.add_argument("--sections", default="single_page,engine_alone,mismatches,float32_mismatches,service",
+                        help="which sections to run: a whole run takes longer than one 10-minute device call")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     import torch
     import transformers
 
+    wanted = set(args.sections.split(","))
     if not torch.cuda.is_available() and not args.tiny:
         sys.exit("CUDA is not available: run with --tiny to check the script on a CPU.")
     report = Report(args.out, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -307,43 +357,51 @@ def main() -> None:
     started = time.perf_counter()
     path = checkpoint(torch, args.tiny)
     report.data["checkpoint_s"] = round(time.perf_counter() - started, 1)
-    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
-
-    started = time.perf_counter()
-    def load(graphs=None):
-        return NanonetsEngine(path, model_id="nanonets/Nanonets-OCR-s (random weights)", revision="0" * 40,
-                              max_new_tokens=max(MIX), repetition_window=0, devices=["auto"], max_side=1280,
-                              graphs=graphs)
-
-    try:
-        engine = load()
-    except Exception as exc:  # measure the eager decode rather than nothing, and say why
-        traceback.print_exc()
-        report.data["graphs_error"] = f"{type(exc).__name__}: {exc}"[:500]
-        engine = load(graphs=False)
-    sync(torch)
-    default = engine.schedulers[0]
-    report.data["engine"] = {"device": str(default.decoder.device), "default_batch": default.capacity,
-                             "max_len": default.decoder.max_len,
-                             "load_and_warm_s": round(time.perf_counter() - started, 1),
-                             "captures_at_warm_up": engine.captures,
-                             "batch_buckets": default.decoder.batch_buckets, "len_buckets": default.decoder.len_buckets}
-    report.save()
-    page = a4_page(160 if args.tiny else 1280)
-    probe = engine._request(page)
-    report.data["engine"]["prompt_tokens"] = probe.length
-    report.data["engine"]["image_tokens"] = int(probe.inputs["image_grid_thw"][0].prod()) // 4
-    batches = sorted({int(b) for b in args.batches.split(",")} | {default.capacity})
-    report.section("single_page", single_page, torch, engine, page, 1100)
-    report.section("engine_alone", engine_alone, torch, engine, page, batches, args.pages_per_slot)
-    report.data["captures_after_warm_up"] = engine.captures - report.data["engine"]["captures_at_warm_up"]
     compare = [a4_page(160 if args.tiny else 1280)] + [_other_page(i, args.tiny) for i in range(args.compare_pages - 1)]
-    report.section("mismatches", mismatches, torch, engine, compare, args.compare_tokens)
-    engine.close()
-    del engine
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if not args.skip_service:
+    if wanted & {"single_page", "engine_alone", "mismatches"}:
+        from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+        started = time.perf_counter()
+        def load(graphs=None):
+            return NanonetsEngine(path, model_id="nanonets/Nanonets-OCR-s (random weights)", revision="0" * 40,
+                                  max_new_tokens=max(MIX), repetition_window=0, devices=["auto"], max_side=1280,
+                                  graphs=graphs)
+
+        try:
+            engine = load()
+        except Exception as exc:  # measure the eager decode rather than nothing, and say why
+            traceback.print_exc()
+            report.data["graphs_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            engine = load(graphs=False)
+        sync(torch)
+        default = engine.schedulers[0]
+        report.data["engine"] = {"device": str(default.decoder.device), "default_batch": default.capacity,
+                                 "max_len": default.decoder.max_len,
+                                 "load_and_warm_s": round(time.perf_counter() - started, 1),
+                                 "captures_at_warm_up": engine.captures,
+                                 "batch_buckets": default.decoder.batch_buckets, "len_buckets": default.decoder.len_buckets,
+                                 "graph_vs_eager": engine.checks}
+        report.save()
+        page = a4_page(160 if args.tiny else 1280)
+        probe = engine._request(page)
+        report.data["engine"]["prompt_tokens"] = probe.length
+        report.data["engine"]["image_tokens"] = int(probe.inputs["image_grid_thw"][0].prod()) // 4
+        batches = sorted({int(b) for b in args.batches.split(",")} | {default.capacity})
+        if "single_page" in wanted:
+            report.section("single_page", single_page, torch, engine, page, 1100)
+        if "engine_alone" in wanted:
+            report.section("engine_alone", engine_alone, torch, engine, page, batches, args.pages_per_slot)
+        report.data["captures_after_warm_up"] = engine.captures - report.data["engine"]["captures_at_warm_up"]
+        if "mismatches" in wanted:
+            report.section("mismatches", mismatches, torch, engine, compare, args.compare_tokens)
+        engine.close()
+        del engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if args.fp32_pages and "float32_mismatches" in wanted:
+        report.section("float32_mismatches", float32_mismatches, torch, path, compare[:args.fp32_pages],
+                       args.fp32_tokens)
+    if not args.skip_service and "service" in wanted:
         report.section("service", service, path, jobs=args.jobs, clients=args.clients, tiny=args.tiny)
     print(json.dumps(report.data))
     summary(report.data)
@@ -373,7 +431,11 @@ def summary(data: dict) -> None:
         print(f"{r['batch']:>4} {r['pages']:>6} {r['pages_per_s']:>8} {r['tokens_per_s']:>8} {r['ms_per_step']:>8} "
               f"{r['mean_batch']:>7} {r['prefill_ms_per_page']:>16} {r['peak_gib']!s:>9}")
     print("single page:", data.get("single_page"))
-    print("mismatches:", {k: v for k, v in data.get("mismatches", {}).items() if k != "rows"})
+    print("graph replay vs eager:", engine.get("graph_vs_eager"))
+    print("mismatches (bf16):", {k: v for k, v in data.get("mismatches", {}).items() if k != "rows"},
+          [r.get("margin_at_first_mismatch") for r in data.get("mismatches", {}).get("rows", [])])
+    print("mismatches (float32, TF32 off):",
+          {k: v for k, v in data.get("float32_mismatches", {}).items() if k not in ("rows", "checks")})
     print("service:", data.get("service"))
 
 

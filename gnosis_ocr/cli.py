@@ -142,6 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _positive(name: str):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, not {value!r}") from None
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {number}")
+        return number
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import devstack, submit
 
@@ -150,9 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("api", help="run the HTTP API under gunicorn")
     p.add_argument("--host", default=os.environ.get("GNOSIS_HOST", "0.0.0.0"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
-    p.add_argument("--workers", type=int, default=int(os.environ.get("GNOSIS_API_WORKERS", "2")))
-    p.add_argument("--threads", type=int, default=int(os.environ.get("GNOSIS_API_THREADS", "16")))
+    # String defaults from the environment go through `type` too: a malformed one is a usage error (exit 2).
+    p.add_argument("--port", type=_positive("PORT / --port"), default=os.environ.get("PORT", "8080"))
+    p.add_argument("--workers", type=_positive("GNOSIS_API_WORKERS / --workers"),
+                   default=os.environ.get("GNOSIS_API_WORKERS", "2"))
+    p.add_argument("--threads", type=_positive("GNOSIS_API_THREADS / --threads"),
+                   default=os.environ.get("GNOSIS_API_THREADS", "16"))
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run a Celery worker consuming OCR pages")

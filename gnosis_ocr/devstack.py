@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from .redisconn import connect
+from .redisconn import connect, redact
 from .settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -130,11 +130,11 @@ def run(args: argparse.Namespace) -> int:
     if not _redis_answers(settings.redis_url):
         started = _start_redis(settings.redis_url)
         if started is None or not _redis_answers(settings.redis_url):
-            print(f"gnosis-ocr: nothing answers at {settings.redis_url} and no local redis-server could be started",
+            print(f"gnosis-ocr: nothing answers at {redact(settings.redis_url)} and no local redis-server could be started",
                   file=sys.stderr)
             return EXIT_USAGE
         procs.append(started)
-        print(f"started redis-server for {settings.redis_url}", file=sys.stderr)
+        print(f"started redis-server for {redact(settings.redis_url)}", file=sys.stderr)
     cli = [sys.executable, "-m", "gnosis_ocr.cli"]
     signal.signal(signal.SIGTERM, _on_sigterm)
     base = f"http://127.0.0.1:{args.port}"

@@ -12,12 +12,21 @@ without one). Redis Cluster is not supported: Celery's Redis transport cannot us
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import redis
 from redis.sentinel import Sentinel
 
 from .errors import ConfigError
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced: what logs and error messages may show."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
 
 
 @dataclass(frozen=True)
@@ -36,18 +45,18 @@ def parse_sentinel(url: str) -> SentinelTarget:
     for item in hosts.split(","):
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
         if not host:
-            raise ConfigError(f"REDIS_URL {url!r} names a sentinel without a host")
+            raise ConfigError(f"REDIS_URL {redact(url)!r} names a sentinel without a host")
         try:
             sentinels.append((host.strip("[]"), int(port or 26379)))
         except ValueError:
-            raise ConfigError(f"REDIS_URL {url!r} has an invalid sentinel port {port!r}") from None
+            raise ConfigError(f"REDIS_URL {redact(url)!r} has an invalid sentinel port {port!r}") from None
     parts = [p for p in parsed.path.split("/") if p]
     if not parts:
-        raise ConfigError(f"REDIS_URL {url!r} must name the Sentinel master: sentinel://host:26379/<master>/<db>")
+        raise ConfigError(f"REDIS_URL {redact(url)!r} must name the Sentinel master: sentinel://host:26379/<master>/<db>")
     try:
         db = int(parts[1]) if len(parts) > 1 else 0
     except ValueError:
-        raise ConfigError(f"REDIS_URL {url!r} has an invalid database number {parts[1]!r}") from None
+        raise ConfigError(f"REDIS_URL {redact(url)!r} has an invalid database number {parts[1]!r}") from None
     return SentinelTarget(tuple(sentinels), parts[0], db, password)
 
 
@@ -70,6 +79,7 @@ def celery_broker(url: str) -> tuple[str, dict]:
     if not is_sentinel(url):
         return url, {}
     target = parse_sentinel(url)
-    auth = f":{target.password}@" if target.password else ""
+    # Quoted: a password with '/', '#', ';' or '?' would otherwise end the URL's authority or list.
+    auth = f":{quote(target.password, safe='')}@" if target.password else ""
     broker = ";".join(f"sentinel://{auth}{host}:{port}/{target.db}" for host, port in target.sentinels)
     return broker, {"master_name": target.master}

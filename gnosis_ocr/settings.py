@@ -142,18 +142,20 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
+        from .redisconn import redact
+
         url = urlparse(self.redis_url)
         if url.scheme == "sentinel":
             from .redisconn import parse_sentinel
 
             parse_sentinel(self.redis_url)
         elif url.scheme not in _REDIS_SCHEMES or (url.scheme != "unix" and not url.hostname):
-            raise ConfigError(f"REDIS_URL {self.redis_url!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
+            raise ConfigError(f"REDIS_URL {redact(self.redis_url)!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
         else:
             try:
                 url.port  # noqa: B018 - raises on a malformed port
             except ValueError as exc:
-                raise ConfigError(f"REDIS_URL {self.redis_url!r} has an invalid port") from exc
+                raise ConfigError(f"REDIS_URL {redact(self.redis_url)!r} has an invalid port") from exc
         if self.engine not in defaults.ENGINES:
             raise ConfigError(f"OCR_ENGINE {self.engine!r} is unknown; choose one of {', '.join(defaults.ENGINES)}")
         for device in self.devices:

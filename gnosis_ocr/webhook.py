@@ -46,7 +46,9 @@ def verify(secret: str, header: str, body: bytes, *, tolerance: float = 300) -> 
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a site's own translators, never public
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 (SIIT): ::ffff:0:a.b.c.d
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -58,7 +60,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address
         return [address.sixtofour]
     if address.teredo:
         return list(address.teredo)
-    if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1):
+    if address in _NAT64 or address in _IPV4_TRANSLATED or (address in _IPV4_COMPATIBLE and int(address) > 1):
         return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
     return []
 
@@ -67,6 +69,8 @@ def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if not address.is_global or address.is_multicast:
         return False
     if address.version == 6:
+        if address in _LOCAL_NAT64:
+            return False
         return all(is_public(inner) for inner in _embedded_ipv4(address))
     return True
 

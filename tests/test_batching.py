@@ -155,3 +155,12 @@ def test_one_engine_per_device_shares_the_pages(tiny_model):
         assert all(s.steps > 0 for s in eng.schedulers), [s.steps for s in eng.schedulers]
     finally:
         eng.close()
+
+
+def test_page_inputs_built_from_the_image_grid_equal_the_processors(engine):
+    assert engine.fast_prompt
+    for i in range(len(SIZES)):
+        ours, theirs = engine.page_prompt.inputs(page(i)), engine.page_prompt.reference(page(i))
+        assert sorted(ours) == sorted(theirs)
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]) and ours[key].dtype == theirs[key].dtype, (i, key)

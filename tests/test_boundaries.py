@@ -60,6 +60,23 @@ def test_processes_fail_fast_on_bad_config_with_exit_2(command):
     assert lines == [lines[0]] and "REDIS_URL" in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("url", ["redis://:hunter2-secret@db:notaport/0", "sentinel://:hunter2-secret@s1:x/m/0",
+                                 "http://:hunter2-secret@db:6379"])
+def test_a_configuration_error_never_prints_the_redis_password(url):
+    r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "api"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env={"REDIS_URL": url, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "REDIS_URL" in r.stderr
+    assert "hunter2" not in r.stderr + r.stdout and ":***@" in r.stderr
+
+
+@pytest.mark.parametrize("name,value", [("PORT", "80a"), ("GNOSIS_API_WORKERS", "two"), ("GNOSIS_API_THREADS", "0")])
+def test_a_malformed_api_number_is_one_line_and_exit_2(name, value):
+    r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "api"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env={name: value, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{name} / --" in r.stderr.splitlines()[-1] and value in r.stderr.splitlines()[-1]
+
+
 def test_worker_fails_fast_on_unwritable_cache(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

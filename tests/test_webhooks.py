@@ -108,6 +108,19 @@ def test_callbacks_to_private_addresses_are_refused(stack, target):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_callback_url"
 
 
+@pytest.mark.parametrize("target", [
+    # Local-use NAT64 (RFC 8215) and IPv4-translated (SIIT) forms of link-local and loopback addresses.
+    "http://[64:ff9b:1::a9fe:a9fe]/hook", "http://[64:ff9b:1::7f00:1]/hook",
+    "http://[::ffff:0:a9fe:a9fe]/hook", "http://[::ffff:0:7f00:1]/hook",
+])
+def test_translated_ipv6_forms_of_private_addresses_are_refused(target):
+    from gnosis_ocr.errors import BadRequest
+    from gnosis_ocr.webhook import check_url
+
+    with pytest.raises(BadRequest, match="loopback, private or reserved"):
+        check_url(target, allow_private=False)
+
+
 def test_callbacks_need_a_secret(stack):
     url = stack.api()
     r = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["x"]))},

@@ -8,7 +8,6 @@ device's scheduler, and waits while that device decodes every page in flight tog
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,20 +16,11 @@ from ... import defaults
 from ...errors import EngineDead
 from . import PageText
 from .decoder import StaticDecoder
+from .prompt import PagePrompt
 from .repetition import RepetitionGuard
 from .scheduler import Request, Scheduler
 
 log = logging.getLogger(__name__)
-
-# The model card's own prompt; the model was fine-tuned on it.
-PROMPT = (
-    "Extract the text from the above document as if you were reading it naturally. Return the tables in html "
-    "format. Return the equations in LaTeX representation. If there is an image in the document and image "
-    "caption is not present, add a small description of the image inside the <img></img> tag; otherwise, add "
-    "the image caption inside <img></img>. Watermarks should be wrapped in brackets. Ex: "
-    "<watermark>OFFICIAL COPY</watermark>. Page numbers should be wrapped in brackets. Ex: "
-    "<page_number>14</page_number> or <page_number>9/14</page_number>. Prefer using ☐ and ☑ for check boxes."
-)
 
 MAX_AUTO_BATCH = 64
 """Largest batch chosen from free memory when none is configured."""
@@ -47,7 +37,7 @@ class NanonetsEngine:
                  prefill_batch: int = 4, repetition_window: int = 512, graphs: bool | None = None,
                  on_step: Callable[[str, int], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None,
-                 stall_grace: float = defaults.ENGINE_STALL_GRACE) -> None:
+                 stall_grace: float = defaults.ENGINE_STALL_GRACE, dtype: str | None = None) -> None:
         import torch
         from transformers import AutoProcessor
 
@@ -62,18 +52,21 @@ class NanonetsEngine:
         # A path, never a repo id: with HF_HUB_OFFLINE=1 this sends no request at all.
         self.processor = AutoProcessor.from_pretrained(str(path))
         self.tokenizer = self.processor.tokenizer
-        # Fast tokenizers are not safe to call from many threads at once ("Already borrowed").
-        self._prep_lock = threading.Lock()
-        messages = [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
-        ]
-        self.prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        self.page_prompt = PagePrompt(self.processor)
+        self.prompt = self.page_prompt.text
+        from PIL import Image
+
+        probe = Image.new("RGB", (max_side // 2, max_side), "white")
+        # Pages' inputs are built from the image grid, off any lock; only if that ever differs from the
+        # processor's output (another processor release) does each page go through the processor.
+        self.fast_prompt = self.page_prompt.matches_processor(probe)
+        if not self.fast_prompt:
+            log.warning("the prompt built from the image grid differs from the processor's; using the processor")
         longest_prompt = self._prompt_tokens(max_side)
         self.max_len = longest_prompt + max_new_tokens + 1
         self.models, self.schedulers = [], []
         for device in self.devices:
-            model = load_model(path, device)
+            model = load_model(path, device, dtype)
             slots = batch_size or auto_batch(model, device, self.max_len)
             decoder = StaticDecoder(model, slots=slots, max_len=self.max_len, graphs=graphs)
             eos = model.generation_config.eos_token_id
@@ -166,8 +159,7 @@ class NanonetsEngine:
                 request.cancel()
         if request.error is not None:
             raise request.error
-        with self._prep_lock:
-            text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        text = self.page_prompt.decode(request.tokens)
         return PageText(text=text, truncated=request.truncated, stop_reason=request.stop_reason,
                         tokens=len(request.tokens), queue_seconds=request.admitted - request.submitted,
                         first_token_seconds=request.first_token - request.submitted)
@@ -175,8 +167,8 @@ class NanonetsEngine:
     def _request(self, page, *, max_new_tokens: int | None = None) -> Request:
         import torch
 
-        with self._prep_lock:
-            inputs = dict(self.processor(text=[self.prompt], images=[page], return_tensors="pt"))
+        prompt = self.page_prompt
+        inputs = prompt.inputs(page) if self.fast_prompt else prompt.reference(page)
         dtype = self.models[0].dtype
         if dtype != torch.float32:  # halve what crosses to the device, off the engine's thread
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -187,9 +179,7 @@ class NanonetsEngine:
         """The longest prompt a page can make: a square page at the largest side the service renders."""
         from PIL import Image
 
-        inputs = self.processor(text=[self.prompt], images=[Image.new("RGB", (max_side, max_side), "white")],
-                                return_tensors="pt")
-        return int(inputs["input_ids"].shape[1])
+        return int(self.page_prompt.reference(Image.new("RGB", (max_side, max_side), "white"))["input_ids"].shape[1])
 
     def close(self) -> None:
         for scheduler in self.schedulers:
@@ -222,12 +212,13 @@ def resolve_devices(devices: Sequence[str]):
     return out
 
 
-def load_model(path: str | Path, device):
+def load_model(path: str | Path, device, dtype: str | None = None):
+    """bf16 on a GPU, float32 on the CPU, unless `dtype` says (the benchmark's float32 check)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    chosen = getattr(torch, dtype) if dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=chosen).to(device).eval()
 
 
 def auto_batch(model, device, max_len: int) -> int:

@@ -135,3 +135,7 @@ connection) before the API drops it: slow-header clients cannot pile up."""
 
 DEFAULT_MAX_KEY_PAGES = 2500
 """With API keys on: pages one key may have waiting or running; past it that key (only) gets 429."""
+
+DEFAULT_REDIS_MEMORY_LIMIT = 0.8
+"""Fraction of Redis's maxmemory past which new submissions are refused (503 + Retry-After), so that
+accepted jobs' records, results and acknowledgements always fit."""

@@ -33,6 +33,7 @@ class Settings:
     job_ttl: int = defaults.DEFAULT_JOB_TTL
     job_max_age: int = defaults.DEFAULT_JOB_MAX_AGE
     max_queued_bytes: int = defaults.DEFAULT_MAX_QUEUED_BYTES
+    redis_memory_limit: float = defaults.DEFAULT_REDIS_MEMORY_LIMIT
     input_cache_bytes: int = defaults.DEFAULT_INPUT_CACHE_BYTES
     input_cache_dir: str = ""
     redis_retry: float = defaults.DEFAULT_REDIS_RETRY
@@ -98,6 +99,7 @@ class Settings:
             job_ttl=_int(env, "GNOSIS_JOB_TTL", defaults.DEFAULT_JOB_TTL),
             job_max_age=_int(env, "GNOSIS_JOB_MAX_AGE", defaults.DEFAULT_JOB_MAX_AGE),
             max_queued_bytes=_int(env, "GNOSIS_MAX_QUEUED_BYTES", defaults.DEFAULT_MAX_QUEUED_BYTES),
+            redis_memory_limit=_float(env, "GNOSIS_REDIS_MEMORY_LIMIT", defaults.DEFAULT_REDIS_MEMORY_LIMIT),
             input_cache_bytes=_int(env, "GNOSIS_INPUT_CACHE_BYTES", defaults.DEFAULT_INPUT_CACHE_BYTES),
             input_cache_dir=env.get("GNOSIS_INPUT_CACHE_DIR", ""),
             redis_retry=_float(env, "GNOSIS_REDIS_RETRY", defaults.DEFAULT_REDIS_RETRY),
@@ -164,6 +166,8 @@ class Settings:
         for name in ("batch_size", "repetition_window", "prefetch_pages", "input_cache_bytes", "redis_retry"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.redis_memory_limit <= 1:
+            raise ConfigError(f"GNOSIS_REDIS_MEMORY_LIMIT must be a fraction in (0, 1], got {self.redis_memory_limit}")
         if self.input_store != "redis" and not os.path.isabs(self.input_store):
             raise ConfigError(f"GNOSIS_INPUT_STORE {self.input_store!r} is not `redis` or an absolute directory")
         if self.api_worker_class not in ("gevent", "gthread"):

@@ -5,6 +5,7 @@ It never imports torch, transformers or an OCR engine; the tests assert it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
-from .. import inputstore
+from .. import inputstore, redismemory
 from ..redisconn import connect
 from ..broker import make_producer, queue_keys
 from ..job import JobStore
@@ -20,6 +21,8 @@ from ..metrics import Metrics
 from ..settings import Settings
 
 __all__ = ["create_app", "ctx"]
+
+log = logging.getLogger(__name__)
 
 DEPTH_TTL = 0.25
 """Seconds a process trusts its last reading of the queue depth."""
@@ -39,6 +42,7 @@ class ApiContext:
     jobs: JobStore
     producer: object
     metrics: Metrics
+    memory: redismemory.MemoryGauge
     _depth: tuple[float, int] = (0.0, 0)
     _depth_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -91,7 +95,13 @@ def create_app(settings: Settings | None = None) -> Flask:
                       inputs=inputstore.from_setting(settings.input_store)),
         producer=make_producer(settings),
         metrics=Metrics(client, background=True),
+        memory=redismemory.MemoryGauge(client),
     )
+    redismemory.warn_if_evicting(client, "api")
+    if settings.api_key_hashes:
+        log.info("api: API keys are on (%d key(s)); requests without one get 401", len(settings.api_key_hashes))
+    else:
+        log.warning("api: API keys are off (GNOSIS_API_KEYS is empty): anyone who reaches this port may submit")
 
     from . import cache, errors, jobs, ops, ui
 

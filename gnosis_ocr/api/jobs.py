@@ -11,7 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 from .. import document, webhook
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue, page_priority
 from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
-from ..errors import BadRequest, Conflict, NotFound, QueueFull
+from ..errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
 from ..job import Job, JobStatus, new_job_id
 from . import ctx, idempotency
 from .auth import current_owner, require_key
@@ -53,6 +53,9 @@ def submit():
                 return _replay(first) or _still_in_use()
     try:
         backlog = _check_queue_room(info.pages, len(data))
+        # What the job costs Redis until it ends: its document (when kept there), its record and messages.
+        # (Redis's allocator rounds large values up: about 15% over the document's bytes.)
+        c.memory.note((len(data) * 115 // 100 if c.jobs.inputs.in_redis else 0) + 4096 * (1 + info.pages))
         job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
                             filename=clean_filename(upload.filename), job_id=job_id,
                             extra={"idem_key": idem_name, "callback_url": callback_url})
@@ -104,6 +107,11 @@ def _still_in_use():
 def _check_queue_room(pages: int, size: int) -> int:
     """Refuse (429) a job the queue has no room for; returns its owner's pages to do, this job's included."""
     c = ctx()
+    memory = c.memory.current()
+    if memory.limit and memory.used > c.settings.redis_memory_limit * memory.limit:
+        # Room kept for what accepted jobs still write (records, results, acks), so they always finish.
+        raise Unavailable(f"Redis is {memory.fraction():.0%} full; new jobs wait until accepted ones finish. "
+                          "Retry later.", code="redis_full")
     depth = c.queue_depth()  # messages in the queue: one per page
     if depth + pages > c.settings.max_queue_depth:
         raise QueueFull(f"The queue is full ({depth} pages waiting); retry later.")

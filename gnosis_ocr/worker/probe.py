@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
 
+from .. import redismemory
+
 log = logging.getLogger(__name__)
 
 _metrics = None
@@ -87,9 +89,10 @@ class Probe:
             try:
                 record = self.redis.get(f"gnosis:worker:{self.worker}")
                 loaded = json.loads(record)["engines_loaded"] if record else 0
+                memory = redismemory.read(self.redis)
             except redis.RedisError as exc:
                 return self._send(h, 503, {"status": "redis_unavailable", "detail": str(exc)})
-            body = {"engines_loaded": loaded, "concurrency": self.concurrency}
+            body = {"engines_loaded": loaded, "concurrency": self.concurrency, "redis": memory.describe()}
             return self._send(h, 200 if loaded >= self.concurrency else 503,
                               {"status": "ready" if loaded >= self.concurrency else "loading", **body})
         if path == "/metrics":

@@ -9,6 +9,7 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import signals
 from celery.exceptions import Reject
 
+from .. import redismemory
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
 from . import heartbeat, notify, page, probe, registry, runtime
 from .celery_app import app
@@ -75,6 +76,7 @@ def _name_worker(**_) -> None:
 def _start_heartbeat(sender=None, **_) -> None:
     global _heartbeat
     rt = runtime.get()
+    redismemory.warn_if_evicting(rt.redis, f"worker {registry.worker_id()}")
     # Readiness counts loaded engines: one per pool process, or the one batched engine of a threads pool.
     concurrency = rt.expected_engines(getattr(getattr(sender, "pool", None), "limit", 0) or 0)
     _heartbeat = heartbeat.Heartbeat(rt, app, concurrency=concurrency)

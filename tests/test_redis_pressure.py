@@ -1,0 +1,87 @@
+"""Redis under pressure, as an operator meets it on day 2: nearly full, or configured to evict. Accepted
+work always finishes; new work is refused cleanly before Redis refuses writes; an evicting Redis is
+named loudly. Real Redis (a private one, so its limits can be set), real API and worker processes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import free_port, poll_job, wait_until
+from tests.docs import text_image
+from tests.redisproc import PrivateRedis
+
+pytestmark = pytest.mark.slow
+
+
+def noisy_png(seed: int, size: int = 120_000) -> bytes:
+    """A valid PNG of about `size` bytes that does not compress: its bytes are what fills Redis."""
+    import io
+
+    from PIL import Image
+
+    side = int((size / 3) ** 0.5)
+    image = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def test_a_nearly_full_redis_refuses_new_jobs_cleanly_and_every_accepted_job_finishes(stack, tmp_path):
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(private.url)
+        client.config_set("maxmemory", client.info("memory")["used_memory"] + 8 * 2**20)
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api()
+        accepted, refused = [], []
+        for n in range(150):
+            r = requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", noisy_png(n))}, timeout=30)
+            assert r.status_code in (202, 503), r.text
+            if r.status_code == 202:
+                accepted.append(r.json()["id"])
+            else:
+                assert r.json()["error"]["code"] == "redis_full" and int(r.headers["Retry-After"]) > 0
+                refused.append(n)
+                if len(refused) >= 5:
+                    break
+        memory = client.info("memory")
+        print(f"\naccepted {len(accepted)}, refused {len(refused)}; Redis at {memory['used_memory']} of "
+              f"{memory['maxmemory']} bytes")
+        assert len(accepted) >= 20 and refused, "the bound is well before Redis's own limit"
+        assert memory["used_memory"] < 0.9 * memory["maxmemory"], f"headroom left ({len(accepted)} accepted)"
+        stack.worker(OCR_ENGINE="null", concurrency=2)
+        finals = [poll_job(url, job_id, timeout=120) for job_id in accepted]
+        assert [f["status"] for f in finals] == ["succeeded"] * len(accepted)
+        r = requests.post(f"{url}/v1/jobs", files={"file": ("after.png", text_image(["room again"]))}, timeout=30)
+        assert r.status_code == 202, "room again once the accepted jobs are done"
+    finally:
+        private.stop()
+
+
+def test_an_evicting_redis_is_named_in_the_logs_and_in_readiness(stack, tmp_path):
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start(["--maxmemory-policy", "allkeys-lru"])
+    try:
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api()
+        port = free_port()
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_WORKER_PORT=str(port))
+        api_ready = requests.get(f"{url}/readyz", timeout=10).json()
+        assert api_ready["redis"]["maxmemory_policy"] == "allkeys-lru" and "noeviction" in api_ready["redis"]["warning"]
+        worker_ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()
+        assert "noeviction" in worker_ready["redis"]["warning"]
+        api_log = next(p for p in stack.procs if "api" in p.log_path.name).log()
+        assert "maxmemory-policy is allkeys-lru" in api_log
+        wait_until(lambda: "maxmemory-policy is allkeys-lru" in worker.log(), timeout=10, message="the worker's line")
+    finally:
+        private.stop()
+
+
+def test_the_api_says_at_start_whether_api_keys_are_on(stack):
+    stack.api()
+    stack.api(GNOSIS_API_KEYS="k-123")
+    logs = [p.log() for p in stack.procs]
+    assert "API keys are off" in logs[0] and "API keys are on (1 key(s))" in logs[1]

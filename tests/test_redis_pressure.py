@@ -85,3 +85,43 @@ def test_the_api_says_at_start_whether_api_keys_are_on(stack):
     stack.api(GNOSIS_API_KEYS="k-123")
     logs = [p.log() for p in stack.procs]
     assert "API keys are off" in logs[0] and "API keys are on (1 key(s))" in logs[1]
+
+
+def test_after_a_redis_outage_workers_are_ready_again_and_no_page_runs_twice(stack, tmp_path):
+    import signal
+    import time
+
+    private = PrivateRedis(tmp_path / "redis").start()  # AOF on: the records survive, their TTLs run out
+    try:
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api(GNOSIS_REDIS_TIMEOUT="1")
+        ports = [free_port(), free_port()]
+        workers = [stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="12", GNOSIS_WORKER_PORT=str(p))
+                   for p in ports]
+        job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["across the gap"]))}).json()
+        client = redis.Redis.from_url(private.url)
+        wait_until(lambda: any(client.hlen(k) for k in client.scan_iter("gnosis:worker:*:inflight")), timeout=30,
+                   message="the page to start")
+
+        private.stop(signal.SIGTERM)
+        # The outage itself, 8 s: longer than a worker record's lifetime (three beats of 1 s), so every
+        # record has expired when Redis returns (its clock ran on). A fault's length, not a wait for a state.
+        ends = time.monotonic() + 8
+        wait_until(lambda: time.monotonic() > ends, timeout=20, interval=0.5, message="the outage to last 8 s")
+        private.start()
+        back = time.monotonic()
+
+        def ready(port: int) -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        for port in ports:
+            wait_until(lambda p=port: ready(p), timeout=30, message=f"worker on {port} ready again")
+        print(f"\nboth workers ready {time.monotonic() - back:.1f}s after Redis returned")
+        final = poll_job(url, job["id"], timeout=60)
+        assert final["status"] == "succeeded" and final["attempts"] == 1, final
+        assert not any("requeued" in w.log() for w in workers), "nobody was reaped across the gap"
+    finally:
+        private.stop()

@@ -33,11 +33,15 @@ class Heartbeat:
         self.redis = rt.redis
         self.app = app
         self.interval = rt.settings.heartbeat_interval
+        self.ttl = 3 * self.interval  # a worker record's lifetime: three missed beats
         self.worker = registry.worker_id()
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "engine": rt.settings.engine,
                      "concurrency": concurrency, "started_at": now_rfc3339()}
         self._stop = threading.Event()
         self._swept = 0.0
+        self._engine_pids: set[str] = set()  # every process seen with a loaded engine, kept across Redis gaps
+        self._beating_since: float | None = None  # first good beat since Redis last failed us
+        self._last_beat = 0.0
 
     def start(self) -> None:
         # Pool processes may have loaded their engines before this runs: keep what they recorded.
@@ -54,8 +58,14 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 self.beat()
+                now = time.monotonic()
+                # A beat that came late (its Redis calls retried through an outage) is a gap too.
+                if self._beating_since is None or now - self._last_beat > self.ttl:
+                    self._beating_since = now
+                self._last_beat = now
                 self.housekeeping()
             except redis.RedisError as exc:
+                self._beating_since = None
                 log.warning("heartbeat failed (Redis unreachable?): %s", exc)
             except Exception:
                 # A silent heartbeat makes the other workers requeue this one's pages: never let it die.
@@ -67,14 +77,17 @@ class Heartbeat:
         record = {**self.info, "engines_loaded": 0 if dead else self._live_engines()}
         if dead is not None:
             record["engine_dead"] = str(dead)
-        registry.register(self.redis, self.worker, record, ttl=3 * self.interval)
+        registry.register(self.redis, self.worker, record, ttl=self.ttl)
 
     def housekeeping(self) -> None:
         if not registry.housekeeper(self.redis, self.interval):
             return
-        requeued = registry.reap(self.redis, self.app, queue=self.rt.settings.queue)
-        if requeued:
-            self.rt.metrics.inc("gnosis_worker_recoveries_total", requeued)
+        # After a gap in which nobody could beat (Redis away or restarting), every record has expired:
+        # the living are told from the dead only once each has had a full record lifetime to beat again.
+        if self._beating_since is not None and time.monotonic() - self._beating_since > self.ttl + self.interval:
+            requeued = registry.reap(self.redis, self.app, queue=self.rt.settings.queue)
+            if requeued:
+                self.rt.metrics.inc("gnosis_worker_recoveries_total", requeued)
         from .page import count_final
 
         for job_id in self.rt.jobs.expire_overdue(self.rt.settings.job_max_age):
@@ -85,15 +98,29 @@ class Heartbeat:
             self.rt.jobs.inputs.sweep(lambda job_id: self.rt.jobs.field(job_id, "status") in ("queued", "running"))
 
     def _live_engines(self) -> int:
-        """Pool processes with a loaded engine; entries of replaced (crashed) processes are dropped."""
+        """Processes with a loaded engine. Those seen once are written back every beat, so a hash lost
+        with Redis (a restart without persistence, a reaper that ran across a gap) comes back at once;
+        entries of replaced (crashed) processes are dropped."""
         key = registry.engines_key(self.worker)
-        live = 0
-        for raw in self.redis.hkeys(key):
-            try:
-                os.kill(int(raw), 0)
-                live += 1
-            except (ProcessLookupError, ValueError):
-                self.redis.hdel(key, raw)
-            except PermissionError:
-                live += 1
-        return live
+        seen = {raw.decode() for raw in self.redis.hkeys(key)} | self._engine_pids
+        if self.rt.engine_loaded:  # a batched engine lives in this process
+            seen.add(str(os.getpid()))
+        live = {pid for pid in seen if _alive(pid)}
+        if seen - live:
+            self.redis.hdel(key, *(seen - live))
+        if live - self._engine_pids or len(live) != len(seen):
+            log.debug("engines alive in %s: %s", self.worker, sorted(live))
+        if live:
+            self.redis.hset(key, mapping={pid: now_rfc3339() for pid in live})
+        self._engine_pids = live
+        return len(live)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True

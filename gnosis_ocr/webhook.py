@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import socket
+import threading
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -25,7 +26,11 @@ MAX_URL = 2048
 
 
 class DeliveryFailed(Exception):
-    """A delivery that may succeed if retried (network error, 5xx, 408, 429)."""
+    """A delivery that may succeed if retried (network error, no answer in time, 5xx, 408, 429)."""
+
+
+class DeliveryRejected(Exception):
+    """A delivery that no retry will fix (the receiver answered with a redirect)."""
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -109,38 +114,61 @@ def delivery_id(job_id: str, status: str) -> str:
 
 
 def deliver(url: str, payload: dict, *, secret: str, allow_private: bool, timeout: float) -> int:
-    """POST once. Returns the status; raises DeliveryFailed when a retry may help."""
-    import urllib3
+    """POST once, all of it (connect, TLS, request, the answer's status line and headers) within
+    `timeout` seconds. Returns the status; raises DeliveryFailed when a retry may help and
+    DeliveryRejected when it cannot (a redirect: it could lead anywhere, past the address check)."""
+    import http.client
+    import ssl
 
     # Connect to the address that was checked: resolving the name again could reach anywhere (DNS rebinding).
     address = resolve(url, allow_private=allow_private)[0]
     parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {
         "Host": parts.netloc,
         "Content-Type": "application/json",
+        "Accept-Encoding": "identity",  # the answer is never decompressed: nothing of it is read but its head
         "User-Agent": "gnosis-ocr-webhook/1",
         "X-Gnosis-Event": f"job.{payload['status']}",
         "X-Gnosis-Delivery": delivery_id(payload["id"], payload["status"]),
         "X-Gnosis-Signature": sign(secret, int(time.time()), body),
     }
-    options = {"timeout": urllib3.Timeout(total=timeout), "retries": False, "maxsize": 1}
-    if parts.scheme == "https":
-        # The certificate is checked against the URL's host name, not the address dialled.
-        pool = urllib3.HTTPSConnectionPool(address, parts.port or 443, server_hostname=parts.hostname,
-                                           assert_hostname=parts.hostname, cert_reqs="CERT_REQUIRED", **options)
-    else:
-        pool = urllib3.HTTPConnectionPool(address, parts.port or 80, **options)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    held: list[socket.socket] = []
+    # Per-read timeouts alone let a receiver that answers a byte a second hold a delivery (and a light
+    # worker's thread) for ever: at the deadline the socket is shut, whatever the delivery is waiting on.
+    watchdog = threading.Timer(timeout, lambda: [_shut(sock) for sock in held])
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        # No redirects: a redirect could lead anywhere, past the address check.
-        response = pool.urlopen("POST", path, body=body, headers=headers, redirect=False, assert_same_host=False)
-    except urllib3.exceptions.HTTPError as exc:
-        raise DeliveryFailed(str(exc)) from None
+        sock = socket.create_connection((address, port), timeout=timeout)
+        held.append(sock)
+        if parts.scheme == "https":
+            # The certificate is checked against the URL's host name, not the address dialled.
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            held.append(sock)
+        conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
+        conn.sock = sock
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        status = response.status
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        late = not watchdog.is_alive()
+        raise DeliveryFailed(f"no answer within {timeout:.0f}s" if late else f"{type(exc).__name__}: {exc}") from None
     finally:
-        pool.close()
-    if response.status >= 500 or response.status in (408, 429):
-        raise DeliveryFailed(f"HTTP {response.status}")
-    return response.status
+        watchdog.cancel()
+        for sock in held:
+            sock.close()
+    if 300 <= status < 400:
+        raise DeliveryRejected(f"HTTP {status}: redirects are not followed")
+    if status >= 500 or status in (408, 429):
+        raise DeliveryFailed(f"HTTP {status}")
+    return status
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

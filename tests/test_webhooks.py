@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -143,13 +144,118 @@ def test_delivery_connects_to_the_address_it_checked(monkeypatch):
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
         return real(host, port, *args, **kwargs)
 
+    dialled: list[str] = []
+    connect = socket.create_connection
+
+    def no_traffic_off_this_machine(address, *args, **kwargs):
+        dialled.append(address[0])
+        if address[0] != "127.0.0.1":
+            raise ConnectionRefusedError("test: nothing is sent beyond loopback")
+        return connect(address, *args, **kwargs)
+
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket, "create_connection", no_traffic_off_this_machine)
     monkeypatch.setattr(webhook, "is_public", lambda address: str(address) != "127.0.0.1")
     port = inside.server.server_address[1]
     try:
         with pytest.raises(webhook.DeliveryFailed):
             webhook.deliver(f"http://hooks.example.com:{port}/hook", {"id": "j", "status": "succeeded"},
                             secret=SECRET, allow_private=False, timeout=2)
+        assert dialled == ["192.0.2.10"]  # the address that was checked, not the one the name moved to
         assert inside.calls == []  # the loopback receiver was never reached
     finally:
         inside.stop()
+
+
+class Trickler:
+    """A receiver that reads the request, then answers one byte a second: it never finishes in time."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow"
+        self.connections = 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+                    if self.stopped.wait(1.0):  # the slow answer is the fault under test
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+def test_slow_receivers_delay_only_themselves(stack):
+    slow, healthy = Trickler(), Receiver()
+    try:
+        hooks_env(stack)
+        stack.env.update(GNOSIS_WEBHOOK_TIMEOUT="3", GNOSIS_WEBHOOK_MAX_ATTEMPTS="1")
+        url = stack.api()
+        stack.worker(OCR_ENGINE="null")
+        slow_jobs = [requests.post(f"{url}/v1/jobs", files={"file": (f"s{n}.png", text_image([f"slow {n}"]))},
+                                   data={"callback_url": slow.url}).json() for n in range(10)]
+        wait_until(lambda: slow.connections >= 4, timeout=30, message="the slow receivers to hold deliveries")
+        submitted = time.monotonic()
+        job = requests.post(f"{url}/v1/jobs", files={"file": ("ok.png", text_image(["healthy"]))},
+                            data={"callback_url": healthy.url}).json()
+        wait_until(lambda: healthy.calls, timeout=20, message="the healthy receiver's webhook")
+        print(f"\nhealthy webhook delivered {time.monotonic() - submitted:.1f}s after submit, "
+              f"beside {slow.connections} slow deliveries")
+        assert json.loads(healthy.calls[0][1])["id"] == job["id"]
+        # Each slow delivery is given up at its deadline (3 s), long before its answer would end.
+        from gnosis_ocr.job import JobStore
+
+        def given_up(job_id: str) -> bool:
+            return stack.redis.hget(JobStore.keys(job_id)["record"], "webhook_status") == b"failed"
+
+        for j in slow_jobs:
+            wait_until(lambda j=j: given_up(j["id"]), timeout=60, message="a slow delivery to be given up")
+    finally:
+        slow.stop()
+        healthy.stop()
+
+
+def test_a_redirect_is_a_failure_and_is_not_followed(monkeypatch):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(307)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(webhook.DeliveryRejected, match="307"):
+            webhook.deliver(f"http://127.0.0.1:{server.server_address[1]}/hook", {"id": "j", "status": "succeeded"},
+                            secret=SECRET, allow_private=True, timeout=2)
+    finally:
+        server.shutdown()
+        server.server_close()

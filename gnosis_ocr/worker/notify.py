@@ -6,7 +6,7 @@ import logging
 
 from ..broker import DELIVER_WEBHOOK_TASK, events_queue
 from ..errors import BadRequest
-from ..webhook import DeliveryFailed, deliver
+from ..webhook import DeliveryFailed, DeliveryRejected, deliver
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ def attempt(rt: Runtime, job_id: str, number: int) -> bool:
     except BadRequest as exc:  # the host now resolves somewhere it must not go
         rt.redis.hset(record, mapping={"webhook_status": "refused", "webhook_attempts": number})
         log.warning("webhook for job %s refused: %s", job_id, exc.message)
+        return True
+    except DeliveryRejected as exc:
+        rt.redis.hset(record, mapping={"webhook_status": "failed", "webhook_attempts": number})
+        log.warning("webhook for job %s failed for good: %s", job_id, exc)
         return True
     except DeliveryFailed as exc:
         last = number >= rt.settings.webhook_max_attempts

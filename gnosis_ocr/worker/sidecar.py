@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 RESTART_DELAY = 2.0
 """Seconds before a light worker that exited is started again."""
 
+LIGHT_THREADS = 32
+"""Threads of the light worker: webhooks wait on receivers, so slow receivers (each held at most
+GNOSIS_WEBHOOK_TIMEOUT) delay only themselves and not everyone else's deliveries."""
+
 
 def _die_with_parent() -> None:
     try:
@@ -34,7 +38,8 @@ def start_light_worker(*, loglevel: str = "INFO") -> threading.Thread:
     env = {**os.environ, "GNOSIS_WORKER_PORT": "0"}  # the probe port belongs to the GPU worker
     for name in ("GNOSIS_WORKER_ID", "GNOSIS_WORKER_ID_OWNER"):  # it is a worker of its own
         env.pop(name, None)
-    args = [sys.executable, "-m", "gnosis_ocr.cli", "worker", "--light", "--concurrency=4", f"--loglevel={loglevel}"]
+    args = [sys.executable, "-m", "gnosis_ocr.cli", "worker", "--light", f"--concurrency={LIGHT_THREADS}",
+            f"--loglevel={loglevel}"]
 
     def supervise() -> None:
         while True:

@@ -20,6 +20,10 @@ from .inputstore import InputStore
 PREFIX = "gnosis:"
 
 
+class ClaimLost(Exception):
+    """CREATE found the job's Idempotency-Key claimed by another request: nothing was written."""
+
+
 class JobStatus(str, enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -191,8 +195,9 @@ class JobStore:
         return [k["record"], k["input"], k["pages"], k["attempts"], k["events"], LIVE_KEY, QUEUED_BYTES_KEY]
 
     def create(self, *, data: bytes, kind: str, pages: int, owner: str = "", filename: str | None = None,
-               job_id: str | None = None, extra: dict[str, str] | None = None) -> Job:
-        """Store a new queued job and its input. It has no expiry until it is final."""
+               job_id: str | None = None, extra: dict[str, str] | None = None, idem_claim: str = "") -> Job:
+        """Store a new queued job and its input. It has no expiry until it is final. With an idempotency
+        key (`extra["idem_key"]`), only while the key still holds `idem_claim`: else ClaimLost."""
         job_id = job_id or new_job_id()
         record = {
             "id": job_id,
@@ -210,8 +215,11 @@ class JobStore:
         # Outside Redis, the file is written first: a record never points at an input not yet there.
         self.inputs.put(job_id, data)
         try:
-            self._create(keys=self._k(job_id), args=[job_id, data if self.inputs.in_redis else b"", len(data),
-                                                     record.get("idem_key", ""), pages, owner, *pairs])
+            created = self._create(keys=self._k(job_id), args=[
+                job_id, data if self.inputs.in_redis else b"", len(data), record.get("idem_key", ""), pages, owner,
+                idem_claim, *pairs])
+            if int(created) == -1:
+                raise ClaimLost(f"the Idempotency-Key of job {job_id} was taken over before the job was written")
         except BaseException:
             self.inputs.delete(job_id)
             raise

@@ -55,10 +55,13 @@ end
 """
 
 # ARGV: job id, input bytes (may be empty: stored elsewhere), input size, idempotency key or '', pages,
-# owner, then field/value pairs of the record. Returns the creation time in ms (Redis's clock).
+# owner, the key's claim this request holds, then field/value pairs of the record. Returns the creation
+# time in ms (Redis's clock), or -1, writing nothing, when the key no longer holds this request's claim
+# (a retry took it over while this request was slow): one key, one job.
 CREATE = _NOW_MS + """
+if ARGV[4] ~= '' and redis.call('GET', ARGV[4]) ~= ARGV[7] then return -1 end
 local created = now_ms()
-redis.call('HSET', KEYS[1], 'created_ms', created, 'input_bytes', ARGV[3], 'counted', '1', unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'created_ms', created, 'input_bytes', ARGV[3], 'counted', '1', unpack(ARGV, 8))
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
 redis.call('ZADD', KEYS[6], created, ARGV[1])
 redis.call('INCRBY', KEYS[7], tonumber(ARGV[3]))

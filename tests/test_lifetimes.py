@@ -261,6 +261,30 @@ def test_an_idempotency_key_orphaned_by_a_crash_is_taken_over(stack):
     assert again.status_code == 200 and again.json()["id"] == r.json()["id"]
 
 
+def test_a_slow_first_request_whose_key_was_taken_over_creates_no_second_job(stack):
+    """One key, one job: the retry took the key over while the first request was still on its way to
+    writing its job; when the first one gets there, it writes nothing."""
+    import hashlib
+
+    from gnosis_ocr.job import ClaimLost, JobStore
+
+    url = stack.api()
+    key, document = "order-77", text_image(["slow first request"])
+    sha = hashlib.sha256(document).hexdigest()
+    name = idempotency.key_name("", key)
+    slow_job = "a" * 32
+    stack.redis.set(name, f"{slow_job}:{sha}", ex=3600)  # the slow first request's claim
+    retry = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})
+    assert retry.status_code == 202, retry.text
+    jobs = JobStore(stack.redis, ttl=3600, max_attempts=3)
+    with pytest.raises(ClaimLost):  # the first request's CREATE, at last
+        jobs.create(data=document, kind="png", pages=1, job_id=slow_job, extra={"idem_key": name},
+                    idem_claim=f"{slow_job}:{sha}")
+    assert jobs.get(slow_job) is None and stack.redis.get(name).decode().startswith(retry.json()["id"])
+    again = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})
+    assert again.status_code == 200 and again.json()["id"] == retry.json()["id"]
+
+
 # ---- the fresh machine --------------------------------------------------------------------------------
 
 

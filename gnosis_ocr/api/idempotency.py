@@ -77,3 +77,24 @@ def wait_for_record(fetch, *, timeout: float):
         time.sleep(delay)  # a few milliseconds in practice; no event exists for "record written"
         delay = min(delay * 2, 0.2)
     return found
+
+
+# KEYS: idempotency key. ARGV: this request's claim. Deletes the key only while it holds that claim.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def release(client: redis.Redis, name: str, claim_value: str) -> None:
+    """Give the key up after a failed submission, unless another request holds it by now."""
+    client.eval(_RELEASE, 1, name, claim_value)
+
+
+def claim_value(job_id: str, document_sha: str) -> str:
+    return f"{job_id}:{document_sha}"
+
+
+def holder(client: redis.Redis, name: str) -> str | None:
+    stored = client.get(name)
+    return stored.decode().split(":", 1)[0] if stored else None

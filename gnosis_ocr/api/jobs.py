@@ -12,7 +12,7 @@ from .. import document, webhook
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue, page_priority
 from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
 from ..errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
-from ..job import Job, JobStatus, new_job_id
+from ..job import ClaimLost, Job, JobStatus, new_job_id
 from . import ctx, idempotency
 from .auth import current_owner, require_key
 
@@ -36,10 +36,11 @@ def submit():
     info = document.inspect(data, max_pages=c.settings.max_pages, max_pixels=c.settings.max_pixels)
 
     job_id = new_job_id()
-    idem_name = ""
+    idem_name = claim = ""
     if key is not None:
         idem_name = idempotency.key_name(current_owner(), key)
         sha = hashlib.sha256(data).hexdigest()
+        claim = idempotency.claim_value(job_id, sha)
         first = idempotency.claim(c.redis, idem_name, job_id=job_id, document_sha=sha, ttl=c.settings.job_ttl)
         if first is not None:
             replay = _replay(first)
@@ -58,7 +59,7 @@ def submit():
         c.memory.note((len(data) * 115 // 100 if c.jobs.inputs.in_redis else 0) + 4096 * (1 + info.pages))
         job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
                             filename=clean_filename(upload.filename), job_id=job_id,
-                            extra={"idem_key": idem_name, "callback_url": callback_url})
+                            extra={"idem_key": idem_name, "callback_url": callback_url}, idem_claim=claim)
         try:
             _enqueue(job, page_priority(backlog))
             c.queue_depth(adding=job.pages_total)
@@ -66,9 +67,13 @@ def submit():
             # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
             c.jobs.discard(job.id)
             raise
+    except ClaimLost:
+        # This request was slow enough that a retry took its key over and made the job: that job is
+        # the answer, and nothing of this request was written.
+        return _replay(idempotency.holder(c.redis, idem_name) or job_id) or _still_in_use()
     except Exception:
         if idem_name:
-            c.redis.delete(idem_name)  # also when the record was never written
+            idempotency.release(c.redis, idem_name, claim)  # also when the record was never written
         raise
     c.metrics.inc("gnosis_jobs_submitted_total")
     response = jsonify(job.to_api())

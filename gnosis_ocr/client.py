@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,16 +20,44 @@ class ApiError(GnosisError):
         self.status = status
 
 
+RETRIED_STATUSES = (429, 502, 503, 504)
+"""Answers that mean "not now" (busy, Redis restarting, a proxy between deploys): retried with back-off."""
+
+
 class Client:
-    def __init__(self, base_url: str | None = None, *, api_key: str | None = None, timeout: float = 60) -> None:
+    """Every call is retried through connection errors and "not now" answers, with back-off (the
+    server's Retry-After when it gives one) for up to `retries` tries. A submission always carries an
+    Idempotency-Key (one is made when none is given), so a retry after a lost answer never makes a
+    second job."""
+
+    def __init__(self, base_url: str | None = None, *, api_key: str | None = None, timeout: float = 60,
+                 retries: int = 6, backoff: float = 0.5) -> None:
         self.base_url = (base_url or os.environ.get("GNOSIS_URL", "http://127.0.0.1:8080")).rstrip("/")
         self.session = requests.Session()
         key = api_key or os.environ.get("GNOSIS_API_KEY")
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
         self.timeout = timeout
+        self.retries = max(1, retries)
+        self.backoff = backoff
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        for attempt in range(1, self.retries + 1):
+            last = attempt == self.retries
+            try:
+                return self._once(method, path, **kwargs)
+            except requests.ConnectionError:
+                if last:
+                    raise
+                delay = self.backoff * 2 ** (attempt - 1)
+            except ApiError as exc:
+                if last or exc.status not in RETRIED_STATUSES:
+                    raise
+                delay = exc.retry_after if exc.retry_after is not None else self.backoff * 2 ** (attempt - 1)
+            time.sleep(min(delay, 30.0))  # back-off between retries, as the server asked
+        raise AssertionError("unreachable")
+
+    def _once(self, method: str, path: str, **kwargs) -> requests.Response:
         response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
         if response.status_code >= 400:
             try:
@@ -43,9 +72,9 @@ class Client:
 
     def submit(self, path: str | Path, *, idempotency_key: str | None = None) -> dict:
         path = Path(path)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        with path.open("rb") as f:
-            return self._request("POST", "/v1/jobs", files={"file": (path.name, f)}, headers=headers).json()
+        headers = {"Idempotency-Key": idempotency_key or f"gnosis-client-{uuid.uuid4().hex}"}
+        data = path.read_bytes()  # read once: every retry sends the same bytes
+        return self._request("POST", "/v1/jobs", files={"file": (path.name, data)}, headers=headers).json()
 
     def job(self, job_id: str, *, wait: float = 0) -> dict:
         params = {"wait": wait} if wait else None

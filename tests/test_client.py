@@ -118,3 +118,78 @@ def test_dev_starts_its_own_redis_and_prints_the_sample(tmp_path):
     for line in ("GNOSIS OCR SAMPLE LETTER", "Invoice number 4821 dated 12 March 2026",
                  "Total amount due: 1,250.00 EUR", "Thank you for your business."):
         assert line in r.stdout.splitlines(), r.stdout
+
+
+class FlakyFront:
+    """A TCP front for the API (a load balancer mid-deploy): it resets its first `drops` connections,
+    then passes bytes both ways."""
+
+    def __init__(self, upstream: str, drops: int) -> None:
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+        self.upstream = (target.hostname, target.port)
+        self.drops = drops
+        self.accepted = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import struct
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.accepted <= self.drops:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                conn.close()
+                continue
+            up = socket.create_connection(self.upstream)
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def test_submit_wait_rides_out_connection_resets_and_makes_one_job(stack, tmp_path):
+    url = stack.api()
+    stack.worker()
+    front = FlakyFront(url, drops=2)
+    try:
+        image = tmp_path / "letter.png"
+        image.write_bytes(text_image(["through a flaky front"]))
+        r = run_submit(stack, front.url, str(image), "--wait", "--format", "markdown")
+        assert r.returncode == 0, r.stderr
+        assert "flakyfront" in squash(r.stdout)
+        assert front.accepted > 2
+        jobs = {k for k in stack.redis.scan_iter("gnosis:job:*") if k.count(b":") == 2}
+        assert len(jobs) == 1, jobs
+    finally:
+        front.stop()

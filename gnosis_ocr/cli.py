@@ -45,7 +45,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         import tempfile
 
         # Set before any fork, so every pool child writes its metrics where the probe reads them.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gnosis-metrics-")
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gnosis-metrics-")
+        _remove_at_exit(metrics_dir)
     light_queues = f"{cache_queue(settings)},{events_queue(settings)}"
     pool, concurrency, queues = args.pool, args.concurrency, f"{settings.queue},{light_queues}"
     if args.light:
@@ -78,6 +79,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if runtime.engine_died():
         return runtime.EXIT_ENGINE_DEAD
     return EXIT_OK
+
+
+def _remove_at_exit(path: str) -> None:
+    """Remove `path` when this process exits (not when a forked pool child does): no directory is left
+    behind per worker start."""
+    import atexit
+    import shutil
+
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

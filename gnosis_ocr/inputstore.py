@@ -12,11 +12,14 @@ are removed by the workers' housekeeping once their job is final or gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+
+from .errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,15 @@ class DirectoryInputs(InputStore):
 
     def put(self, job_id: str, data: bytes) -> None:
         path = self._path(job_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_atomic(path, data)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomic(path, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                # Full for now, not broken: the client should come back later (503 + Retry-After).
+                raise Unavailable(f"The input store (GNOSIS_INPUT_STORE) is full: {exc.strerror}. Retry later.",
+                                  code="input_store_full") from exc
+            raise
 
     def get(self, job_id: str) -> bytes | None:
         try:

@@ -87,3 +87,28 @@ def test_redis_bytes_per_queued_100kb_job(stack, tmp_path, where):
         assert per_job < 10 * 1024
     else:
         assert per_job > len(document)
+
+
+def test_a_full_input_store_answers_503_with_retry_after(stack, tmp_path):
+    import subprocess
+
+    from tests.test_redis_pressure import noisy_png
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(inputs)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("a small tmpfs cannot be mounted here (needs root)")
+    try:
+        stack.env["GNOSIS_INPUT_STORE"] = str(inputs)
+        url = stack.api()
+        answers = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", noisy_png(n, 150_000))}, timeout=30)
+                   for n in range(5)]
+        codes = [r.status_code for r in answers]
+        assert 202 in codes and 500 not in codes, codes
+        full = next(r for r in answers if r.status_code != 202)
+        assert full.status_code == 503 and full.json()["error"]["code"] == "input_store_full"
+        assert int(full.headers["Retry-After"]) > 0
+    finally:
+        stack.stop()
+        subprocess.run(["umount", "-l", str(inputs)], capture_output=True)

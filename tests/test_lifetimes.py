@@ -337,3 +337,13 @@ def test_dev_stopped_with_sigterm_stops_its_whole_tree(stack):
     finally:
         if dev.poll() is None:
             dev.kill()
+
+
+def test_a_stopped_worker_leaves_no_metrics_directory_behind(stack, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    worker = stack.worker(TMPDIR=str(scratch), concurrency=2)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("gnosis-metrics-")], "the worker made one"
+    worker.kill_tree(signal.SIGTERM)
+    worker.popen.wait(timeout=30)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("gnosis-metrics-")]

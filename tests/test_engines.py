@@ -28,7 +28,7 @@ def test_nanonets_engine_generates_with_a_real_qwen25vl(tiny_model):
 
 
 def test_nanonets_prompt_follows_the_model_card(tiny_model):
-    from gnosis_ocr.worker.engines.nanonets import PROMPT
+    from gnosis_ocr.worker.engines.prompt import PROMPT
 
     assert PROMPT.startswith("Extract the text from the above document as if you were reading it naturally.")
     assert "<page_number>" in PROMPT and "☐" in PROMPT

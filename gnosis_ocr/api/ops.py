@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, Response, jsonify
 
+from .. import redismemory
 from ..metrics import RedisCollector
 from . import ctx, queue_length
 from .auth import require_key
@@ -21,7 +22,7 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     try:
-        memory = ctx().memory.current()
+        memory = redismemory.read(ctx().redis)  # a fresh round trip: readiness is about Redis answering now
     except redis.RedisError as exc:
         return error_response(503, "redis_unavailable", f"Redis does not answer: {exc}",
                               retry_after=ctx().settings.retry_after)

@@ -44,7 +44,9 @@ def test_api_metrics_count_jobs_by_outcome_and_queue_depth(stack):
 
 def test_readyz_tracks_redis(stack):
     url = stack.api()
-    assert requests.get(url + "/readyz").json() == {"status": "ready"}
+    ready = requests.get(url + "/readyz").json()
+    assert ready["status"] == "ready" and ready["redis"]["maxmemory_policy"] == "noeviction"
+    assert "warning" not in ready["redis"]
     dead = stack.api(REDIS_URL="redis://127.0.0.1:1/0", GNOSIS_REDIS_TIMEOUT="0.5")
     r = requests.get(dead + "/readyz")
     assert r.status_code == 503 and r.headers["Retry-After"]

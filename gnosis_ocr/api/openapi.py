@@ -70,7 +70,10 @@ def spec() -> dict:
                 "401": _error("No valid key."), "503": _error("Redis unreachable.")}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {"get": {"summary": "Readiness (Redis answers)", "responses": {
-                "200": {"description": "Ready."}, "503": _error("Redis unreachable.")}}},
+                "200": {"description": "Ready; `redis` gives its memory use, limit and eviction policy, with a "
+                        "`warning` when the policy may evict.",
+                        "content": {"application/json": {"schema": {"type": "object"}}}},
+                "503": _error("Redis unreachable.")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Prometheus text.", "content": {"text/plain": {"schema": {"type": "string"}}}},
                 "401": _error("No valid key.")}}},

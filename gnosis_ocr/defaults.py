@@ -139,3 +139,7 @@ DEFAULT_MAX_KEY_PAGES = 2500
 DEFAULT_REDIS_MEMORY_LIMIT = 0.8
 """Fraction of Redis's maxmemory past which new submissions are refused (503 + Retry-After), so that
 accepted jobs' records, results and acknowledgements always fit."""
+
+DEFAULT_RECONCILE_GRACE = 120.0
+"""Seconds a live job must be old before the housekeeper looks for its pages that no message will run
+(lost between the queue and a worker, or never published) and publishes them again."""

@@ -34,6 +34,7 @@ class Settings:
     job_max_age: int = defaults.DEFAULT_JOB_MAX_AGE
     max_queued_bytes: int = defaults.DEFAULT_MAX_QUEUED_BYTES
     redis_memory_limit: float = defaults.DEFAULT_REDIS_MEMORY_LIMIT
+    reconcile_grace: float = defaults.DEFAULT_RECONCILE_GRACE
     input_cache_bytes: int = defaults.DEFAULT_INPUT_CACHE_BYTES
     input_cache_dir: str = ""
     redis_retry: float = defaults.DEFAULT_REDIS_RETRY
@@ -100,6 +101,7 @@ class Settings:
             job_max_age=_int(env, "GNOSIS_JOB_MAX_AGE", defaults.DEFAULT_JOB_MAX_AGE),
             max_queued_bytes=_int(env, "GNOSIS_MAX_QUEUED_BYTES", defaults.DEFAULT_MAX_QUEUED_BYTES),
             redis_memory_limit=_float(env, "GNOSIS_REDIS_MEMORY_LIMIT", defaults.DEFAULT_REDIS_MEMORY_LIMIT),
+            reconcile_grace=_float(env, "GNOSIS_RECONCILE_GRACE", defaults.DEFAULT_RECONCILE_GRACE),
             input_cache_bytes=_int(env, "GNOSIS_INPUT_CACHE_BYTES", defaults.DEFAULT_INPUT_CACHE_BYTES),
             input_cache_dir=env.get("GNOSIS_INPUT_CACHE_DIR", ""),
             redis_retry=_float(env, "GNOSIS_REDIS_RETRY", defaults.DEFAULT_REDIS_RETRY),
@@ -182,7 +184,7 @@ class Settings:
                      "max_queued_bytes", "api_connections", "header_timeout", "max_key_pages",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
                      "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
-                     "prefill_batch"):
+                     "prefill_batch", "reconcile_grace"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -125,3 +125,49 @@ def test_after_a_redis_outage_workers_are_ready_again_and_no_page_runs_twice(sta
         assert not any("requeued" in w.log() for w in workers), "nobody was reaped across the gap"
     finally:
         private.stop()
+
+
+def _page_messages(client: redis.Redis, queue: str = "ocr") -> list[tuple[str, bytes]]:
+    from gnosis_ocr.broker import queue_keys
+
+    return [(key, raw) for key in queue_keys(queue) for raw in client.lrange(key, 0, -1)]
+
+
+def test_a_page_whose_message_was_lost_is_published_again_and_runs_once(stack):
+    import json as _json
+
+    url = stack.api()
+    jobs = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"lost {n}"]))}).json()
+            for n in range(2)]
+    # What BRPOP followed by a refused unacked write leaves: the message is gone, START_PAGE never ran.
+    key, raw = next((k, r) for k, r in _page_messages(stack.redis) if jobs[0]["id"] in _json.dumps(
+        _json.loads(r)["headers"].get("argsrepr", "")))
+    assert stack.redis.lrem(key, 1, raw) == 1
+    worker = stack.worker(OCR_ENGINE="null", GNOSIS_RECONCILE_GRACE="1")
+    finals = [poll_job(url, job["id"], timeout=90) for job in jobs]
+    assert [f["status"] for f in finals] == ["succeeded", "succeeded"], finals
+    assert [f["attempts"] for f in finals] == [1, 1], "each page ran once"
+    assert "published 1 lost page(s) again" in worker.log()
+
+
+def test_pages_popped_while_redis_is_out_of_memory_all_finish(stack, tmp_path):
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(private.url)
+        stack.env.update(REDIS_URL=private.url, GNOSIS_RECONCILE_GRACE="1")
+        url = stack.api()
+        jobs = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"oom {n}"]))}).json()
+                for n in range(12)]
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", concurrency=2)
+        wait_until(lambda: client.hlen("unacked") or client.exists("gnosis:job:" + jobs[0]["id"] + ":pages"),
+                   timeout=30, message="the worker to consume")
+        used = client.info("memory")["used_memory"]
+        client.config_set("maxmemory", max(used - 2**20, 2**20))  # past the limit: every growing write refused
+        wait_until(lambda: "OOM" in worker.log() or not worker.alive(), timeout=60, message="the OOM replies")
+        client.config_set("maxmemory", 0)
+        if not worker.alive():  # Celery may exit on an unrecoverable broker error: its supervisor starts it again
+            stack.worker(OCR_ENGINE="null", concurrency=2)
+        finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
+        assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
+    finally:
+        private.stop()

@@ -19,9 +19,13 @@ import redis
 
 from ..job import now_rfc3339
 from . import registry
+from .reconcile import Reconciler
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+RECONCILE_EVERY = 6
+"""Heartbeat intervals between two passes of the lost-page reconciler (30 s by default)."""
 
 INPUT_SWEEP_INTERVAL = 300
 """Seconds between sweeps of the input directory for files whose job has ended (GNOSIS_INPUT_STORE)."""
@@ -39,6 +43,8 @@ class Heartbeat:
                      "concurrency": concurrency, "started_at": now_rfc3339()}
         self._stop = threading.Event()
         self._swept = 0.0
+        self._reconciled = 0.0
+        self.reconciler = Reconciler(rt.redis, app, queue=rt.settings.queue, grace=rt.settings.reconcile_grace)
         self._engine_pids: set[str] = set()  # every process seen with a loaded engine, kept across Redis gaps
         self._beating_since: float | None = None  # first good beat since Redis last failed us
         self._last_beat = 0.0
@@ -46,6 +52,9 @@ class Heartbeat:
     def start(self) -> None:
         # Pool processes may have loaded their engines before this runs: keep what they recorded.
         threading.Thread(target=self._run, name="gnosis-heartbeat", daemon=True).start()
+        # Housekeeping has a thread of its own: a slow pass (a long queue, a slow FUSE listing) must never
+        # delay the beat, or this worker would be reaped for it.
+        threading.Thread(target=self._housekeep, name="gnosis-housekeeping", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -63,7 +72,6 @@ class Heartbeat:
                 if self._beating_since is None or now - self._last_beat > self.ttl:
                     self._beating_since = now
                 self._last_beat = now
-                self.housekeeping()
             except redis.RedisError as exc:
                 self._beating_since = None
                 log.warning("heartbeat failed (Redis unreachable?): %s", exc)
@@ -71,6 +79,15 @@ class Heartbeat:
                 # A silent heartbeat makes the other workers requeue this one's pages: never let it die.
                 log.exception("heartbeat error")
             self._stop.wait(self.interval)
+
+    def _housekeep(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.housekeeping()
+            except redis.RedisError as exc:
+                log.warning("housekeeping failed (Redis unreachable?): %s", exc)
+            except Exception:
+                log.exception("housekeeping error")
 
     def beat(self) -> None:
         dead = self.rt.engine_dead
@@ -93,6 +110,11 @@ class Heartbeat:
         for job_id in self.rt.jobs.expire_overdue(self.rt.settings.job_max_age):
             log.error("job %s did not finish within GNOSIS_JOB_MAX_AGE; failed with expired", job_id)
             count_final(self.rt, job_id)
+        if time.monotonic() - self._reconciled > RECONCILE_EVERY * self.interval:
+            self._reconciled = time.monotonic()
+            published = self.reconciler.run()
+            if published:
+                self.rt.metrics.inc("gnosis_pages_republished_total", published)
         if time.monotonic() - self._swept > INPUT_SWEEP_INTERVAL:
             self._swept = time.monotonic()
             self.rt.jobs.inputs.sweep(lambda job_id: self.rt.jobs.field(job_id, "status") in ("queued", "running"))

@@ -1,0 +1,111 @@
+"""Pages that no message will ever run: found and put back in the queue, once per cluster.
+
+A page can lose its message without any worker crashing where the reaper would see it. kombu's Redis
+transport pops a message (BRPOP) and only then records it as unacknowledged: an out-of-memory reply, a
+failover's READONLY or a kill in between leaves it in neither place, and START_PAGE never ran, so no
+in-flight entry names it. The API writes a job before it publishes the job's pages: dying in between
+leaves a job with fewer messages than pages. Either way the job would wait until GNOSIS_JOB_MAX_AGE.
+
+The housekeeper looks at live jobs older than GNOSIS_RECONCILE_GRACE: a page not recorded, with no
+message in the queue's lists nor in the unacknowledged set, and no worker's in-flight entry, is lost.
+Only a page found lost on two passes in a row is published again (a message between BRPOP and its
+unacked record is gone from both for microseconds, not a whole pass). A redelivery is safe whatever
+happens: START_PAGE counts the attempt, and a page is recorded once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+import redis
+
+from ..broker import OCR_PAGE_TASK, queue_keys
+from ..job import LIVE_KEY, JobStore
+
+log = logging.getLogger(__name__)
+
+UNACKED_KEY = "unacked"
+"""kombu's Redis transport: delivery tag -> [message, exchange, routing key] of every unacked message."""
+
+SCAN_CHUNK = 1000
+"""Messages read per round trip while listing a queue: a long queue is read in pages, never at once."""
+
+
+class Reconciler:
+    def __init__(self, client: redis.Redis, app, *, queue: str, grace: float) -> None:
+        self.redis = client
+        self.app = app
+        self.queue = queue
+        self.grace = grace
+        self._suspects: set[tuple[str, int]] = set()
+
+    def run(self) -> int:
+        """One pass; the number of pages published again."""
+        unrecorded = self._unrecorded()
+        if not unrecorded:
+            self._suspects.clear()
+            return 0
+        lost = unrecorded - self._accounted_for()
+        again = lost & self._suspects
+        self._suspects = lost - again
+        for job_id, page in sorted(again):
+            self.app.send_task(OCR_PAGE_TASK, args=[job_id, page], queue=self.queue)
+        if again:
+            log.warning("published %d lost page(s) again (no message, no worker had them): %s", len(again),
+                        ", ".join(f"{j}:{p}" for j, p in sorted(again)[:10]))
+        return len(again)
+
+    def _unrecorded(self) -> set[tuple[str, int]]:
+        """Pages not yet recorded of live jobs older than the grace."""
+        seconds, micros = self.redis.time()
+        cutoff_ms = int(seconds * 1000 + micros // 1000 - self.grace * 1000)
+        out: set[tuple[str, int]] = set()
+        for raw in self.redis.zrangebyscore(LIVE_KEY, 0, cutoff_ms):
+            job_id = raw.decode()
+            keys = JobStore.keys(job_id)
+            status, total = self.redis.hmget(keys["record"], "status", "pages_total")
+            if status not in (b"queued", b"running") or total is None:
+                continue
+            done = {int(p) for p in self.redis.hkeys(keys["pages"])}
+            out |= {(job_id, page) for page in range(int(total)) if page not in done}
+        return out
+
+    def _accounted_for(self) -> set[tuple[str, int]]:
+        """Every page some message or worker still has: queued, unacknowledged or in flight."""
+        found: set[tuple[str, int]] = set()
+        for key in queue_keys(self.queue):
+            start = 0
+            while chunk := self.redis.lrange(key, start, start + SCAN_CHUNK - 1):
+                for raw in chunk:
+                    found |= _pages_of(raw)
+                start += SCAN_CHUNK
+        for _, raw in self.redis.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
+            try:
+                found |= _pages_of(json.dumps(json.loads(raw)[0]).encode())
+            except (ValueError, IndexError, TypeError):
+                continue
+        for key in self.redis.scan_iter("gnosis:worker:*:inflight", count=SCAN_CHUNK):
+            for field in self.redis.hkeys(key):
+                job_id, _, page = field.decode().rpartition(":")
+                if page.isdigit():
+                    found.add((job_id, int(page)))
+        return found
+
+
+def _pages_of(raw: bytes) -> set[tuple[str, int]]:
+    """The (job, page) pairs a queued page message runs; nothing for other messages or bad JSON."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != OCR_PAGE_TASK:
+            return set()
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        job_id, page = str(args[0]), int(args[1])
+        count = int(args[2]) if len(args) > 2 else 1  # messages of releases that grouped pages
+        return {(job_id, p) for p in range(page, page + count)}
+    except (ValueError, KeyError, IndexError, TypeError):
+        return set()

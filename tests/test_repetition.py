@@ -54,8 +54,12 @@ def test_honest_repeated_structure_is_never_stopped(tokenize, name):
 @pytest.mark.parametrize("name", sorted(LOOPING))
 def test_looping_output_is_stopped_before_the_cap(tokenize, name):
     tokens = tokenize(LOOPING[name])[:4096]
-    watcher = RepetitionGuard(**GUARD).watch()
-    stopped_at = next((n for n in range(1, len(tokens) + 1) if watcher.update(tokens[:n])), None)
+    watcher, written, stopped_at = RepetitionGuard(**GUARD).watch(), [], None
+    for token in tokens:
+        written.append(token)
+        if watcher.update(written):
+            stopped_at = len(written)
+            break
     assert stopped_at is not None, f"{name} ({len(tokens)} tokens) was never stopped"
     assert stopped_at < 4096
 

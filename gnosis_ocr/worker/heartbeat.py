@@ -101,7 +101,11 @@ class Heartbeat:
             return
         # After a gap in which nobody could beat (Redis away or restarting), every record has expired:
         # the living are told from the dead only once each has had a full record lifetime to beat again.
-        if self._beating_since is not None and time.monotonic() - self._beating_since > self.ttl + self.interval:
+        # (This thread may get through before the beat thread notices the gap: a beat long overdue is one.)
+        now = time.monotonic()
+        steady = (self._beating_since is not None and now - self._last_beat < self.ttl
+                  and now - self._beating_since > self.ttl + self.interval)
+        if steady:
             requeued = registry.reap(self.redis, self.app, queue=self.rt.settings.queue)
             if requeued:
                 self.rt.metrics.inc("gnosis_worker_recoveries_total", requeued)

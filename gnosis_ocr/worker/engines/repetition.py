@@ -37,8 +37,12 @@ class RepetitionGuard:
 
     def repeating(self, tokens: list[int]) -> bool:
         """Whether `tokens`, fed one at a time, would have been stopped at some point."""
-        watcher = self.watch()
-        return any(watcher.update(tokens[:n]) for n in range(1, len(tokens) + 1))
+        watcher, written = self.watch(), []
+        for token in tokens:
+            written.append(token)
+            if watcher.update(written):
+                return True
+        return False
 
 
 class Repetition:

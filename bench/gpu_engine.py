@@ -379,7 +379,8 @@ def main() -> None:
                                  "max_len": default.decoder.max_len,
                                  "load_and_warm_s": round(time.perf_counter() - started, 1),
                                  "captures_at_warm_up": engine.captures,
-                                 "batch_buckets": default.decoder.batch_buckets, "len_buckets": default.decoder.len_buckets,
+                                 "batch_buckets": default.decoder.batch_buckets,
+                                 "len_buckets": default.decoder.len_buckets,
                                  "graph_vs_eager": engine.checks}
         report.save()
         page = a4_page(160 if args.tiny else 1280)

@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if not _redis_answers(settings.redis_url):
         started = _start_redis(settings.redis_url)
         if started is None or not _redis_answers(settings.redis_url):
-            print(f"gnosis-ocr: nothing answers at {redact(settings.redis_url)} and no local redis-server could be started",
+            print(f"gnosis-ocr: nothing answers at {redact(settings.redis_url)} and no local redis-server "
+                  "could be started",
                   file=sys.stderr)
             return EXIT_USAGE
         procs.append(started)

@@ -154,7 +154,8 @@ class Settings:
 
             parse_sentinel(self.redis_url)
         elif url.scheme not in _REDIS_SCHEMES or (url.scheme != "unix" and not url.hostname):
-            raise ConfigError(f"REDIS_URL {redact(self.redis_url)!r} is not a redis://, rediss://, unix:// or sentinel:// URL")
+            raise ConfigError(f"REDIS_URL {redact(self.redis_url)!r} is not a redis://, rediss://, unix:// or "
+                              "sentinel:// URL")
         else:
             try:
                 url.port  # noqa: B018 - raises on a malformed port

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 UNACKED_KEY = "unacked"
 """kombu's Redis transport: delivery tag -> [message, exchange, routing key] of every unacked message."""
 
+UNACKED_INDEX_KEY = "unacked_index"
+"""kombu's Redis transport: delivery tag -> the time it was delivered (unix seconds)."""
+
 SCAN_CHUNK = 1000
 """Messages read per round trip while listing a queue: a long queue is read in pages, never at once."""
 
@@ -47,13 +50,19 @@ class Reconciler:
         if not unrecorded:
             self._suspects.clear()
             return 0
-        lost = unrecorded - self._accounted_for()
+        accounted, stale = self._accounted_for()
+        lost = unrecorded - accounted
         again = lost & self._suspects
         self._suspects = lost - again
         for job_id, page in sorted(again):
-            self.app.send_task(OCR_PAGE_TASK, args=[job_id, page], queue=self.queue)
+            tag = stale.get((job_id, page))
+            if tag is not None:  # the original, back from a consumer that died holding it: no copy is made
+                with self.app.connection_for_write() as conn:
+                    conn.default_channel.qos.restore_by_tag(tag)
+            else:
+                self.app.send_task(OCR_PAGE_TASK, args=[job_id, page], queue=self.queue)
         if again:
-            log.warning("published %d lost page(s) again (no message, no worker had them): %s", len(again),
+            log.warning("published %d lost page(s) again (no message or worker had them): %s", len(again),
                         ", ".join(f"{j}:{p}" for j, p in sorted(again)[:10]))
         return len(again)
 
@@ -72,26 +81,36 @@ class Reconciler:
             out |= {(job_id, page) for page in range(int(total)) if page not in done}
         return out
 
-    def _accounted_for(self) -> set[tuple[str, int]]:
-        """Every page some message or worker still has: queued, unacknowledged or in flight."""
+    def _accounted_for(self) -> tuple[set[tuple[str, int]], dict[tuple[str, int], str]]:
+        """Every page some message or worker still has: queued, in flight, or unacknowledged for less
+        than the grace. Unacknowledged longer, and in no worker's in-flight hash, is a message its
+        consumer took and died holding before START_PAGE ran: returned with its delivery tag."""
         found: set[tuple[str, int]] = set()
+        seconds, _ = self.redis.time()
+        recent = seconds - self.grace
+        held: dict[tuple[str, int], str] = {}
         for key in queue_keys(self.queue):
             start = 0
             while chunk := self.redis.lrange(key, start, start + SCAN_CHUNK - 1):
                 for raw in chunk:
                     found |= _pages_of(raw)
                 start += SCAN_CHUNK
-        for _, raw in self.redis.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
+        for tag, raw in self.redis.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
             try:
-                found |= _pages_of(json.dumps(json.loads(raw)[0]).encode())
+                pages = _pages_of(json.dumps(json.loads(raw)[0]).encode())
             except (ValueError, IndexError, TypeError):
                 continue
+            delivered = self.redis.zscore(UNACKED_INDEX_KEY, tag)
+            if delivered is None or delivered > recent:
+                found |= pages
+            else:
+                held.update({page: tag.decode() for page in pages})
         for key in self.redis.scan_iter("gnosis:worker:*:inflight", count=SCAN_CHUNK):
             for field in self.redis.hkeys(key):
                 job_id, _, page = field.decode().rpartition(":")
                 if page.isdigit():
                     found.add((job_id, int(page)))
-        return found
+        return found, {page: tag for page, tag in held.items() if page not in found}
 
 
 def _pages_of(raw: bytes) -> set[tuple[str, int]]:

@@ -70,15 +70,18 @@ class Reconciler:
         """Pages not yet recorded of live jobs older than the grace."""
         seconds, micros = self.redis.time()
         cutoff_ms = int(seconds * 1000 + micros // 1000 - self.grace * 1000)
-        out: set[tuple[str, int]] = set()
-        for raw in self.redis.zrangebyscore(LIVE_KEY, 0, cutoff_ms):
-            job_id = raw.decode()
+        job_ids = [raw.decode() for raw in self.redis.zrangebyscore(LIVE_KEY, 0, cutoff_ms)]
+        pipe = self.redis.pipeline(transaction=False)  # two reads a job, one round trip for all
+        for job_id in job_ids:
             keys = JobStore.keys(job_id)
-            status, total = self.redis.hmget(keys["record"], "status", "pages_total")
-            if status not in (b"queued", b"running") or total is None:
-                continue
-            done = {int(p) for p in self.redis.hkeys(keys["pages"])}
-            out |= {(job_id, page) for page in range(int(total)) if page not in done}
+            pipe.hmget(keys["record"], "status", "pages_total")
+            pipe.hkeys(keys["pages"])
+        replies = pipe.execute() if job_ids else []
+        out: set[tuple[str, int]] = set()
+        for job_id, (status, total), done in zip(job_ids, replies[::2], replies[1::2], strict=True):
+            if status in (b"queued", b"running") and total is not None:
+                recorded = {int(p) for p in done}
+                out |= {(job_id, page) for page in range(int(total)) if page not in recorded}
         return out
 
     def _accounted_for(self) -> tuple[set[tuple[str, int]], dict[tuple[str, int], str]]:
@@ -87,7 +90,7 @@ class Reconciler:
         consumer took and died holding before START_PAGE ran: returned with its delivery tag."""
         found: set[tuple[str, int]] = set()
         seconds, _ = self.redis.time()
-        recent = seconds - self.grace
+        stale_tags = set(self.redis.zrangebyscore(UNACKED_INDEX_KEY, 0, seconds - self.grace))
         held: dict[tuple[str, int], str] = {}
         for key in queue_keys(self.queue):
             start = 0
@@ -100,8 +103,7 @@ class Reconciler:
                 pages = _pages_of(json.dumps(json.loads(raw)[0]).encode())
             except (ValueError, IndexError, TypeError):
                 continue
-            delivered = self.redis.zscore(UNACKED_INDEX_KEY, tag)
-            if delivered is None or delivered > recent:
+            if tag not in stale_tags:
                 found |= pages
             else:
                 held.update({page: tag.decode() for page in pages})

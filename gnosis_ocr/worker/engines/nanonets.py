@@ -123,7 +123,7 @@ class NanonetsEngine:
         # One device gone takes the process down: its CUDA context cannot be trusted or reset in place.
         for scheduler in self.schedulers:
             if scheduler.dead is None:
-                scheduler._die(error if isinstance(error, EngineDead) else EngineDead(str(error)))
+                scheduler.kill(error if isinstance(error, EngineDead) else EngineDead(str(error)))
         if self.on_dead is not None:
             self.on_dead(error)
 

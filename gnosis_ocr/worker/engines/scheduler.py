@@ -164,6 +164,10 @@ class Scheduler:
         loop is stuck in, its pages go back to the queue now."""
         self._die(EngineDead(f"The engine on {self.decoder.device} stopped making progress: {reason}."))
 
+    def kill(self, error: EngineDead) -> None:
+        """End this loop from outside (another device of the process died): its pages go back too."""
+        self._die(error)
+
     # --- the loop ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -214,7 +218,7 @@ class Scheduler:
                 self._resolve(self._pending.popleft(), error=error)
 
     def _in_flight(self) -> int:
-        return sum(r is not None for r in self.slots)
+        return len(self._occupied())
 
     def _occupied(self) -> list[int]:
         return [slot for slot, r in enumerate(self.slots) if r is not None]

@@ -74,7 +74,10 @@ def _die_with_parent() -> None:
 
 def _spawn(args: list[str], **kwargs) -> subprocess.Popen:
     """A child in its own process group, so stopping it stops everything it started (pool processes,
-    gunicorn workers, the light worker), and told to stop if this process dies without cleaning up."""
+    gunicorn workers, the light worker), and told to stop if this process dies without cleaning up.
+    Its output goes to stderr: stdout carries only the results, so `dev --submit f > f.md` is clean
+    and no access-log line lands in the middle of a page."""
+    kwargs.setdefault("stdout", sys.stderr)
     return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
 
 

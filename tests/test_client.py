@@ -118,6 +118,9 @@ def test_dev_starts_its_own_redis_and_prints_the_sample(tmp_path):
     for line in ("GNOSIS OCR SAMPLE LETTER", "Invoice number 4821 dated 12 March 2026",
                  "Total amount due: 1,250.00 EUR", "Thank you for your business."):
         assert line in r.stdout.splitlines(), r.stdout
+    # stdout is the result alone (the stack's logs go to stderr), so `> letter.md` is clean.
+    assert r.stdout.strip().splitlines()[0] == "GNOSIS OCR SAMPLE LETTER", r.stdout
+    assert "GET /" not in r.stdout and "celery" not in r.stdout.lower(), r.stdout
 
 
 class FlakyFront:

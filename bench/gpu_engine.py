@@ -196,6 +196,40 @@ def single_page(torch, engine, page, tokens: int) -> dict:
             "ms_per_step": row["ms_per_step"], "prefill_ms": row["prefill_ms_per_page"]}
 
 
+def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
+    """The vision tower alone on `pages` A4 pages at once: the library's per-window attention against one
+    call per layer (gnosis_ocr/worker/engines/vision.py), timed in the same process, and how far apart
+    their features are."""
+    from gnosis_ocr.worker.engines.vision import batch_window_attention, restore_window_attention
+
+    model = engine.models[0]
+    visual = model.model.visual
+    one = engine._request(page).inputs
+    device, dtype = next(visual.parameters()).device, next(visual.parameters()).dtype
+    pixels = torch.cat([one["pixel_values"]] * pages).to(device, dtype)
+    grid = torch.cat([one["image_grid_thw"]] * pages).to(device)
+
+    def run() -> tuple[float, object]:
+        with torch.inference_mode():
+            visual(pixels, grid_thw=grid)  # warm
+            sync(torch)
+            started = time.perf_counter()
+            for _ in range(reps):
+                out = visual(pixels, grid_thw=grid)
+            sync(torch)
+        out = out if torch.is_tensor(out) else out.pooler_output
+        return (time.perf_counter() - started) / reps / pages * 1000, out.float()
+
+    restore_window_attention(model)
+    library_ms, expected = run()
+    batch_window_attention(model)
+    batched_ms, got = run()
+    error = float((got - expected).norm() / expected.norm())
+    return {"pages": pages, "library_ms_per_page": round(library_ms, 1), "batched_ms_per_page": round(batched_ms, 1),
+            "speedup": round(library_ms / batched_ms, 2), "relative_error": error,
+            "engine_uses": engine.vision_checks}
+
+
 def mismatches(torch, engine, pages, new_tokens: int) -> dict:
     """The fast path against plain `generate` on the same pages, token for token (EOS as the model says).
 
@@ -341,7 +375,7 @@ def main() -> None:
     parser.add_argument("--fp32-tokens", type=int, default=256)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--skip-service", action="store_true")
-    parser.add_argument("--sections", default="single_page,engine_alone,mismatches,float32_mismatches,service",
+    parser.add_argument("--sections", default="vision,single_page,engine_alone,mismatches,float32_mismatches,service",
                         help="which sections to run: a whole run takes longer than one 10-minute device call")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -358,7 +392,7 @@ def main() -> None:
     path = checkpoint(torch, args.tiny)
     report.data["checkpoint_s"] = round(time.perf_counter() - started, 1)
     compare = [a4_page(160 if args.tiny else 1280)] + [_other_page(i, args.tiny) for i in range(args.compare_pages - 1)]
-    if wanted & {"single_page", "engine_alone", "mismatches"}:
+    if wanted & {"vision", "single_page", "engine_alone", "mismatches"}:
         from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
         started = time.perf_counter()
@@ -381,13 +415,15 @@ def main() -> None:
                                  "captures_at_warm_up": engine.captures,
                                  "batch_buckets": default.decoder.batch_buckets,
                                  "len_buckets": default.decoder.len_buckets,
-                                 "graph_vs_eager": engine.checks}
+                                 "graph_vs_eager": engine.checks, "vision_attention": engine.vision_checks}
         report.save()
         page = a4_page(160 if args.tiny else 1280)
         probe = engine._request(page)
         report.data["engine"]["prompt_tokens"] = probe.length
         report.data["engine"]["image_tokens"] = int(probe.inputs["image_grid_thw"][0].prod()) // 4
         batches = sorted({int(b) for b in args.batches.split(",")} | {default.capacity})
+        if "vision" in wanted:
+            report.section("vision", vision, torch, engine, page, default.prefill_batch)
         if "single_page" in wanted:
             report.section("single_page", single_page, torch, engine, page, 1100)
         if "engine_alone" in wanted:
@@ -431,6 +467,7 @@ def summary(data: dict) -> None:
     for r in rows:
         print(f"{r['batch']:>4} {r['pages']:>6} {r['pages_per_s']:>8} {r['tokens_per_s']:>8} {r['ms_per_step']:>8} "
               f"{r['mean_batch']:>7} {r['prefill_ms_per_page']:>16} {r['peak_gib']!s:>9}")
+    print("vision tower (library per window vs one call per layer):", data.get("vision"))
     print("single page:", data.get("single_page"))
     print("graph replay vs eager:", engine.get("graph_vs_eager"))
     print("mismatches (bf16):", {k: v for k, v in data.get("mismatches", {}).items() if k != "rows"},

@@ -49,6 +49,7 @@ class Settings:
     batch_size: int = defaults.DEFAULT_BATCH_SIZE
     prefill_batch: int = defaults.DEFAULT_PREFILL_BATCH
     repetition_window: int = defaults.DEFAULT_REPETITION_WINDOW
+    vision_attention: str = "batched"
     prefetch_pages: int = defaults.DEFAULT_PREFETCH_PAGES
     queue: str = defaults.DEFAULT_QUEUE
     redis_timeout: float = defaults.DEFAULT_REDIS_TIMEOUT
@@ -118,6 +119,7 @@ class Settings:
             batch_size=_int(env, "OCR_BATCH_SIZE", defaults.DEFAULT_BATCH_SIZE),
             prefill_batch=_int(env, "OCR_PREFILL_BATCH", defaults.DEFAULT_PREFILL_BATCH),
             repetition_window=_int(env, "OCR_REPETITION_WINDOW", defaults.DEFAULT_REPETITION_WINDOW),
+            vision_attention=env.get("OCR_VISION_ATTENTION", "batched"),
             prefetch_pages=_int(env, "GNOSIS_PREFETCH_PAGES", defaults.DEFAULT_PREFETCH_PAGES),
             queue=env.get("GNOSIS_QUEUE", defaults.DEFAULT_QUEUE),
             redis_timeout=_float(env, "GNOSIS_REDIS_TIMEOUT", defaults.DEFAULT_REDIS_TIMEOUT),
@@ -175,6 +177,8 @@ class Settings:
             raise ConfigError(f"GNOSIS_INPUT_STORE {self.input_store!r} is not `redis` or an absolute directory")
         if self.api_worker_class not in ("gevent", "gthread"):
             raise ConfigError(f"GNOSIS_API_WORKER_CLASS {self.api_worker_class!r} is not gevent or gthread")
+        if self.vision_attention not in ("batched", "windows"):
+            raise ConfigError(f"OCR_VISION_ATTENTION {self.vision_attention!r} is not batched or windows")
         if self.cache_verify not in ("quick", "full"):
             raise ConfigError(f"GNOSIS_CACHE_VERIFY {self.cache_verify!r} is not quick or full")
         if "/" not in self.model_id:

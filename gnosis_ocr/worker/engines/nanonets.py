@@ -19,6 +19,7 @@ from .decoder import StaticDecoder
 from .prompt import PagePrompt
 from .repetition import RepetitionGuard
 from .scheduler import Request, Scheduler
+from .vision import batch_window_attention, check_against_library
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ class NanonetsEngine:
                  prefill_batch: int = 4, repetition_window: int = 512, graphs: bool | None = None,
                  on_step: Callable[[str, int], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None,
-                 stall_grace: float = defaults.ENGINE_STALL_GRACE, dtype: str | None = None) -> None:
+                 stall_grace: float = defaults.ENGINE_STALL_GRACE, dtype: str | None = None,
+                 vision_attention: str = "batched") -> None:
         import torch
         from transformers import AutoProcessor
 
@@ -65,8 +67,11 @@ class NanonetsEngine:
         longest_prompt = self._prompt_tokens(max_side)
         self.max_len = longest_prompt + max_new_tokens + 1
         self.models, self.schedulers = [], []
+        self.vision_checks: list[dict] = []
         for device in self.devices:
             model = load_model(path, device, dtype)
+            if vision_attention == "batched":
+                self._batch_vision(model, max_side)
             slots = batch_size or auto_batch(model, device, self.max_len)
             decoder = StaticDecoder(model, slots=slots, max_len=self.max_len, graphs=graphs)
             eos = model.generation_config.eos_token_id
@@ -82,6 +87,21 @@ class NanonetsEngine:
         self.warm_up(max_side)
         for scheduler in self.schedulers:
             scheduler.start()
+
+    def _batch_vision(self, model, max_side: int) -> None:
+        """One attention call per vision layer, kept only if this device's features match the library's
+        on a page of noise (a blank page would hide a wrong mask: every window would look alike)."""
+        from PIL import Image
+
+        probe = Image.effect_noise((max_side // 2, max_side), 64).convert("RGB")
+        if not batch_window_attention(model):
+            self.vision_checks.append({"device": str(model.device), "batched": False})
+            return
+        inputs = self.page_prompt.inputs(probe) if self.fast_prompt else self.page_prompt.reference(probe)
+        check = check_against_library(model, inputs["pixel_values"], inputs["image_grid_thw"])
+        self.vision_checks.append({"device": str(model.device), **check})
+        log.info("vision attention on %s: %s (relative error %.1e against the library's)", model.device,
+                 "one call per layer" if check["batched"] else "per window", check["relative_error"])
 
     @property
     def model(self):

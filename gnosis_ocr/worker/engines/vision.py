@@ -1,0 +1,139 @@
+"""Qwen2.5-VL's vision attention as one call per layer instead of one per window.
+
+Outside flash-attention, transformers' vision attention splits each layer's tokens at `cu_seqlens`
+and makes one SDPA call per window: an A4 page is about 96 windows of up to 64 patches, so a
+32-layer tower launches about 3,000 small attention calls per page, serially, while the batch's
+decoding waits. Here the windows of a layer are gathered into one padded batch (windows × heads ×
+longest window × head_dim), padded keys are masked out, and a single SDPA call computes them all;
+padded query rows are dropped on the way back. The arithmetic per window is the same attention over
+the same keys, so the output matches the library's per-window path to rounding (the start-up check
+and `tests/test_vision.py` compare them).
+
+Only the attention call changes: the projections, rotary embedding and output projection are the
+module's own weights and transformers' own `apply_rotary_pos_emb_vision`.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+class _Plan:
+    """Where each window's tokens sit in the padded batch; the same for every layer of one forward."""
+
+    __slots__ = ("cu_seqlens", "gather", "keep", "mask", "windows", "longest")
+
+    def __init__(self, cu_seqlens: torch.Tensor) -> None:
+        starts = cu_seqlens[:-1].long()
+        lengths = cu_seqlens[1:].long() - starts
+        self.cu_seqlens = cu_seqlens
+        self.windows = int(lengths.numel())
+        self.longest = int(lengths.max()) if self.windows else 0
+        offsets = torch.arange(self.longest, device=cu_seqlens.device)
+        self.keep = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # (windows, longest)
+        last = int(cu_seqlens[-1]) - 1
+        self.gather = (starts.unsqueeze(1) + offsets.unsqueeze(0)).clamp(max=max(last, 0))
+        # Keys past a window's end are masked; every query row keeps at least its own window's keys.
+        self.mask = self.keep[:, None, None, :]
+
+
+class _Plans:
+    """Plans for the last few `cu_seqlens` tensors seen: a forward passes the same two (windows and
+    full attention) to every layer, so each is built once per forward, not once per layer."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.entries: list[_Plan] = []
+
+    def get(self, cu_seqlens: torch.Tensor) -> _Plan:
+        for plan in self.entries:
+            if plan.cu_seqlens is cu_seqlens:
+                return plan
+        plan = _Plan(cu_seqlens)
+        self.entries = [plan, *self.entries[: self.size - 1]]
+        return plan
+
+
+def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = self._gnosis_rotary(q, k, cos, sin)
+    plan = self._gnosis_plans.get(cu_seqlens)
+    # (seq, heads, dim) -> (windows, heads, longest, dim)
+    q, k, v = (t[plan.gather].transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=self.scaling)
+    out = out.transpose(1, 2)[plan.keep]  # (seq, heads, dim), windows in order: the tokens' own order
+    return self.proj(out.reshape(seq_length, -1).contiguous())
+
+
+def batch_window_attention(model) -> int:
+    """Switch each vision attention module of a Qwen2.5-VL model to the one-call path. Returns how many
+    were switched: 0 where the model is not built as expected (another architecture, flash-attention
+    already varlen), and then the library's path stays."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    if visual is None:
+        return 0
+    if "flash" in str(getattr(visual.config, "_attn_implementation", "") or ""):
+        return 0  # flash-attention's varlen kernel already does every window in one call
+    module = type(visual).__module__
+    import importlib
+
+    rotary = getattr(importlib.import_module(module), "apply_rotary_pos_emb_vision", None)
+    blocks = getattr(visual, "blocks", [])
+    attns = [getattr(b, "attn", None) for b in blocks]
+    needed = ("qkv", "proj", "num_heads", "scaling")
+    if rotary is None or not attns or not all(a is not None and all(hasattr(a, n) for n in needed) for a in attns):
+        log.warning("vision attention not batched: %s is not built as this engine expects", type(visual).__name__)
+        return 0
+    plans = _Plans()  # shared by the layers: they see the same cu_seqlens tensors
+    for attn in attns:
+        attn._gnosis_rotary = rotary
+        attn._gnosis_plans = plans
+        attn.forward = types.MethodType(_batched_forward, attn)
+    return len(attns)
+
+
+def restore_window_attention(model) -> None:
+    """Back to the library's per-window path (the check compares the two on one model)."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    for block in getattr(visual, "blocks", []):
+        attn = getattr(block, "attn", None)
+        if attn is not None and "forward" in attn.__dict__:
+            del attn.forward
+
+
+def check_against_library(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> dict:
+    """One page's image features both ways on this device. The batched path stays only if it matches the
+    library's to rounding (relative error under `tolerance` for the dtype); otherwise the library's
+    path is restored, so a kernel or release that disagrees costs speed, never a wrong page."""
+    visual = model.model.visual
+    device = next(visual.parameters()).device
+    dtype = next(visual.parameters()).dtype
+    pixels, grid = pixel_values.to(device, dtype), grid_thw.to(device)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            out = visual(pixels, grid_thw=grid)
+        return (out if torch.is_tensor(out) else out.pooler_output).float()
+
+    got = run()
+    restore_window_attention(model)
+    expected = run()
+    error = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    ok = error <= tolerance
+    if ok:
+        batch_window_attention(model)
+    else:
+        log.warning("batched vision attention differs from the library's on %s (relative error %.2e > %.0e); "
+                    "using the library's per-window path", device, error, tolerance)
+    return {"batched": ok, "relative_error": error, "tolerance": tolerance}

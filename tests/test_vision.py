@@ -1,0 +1,95 @@
+"""The vision tower's attention in one call per layer: the same image features as transformers' own
+per-window path, on ragged windows and on batches of pages of different sizes, and the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gnosis_ocr.worker.engines.vision import batch_window_attention, restore_window_attention
+
+# Page grids in patches (t, h, w), even sides as the 2x2 merger needs: windows of 8x8 patches with
+# ragged ones at the right and bottom edges, and a batch of three pages of different sizes.
+GRIDS = [[(1, 22, 34)], [(1, 8, 8)], [(1, 30, 14), (1, 6, 10), (1, 16, 16)]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from transformers import AutoModelForImageTextToText
+
+    m = AutoModelForImageTextToText.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    yield m
+    restore_window_attention(m)
+
+
+def features(model, grids, seed: int = 0):
+    visual = model.model.visual
+    cfg = visual.config
+    per_patch = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    n = sum(t * h * w for t, h, w in grids)
+    pixels = torch.randn(n, per_patch, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        out = visual(pixels, grid_thw=torch.tensor(grids))
+    return getattr(out, "pooler_output", None) if not torch.is_tensor(out) else out
+
+
+@pytest.mark.parametrize("grids", GRIDS, ids=["ragged", "one-window", "three-pages"])
+def test_one_call_per_layer_gives_the_librarys_image_features(model, grids):
+    restore_window_attention(model)
+    expected = features(model, grids)
+    assert batch_window_attention(model) == len(model.model.visual.blocks)
+    got = features(model, grids)
+    restore_window_attention(model)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_page_decodes_the_same_tokens_either_way(model, tiny_model):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_model))
+    from gnosis_ocr.worker.engines.prompt import PagePrompt
+
+    prompt = PagePrompt(processor)
+    image = Image.effect_noise((300, 420), 60).convert("RGB")
+
+    def tokens():
+        inputs = prompt.reference(image)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    restore_window_attention(model)
+    expected = tokens()
+    batch_window_attention(model)
+    try:
+        assert tokens() == expected
+    finally:
+        restore_window_attention(model)
+
+
+def test_an_engine_whose_batched_path_disagrees_falls_back_to_the_librarys(tiny_model, monkeypatch):
+    """A kernel that computes something else (here: attention over nothing) must cost speed, not pages:
+    the start-up check sees the features differ and the engine decodes on the library's path."""
+    from gnosis_ocr.worker.engines import vision
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    def attends_to_nothing(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+        return self.proj(torch.zeros_like(hidden_states))
+
+    monkeypatch.setattr(vision, "_batched_forward", attends_to_nothing)
+    engine = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=8,
+                            batch_size=2, repetition_window=0)
+    try:
+        assert [c["batched"] for c in engine.vision_checks] == [False]
+        assert "forward" not in engine.model.model.visual.blocks[0].attn.__dict__  # the library's own method
+    finally:
+        engine.close()
+    monkeypatch.undo()
+    engine = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=8,
+                            batch_size=2, repetition_window=0)
+    try:
+        assert [c["batched"] for c in engine.vision_checks] == [True]
+    finally:
+        engine.close()

@@ -164,3 +164,29 @@ def test_page_inputs_built_from_the_image_grid_equal_the_processors(engine):
         assert sorted(ours) == sorted(theirs)
         for key in theirs:
             assert torch.equal(ours[key], theirs[key]) and ours[key].dtype == theirs[key].dtype, (i, key)
+
+
+def test_a_burst_of_pages_is_prefilled_a_chunk_at_a_time_between_decode_steps(engine):
+    """Running pages get a token between any two prefills: a burst never holds them up for more than one
+    chunk (prefill_batch pages), and every page still decodes exactly as alone."""
+    from gnosis_ocr.worker.engines.scheduler import Scheduler
+    from tests.test_engine_faults import Faulty
+
+    events: list[str] = []
+    decoder = Faulty(engine.model, slots=6, max_len=engine.max_len)
+    decoder.prefill_fault = lambda d, slots, inputs: events.append(f"prefill {len(slots)}")
+    decoder.step_fault = lambda d, batch: events.append("step")
+    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2)
+    image = page(0)
+    requests = [scheduler.submit(engine._request(image, max_new_tokens=12)) for _ in range(6)]
+    scheduler.start()
+    try:
+        for request in requests:
+            wait(request)
+    finally:
+        scheduler.stop()
+    prefills = [i for i, e in enumerate(events) if e.startswith("prefill")]
+    assert [events[i] for i in prefills] == ["prefill 2"] * 3, events
+    assert all("step" in events[a:b] for a, b in zip(prefills, prefills[1:])), events
+    expected = reference(engine, image, 12)
+    assert all(r.error is None and r.tokens == expected for r in requests)

@@ -191,7 +191,10 @@ def test_a_batch_in_which_every_page_fails_alone_is_a_broken_engine_not_bad_page
     assert len(loop.deaths) == 1
 
 
-def test_cancelled_and_expired_pages_leave_the_queue_while_every_slot_is_busy(engine, loop):
+def test_cancelled_and_expired_pages_leave_the_queue_while_every_slot_is_busy(engine):
+    # Room for thousands of tokens: the busy pages stay busy until cancelled.
+    loop = Scheduler(Faulty(engine.model, slots=3, max_len=engine.max_len + 4000), eos_ids=set(),
+                     prefill_batch=2).start()
     busy = [submit(engine, loop, i, tokens=100_000) for i in range(3)]
     cancelled = submit(engine, loop, 3)
     late = submit(engine, loop, 4, deadline=time.monotonic() + 0.2)
@@ -202,6 +205,7 @@ def test_cancelled_and_expired_pages_leave_the_queue_while_every_slot_is_busy(en
     for request in busy:
         request.cancel()
     settle([*busy, cancelled, late])
+    loop.stop()
 
 
 def test_a_stuck_loop_never_holds_a_page_past_its_deadline_and_grace(engine, tiny_model):

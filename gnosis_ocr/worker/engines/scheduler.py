@@ -225,6 +225,8 @@ class Scheduler:
 
     def _drop_unwanted(self) -> None:
         """Cancelled and expired pages leave the queue even while every slot is busy."""
+        for request in [r for r in self._limbo if r.unwanted is not None]:
+            self._resolve(request, error=request.unwanted)
         with self._cond:
             if not any(r.unwanted for r in self._pending):
                 return
@@ -239,20 +241,23 @@ class Scheduler:
             self._pending = keep
 
     def _admit(self) -> None:
+        """Seat waiting pages in free slots, one prefill chunk per loop turn: a burst of arrivals then holds
+        the running pages up for one chunk between steps, never for all of them (64 free slots at 4 pages
+        a chunk would otherwise be 16 prefills back to back, seconds without a token)."""
         free = [slot for slot, r in enumerate(self.slots) if r is None]
         if not free:
             return
         with self._cond:
             while self._pending and len(self._limbo) < len(free):
                 self._limbo.append(self._pending.popleft())
-        # Prompts of equal length need no padding: prefill them together.
-        groups: dict[int, list[Request]] = {}
-        for request in list(self._limbo):
-            groups.setdefault(request.length, []).append(request)
-        for group in groups.values():
-            while group:
-                chunk, group = group[:self.prefill_batch], group[self.prefill_batch:]
-                self._prefill([free.pop(0) for _ in chunk], chunk)
+        while self._limbo:
+            # Prompts of equal length need no padding: prefill them together, oldest page's length first.
+            length = self._limbo[0].length
+            chunk = [r for r in self._limbo if r.length == length][:self.prefill_batch]
+            self._prefill(free[:len(chunk)], chunk)
+            if any(self.slots):  # a step next; the rest of the limbo waits one turn
+                return
+            free = [slot for slot, r in enumerate(self.slots) if r is None]  # the chunk failed: try the next
 
     def _prefill(self, slots: list[int], chunk: list[Request]) -> None:
         """Prefill `chunk` into `slots`; on failure retry in halves, down to the page that fails alone."""

@@ -6,6 +6,9 @@ is the same wherever kombu reads it.
 
 from __future__ import annotations
 
+import base64
+import json
+
 from celery import Celery
 
 from .redisconn import celery_broker
@@ -28,6 +31,22 @@ PRIORITY_SEP = "\x06\x16"
 def queue_keys(queue: str) -> list[str]:
     """The Redis lists holding a queue's messages, highest priority first."""
     return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def task_args(raw: bytes, task: str) -> list | None:
+    """The positional arguments of a message as kombu's Redis transport stores it (in a queue's list, or
+    the first element of an unacked entry), if it runs `task`; None for other tasks and bad JSON."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != task:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return list(args)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 def page_priority(backlog: int) -> int:

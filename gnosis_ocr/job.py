@@ -163,6 +163,10 @@ class PageRecord:
 LIVE_KEY = f"{PREFIX}jobs:live"
 """Every job not yet final, scored by its creation time on Redis's clock: what the max-age sweep reads."""
 
+OUTBOX_KEY = f"{PREFIX}webhooks:outbox"
+"""Jobs whose final webhook is owed (a sorted set of job ids, scored by the unix second it is due): the
+script that makes a job with a callback final adds it; a settled delivery removes it (worker/outbox.py)."""
+
 QUEUED_BYTES_KEY = f"{PREFIX}queued_bytes"
 """Input bytes of every live job: the bound GNOSIS_MAX_QUEUED_BYTES is checked against this."""
 
@@ -245,14 +249,18 @@ class JobStore:
             return self.inputs.get(job_id)
         return self.redis.get(_keys(job_id)["input"])
 
-    def start_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], want_input: bool = True) -> Claim:
+    def start_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], want_input: bool = True,
+                   token: str = "") -> Claim:
         """Claim a delivery of a page; `inflight` is the worker's in-flight (hash, field, value).
 
         With `want_input` false the caller already holds the document, and Redis sends none of it.
+        `token` names this delivery: the call repeated with it (a reply lost, the client retrying)
+        counts one attempt, not two.
         """
         key, field, value = inflight
         result = self._start(keys=[*self._k(job_id), key],
-                             args=[page, now_rfc3339(), self.max_attempts, field, value, int(want_input), self.ttl])
+                             args=[page, now_rfc3339(), self.max_attempts, field, value, int(want_input), self.ttl,
+                                   token])
         verdict = Verdict(result[0].decode())
         if verdict is Verdict.EXHAUSTED:
             self.inputs.delete(job_id)
@@ -261,11 +269,12 @@ class JobStore:
         return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None)
 
     def finish_page(self, job_id: str, page: int, text: str, *, model_id: str, model_revision: str,
-                    inflight: tuple[str, str, str], truncated: bool = False) -> PageRecord:
-        """Record a page's text once."""
+                    inflight: tuple[str, str, str], truncated: bool = False, token: str = "") -> PageRecord:
+        """Record a page's text once; repeated with the same `token`, the first call's answer again."""
         outcome, done, total = self._finish_page(
             keys=[*self._k(job_id), inflight[0]],
-            args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl, inflight[1], int(truncated)])
+            args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl, inflight[1], int(truncated),
+                  token])
         record = PageRecord(Recorded(outcome.decode()), int(done), int(total))
         if record.completed_job:
             self.inputs.delete(job_id)

@@ -49,7 +49,14 @@ local function close(status, now, ttl, code, message)
   for _, i in ipairs({1, 3, 4}) do redis.call('EXPIRE', KEYS[i], ttl) end
   local idem = redis.call('HGET', KEYS[1], 'idem_key')
   if idem and idem ~= '' then redis.call('EXPIRE', idem, ttl) end
-  redis.call('ZREM', KEYS[6], redis.call('HGET', KEYS[1], 'id'))
+  local id = redis.call('HGET', KEYS[1], 'id')
+  redis.call('ZREM', KEYS[6], id)
+  -- The webhook is owed from this very transition: in the outbox (job.OUTBOX_KEY, scored by when it is
+  -- due) until a delivery settles it, so a crash between this commit and the publish loses none.
+  local callback = redis.call('HGET', KEYS[1], 'callback_url')
+  if callback and callback ~= '' then
+    redis.call('ZADD', 'gnosis:webhooks:outbox', 'NX', tonumber(redis.call('TIME')[1]), id)
+  end
   redis.call('PUBLISH', KEYS[5], status)
 end
 """
@@ -71,20 +78,34 @@ if ARGV[4] ~= '' then redis.call('PERSIST', ARGV[4]) end
 return created
 """
 
-# ARGV: page, now, max attempts, in-flight field, in-flight value, want input (1/0), ttl.
+# ARGV: page, now, max attempts, in-flight field, in-flight value, want input (1/0), ttl, delivery token.
 # Returns {verdict} or {'run', input or false, kind}; on 'run' the page is in the worker's in-flight hash.
+# The token is one execution of the page's task: the same call again (a client retrying after a lost
+# reply) counts no second attempt and gets the answer the first one got.
 START_PAGE = _FINAL + _CLOSE + """
 local field = ARGV[4]
+local token = ARGV[8] or ''
+if token ~= '' and redis.call('HGET', KEYS[4], 'x:' .. ARGV[1]) == token then
+  redis.call('HDEL', KEYS[8], field)
+  return {'exhausted'}
+end
 if not st or final or redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
   redis.call('HDEL', KEYS[8], field)
   if not st then return {'gone'} end
   if final then return {'final'} end
   return {'done'}
 end
-local n = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local n
+if token ~= '' and redis.call('HGET', KEYS[4], 'k:' .. ARGV[1]) == token then
+  n = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '1')
+else
+  n = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  if token ~= '' then redis.call('HSET', KEYS[4], 'k:' .. ARGV[1], token) end
+end
 if n > tonumber(ARGV[3]) then
   redis.call('HDEL', KEYS[8], field)
+  if token ~= '' then redis.call('HSET', KEYS[4], 'x:' .. ARGV[1], token) end
   close('failed', ARGV[2], ARGV[7], 'worker_lost', 'Page ' .. (tonumber(ARGV[1]) + 1) .. ' was delivered ' ..
     (n - 1) .. ' times and its worker never finished it; the job was stopped.')
   return {'exhausted'}
@@ -99,16 +120,27 @@ if ARGV[6] == '1' then data = redis.call('GET', KEYS[2]) end
 return {'run', data, redis.call('HGET', KEYS[1], 'kind')}
 """
 
-# ARGV: page, text, now, model id, model revision, ttl, in-flight field, truncated (1/0).
-# Returns {outcome, pages done, pages total}: outcome 'recorded', 'gone', 'final' or 'duplicate'.
+# ARGV: page, text, now, model id, model revision, ttl, in-flight field, truncated (1/0), delivery token.
+# Returns {outcome, pages done, pages total}: outcome 'recorded', 'gone', 'final' or 'duplicate'. The
+# same call again (its reply was lost) returns what the first returned, so whoever ended the job still
+# learns it did, and counts it and sends its webhook.
 FINISH_PAGE = _FINAL + _CLOSE + """
 redis.call('HDEL', KEYS[8], ARGV[7])
 if not st then return {'gone', 0, 0} end
 local total = tonumber(redis.call('HGET', KEYS[1], 'pages_total'))
+local token = ARGV[9] or ''
+if token ~= '' then
+  local mine = redis.call('HGET', KEYS[4], 'f:' .. ARGV[1])
+  if mine then
+    local by, done = string.match(mine, '^(%S+) (%d+)$')
+    if by == token then return {'recorded', tonumber(done), total} end
+  end
+end
 if final then return {'final', 0, total} end
 if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return {'duplicate', 0, total} end
 if ARGV[8] == '1' then redis.call('HSET', KEYS[3], 't:' .. ARGV[1], '1') end  -- read back by pages()
 local done = redis.call('HINCRBY', KEYS[1], 'pages_done', 1)
+if token ~= '' then redis.call('HSET', KEYS[4], 'f:' .. ARGV[1], token .. ' ' .. done) end
 if redis.call('HGET', KEYS[1], 'counted') == '1' then redis.call('DECR', owner_pages_key()) end
 redis.call('HSET', KEYS[1], 'model_id', ARGV[4], 'model_revision', ARGV[5])
 if done >= total then
@@ -142,7 +174,10 @@ DISCARD = _OWNER + """
 local idem = redis.call('HGET', KEYS[1], 'idem_key')
 uncount()
 local id = redis.call('HGET', KEYS[1], 'id')
-if id then redis.call('ZREM', KEYS[6], id) end
+if id then
+  redis.call('ZREM', KEYS[6], id)
+  redis.call('ZREM', 'gnosis:webhooks:outbox', id)
+end
 local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 if idem and idem ~= '' then redis.call('DEL', idem) end
 return n

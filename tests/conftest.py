@@ -14,7 +14,24 @@ import pytest
 import redis
 import requests
 
-TEST_REDIS_URL = os.environ.get("GNOSIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+def _test_redis_url() -> str:
+    """The test Redis; under pytest-xdist each worker process takes its own database (15, 14, …), so
+    their flushes and key scans never meet."""
+    url = os.environ.get("GNOSIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    base, _, db = url.rpartition("/")
+    if not worker.startswith("gw") or not db.isdigit() or "//" not in base:
+        return url
+    return f"{base}/{int(db) - int(worker[2:])}"
+
+
+TEST_REDIS_URL = _test_redis_url()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: most tests wait on worker processes starting and pages crossing Redis, not on a core,
+    so two test processes a core, up to the eight databases below 15 that are left alone."""
+    return max(2, min(2 * (os.cpu_count() or 1), 8))
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -159,12 +159,11 @@ def test_a_device_that_stops_answering_kills_the_engine_and_returns_every_page(e
 
 
 def test_a_failing_write_after_a_page_ends_kills_the_engine_and_returns_the_others(engine, loop):
-    requests = [submit(engine, loop, 0, tokens=5)] + [submit(engine, loop, i, tokens=2000) for i in (1, 2, 3)]
-
     def release_fault(decoder, slot):  # freeing the finished page's slot is the first write to fail
         raise RuntimeError("CUDA error: unspecified launch failure")
 
-    loop.decoder.release_fault = release_fault
+    loop.decoder.release_fault = release_fault  # before the pages: the short one may end at once
+    requests = [submit(engine, loop, 0, tokens=5)] + [submit(engine, loop, i, tokens=2000) for i in (1, 2, 3)]
     settle(requests)
     assert requests[0].error is None and len(requests[0].tokens) == 5, "the finished page keeps its text"
     assert all(isinstance(r.error, EngineDead) for r in requests[1:]), [r.error for r in requests]

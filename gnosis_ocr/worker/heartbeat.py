@@ -17,8 +17,9 @@ import time
 
 import redis
 
+from ..broker import events_queue
 from ..job import now_rfc3339
-from . import registry
+from . import outbox, registry
 from .reconcile import Reconciler
 from .runtime import Runtime
 
@@ -119,6 +120,10 @@ class Heartbeat:
             published = self.reconciler.run()
             if published:
                 self.rt.metrics.inc("gnosis_pages_republished_total", published)
+            owed = outbox.republish(self.redis, self.app, queue=events_queue(self.rt.settings),
+                                    grace=self.rt.settings.reconcile_grace)
+            if owed:
+                self.rt.metrics.inc("gnosis_webhooks_republished_total", owed)
         if time.monotonic() - self._swept > INPUT_SWEEP_INTERVAL:
             self._swept = time.monotonic()
             self.rt.jobs.inputs.sweep(lambda job_id: self.rt.jobs.field(job_id, "status") in ("queued", "running"))

@@ -7,6 +7,7 @@ import logging
 from ..broker import DELIVER_WEBHOOK_TASK, events_queue
 from ..errors import BadRequest
 from ..webhook import DeliveryFailed, DeliveryRejected, deliver
+from . import outbox
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,15 @@ def enqueue(rt: Runtime, job_id: str, callback_url: str | None) -> None:
 
 
 def attempt(rt: Runtime, job_id: str, number: int) -> bool:
-    """One delivery. True when finished (delivered or given up); False when it should be retried."""
+    """One delivery. True when finished (delivered or given up: the outbox entry is settled); False when
+    it should be retried."""
+    done = _attempt(rt, job_id, number)
+    if done:
+        outbox.settle(rt.redis, job_id)
+    return done
+
+
+def _attempt(rt: Runtime, job_id: str, number: int) -> bool:
     job = rt.jobs.get(job_id)
     if job is None or not job.callback_url:
         return True

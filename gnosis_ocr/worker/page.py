@@ -10,6 +10,7 @@ import gc
 import logging
 import sys
 import time
+import uuid
 from datetime import datetime
 
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -36,8 +37,9 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
     if rt.engine_dead is not None:  # this worker is on its way out: leave the page, attempts untouched
         raise RequeuePage(f"job {job_id} page {page}: the engine is dead ({rt.engine_dead})")
     entry = registry.entry(job_id, page, tag)
+    token = uuid.uuid4().hex  # this execution: the job store's scripts, repeated with it, act once
     try:
-        claim = _claim(rt, job_id, page, entry)
+        claim = _claim(rt, job_id, page, entry, token)
     except redis.RedisError as exc:
         raise RequeuePage(f"could not claim job {job_id} page {page}: {exc}") from exc
     if claim.verdict is Verdict.EXHAUSTED:
@@ -58,7 +60,7 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
             outcome = _fail(rt, job_id, page, "input_missing",
                             "The document was not found in the input store (GNOSIS_INPUT_STORE).")
             return outcome
-        outcome = _run(rt, job_id, page, entry, claim.data, claim.kind, started)
+        outcome = _run(rt, job_id, page, entry, claim.data, claim.kind, started, token)
         return outcome
     finally:
         local["in_flight"].dec()
@@ -66,16 +68,16 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
         local["page_seconds"].observe(time.monotonic() - started)
 
 
-def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str]) -> Claim:
+def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], token: str) -> Claim:
     """Claim the page, with its document from this host's copy when there is one."""
     data = rt.inputs.get(job_id)
     if data is not None:
-        claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=False)
+        claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=False, token=token)
         return Claim(claim.verdict, data, claim.kind) if claim.verdict is Verdict.RUN else claim
     with rt.inputs.fetching(job_id):  # pages of one job claimed at once on this host fetch it once
         data = rt.inputs.get(job_id)
         from_redis = data is None and rt.jobs.inputs.in_redis
-        claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=from_redis)
+        claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=from_redis, token=token)
         if claim.verdict is not Verdict.RUN:
             return claim
         if data is None:
@@ -99,7 +101,7 @@ def _read_store(rt: Runtime, job_id: str) -> bytes | None:
 
 
 def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data: bytes, kind: str,
-         started: float) -> str:
+         started: float, token: str) -> str:
     limit = rt.settings.page_soft_time_limit
     try:
         image = document.render_page(data, kind, page, max_side=rt.settings.page_max_side,
@@ -127,7 +129,7 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data:
     # out-of-memory reply, rather than running the page again.
     record = _retrying(rt, f"record job {job_id} page {page}", lambda: rt.jobs.finish_page(
         job_id, page, result.text, model_id=engine.model_id, model_revision=engine.model_revision, inflight=entry,
-        truncated=result.truncated))
+        truncated=result.truncated, token=token))
     _observe(rt, result, time.monotonic() - started)
     if record.completed_job:
         rt.inputs.drop(job_id)

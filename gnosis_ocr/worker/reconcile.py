@@ -15,13 +15,12 @@ happens: START_PAGE counts the attempt, and a page is recorded once.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 
 import redis
 
-from ..broker import OCR_PAGE_TASK, queue_keys
+from ..broker import OCR_PAGE_TASK, queue_keys, task_args
 from ..job import LIVE_KEY, JobStore
 
 log = logging.getLogger(__name__)
@@ -117,16 +116,10 @@ class Reconciler:
 
 def _pages_of(raw: bytes) -> set[tuple[str, int]]:
     """The (job, page) pairs a queued page message runs; nothing for other messages or bad JSON."""
+    args = task_args(raw, OCR_PAGE_TASK)
     try:
-        message = json.loads(raw)
-        if message.get("headers", {}).get("task") != OCR_PAGE_TASK:
-            return set()
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
         job_id, page = str(args[0]), int(args[1])
         count = int(args[2]) if len(args) > 2 else 1  # messages of releases that grouped pages
-        return {(job_id, p) for p in range(page, page + count)}
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (TypeError, IndexError, ValueError):
         return set()
+    return {(job_id, p) for p in range(page, page + count)}

@@ -11,7 +11,7 @@ from celery.exceptions import Reject
 
 from .. import redismemory
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
-from . import heartbeat, notify, page, probe, registry, runtime
+from . import heartbeat, notify, outbox, page, probe, registry, runtime
 from .celery_app import app
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,10 @@ def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
 def deliver_webhook(self, job_id: str) -> None:
     rt = runtime.get()
     if not notify.attempt(rt, job_id, self.request.retries + 1):
-        raise self.retry(countdown=rt.settings.webhook_backoff * 2 ** self.request.retries)
+        countdown = rt.settings.webhook_backoff * 2 ** self.request.retries
+        # The outbox is not to publish it again while this retry is pending.
+        outbox.postpone(rt.redis, job_id, countdown + rt.settings.webhook_timeout)
+        raise self.retry(countdown=countdown)
 
 
 @app.task(name=WARM_CACHE_TASK, ignore_result=True)

@@ -1,0 +1,91 @@
+"""A TCP proxy in front of Redis that loses the reply to one script call: the command reaches Redis and
+runs, then the connection drops before its answer gets back (a network blip, a failover's reset, a
+load balancer's idle cut). The client sees a connection error and retries the very same call."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+
+class ReplyLosingProxy:
+    def __init__(self, upstream_url: str) -> None:
+        """`upstream_url`: a redis:// URL on loopback; `self.url` is the same database through the proxy."""
+        parts = urlsplit(upstream_url)
+        self.upstream_port = parts.port or 6379
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = urlunsplit((parts.scheme, f"127.0.0.1:{self.port}", parts.path, "", ""))
+        self._target: bytes | None = None
+        self._on_lost: Callable[[], None] | None = None
+        self.lost = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def lose_reply_to(self, script: str, *, then: Callable[[], None] | None = None) -> None:
+        """The next call of `script` (by its SHA, as redis-py's EVALSHA sends it) runs, and its reply is
+        dropped with the connection; `then` runs at that moment, before anything else gets through."""
+        self._target = hashlib.sha1(script.encode()).hexdigest().encode()
+        self._on_lost = then
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            armed = threading.Event()
+            threading.Thread(target=self._up, args=(client, upstream, armed), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, armed), daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, armed: threading.Event) -> None:
+        while data := _recv(client):
+            with self._lock:
+                if self._target is not None and b"EVALSHA" in data.upper() and self._target in data:
+                    armed.set()
+            try:
+                upstream.sendall(data)
+            except OSError:
+                break
+        _close(client, upstream)
+
+    def _down(self, upstream: socket.socket, client: socket.socket, armed: threading.Event) -> None:
+        while data := _recv(upstream):
+            if armed.is_set():
+                armed.clear()
+                if not data.startswith(b"-NOSCRIPT"):  # the script ran: this reply is the one to lose
+                    with self._lock:
+                        self._target = None
+                        then, self._on_lost = self._on_lost, None
+                    if then is not None:
+                        then()
+                    self.lost.set()
+                    break
+            try:
+                client.sendall(data)
+            except OSError:
+                break
+        _close(client, upstream)
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def _close(*socks: socket.socket) -> None:
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import redis
 import requests
 
 from gnosis_ocr.inputstore import ORPHAN_GRACE, DirectoryInputs
@@ -16,7 +17,12 @@ pytestmark = pytest.mark.slow
 
 
 def stored(root) -> list[str]:
-    return sorted(f for _, _, files in os.walk(root) for f in files)
+    return sorted(f for _, _, files in os.walk(root) for f in files if not f.startswith("."))
+
+
+def input_path(stack, root, job_id: str):
+    """Where a job's document lies: under the namespace of the deployment (its Redis)."""
+    return root / stack.redis.get("gnosis:deployment").decode() / job_id[:2] / job_id
 
 
 def test_documents_in_a_shared_directory_never_enter_redis(stack, tmp_path):
@@ -26,7 +32,7 @@ def test_documents_in_a_shared_directory_never_enter_redis(stack, tmp_path):
     pdf = pdf_of_pages([[f"Bucket page {w}"] for w in ("one", "two", "three")])
     job = requests.post(f"{url}/v1/jobs", files={"file": ("b.pdf", pdf)}).json()
     assert stored(root) == [job["id"]]
-    assert (root / job["id"][:2] / job["id"]).read_bytes() == pdf
+    assert input_path(stack, root, job["id"]).read_bytes() == pdf
     assert not stack.redis.exists(f"gnosis:job:{job['id']}:input")
 
     stack.worker()
@@ -53,21 +59,66 @@ def test_a_missing_input_fails_its_job_clearly(stack, tmp_path):
     stack.env.update(GNOSIS_INPUT_STORE=str(root), GNOSIS_CACHE_VISIBILITY_WAIT="1")
     url = stack.api()
     job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["gone"]))}).json()
-    os.unlink(root / job["id"][:2] / job["id"])  # a bucket emptied by hand
+    os.unlink(input_path(stack, root, job["id"]))  # a bucket emptied by hand
     stack.worker()
     final = poll_job(url, job["id"])
     assert final["status"] == "failed" and final["error"]["code"] == "input_missing", final
+
+
+def age(path, seconds: float) -> None:
+    old = time.time() - seconds
+    os.utime(path, (old, old))
 
 
 def test_files_whose_jobs_ended_are_swept(tmp_path):
     store = DirectoryInputs(str(tmp_path))
     for job_id in ("a" * 32, "b" * 32):
         store.put(job_id, b"doc")
-        old = time.time() - ORPHAN_GRACE - 1
-        os.utime(tmp_path / job_id[:2] / job_id, (old, old))
+        age(tmp_path / job_id[:2] / job_id, ORPHAN_GRACE + 1)
     store.put("c" * 32, b"new")  # too young to judge: its record may still be on its way
     assert store.sweep(lambda job_id: job_id == "a" * 32) == 1
     assert stored(tmp_path) == ["a" * 32, "c" * 32]
+
+
+def test_deployments_sharing_one_directory_sweep_only_their_own_inputs(tmp_path, redis_url):
+    """Staging and production on one bucket, each with its own Redis: production's sweep removes its
+    own ended jobs' files and never staging's queued backlog, however old."""
+    from gnosis_ocr.inputstore import ABANDONED_AFTER, from_setting
+    from tests.redisproc import PrivateRedis
+
+    staging_redis = PrivateRedis(tmp_path / "staging-redis", appendonly=False).start()
+    try:
+        prod = from_setting(str(tmp_path / "inputs"), redis.Redis.from_url(redis_url))
+        staging = from_setting(str(tmp_path / "inputs"), redis.Redis.from_url(staging_redis.url))
+        assert prod.namespace != staging.namespace
+        for store, job_id in ((prod, "a" * 32), (prod, "b" * 32), (staging, "c" * 32)):
+            store.put(job_id, b"doc")
+            age(store._path(job_id), ORPHAN_GRACE + 1)
+        # Production knows only its own jobs: "a" still runs, "b" ended; staging's "c" is unknown to it.
+        assert prod.sweep(lambda job_id: job_id == "a" * 32) == 1
+        assert prod.get("a" * 32) == b"doc" and prod.get("b" * 32) is None
+        assert staging.get("c" * 32) == b"doc", "another deployment's queued document was deleted"
+        assert staging.sweep(lambda job_id: True) == 0
+
+        # A namespace nobody has marked alive for ABANDONED_AFTER (its deployment is gone) is removed.
+        marker = tmp_path / "inputs" / staging.namespace / ".alive"
+        age(marker, ABANDONED_AFTER + 1)
+        assert prod.sweep(lambda job_id: True) == 1
+        assert staging.get("c" * 32) is None and prod.get("a" * 32) == b"doc"
+    finally:
+        staging_redis.stop()
+
+
+def test_a_document_queued_before_namespaces_is_still_read(tmp_path, redis_url):
+    """Written by the release before namespaces (at the top of the directory), queued across the upgrade."""
+    from gnosis_ocr.inputstore import from_setting
+
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / ("d" * 32)).write_bytes(b"old")
+    store = from_setting(str(tmp_path), redis.Redis.from_url(redis_url))
+    assert store.get("d" * 32) == b"old"
+    store.delete("d" * 32)
+    assert store.get("d" * 32) is None
 
 
 def db_bytes(client) -> int:

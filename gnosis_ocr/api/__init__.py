@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings=settings,
         redis=client,
         jobs=JobStore(client, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts,
-                      inputs=inputstore.from_setting(settings.input_store)),
+                      inputs=inputstore.from_setting(settings.input_store, client)),
         producer=make_producer(settings),
         metrics=Metrics(client, background=True),
         memory=redismemory.MemoryGauge(client),

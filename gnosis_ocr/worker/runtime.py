@@ -42,7 +42,7 @@ class Runtime:
             max_connections=1000,
         )
         self.jobs = JobStore(self.redis, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts,
-                             inputs=inputstore.from_setting(settings.input_store))
+                             inputs=inputstore.from_setting(settings.input_store, self.redis))
         self.inputs = InputCache(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)
         self.metrics = Metrics(self.redis, background=True)
         self._engine: Engine | None = None

@@ -76,6 +76,10 @@ DEFAULT_LEASE_WAIT = 3600
 DEFAULT_DOWNLOAD_WORKERS = 8
 """Files fetched in parallel by the one downloader."""
 
+DEFAULT_DOWNLOAD_STALL = 300
+"""Seconds a download may go without a byte written or a file finished before it is killed and started
+again (a transfer that hangs without an error, as Xet's are known to on some hosts)."""
+
 DEFAULT_VISIBILITY_WAIT = 30
 """Seconds a worker waits for a manifest published on another host to appear here (GCS FUSE stat cache)."""
 

@@ -88,8 +88,19 @@ class LeaseLost(ModelCacheError):
     code = "lease_lost"
 
 
+class CacheUnreadable(ModelCacheError):
+    """This host cannot read the cache (EIO, ENOTCONN: a FUSE mount gone bad): unavailable here, which
+    says nothing about the files themselves, so nothing is marked corrupt or repaired for it."""
+
+    code = "cache_unreadable"
+
+
 class DownloadTimeout(ModelCacheError, TimeoutError):
     code = "download_timeout"
+
+
+class DownloadStalled(ModelCacheError, TimeoutError):
+    code = "download_stalled"
 
 
 class PageTimeout(GnosisError, TimeoutError):

@@ -57,6 +57,7 @@ class Settings:
     lease_ttl: int = defaults.DEFAULT_LEASE_TTL
     lease_wait: int = defaults.DEFAULT_LEASE_WAIT
     download_workers: int = defaults.DEFAULT_DOWNLOAD_WORKERS
+    download_stall: float = defaults.DEFAULT_DOWNLOAD_STALL
     cache_verify: str = "quick"
     visibility_wait: float = defaults.DEFAULT_VISIBILITY_WAIT
     heartbeat_interval: float = defaults.DEFAULT_HEARTBEAT_INTERVAL
@@ -127,6 +128,7 @@ class Settings:
             lease_ttl=_int(env, "GNOSIS_LEASE_TTL", defaults.DEFAULT_LEASE_TTL),
             lease_wait=_int(env, "GNOSIS_LEASE_WAIT", defaults.DEFAULT_LEASE_WAIT),
             download_workers=_int(env, "GNOSIS_DOWNLOAD_WORKERS", defaults.DEFAULT_DOWNLOAD_WORKERS),
+            download_stall=_float(env, "GNOSIS_DOWNLOAD_STALL_TIMEOUT", defaults.DEFAULT_DOWNLOAD_STALL),
             cache_verify=env.get("GNOSIS_CACHE_VERIFY", "quick"),
             visibility_wait=_float(env, "GNOSIS_CACHE_VISIBILITY_WAIT", defaults.DEFAULT_VISIBILITY_WAIT),
             heartbeat_interval=_float(env, "GNOSIS_HEARTBEAT_INTERVAL", defaults.DEFAULT_HEARTBEAT_INTERVAL),
@@ -188,7 +190,7 @@ class Settings:
         for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl", "job_max_age",
                      "max_queued_bytes", "api_connections", "header_timeout", "max_key_pages",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
-                     "download_workers", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
+                     "download_workers", "download_stall", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
                      "prefill_batch", "reconcile_grace"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

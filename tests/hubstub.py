@@ -21,10 +21,15 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 class HubStub:
-    def __init__(self, repo_id: str, folder: str | Path, *, rate: float | None = None) -> None:
+    def __init__(self, repo_id: str, folder: str | Path, *, rate: float | None = None,
+                 stall_after: int | None = None) -> None:
         self.repo_id = repo_id
         self.folder = Path(folder)
         self.rate = rate  # bytes per second for GET bodies; None = unthrottled
+        # A transfer that hangs without an error: after this many bytes of a file, nothing more is sent
+        # and the connection stays open until the stub stops.
+        self.stall_after = stall_after
+        self._stopping = threading.Event()
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
         self.file_gets: Counter[str] = Counter()
@@ -83,6 +88,7 @@ class HubStub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -148,6 +154,10 @@ class HubStub:
         sent = 0
         try:
             for i in range(0, len(data), chunk):
+                if self.stall_after is not None and sent >= self.stall_after:
+                    h.wfile.flush()
+                    self._stopping.wait()
+                    return
                 h.wfile.write(data[i:i + chunk])
                 sent += len(data[i:i + chunk])
                 with self.lock:

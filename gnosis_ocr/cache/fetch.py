@@ -15,6 +15,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from ..errors import LeaseLost
 from .manifest import git_blob_sha1, sha256_file
 
 
@@ -34,8 +35,33 @@ def _matches(path: str, size: int | None, lfs_sha256: str | None, blob_id: str |
         return False
 
 
-def _discard(path: str) -> None:
+class Fence:
+    """The lease this process runs under. Every destructive step checks it first: a holder whose lease
+    ran out (paused, partitioned) must not delete what a new holder is writing."""
+
+    def __init__(self, key: str | None, value: str | None) -> None:
+        self.key, self.value, self._client = key, value, None
+        if key and value and os.environ.get("GNOSIS_FETCH_REDIS_URL"):
+            from ..redisconn import connect
+
+            self._client = connect(os.environ["GNOSIS_FETCH_REDIS_URL"], socket_timeout=10, socket_connect_timeout=10)
+
+    def check(self) -> None:
+        if self._client is None:
+            return
+        import redis
+
+        try:
+            current = self._client.get(self.key)
+        except redis.RedisError as exc:  # cannot tell: then nothing is deleted
+            raise LeaseLost(f"The download lease cannot be checked ({exc}); not deleting anything.") from exc
+        if current is None or current.decode() != self.value:
+            raise LeaseLost("The download lease is no longer this downloader's; stopping before deleting anything.")
+
+
+def _discard(path: str, fence: Fence) -> None:
     """Remove a snapshot entry and, where it is a symlink, the blob it points to."""
+    fence.check()
     if os.path.islink(path):
         blob = os.path.realpath(path)
         if os.path.exists(blob):
@@ -44,8 +70,10 @@ def _discard(path: str) -> None:
         os.unlink(path)
 
 
-def fetch(repo_id: str, revision: str, cache_dir: str, workers: int) -> None:
+def fetch(repo_id: str, revision: str, cache_dir: str, workers: int, fence: Fence | None = None) -> None:
     from huggingface_hub import HfApi, hf_hub_download
+
+    fence = fence or Fence(None, None)
 
     token = os.environ.get("HF_TOKEN") or None
     api = HfApi(token=token)
@@ -57,6 +85,7 @@ def fetch(repo_id: str, revision: str, cache_dir: str, workers: int) -> None:
     storage = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
     snapshot = os.path.join(storage, "snapshots", sha)
     # Only the lease holder runs this, so temp files left here are a dead downloader's.
+    fence.check()
     for stale in glob.glob(os.path.join(storage, "blobs", "*.incomplete")):
         try:
             os.unlink(stale)
@@ -72,13 +101,13 @@ def fetch(repo_id: str, revision: str, cache_dir: str, workers: int) -> None:
         if os.path.exists(path) and _matches(path, *spec(s)):
             emit("file", name=s.rfilename, size=s.size, downloaded=False)
         else:
-            _discard(path)
+            _discard(path, fence)
             missing.append(s)
 
     def download(s) -> int:
         path = hf_hub_download(repo_id, s.rfilename, revision=sha, cache_dir=cache_dir, token=token)
         if not _matches(path, *spec(s)):
-            _discard(path)
+            _discard(path, fence)
             raise OSError(f"{s.rfilename} does not match the hub's hash after download")
         emit("file", name=s.rfilename, size=s.size, downloaded=True)
         return s.size or os.path.getsize(path)
@@ -101,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", required=True)
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--lease-key", help="the lease this downloader holds: checked before deleting anything")
+    parser.add_argument("--lease-value")
     args = parser.parse_args(argv)
     try:
-        fetch(args.repo, args.revision, args.cache_dir, args.workers)
+        fetch(args.repo, args.revision, args.cache_dir, args.workers, Fence(args.lease_key, args.lease_value))
     except Exception as exc:  # reported to the parent as one line; it decides what to do
         emit("error", type=type(exc).__name__, message=str(exc))
         return 1

@@ -63,6 +63,7 @@ class Lease:
         self._release = client.register_script(_RELEASE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._deadline: threading.Timer | None = None  # fires when the TTL runs out unrenewed
 
     @property
     def value(self) -> str:
@@ -103,26 +104,54 @@ class Lease:
         self.stop_heartbeat()
         self._stop.clear()
 
+        def expired() -> None:
+            # The TTL has run out since the last renewal (Redis unreachable, or a renewal call stuck in
+            # its client's retries): Redis may have handed the lease on by now, so this holder stops
+            # writing (its fetch process is killed) whatever Redis says when it answers again.
+            log.error("lease %s not renewed for its whole TTL; giving it up", self.key)
+            give_up()
+
+        def give_up() -> None:
+            with lock:
+                if self.lost.is_set() or self._stop.is_set():
+                    return
+                self.lost.set()
+            log.error("lease %s lost (fence %d)", self.key, self.fence)
+            if self.on_lost:
+                self.on_lost()
+
+        def arm() -> threading.Timer:
+            # A little early: Redis counts its TTL from before the renewal's reply reached this process.
+            timer = threading.Timer(0.9 * self.ttl_ms / 1000, expired)
+            timer.daemon = True
+            timer.start()
+            return timer
+
         def beat() -> None:
             interval = self.ttl_ms / 3000
+            self._deadline = arm()
             while not self._stop.wait(interval):
                 try:
                     ok = self.renew()
                 except redis.RedisError as exc:
                     log.warning("lease renewal failed: %s", exc)
-                    continue  # keep trying until the TTL itself runs out
+                    continue  # unreachable is not lost until the deadline above fires
                 if not ok:
-                    log.error("lease %s lost (fence %d)", self.key, self.fence)
-                    self.lost.set()
-                    if self.on_lost:
-                        self.on_lost()
+                    give_up()
+                if self.lost.is_set():
                     return
+                self._deadline.cancel()
+                self._deadline = arm()
 
+        lock = threading.Lock()
         self._thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
     def stop_heartbeat(self) -> None:
         self._stop.set()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._thread = None

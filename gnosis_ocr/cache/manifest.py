@@ -7,12 +7,15 @@ re-hashes everything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+from ..errors import CacheUnreadable
 
 MANIFEST_VERSION = 1
 _CHUNK = 8 * 1024 * 1024
@@ -91,20 +94,59 @@ def git_blob_sha1(path: str) -> str:
     return digest.hexdigest()
 
 
-def bad_files(manifest: Manifest, snapshot: str, *, full: bool = False, workers: int = 8) -> list[str]:
-    """Names of files missing or not matching the manifest; empty means the snapshot is complete."""
+MISSING = (errno.ENOENT, errno.ENOTDIR)
+"""What a stat answers for a file that is not there: anything else is this host failing to read it."""
 
-    def check(entry: FileEntry) -> str | None:
+
+@dataclass
+class Check:
+    """What a snapshot check found: files missing or different (`bad`), and files re-hashed whole
+    because their mtime moved (a metadata-only rewrite of the bucket) that matched (`rehashed`, with
+    their mtime now)."""
+
+    bad: list[str] = field(default_factory=list)
+    rehashed: dict[str, int] = field(default_factory=dict)
+
+
+def check(manifest: Manifest, snapshot: str, *, full: bool = False, workers: int = 8) -> Check:
+    """Check each file of `snapshot` against `manifest`: size and mtime (the rsync quick check), and the
+    sha256 where either moved or `full`. Raises CacheUnreadable when this host cannot read a file (an
+    I/O error, a mount gone), which is not the file's fault."""
+
+    def one(entry: FileEntry) -> tuple[str, bool, int]:
         path = os.path.join(snapshot, entry.name)
         try:
             st = os.stat(path)  # follows the snapshot's symlink to its blob, where there is one
-        except OSError:
-            return entry.name
+        except OSError as exc:
+            if exc.errno in MISSING:
+                return entry.name, False, 0
+            raise CacheUnreadable(f"{entry.name} cannot be read on this host: {exc.strerror}") from exc
         if st.st_size != entry.size:
-            return entry.name
+            return entry.name, False, 0
         if full or st.st_mtime_ns != entry.mtime_ns:
-            return None if sha256_file(path) == entry.sha256 else entry.name
-        return None
+            try:
+                same = sha256_file(path) == entry.sha256
+            except OSError as exc:
+                raise CacheUnreadable(f"{entry.name} cannot be read on this host: {exc.strerror}") from exc
+            return entry.name, same, st.st_mtime_ns if same and st.st_mtime_ns != entry.mtime_ns else 0
+        return entry.name, True, 0
 
+    out = Check()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [name for name in pool.map(check, manifest.files) if name]
+        for name, ok, mtime in pool.map(one, manifest.files):
+            if not ok:
+                out.bad.append(name)
+            elif mtime:
+                out.rehashed[name] = mtime
+    return out
+
+
+def bad_files(manifest: Manifest, snapshot: str, *, full: bool = False, workers: int = 8) -> list[str]:
+    """Names of files missing or not matching the manifest; empty means the snapshot is complete."""
+    return check(manifest, snapshot, full=full, workers=workers).bad
+
+
+def with_mtimes(manifest: Manifest, mtimes: dict[str, int]) -> Manifest:
+    """The same manifest with these files' mtimes: what the quick check compares next time."""
+    files = [replace(f, mtime_ns=mtimes.get(f.name, f.mtime_ns)) for f in manifest.files]
+    return replace(manifest, files=files)

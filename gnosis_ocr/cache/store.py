@@ -18,19 +18,21 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
-from ..errors import DownloadTimeout, LeaseLost, ModelCacheError
+from ..errors import DownloadStalled, DownloadTimeout, LeaseLost, ModelCacheError
 from ..job import now_rfc3339
 from ..metrics import Metrics
 from ..settings import Settings
 from . import manifest as mf
 from .lease import Lease
-from .state import CacheState, lease_name, manifest_path, snapshot_path
+from .state import CacheState, lease_name, manifest_path, repo_folder, snapshot_path
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,12 @@ class ModelCache:
         if manifest is None or manifest.sha != sha:
             return None
         snapshot = snapshot_path(self.settings, sha)
-        bad = mf.bad_files(manifest, snapshot, full=self.settings.cache_verify == "full")
+        # CacheUnreadable (this host cannot read the mount) goes up as it is: not a reason to mark the
+        # cluster's cache corrupt, nor to repair it.
+        result = mf.check(manifest, snapshot, full=self.settings.cache_verify == "full")
+        bad = result.bad
+        if result.rehashed and not bad:
+            self._record_mtimes(manifest, result.rehashed)
         if bad:
             log.error("cache for %s@%s is corrupt (%s); it will be repaired", self.settings.model_id, sha[:12],
                       ", ".join(bad))
@@ -64,6 +71,23 @@ class ModelCache:
             # A reader saw it broken (a repair since, or a FUSE view that caught up): it is whole now.
             self.state.mark("ready", sha=sha, files=len(manifest.files), bytes=manifest.total_bytes, bad_files="")
         return Path(snapshot)
+
+    def _record_mtimes(self, manifest: mf.Manifest, mtimes: dict[str, int]) -> None:
+        """Files whose mtime moved but whose bytes matched (the bucket rewrote their metadata: a storage
+        class change, a copy) go into the manifest with their new mtime, so the next start's quick check
+        does not re-hash gigabytes again. Only under the lease, and only over the manifest just checked."""
+        path = manifest_path(self.settings, manifest.sha)
+        ours = self.lease.fence > 0
+        if not ours and not self.lease.acquire():
+            return  # someone is downloading or verifying: the next start records them
+        try:
+            if self.lease.held() and mf.read(path) == manifest:
+                mf.write(path, mf.with_mtimes(manifest, mtimes))
+                log.info("recorded new mtimes of %d re-hashed file(s) of %s@%s", len(mtimes),
+                         self.settings.model_id, manifest.sha[:12])
+        finally:
+            if not ours:
+                self.lease.release("released")
 
     def _wait_visible(self, sha: str) -> Path | None:
         # Another host published it: give this host's metadata cache time to notice the new file.
@@ -166,16 +190,27 @@ class ModelCache:
     def _spawn_fetch(self) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
         env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        env["GNOSIS_FETCH_REDIS_URL"] = self.settings.redis_url
+        # The hub serves large files through Xet. hf_xet keeps its chunk cache and logs under
+        # HF_XET_CACHE (by default $HF_HOME/xet: here the bucket, shared and slow) and reconstructs a file
+        # with parallel vectored writes, which are known to stall on network filesystems. Its state goes
+        # to this host's disk, and a file is written piece after piece; the blobs still land in the bucket.
+        env.setdefault("HF_XET_CACHE", os.path.join(tempfile.gettempdir(), "gnosis-xet"))
+        env.setdefault("HF_XET_RECONSTRUCTION_USE_VECTORED_WRITE", "false")
         cmd = [sys.executable, "-m", "gnosis_ocr.cache.fetch", "--repo", self.settings.model_id,
                "--revision", self.settings.model_revision, "--cache-dir", self.settings.hub_cache,
-               "--workers", str(self.settings.download_workers)]
+               "--workers", str(self.settings.download_workers),
+               "--lease-key", self.lease.key, "--lease-value", self.lease.value]
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
 
     def _follow(self, proc: subprocess.Popen, progress: Progress | None) -> dict:
         result = None
         error = None
         assert proc.stdout is not None
+        watchdog = _Watchdog(proc, os.path.join(self.settings.hub_cache, repo_folder(self.settings.model_id), "blobs"),
+                             self.settings.download_stall)
         for line in proc.stdout:
+            watchdog.moved()
             try:
                 event = json.loads(line)
             except ValueError:
@@ -188,6 +223,11 @@ class ModelCache:
             if progress:
                 progress(event)
         code = proc.wait()
+        watchdog.stop()
+        if watchdog.fired:
+            raise DownloadStalled(f"Downloading {self.settings.model_id} made no progress for "
+                                  f"{self.settings.download_stall:.0f}s (GNOSIS_DOWNLOAD_STALL_TIMEOUT); it was "
+                                  "stopped and will be started again.")
         if self.lease.lost.is_set():
             raise LeaseLost("The download lease was lost; another worker will finish the download.")
         if code != 0 or result is None:
@@ -198,22 +238,83 @@ class ModelCache:
     # ---- verification ----------------------------------------------------------------------
 
     def verify(self) -> tuple[str, list[str]]:
-        """Re-hash every file against the manifest. Returns (sha, bad file names); raises if absent."""
-        sha = self.state.resolved_sha()
-        manifest = mf.read(manifest_path(self.settings, sha)) if sha else None
-        if manifest is None:
-            raise ModelCacheError(f"No complete cache of {self.settings.model_id} to verify.", code="cache_absent")
-        bad = mf.bad_files(manifest, snapshot_path(self.settings, manifest.sha), full=True)
-        stamp = now_rfc3339()
-        if bad:
-            self.state.mark("corrupt", sha=manifest.sha, bad_files=",".join(bad), verified_at=stamp,
-                            verification="failed")
-            # Invalidate it so that no worker loads it; the next warm or worker repairs it.
-            os.unlink(manifest_path(self.settings, manifest.sha))
-        else:
-            self.state.mark("ready", sha=manifest.sha, files=len(manifest.files), bytes=manifest.total_bytes,
-                            verified_at=stamp, verification="passed", bad_files="")
-        return manifest.sha, bad
+        """Re-hash every file against the manifest. Returns (sha, bad file names); raises if absent, or
+        if a download holds the lease (its files are moving). Holds the lease while it hashes, so the
+        manifest it removes when a file is bad is the very one it checked."""
+        if not self.lease.acquire():
+            raise ModelCacheError(f"A download of {self.settings.model_id} is in progress ({self.lease.holder()}); "
+                                  "verify once it is done.", code="cache_busy")
+        try:
+            sha = self.state.resolved_sha()
+            path = manifest_path(self.settings, sha) if sha else None
+            manifest = mf.read(path) if path else None
+            if manifest is None:
+                raise ModelCacheError(f"No complete cache of {self.settings.model_id} to verify.",
+                                      code="cache_absent")
+            result = mf.check(manifest, snapshot_path(self.settings, manifest.sha), full=True)
+            if not self.lease.held():
+                raise LeaseLost("The cache lease was lost while verifying; nothing was changed.")
+            stamp = now_rfc3339()
+            if result.bad:
+                self.state.mark("corrupt", sha=manifest.sha, bad_files=",".join(result.bad), verified_at=stamp,
+                                verification="failed")
+                # Invalidate it so that no worker loads it; the next warm or worker repairs it.
+                if mf.read(path) == manifest:
+                    os.unlink(path)
+            else:
+                if result.rehashed:
+                    mf.write(path, mf.with_mtimes(manifest, result.rehashed))
+                self.state.mark("ready", sha=manifest.sha, files=len(manifest.files), bytes=manifest.total_bytes,
+                                verified_at=stamp, verification="passed", bad_files="")
+            return manifest.sha, result.bad
+        finally:
+            self.lease.release("released")
+
+
+class _Watchdog:
+    """Kills a download that makes no progress: no file finished and no byte more under `blobs` (where
+    every transfer writes, Xet's included) for `stall` seconds. A transfer that hangs without an error
+    would otherwise hold the lease, renewed, and every worker waiting on it, forever."""
+
+    def __init__(self, proc: subprocess.Popen, blobs: str, stall: float) -> None:
+        self.proc, self.blobs, self.stall = proc, blobs, stall
+        self.fired = False
+        self._at = time.monotonic()
+        self._size = -1
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="download-watchdog", daemon=True).start()
+
+    def moved(self) -> None:
+        self._at = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(10.0, self.stall / 4)) and self.proc.poll() is None:
+            size = _bytes_under(self.blobs)
+            if size != self._size:
+                self._size = size
+                self.moved()
+            elif time.monotonic() - self._at > self.stall:
+                log.error("model download made no progress for %.0fs; stopping it", self.stall)
+                self.fired = True
+                _kill(self.proc)
+                return
+
+
+def _bytes_under(folder: str) -> int:
+    total = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue
+    except OSError:
+        return -1
+    return total
 
 
 def _die_with_parent() -> None:

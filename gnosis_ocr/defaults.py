@@ -147,3 +147,7 @@ accepted jobs' records, results and acknowledgements always fit."""
 DEFAULT_RECONCILE_GRACE = 120.0
 """Seconds a live job must be old before the housekeeper looks for its pages that no message will run
 (lost between the queue and a worker, or never published) and publishes them again."""
+
+PDF_RENDERERS = 4
+"""Renderer processes of a batched (threads pool) worker: PDF pages render in them, each with the page's
+deadline, instead of under one process-wide pdfium lock with none."""

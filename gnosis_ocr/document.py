@@ -75,7 +75,7 @@ def inspect(data: bytes, *, max_pages: int, max_pixels: int) -> DocumentInfo:
 def render_page(data: bytes, kind: str, index: int, *, max_side: int, max_pixels: int) -> Image.Image:
     """Page `index` (0-based) as an RGB image whose longest side is at most `max_side` pixels."""
     if kind == "pdf":
-        return _render_pdf_page(data, index, max_side=max_side)
+        return render_pdf_page(data, index, max_side=max_side, max_pixels=max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_pixels(img, max_pixels)
@@ -167,13 +167,22 @@ def _pdf_pages(data: bytes, *, max_pages: int) -> int:
             pdf.close()
 
 
-def _render_pdf_page(data: bytes, index: int, *, max_side: int) -> Image.Image:
+def render_pdf_page(data: bytes, index: int, *, max_side: int, max_pixels: int) -> Image.Image:
+    """A PDF page at `max_side`. Images embedded in it are bounded like uploaded images: pdfium decodes
+    each in full before scaling it down, so one 60,000 × 60,000 JPEG in a small page is gigabytes."""
     import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
 
     with _PDFIUM_LOCK:
         pdf = _open_pdf(data)
         try:
             page = pdf[index]
+            for image in page.get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_IMAGE,)):  # form XObjects included
+                w, h = image.get_px_size()
+                if w * h > max_pixels:
+                    raise UnreadableDocument(
+                        f"Page {index + 1} embeds a {w}x{h} image; at most {max_pixels} pixels are accepted.",
+                        code="too_many_pixels")
             width, height = page.get_size()  # PDF points
             scale = max_side / max(width, height, 1.0)
             bitmap = page.render(scale=scale)

@@ -84,3 +84,33 @@ def encrypted_pdf() -> bytes:
 def squash(text: str) -> str:
     """Lower case with all whitespace and punctuation removed: OCR may join or split words."""
     return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _stream(dictionary: bytes, data: bytes) -> bytes:
+    import zlib
+
+    packed = zlib.compress(data, 9)
+    return dictionary[:-2] + b" /Length %d /Filter /FlateDecode >>\nstream\n" % len(packed) + packed + b"\nendstream"
+
+
+def pdf_slow_page(strokes: int = 100_000) -> bytes:
+    """A 5 KB one-page PDF whose content stream strokes `strokes` lines: seconds to minutes of pdfium."""
+    return pdf_with_objects([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 600 800] /Contents 4 0 R >>",
+        _stream(b"<< >>", b"0 0 m 500 700 l S\n" * strokes),
+    ])
+
+
+def pdf_embedding_image(width: int, height: int) -> bytes:
+    """A one-page PDF drawing one grey image of `width` x `height` pixels (its data is zeros, packed)."""
+    return pdf_with_objects([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 600 800] /Resources << /XObject << /Im0 5 0 R >> >> "
+        b"/Contents 4 0 R >>",
+        _stream(b"<< >>", b"q 600 0 0 800 0 0 cm /Im0 Do Q\n"),
+        _stream(b"<< /Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace /DeviceGray "
+                b"/BitsPerComponent 8 >>" % (width, height), bytes(min(width * height, 4 * 2**20))),
+    ])

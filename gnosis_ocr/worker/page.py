@@ -104,9 +104,14 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data:
          started: float, token: str) -> str:
     limit = rt.settings.page_soft_time_limit
     try:
-        image = document.render_page(data, kind, page, max_side=rt.settings.page_max_side,
-                                     max_pixels=rt.settings.max_pixels)
         engine = rt.engine()
+        renderer = rt.pdf_renderer() if kind == "pdf" else None
+        if renderer is not None:  # a threads pool: no Celery time limit, so the render has its own
+            image = renderer.render(data, page, max_side=rt.settings.page_max_side,
+                                    max_pixels=rt.settings.max_pixels, deadline=started + limit)
+        else:
+            image = document.render_page(data, kind, page, max_side=rt.settings.page_max_side,
+                                         max_pixels=rt.settings.max_pixels)
         result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id))
     except Cancelled:
         registry.clear(rt.redis, job_id, page)

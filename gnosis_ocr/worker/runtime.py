@@ -13,7 +13,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .. import inputstore
-from ..defaults import ENGINE_EXIT_GRACE
+from ..defaults import ENGINE_EXIT_GRACE, PDF_RENDERERS
 from ..redisconn import connect
 from ..errors import EngineCheckFailed, GnosisError
 from ..job import JobStore
@@ -21,6 +21,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from .engines import Engine, load_engine
 from .inputs import InputCache
+from .render import PdfRenderer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Runtime:
         self.inputs = InputCache(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)
         self.metrics = Metrics(self.redis, background=True)
         self._engine: Engine | None = None
+        self._renderer: PdfRenderer | None = None
         self._lock = threading.Lock()
         self.engine_dead: BaseException | None = None
         self.on_engine_dead = None  # how the process stops when its engine dies; tests replace it
@@ -66,6 +68,16 @@ class Runtime:
                     local_metrics()["batch_slots"].labels(device=str(scheduler.decoder.device)).set(scheduler.capacity)
                 log.info("engine %s ready in %.2fs (pid %d)", self.settings.engine, seconds, os.getpid())
             return self._engine
+
+    def pdf_renderer(self) -> PdfRenderer | None:
+        """Renderer processes for PDF pages where a page has no time limit of its own (a batched engine
+        on a threads pool); None where Celery's limits already bound a render (prefork)."""
+        if self._engine is None or not getattr(self._engine, "batched", False):
+            return None
+        with self._lock:
+            if self._renderer is None:
+                self._renderer = PdfRenderer(PDF_RENDERERS)
+            return self._renderer
 
     @property
     def engine_loaded(self) -> bool:

@@ -5,9 +5,12 @@
 
 Clients submit a steady mix of images and multi-page PDFs through the API (CPU engine) while a fault
 injector SIGKILLs a random worker (its whole process tree) every minute and starts a new one, fails
-over the Sentinel primary (or restarts a Redis with AOF) once at half time, and cancels or deletes
-some jobs. At the end it waits for the backlog to drain and prints one table. "lost" is a job that
-was accepted (202) and then neither reached a final state nor was deleted by the client.
+over the Sentinel primary (or restarts a Redis with AOF) once at half time, takes Redis out of memory
+(`maxmemory` lowered below what it uses) for `--oom-seconds` at a quarter of the time, takes it away
+altogether for `--outage-seconds` at three quarters (with `--redis restart`), and cancels or deletes
+some jobs. After each Redis episode it times how long until every worker's `/readyz` says 200 again.
+At the end it waits for the backlog to drain and prints one table. "lost" is a job that was accepted
+(202) and then neither reached a final state nor was deleted by the client.
 """
 
 from __future__ import annotations
@@ -38,13 +41,16 @@ class Soak:
             self.redis = PrivateRedis(tmp / "redis").start()
         self.stack = Stack(tmp, self.redis.url)
         self.stack.env.update(OCR_ENGINE=args.engine, GNOSIS_INPUT_STORE=str(tmp / "inputs"),
-                              GNOSIS_HEARTBEAT_INTERVAL="2", GNOSIS_REDIS_TIMEOUT="2")
+                              GNOSIS_HEARTBEAT_INTERVAL="2", GNOSIS_REDIS_TIMEOUT="2",
+                              GNOSIS_RECONCILE_GRACE=str(args.reconcile_grace))
         self.accepted: dict[str, float] = {}
         self.deleted: set[str] = set()
         self.cancelled: set[str] = set()
         self.refused = {"429": 0, "503": 0, "other": 0}
         self.events: list[str] = []
         self.peak_memory = 0
+        self.ready_again: list[float] = []  # seconds after each Redis episode until every worker was ready
+        self.ports: dict[int, int] = {}  # worker pid -> its probe port
         self.stop = threading.Event()
 
     def document(self, n: int) -> tuple[str, bytes]:
@@ -87,33 +93,89 @@ class Soak:
                 pass
             self.stop.wait(1)
 
+    def worker(self):
+        from bench.common import free_port
+
+        port = free_port()
+        proc = self.stack.worker(concurrency=1, wait_ready=False, GNOSIS_WORKER_PORT=str(port))
+        self.ports[proc.pid] = port
+        return proc
+
+    def primary_client(self):
+        import redis
+
+        port = self.redis.primary_port() if isinstance(self.redis, SentinelGroup) else self.redis.port
+        return redis.Redis(port=port, socket_timeout=2)
+
+    def time_until_ready(self, workers: list, since: float) -> None:
+        """After a Redis episode: seconds until every live worker's /readyz answers 200 (in a thread)."""
+        def watch() -> None:
+            deadline = since + 180
+            while time.monotonic() < deadline:
+                ready = 0
+                for proc in list(workers):
+                    try:
+                        ready += requests.get(f"http://127.0.0.1:{self.ports[proc.pid]}/readyz",
+                                              timeout=2).status_code == 200
+                    except (requests.RequestException, KeyError):
+                        pass
+                if ready == len(workers):
+                    self.ready_again.append(round(time.monotonic() - since, 1))
+                    return
+                time.sleep(0.5)  # polling readiness probes, as a supervisor does
+            self.ready_again.append(float("inf"))
+
+        threading.Thread(target=watch, daemon=True).start()
+
     def faults(self, workers: list) -> None:
         started = time.monotonic()
-        failed_over = False
+        failed_over = oomed = outaged = False
         next_kill = started + self.args.kill_every
+        total = self.args.minutes * 60
         while not self.stop.is_set():
             now = time.monotonic()
+            at = f"{now - started:.0f}s"
             if now >= next_kill:
                 victim = self.rng.choice(workers)
                 victim.kill_tree()
                 workers.remove(victim)
-                workers.append(self.stack.worker(concurrency=1, wait_ready=False))
-                self.events.append(f"{now - started:.0f}s kill worker {victim.pid}")
+                workers.append(self.worker())
+                self.events.append(f"{at} kill worker {victim.pid}")
                 next_kill = now + self.args.kill_every
-            if not failed_over and now - started >= self.args.minutes * 30:
+            if self.args.oom_seconds and not oomed and now - started >= total / 4:
+                oomed = True
+                client = self.primary_client()
+                used = client.info("memory")["used_memory"]
+                client.config_set("maxmemory", max(used - 2**20, 2**20))  # every growing write refused
+                self.events.append(f"{at} Redis out of memory for {self.args.oom_seconds:.0f}s")
+                self.stop.wait(self.args.oom_seconds)
+                client.config_set("maxmemory", 0)
+                self.time_until_ready(workers, time.monotonic())
+            if not failed_over and now - started >= total / 2:
                 failed_over = True
                 if isinstance(self.redis, SentinelGroup):
                     self.redis.primary.stop(signal.SIGKILL)
-                    self.events.append(f"{now - started:.0f}s kill the Redis primary (Sentinel failover)")
+                    self.events.append(f"{at} kill the Redis primary (Sentinel failover)")
                 else:
                     self.redis.stop(signal.SIGKILL)
                     self.redis.start()
-                    self.events.append(f"{now - started:.0f}s restart Redis (AOF)")
+                    self.events.append(f"{at} restart Redis (AOF)")
+                    self.time_until_ready(workers, time.monotonic())
+            if (self.args.outage_seconds and not outaged and not isinstance(self.redis, SentinelGroup)
+                    and now - started >= total * 3 / 4):
+                outaged = True
+                self.redis.stop(signal.SIGTERM)  # AOF flushed: an orderly maintenance restart
+                self.events.append(f"{at} Redis away for {self.args.outage_seconds:.0f}s")
+                self.stop.wait(self.args.outage_seconds)
+                self.redis.start()
+                self.time_until_ready(workers, time.monotonic())
             self.stop.wait(1)
 
     def run(self) -> dict:
         url = self.stack.api(workers=2)
-        workers = [self.stack.worker(concurrency=1) for _ in range(self.args.workers)]
+        workers = [self.worker() for _ in range(self.args.workers)]
+        for proc in workers:
+            self.stack.wait_worker_ready(proc)
         threads = [threading.Thread(target=self.submit_loop, args=(url,), daemon=True),
                    threading.Thread(target=self.sample_memory, daemon=True),
                    threading.Thread(target=self.faults, args=(workers,), daemon=True)]
@@ -158,7 +220,8 @@ class Soak:
             "still_running": len(pending), "lost": counts.get("lost", 0), "pages_run_more_than_once": extra,
             "p50_submit_to_final_s": round(percentile(seconds, 50), 1),
             "p99_submit_to_final_s": round(percentile(seconds, 99), 1),
-            "peak_redis_memory_mib": round(self.peak_memory / 2**20, 1), "faults": self.events,
+            "peak_redis_memory_mib": round(self.peak_memory / 2**20, 1),
+            "all_workers_ready_again_s": self.ready_again, "faults": self.events,
         }
 
     def close(self) -> None:
@@ -181,6 +244,10 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=60, help="seconds between worker kills")
     parser.add_argument("--redis", choices=["sentinel", "restart"], default="sentinel")
     parser.add_argument("--engine", default="rapidocr")
+    parser.add_argument("--oom-seconds", type=float, default=30, help="Redis out of memory this long (0: never)")
+    parser.add_argument("--outage-seconds", type=float, default=20,
+                        help="Redis stopped this long (--redis restart only; 0: never)")
+    parser.add_argument("--reconcile-grace", type=float, default=30, help="GNOSIS_RECONCILE_GRACE of the workers")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     soak = Soak(args, Path(tempfile.mkdtemp(prefix="gnosis-soak-")))

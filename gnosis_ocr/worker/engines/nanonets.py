@@ -72,7 +72,8 @@ class NanonetsEngine:
             model = load_model(path, device, dtype)
             if vision_attention == "batched":
                 self._batch_vision(model, max_side)
-            slots = batch_size or auto_batch(model, device, self.max_len)
+            slots = batch_size or auto_batch(model, device, self.max_len,
+                                             reserve=self._prefill_bytes(model, max_side, prefill_batch))
             decoder = StaticDecoder(model, slots=slots, max_len=self.max_len, graphs=graphs)
             eos = model.generation_config.eos_token_id
             eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
@@ -87,6 +88,38 @@ class NanonetsEngine:
         self.warm_up(max_side)
         for scheduler in self.schedulers:
             scheduler.start()
+
+    def _prefill_bytes(self, model, max_side: int, pages: int) -> int:
+        """GPU memory the worst prefill takes (`pages` square pages at the largest side, the most tokens a
+        page makes), measured once on this device before the cache is sized; the fixed reserve where it
+        cannot be measured (the CPU, or the measurement failing)."""
+        import torch
+        from PIL import Image
+
+        if model.device.type != "cuda":
+            return PREFILL_RESERVE_BYTES
+        try:
+            page = Image.effect_noise((max_side, max_side), 64).convert("RGB")
+            one = self.page_prompt.reference(page)
+            inputs = {k: (torch.cat([v] * pages) if hasattr(v, "shape") else v) for k, v in one.items()}
+            inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.cuda.device(model.device), torch.inference_mode():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                model(**inputs, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - before
+            torch.cuda.empty_cache()
+        except Exception as exc:  # sizing must not stop the worker: the fixed reserve is safe
+            log.warning("could not measure a prefill's memory on %s (%s); reserving %.1f GiB", model.device, exc,
+                        PREFILL_RESERVE_BYTES / 2**30)
+            return PREFILL_RESERVE_BYTES
+        reserve = int(peak * 1.25) + 2**30  # headroom for allocator fragmentation and the decode graphs
+        log.info("a prefill of %d page(s) at %d px takes %.2f GiB on %s; reserving %.2f GiB", pages, max_side,
+                 peak / 2**30, model.device, reserve / 2**30)
+        return reserve
 
     def _batch_vision(self, model, max_side: int) -> None:
         """One attention call per vision layer, kept only if this device's features match the library's
@@ -241,15 +274,15 @@ def load_model(path: str | Path, device, dtype: str | None = None):
     return AutoModelForImageTextToText.from_pretrained(str(path), dtype=chosen).to(device).eval()
 
 
-def auto_batch(model, device, max_len: int) -> int:
-    """As many slots as free GPU memory holds after a prefill's reserve, at most MAX_AUTO_BATCH."""
+def auto_batch(model, device, max_len: int, *, reserve: int = PREFILL_RESERVE_BYTES) -> int:
+    """As many slots as free GPU memory holds after a prefill's `reserve`, at most MAX_AUTO_BATCH."""
     import torch
 
     if device.type != "cuda":
         return 4
     free, _ = torch.cuda.mem_get_info(device)
     per_slot = StaticDecoder.slot_bytes(model, max_len)
-    slots = int((free - PREFILL_RESERVE_BYTES) // per_slot)
+    slots = int((free - reserve) // per_slot)
     if slots < 1:
         raise MemoryError(f"{free / 2**30:.1f} GiB free on {device} holds no page of {max_len} tokens")
     return min(slots, MAX_AUTO_BATCH)

@@ -109,17 +109,22 @@ class Soak:
 
     def time_until_ready(self, workers: list, since: float) -> None:
         """After a Redis episode: seconds until every live worker's /readyz answers 200 (in a thread)."""
+        present = list(workers)  # the workers that lived through it; one killed since no longer counts
+
         def watch() -> None:
             deadline = since + 180
             while time.monotonic() < deadline:
                 ready = 0
-                for proc in list(workers):
+                for proc in present:
+                    if proc not in workers:
+                        ready += 1
+                        continue
                     try:
                         ready += requests.get(f"http://127.0.0.1:{self.ports[proc.pid]}/readyz",
                                               timeout=2).status_code == 200
                     except (requests.RequestException, KeyError):
                         pass
-                if ready == len(workers):
+                if ready == len(present):
                     self.ready_again.append(round(time.monotonic() - since, 1))
                     return
                 time.sleep(0.5)  # polling readiness probes, as a supervisor does
@@ -135,6 +140,10 @@ class Soak:
         while not self.stop.is_set():
             now = time.monotonic()
             at = f"{now - started:.0f}s"
+            for proc in [p for p in workers if not p.alive()]:  # as a supervisor would: start another
+                workers.remove(proc)
+                workers.append(self.worker())
+                self.events.append(f"{at} worker {proc.pid} exited ({proc.popen.returncode}); started another")
             if now >= next_kill:
                 victim = self.rng.choice(workers)
                 victim.kill_tree()

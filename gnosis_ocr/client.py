@@ -70,11 +70,15 @@ class Client:
                            retry_after=int(retry) if retry and retry.isdigit() else None)
         return response
 
-    def submit(self, path: str | Path, *, idempotency_key: str | None = None) -> dict:
+    def submit(self, path: str | Path, *, idempotency_key: str | None = None, pages: str | None = None,
+               language: str | None = None) -> dict:
+        """Submit a document; `pages` ("1-3,7") and `language` ("deu+eng") as the API takes them."""
         path = Path(path)
         headers = {"Idempotency-Key": idempotency_key or f"gnosis-client-{uuid.uuid4().hex}"}
         data = path.read_bytes()  # read once: every retry sends the same bytes
-        return self._request("POST", "/v1/jobs", files={"file": (path.name, data)}, headers=headers).json()
+        form = {k: v for k, v in (("pages", pages), ("language", language)) if v is not None}
+        return self._request("POST", "/v1/jobs", files={"file": (path.name, data)}, data=form or None,
+                             headers=headers).json()
 
     def job(self, job_id: str, *, wait: float = 0) -> dict:
         params = {"wait": wait} if wait else None

@@ -9,13 +9,14 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import redis
 
 from . import job_scripts as scripts
 from .inputstore import InputStore
+from .options import Options
 
 PREFIX = "gnosis:"
 
@@ -73,10 +74,15 @@ class Job:
     model_revision: str | None = None
     filename: str | None = None
     callback_url: str | None = None
+    options_raw: str | None = None
 
     @property
     def final(self) -> bool:
         return self.status.final
+
+    @property
+    def options(self) -> Options:
+        return Options.from_record(self.options_raw)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Job:
@@ -97,6 +103,7 @@ class Job:
             model_revision=h.get("model_revision") or None,
             filename=h.get("filename") or None,
             callback_url=h.get("callback_url") or None,
+            options_raw=h.get("options") or None,
         )
 
     def to_api(self) -> dict:
@@ -147,6 +154,7 @@ class Claim:
     verdict: Verdict
     data: bytes | None = None
     kind: str | None = None
+    options: Options = field(default_factory=Options)
 
 
 @dataclass(frozen=True)
@@ -266,7 +274,8 @@ class JobStore:
             self.inputs.delete(job_id)
         if verdict is not Verdict.RUN:
             return Claim(verdict)
-        return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None)
+        return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None,
+                     options=Options.from_record(result[3] if len(result) > 3 else None))
 
     def finish_page(self, job_id: str, page: int, text: str, *, model_id: str, model_revision: str,
                     inflight: tuple[str, str, str], truncated: bool = False, token: str = "") -> PageRecord:

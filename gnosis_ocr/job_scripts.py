@@ -79,7 +79,8 @@ return created
 """
 
 # ARGV: page, now, max attempts, in-flight field, in-flight value, want input (1/0), ttl, delivery token.
-# Returns {verdict} or {'run', input or false, kind}; on 'run' the page is in the worker's in-flight hash.
+# Returns {verdict} or {'run', input or false, kind, options or false}; on 'run' the page is in the
+# worker's in-flight hash.
 # The token is one execution of the page's task: the same call again (a client retrying after a lost
 # reply) counts no second attempt and gets the answer the first one got.
 START_PAGE = _FINAL + _CLOSE + """
@@ -117,7 +118,7 @@ end
 redis.call('HSET', KEYS[8], field, ARGV[5])
 local data = false
 if ARGV[6] == '1' then data = redis.call('GET', KEYS[2]) end
-return {'run', data, redis.call('HGET', KEYS[1], 'kind')}
+return {'run', data, redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'options')}
 """
 
 # ARGV: page, text, now, model id, model revision, ttl, in-flight field, truncated (1/0), delivery token.

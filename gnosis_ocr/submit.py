@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--url", default=None, help="API base URL (default $GNOSIS_URL or http://127.0.0.1:8080)")
     p.add_argument("--out", type=Path, default=None, help="write each result to DIR/<name>.md or .json")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each job")
+    p.add_argument("--pages", default=None, help='only these pages of each document, e.g. "1-3,7"')
+    p.add_argument("--language", default=None, help='the CPU engine\'s language(s), e.g. "deu+eng"')
     p.set_defaults(func=run)
 
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = []
     for name in args.files:
         try:
-            job = client.submit(name)
+            job = client.submit(name, pages=args.pages, language=args.language)
         except ApiError as exc:
             print(f"{name}: rejected ({exc.status} {exc.code}): {exc.message}", file=sys.stderr)
             worst = EXIT_FAILED

@@ -14,6 +14,7 @@ import redis
 from flask import Flask, current_app
 
 from .. import inputstore, redismemory
+from ..options import WorkerLanguages
 from ..redisconn import connect
 from ..broker import make_producer, queue_keys
 from ..job import JobStore
@@ -43,6 +44,7 @@ class ApiContext:
     producer: object
     metrics: Metrics
     memory: redismemory.MemoryGauge
+    languages: WorkerLanguages
     _depth: tuple[float, int] = (0.0, 0)
     _depth_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -96,6 +98,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         producer=make_producer(settings),
         metrics=Metrics(client, background=True),
         memory=redismemory.MemoryGauge(client),
+        languages=WorkerLanguages(client),
     )
     redismemory.warn_if_evicting(client, "api")
     if settings.api_key_hashes:

@@ -8,7 +8,7 @@ import unicodedata
 
 from flask import Blueprint, Response, jsonify, request
 
-from .. import document, webhook
+from .. import document, options, webhook
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue, page_priority
 from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
 from ..errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
@@ -32,8 +32,16 @@ def submit():
     if key is not None:
         idempotency.validate(key)
     callback_url = _callback_url()
+    wanted_pages = request.form.get("pages")
+    chosen = options.parse_pages(wanted_pages) if wanted_pages is not None else None
+    language = request.form.get("language")
+    if language is not None:
+        options.check_language(language, c.languages.get())
     data = upload.read()
     info = document.inspect(data, max_pages=c.settings.max_pages, max_pixels=c.settings.max_pixels)
+    opts = options.Options(pages=wanted_pages, page_map=options.select(chosen, info.pages) if chosen else (),
+                           language=language)
+    pages = len(opts.page_map) or info.pages
 
     job_id = new_job_id()
     idem_name = claim = ""
@@ -53,13 +61,14 @@ def submit():
             if first is not None:
                 return _replay(first) or _still_in_use()
     try:
-        backlog = _check_queue_room(info.pages, len(data))
+        backlog = _check_queue_room(pages, len(data))
         # What the job costs Redis until it ends: its document (when kept there), its record and messages.
         # (Redis's allocator rounds large values up: about 15% over the document's bytes.)
-        c.memory.note((len(data) * 115 // 100 if c.jobs.inputs.in_redis else 0) + 4096 * (1 + info.pages))
-        job = c.jobs.create(data=data, kind=info.kind, pages=info.pages, owner=current_owner(),
+        c.memory.note((len(data) * 115 // 100 if c.jobs.inputs.in_redis else 0) + 4096 * (1 + pages))
+        job = c.jobs.create(data=data, kind=info.kind, pages=pages, owner=current_owner(),
                             filename=clean_filename(upload.filename), job_id=job_id,
-                            extra={"idem_key": idem_name, "callback_url": callback_url}, idem_claim=claim)
+                            extra={"idem_key": idem_name, "callback_url": callback_url,
+                                   "options": opts.to_record()}, idem_claim=claim)
         try:
             _enqueue(job, page_priority(backlog))
             c.queue_depth(adding=job.pages_total)
@@ -167,10 +176,14 @@ def result(job_id: str):
     text = "\n\n".join(p.text for p in pages)
     if _wants_markdown():
         return Response(text, mimetype="text/markdown", content_type="text/markdown; charset=utf-8")
+    opts = job.options
     return jsonify({
         "id": job.id,
         "model": {"id": job.model_id, "revision": job.model_revision},
-        "pages": [{"page": i + 1, "text": p.text, "truncated": p.truncated} for i, p in enumerate(pages)],
+        "options": opts.to_api(),
+        # Numbered as in the document, also when only some of its pages were asked for.
+        "pages": [{"page": opts.document_page(i) + 1, "text": p.text, "truncated": p.truncated}
+                  for i, p in enumerate(pages)],
         "text": text,
     })
 

@@ -29,11 +29,19 @@ def spec() -> dict:
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["file"],
                     "properties": {"file": {"type": "string", "format": "binary"},
-                                   "callback_url": {"type": "string", "format": "uri", "maxLength": 2048}}}}}},
-                "responses": {"202": accepted, "200": job, "400": _error("No file or a bad header."), "401": _error("No valid key."),
+                                   "callback_url": {"type": "string", "format": "uri", "maxLength": 2048},
+                                   "pages": {"type": "string", "description": "Only these pages, counted from 1: "
+                                             "pages and ranges, e.g. \"1-3,7\"."},
+                                   "language": {"type": "string", "description": "The CPU engine's languages: "
+                                                "Tesseract's codes joined by '+', e.g. \"deu+eng\"."}}}}}},
+                "responses": {"202": accepted, "200": job,
+                              "400": _error("No file, a bad header or option (invalid_parameter), or a language "
+                                            "no worker has (unsupported_language)."),
+                              "401": _error("No valid key."),
                               "409": _error("Idempotency key reused with another document."),
                               "413": _error("Too large."), "415": _error("Not a supported document."),
-                              "422": _error("Unreadable document."), "429": _error("Queue full."),
+                              "422": _error("Unreadable document, or a page it lacks (page_out_of_range)."),
+                              "429": _error("Queue full."),
                               "503": _error("Queue unreachable.")}}},
             "/v1/jobs/{job_id}": {
                 "get": {"operationId": "getJob", "summary": "A job's state (long-poll with ?wait=)",
@@ -108,6 +116,8 @@ def _schemas() -> dict:
         "Result": {"type": "object", "required": ["id", "model", "pages", "text"], "properties": {
             "id": {"type": "string"},
             "model": {"type": "object", "properties": {"id": nullable_str, "revision": nullable_str}},
+            "options": {"type": "object", "description": "The options the job was submitted with.",
+                        "properties": {"pages": nullable_str, "language": nullable_str}},
             "pages": {"type": "array", "items": {"type": "object", "required": ["page", "text", "truncated"],
                                                  "properties": {
                 "page": {"type": "integer"}, "text": {"type": "string"},

@@ -42,6 +42,10 @@ class Heartbeat:
         self.worker = registry.worker_id()
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "engine": rt.settings.engine,
                      "concurrency": concurrency, "started_at": now_rfc3339()}
+        if rt.settings.engine == "tesseract":  # the API checks a job's `language` against these
+            from .engines.tesseract import installed_languages
+
+            self.info["languages"] = installed_languages()
         self._stop = threading.Event()
         self._swept = 0.0
         self._reconciled = 0.0

@@ -60,7 +60,7 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
             outcome = _fail(rt, job_id, page, "input_missing",
                             "The document was not found in the input store (GNOSIS_INPUT_STORE).")
             return outcome
-        outcome = _run(rt, job_id, page, entry, claim.data, claim.kind, started, token)
+        outcome = _run(rt, job_id, page, entry, claim, started, token)
         return outcome
     finally:
         local["in_flight"].dec()
@@ -73,7 +73,7 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
     data = rt.inputs.get(job_id)
     if data is not None:
         claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=False, token=token)
-        return Claim(claim.verdict, data, claim.kind) if claim.verdict is Verdict.RUN else claim
+        return Claim(claim.verdict, data, claim.kind, claim.options) if claim.verdict is Verdict.RUN else claim
     with rt.inputs.fetching(job_id):  # pages of one job claimed at once on this host fetch it once
         data = rt.inputs.get(job_id)
         from_redis = data is None and rt.jobs.inputs.in_redis
@@ -84,7 +84,7 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
             data = claim.data if from_redis else _read_store(rt, job_id)
             if data is not None:
                 rt.inputs.put(job_id, data)
-        return Claim(claim.verdict, data, claim.kind)
+        return Claim(claim.verdict, data, claim.kind, claim.options)
 
 
 def _read_store(rt: Runtime, job_id: str) -> bytes | None:
@@ -100,19 +100,23 @@ def _read_store(rt: Runtime, job_id: str) -> bytes | None:
     return data
 
 
-def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], data: bytes, kind: str,
-         started: float, token: str) -> str:
+def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim: Claim, started: float,
+         token: str) -> str:
     limit = rt.settings.page_soft_time_limit
+    data, kind, options = claim.data, claim.kind, claim.options
+    source = options.document_page(page)  # the job's page `page` is this page of the document
     try:
         engine = rt.engine()
         renderer = rt.pdf_renderer() if kind == "pdf" else None
         if renderer is not None:  # a threads pool: no Celery time limit, so the render has its own
-            image = renderer.render(data, page, max_side=rt.settings.page_max_side,
+            image = renderer.render(data, source, max_side=rt.settings.page_max_side,
                                     max_pixels=rt.settings.max_pixels, deadline=started + limit)
         else:
-            image = document.render_page(data, kind, page, max_side=rt.settings.page_max_side,
+            image = document.render_page(data, kind, source, max_side=rt.settings.page_max_side,
                                          max_pixels=rt.settings.max_pixels)
-        result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id))
+        extra = {"language": options.language} if options.language else {}
+        result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id),
+                                  **extra)
     except Cancelled:
         registry.clear(rt.redis, job_id, page)
         rt.inputs.drop(job_id)

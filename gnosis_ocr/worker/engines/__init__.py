@@ -36,9 +36,10 @@ class Engine(Protocol):
     """True when many threads may call `recognize` at once and the engine serves them together."""
 
     def recognize(self, page: Image.Image, *, deadline: float | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> PageText:
+                  cancelled: Callable[[], bool] | None = None, language: str | None = None) -> PageText:
         """The page's text. A batched engine stops at `deadline` (monotonic seconds) with PageTimeout and
-        raises Cancelled once `cancelled()` turns true; others leave both to the caller."""
+        raises Cancelled once `cancelled()` turns true; others leave both to the caller. `language` is
+        for engines that need one (Tesseract's codes joined by "+"); the others read any."""
         ...
 
 

@@ -184,8 +184,8 @@ class NanonetsEngine:
     def captures(self) -> int:
         return sum(s.decoder.captures for s in self.schedulers)
 
-    def recognize(self, page, *, deadline: float | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> PageText:
+    def recognize(self, page, *, deadline: float | None = None, cancelled: Callable[[], bool] | None = None,
+                  language: str | None = None) -> PageText:
         """The page's text. Never waits without a limit: a loop that has not answered `stall_grace`
         seconds past the deadline is declared stuck (EngineDead, and the page goes back to the queue)."""
         if self.dead is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import glob
 import os
 
-from ...errors import ModelCacheError
+from ...errors import BadRequest, ModelCacheError
 from . import PageText
 
 TESSDATA_DIRS = ("/usr/share/tesseract-ocr/*/tessdata", "/usr/share/tessdata", "/usr/local/share/tessdata",
@@ -27,6 +27,21 @@ def tessdata_dir() -> str:
                           code="engine_unavailable")
 
 
+def installed_languages() -> list[str]:
+    """The languages Tesseract can read here (its `.traineddata` models), without loading any."""
+    try:
+        folder = tessdata_dir()
+    except ModelCacheError:
+        return []
+    return sorted(name[:-len(".traineddata")] for name in os.listdir(folder)
+                  if name.endswith(".traineddata") and name != "osd.traineddata")
+
+
+DEFAULT_LANGUAGE = "eng"
+MAX_LOADED_LANGUAGES = 4
+"""Tesseract models kept loaded per process (each takes tens of MB); the least recently used goes."""
+
+
 class TesseractEngine:
     model_id = "tesseract"
     batched = False
@@ -37,11 +52,31 @@ class TesseractEngine:
             os.environ.setdefault("OMP_THREAD_LIMIT", str(threads))
         import tesserocr
 
-        self._api = tesserocr.PyTessBaseAPI(path=tessdata_dir(), lang="eng", psm=tesserocr.PSM.AUTO)
+        self._folder = tessdata_dir()
+        self._apis: dict[str, object] = {}
+        self._api_for(DEFAULT_LANGUAGE)
         self.model_revision = tesserocr.tesseract_version().split()[1]
 
-    def recognize(self, page, **_) -> PageText:
-        self._api.SetImage(page.convert("RGB"))
-        text = self._api.GetUTF8Text()
+    def _api_for(self, language: str):
+        import tesserocr
+
+        api = self._apis.pop(language, None)
+        if api is None:
+            missing = [code for code in language.split("+")
+                       if not os.path.exists(os.path.join(self._folder, f"{code}.traineddata"))]
+            if missing:
+                raise BadRequest(f"language {'+'.join(missing)} is not installed on this worker; installed: "
+                                 f"{', '.join(installed_languages())}.", code="unsupported_language")
+            api = tesserocr.PyTessBaseAPI(path=self._folder, lang=language, psm=tesserocr.PSM.AUTO)
+            if len(self._apis) >= MAX_LOADED_LANGUAGES:
+                oldest = next(iter(self._apis))
+                self._apis.pop(oldest).End()
+        self._apis[language] = api  # most recently used last
+        return api
+
+    def recognize(self, page, *, language: str | None = None, **_) -> PageText:
+        api = self._api_for(language or DEFAULT_LANGUAGE)
+        api.SetImage(page.convert("RGB"))
+        text = api.GetUTF8Text()
         # Tesseract separates blocks with blank lines; one line per text line reads as the page does.
         return PageText("\n".join(line.strip() for line in text.splitlines() if line.strip()))

@@ -72,10 +72,13 @@ def inspect(data: bytes, *, max_pages: int, max_pixels: int) -> DocumentInfo:
     return DocumentInfo(kind=kind, pages=pages)
 
 
-def render_page(data: bytes, kind: str, index: int, *, max_side: int, max_pixels: int) -> Image.Image:
-    """Page `index` (0-based) as an RGB image whose longest side is at most `max_side` pixels."""
+def render_page(data: bytes, kind: str, index: int, *, max_side: int, max_pixels: int,
+                dpi: int | None = None) -> Image.Image:
+    """Page `index` (0-based) as an RGB image whose longest side is at most `max_side` pixels, or, with
+    `dpi` (an engine that reads pages as scanned, such as Tesseract), a PDF page at that resolution
+    and an image as it is; `max_pixels` bounds both."""
     if kind == "pdf":
-        return render_pdf_page(data, index, max_side=max_side, max_pixels=max_pixels)
+        return render_pdf_page(data, index, max_side=max_side, max_pixels=max_pixels, dpi=dpi)
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_pixels(img, max_pixels)
@@ -86,7 +89,8 @@ def render_page(data: bytes, kind: str, index: int, *, max_side: int, max_pixels
         raise
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise UnreadableDocument(f"Page {index + 1} cannot be decoded: {exc}") from None
-    page.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    if dpi is None:
+        page.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return page
 
 
@@ -167,9 +171,10 @@ def _pdf_pages(data: bytes, *, max_pages: int) -> int:
             pdf.close()
 
 
-def render_pdf_page(data: bytes, index: int, *, max_side: int, max_pixels: int) -> Image.Image:
-    """A PDF page at `max_side`. Images embedded in it are bounded like uploaded images: pdfium decodes
-    each in full before scaling it down, so one 60,000 × 60,000 JPEG in a small page is gigabytes."""
+def render_pdf_page(data: bytes, index: int, *, max_side: int, max_pixels: int, dpi: int | None = None) -> Image.Image:
+    """A PDF page at `max_side`, or at `dpi` within `max_pixels`. Images embedded in it are bounded like
+    uploaded images: pdfium decodes each in full before scaling it down, so one 60,000 × 60,000 JPEG in
+    a small page is gigabytes."""
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
 
@@ -184,7 +189,10 @@ def render_pdf_page(data: bytes, index: int, *, max_side: int, max_pixels: int) 
                         f"Page {index + 1} embeds a {w}x{h} image; at most {max_pixels} pixels are accepted.",
                         code="too_many_pixels")
             width, height = page.get_size()  # PDF points
-            scale = max_side / max(width, height, 1.0)
+            if dpi is None:
+                scale = max_side / max(width, height, 1.0)
+            else:  # points are 1/72 inch; a huge page is rendered smaller rather than refused
+                scale = min(dpi / 72, (max_pixels / max(width * height, 1.0)) ** 0.5)
             bitmap = page.render(scale=scale)
             return bitmap.to_pil().convert("RGB")
         except pdfium.PdfiumError as exc:

@@ -151,3 +151,6 @@ DEFAULT_RECONCILE_GRACE = 120.0
 PDF_RENDERERS = 4
 """Renderer processes of a batched (threads pool) worker: PDF pages render in them, each with the page's
 deadline, instead of under one process-wide pdfium lock with none."""
+
+DEFAULT_MAX_BATCH_DOCUMENTS = 10_000
+"""Documents one batch may hold (GNOSIS_MAX_BATCH_DOCUMENTS); past it, the rest are counted as skipped."""

@@ -44,6 +44,11 @@ class Unauthorized(GnosisError, PermissionError):
     status = 401
 
 
+class Forbidden(GnosisError, PermissionError):
+    code = "forbidden"
+    status = 403
+
+
 class TooLarge(GnosisError, ValueError):
     code = "too_large"
     status = 413

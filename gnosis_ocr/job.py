@@ -124,6 +124,24 @@ class Job:
         }
 
 
+def result_object(job: Job, pages: list[PageResult]) -> dict:
+    """A succeeded job's result, as GET /v1/jobs/{id}/result answers and a batch writes it."""
+    opts = job.options
+    return {
+        "id": job.id,
+        "model": {"id": job.model_id, "revision": job.model_revision},
+        "options": opts.to_api(),
+        # Numbered as in the document, also when only some of its pages were asked for.
+        "pages": [{"page": opts.document_page(i) + 1, "text": p.text, "truncated": p.truncated}
+                  for i, p in enumerate(pages)],
+        "text": result_text(pages),
+    }
+
+
+def result_text(pages: list[PageResult]) -> str:
+    return "\n\n".join(p.text for p in pages)
+
+
 @dataclass(frozen=True)
 class PageResult:
     text: str
@@ -206,10 +224,11 @@ class JobStore:
         k = _keys(job_id)
         return [k["record"], k["input"], k["pages"], k["attempts"], k["events"], LIVE_KEY, QUEUED_BYTES_KEY]
 
-    def create(self, *, data: bytes, kind: str, pages: int, owner: str = "", filename: str | None = None,
+    def create(self, *, data: bytes | None, kind: str, pages: int, owner: str = "", filename: str | None = None,
                job_id: str | None = None, extra: dict[str, str] | None = None, idem_claim: str = "") -> Job:
         """Store a new queued job and its input. It has no expiry until it is final. With an idempotency
-        key (`extra["idem_key"]`), only while the key still holds `idem_claim`: else ClaimLost."""
+        key (`extra["idem_key"]`), only while the key still holds `idem_claim`: else ClaimLost. `data` None:
+        the document stays where it is (a batch's object in its bucket) and workers read it there."""
         job_id = job_id or new_job_id()
         record = {
             "id": job_id,
@@ -225,15 +244,17 @@ class JobStore:
         }
         pairs = [str(item) for pair in record.items() for item in pair]
         # Outside Redis, the file is written first: a record never points at an input not yet there.
-        self.inputs.put(job_id, data)
+        if data is not None:
+            self.inputs.put(job_id, data)
         try:
             created = self._create(keys=self._k(job_id), args=[
-                job_id, data if self.inputs.in_redis else b"", len(data), record.get("idem_key", ""), pages, owner,
-                idem_claim, *pairs])
+                job_id, data if data and self.inputs.in_redis else b"", len(data or b""), record.get("idem_key", ""),
+                pages, owner, idem_claim, *pairs])
             if int(created) == -1:
                 raise ClaimLost(f"the Idempotency-Key of job {job_id} was taken over before the job was written")
         except BaseException:
-            self.inputs.delete(job_id)
+            if data is not None:
+                self.inputs.delete(job_id)
             raise
         return Job.from_hash({key: str(value) for key, value in record.items()})
 

@@ -23,19 +23,22 @@ class Options:
     pages: str | None = None  # as the caller wrote it, for the result
     page_map: tuple[int, ...] = ()  # 0-based document pages, in order; empty: every page
     language: str | None = None
+    source: str | None = None  # gs://bucket/object of a batch's document: workers read it from there
 
     def to_record(self) -> str:
         """The record's `options` field ('' when there are none)."""
-        if not (self.pages or self.language):
+        if not (self.pages or self.language or self.source):
             return ""
-        return json.dumps({"pages": self.pages, "page_map": list(self.page_map), "language": self.language})
+        return json.dumps({"pages": self.pages, "page_map": list(self.page_map), "language": self.language,
+                           "source": self.source})
 
     @classmethod
     def from_record(cls, raw: str | bytes | None) -> Options:
         if not raw:
             return cls()
         data = json.loads(raw)
-        return cls(pages=data.get("pages"), page_map=tuple(data.get("page_map") or ()), language=data.get("language"))
+        return cls(pages=data.get("pages"), page_map=tuple(data.get("page_map") or ()), language=data.get("language"),
+                   source=data.get("source"))
 
     def to_api(self) -> dict:
         return {"pages": self.pages, "language": self.language}

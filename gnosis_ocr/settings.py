@@ -69,6 +69,8 @@ class Settings:
     webhook_max_attempts: int = defaults.DEFAULT_WEBHOOK_MAX_ATTEMPTS
     webhook_backoff: float = defaults.DEFAULT_WEBHOOK_BACKOFF
     webhook_timeout: float = defaults.DEFAULT_WEBHOOK_TIMEOUT
+    batch_buckets: tuple[str, ...] = ()
+    max_batch_documents: int = defaults.DEFAULT_MAX_BATCH_DOCUMENTS
     api_key_hashes: frozenset[str] = field(default_factory=frozenset)
     metrics_open: bool = True
 
@@ -137,6 +139,8 @@ class Settings:
             null_engine_delay=_float(env, "GNOSIS_NULL_ENGINE_DELAY", defaults.DEFAULT_NULL_ENGINE_DELAY),
             webhook_secret=env.get("GNOSIS_WEBHOOK_SECRET", ""),
             webhook_allow_private=_bool(env, "GNOSIS_WEBHOOK_ALLOW_PRIVATE", False),
+            batch_buckets=tuple(p.strip() for p in env.get("GNOSIS_BATCH_BUCKETS", "").split(",") if p.strip()),
+            max_batch_documents=_int(env, "GNOSIS_MAX_BATCH_DOCUMENTS", defaults.DEFAULT_MAX_BATCH_DOCUMENTS),
             webhook_max_attempts=_int(env, "GNOSIS_WEBHOOK_MAX_ATTEMPTS", defaults.DEFAULT_WEBHOOK_MAX_ATTEMPTS),
             webhook_backoff=_float(env, "GNOSIS_WEBHOOK_BACKOFF", defaults.DEFAULT_WEBHOOK_BACKOFF),
             webhook_timeout=_float(env, "GNOSIS_WEBHOOK_TIMEOUT", defaults.DEFAULT_WEBHOOK_TIMEOUT),
@@ -179,6 +183,9 @@ class Settings:
             raise ConfigError(f"GNOSIS_INPUT_STORE {self.input_store!r} is not `redis` or an absolute directory")
         if self.api_worker_class not in ("gevent", "gthread"):
             raise ConfigError(f"GNOSIS_API_WORKER_CLASS {self.api_worker_class!r} is not gevent or gthread")
+        for entry in self.batch_buckets:
+            if not entry.startswith("gs://") or len(entry) <= len("gs://"):
+                raise ConfigError(f"GNOSIS_BATCH_BUCKETS entry {entry!r} is not a gs://bucket/prefix")
         if self.vision_attention not in ("batched", "windows"):
             raise ConfigError(f"OCR_VISION_ATTENTION {self.vision_attention!r} is not batched or windows")
         if self.cache_verify not in ("quick", "full"):
@@ -191,7 +198,7 @@ class Settings:
                      "max_queued_bytes", "api_connections", "header_timeout", "max_key_pages",
                      "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
                      "download_workers", "download_stall", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
-                     "prefill_batch", "reconcile_grace"):
+                     "prefill_batch", "reconcile_grace", "max_batch_documents"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 

@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     else:
         log.warning("api: API keys are off (GNOSIS_API_KEYS is empty): anyone who reaches this port may submit")
 
-    from . import cache, errors, jobs, ops, ui
+    from . import batches, cache, errors, jobs, ops, ui
 
     errors.register(app)
 
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         return response
 
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(batches.bp)
     app.register_blueprint(cache.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(ui.bp)

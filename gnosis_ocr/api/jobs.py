@@ -12,7 +12,7 @@ from .. import document, options, webhook
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue, page_priority
 from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
 from ..errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
-from ..job import ClaimLost, Job, JobStatus, new_job_id
+from ..job import ClaimLost, Job, JobStatus, new_job_id, result_object, result_text
 from . import ctx, idempotency
 from .auth import current_owner, require_key
 
@@ -173,19 +173,9 @@ def result(job_id: str):
         raise Conflict(f"The job is {job.status.value}; poll {job.to_api()['links']['self']} until it succeeds.",
                        code="not_ready")
     pages = c.jobs.pages(job.id)
-    text = "\n\n".join(p.text for p in pages)
     if _wants_markdown():
-        return Response(text, mimetype="text/markdown", content_type="text/markdown; charset=utf-8")
-    opts = job.options
-    return jsonify({
-        "id": job.id,
-        "model": {"id": job.model_id, "revision": job.model_revision},
-        "options": opts.to_api(),
-        # Numbered as in the document, also when only some of its pages were asked for.
-        "pages": [{"page": opts.document_page(i) + 1, "text": p.text, "truncated": p.truncated}
-                  for i, p in enumerate(pages)],
-        "text": text,
-    })
+        return Response(result_text(pages), mimetype="text/markdown", content_type="text/markdown; charset=utf-8")
+    return jsonify(result_object(job, pages))
 
 
 @bp.post("/<job_id>/cancel")

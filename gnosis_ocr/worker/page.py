@@ -81,10 +81,23 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
         if claim.verdict is not Verdict.RUN:
             return claim
         if data is None:
-            data = claim.data if from_redis else _read_store(rt, job_id)
+            if claim.options.source:  # a batch's document: read from its bucket by this worker
+                data = _read_bucket(rt, job_id, claim.options.source)
+            else:
+                data = claim.data if from_redis else _read_store(rt, job_id)
             if data is not None:
                 rt.inputs.put(job_id, data)
         return Claim(claim.verdict, data, claim.kind, claim.options)
+
+
+def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes | None:
+    from . import batches
+
+    try:
+        return batches.read_source(rt, uri)
+    except Exception as exc:  # gone from the bucket, or unreadable: the job fails with input_missing
+        log.error("job %s: could not read %s: %s", job_id, uri, exc)
+        return None
 
 
 def _read_store(rt: Runtime, job_id: str) -> bytes | None:
@@ -207,6 +220,9 @@ def count_final(rt: Runtime, job_id: str) -> None:
     if job is None or not job.final:
         return
     notify.enqueue(rt, job_id, job.callback_url)
+    from . import batches
+
+    batches.document_ended(rt, job)
     labels = {"outcome": job.status.value, "code": job.error_code or ""}
     rt.metrics.inc("gnosis_jobs_finished_total", **labels)
     if job.finished_at:

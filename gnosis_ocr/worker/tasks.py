@@ -10,8 +10,8 @@ from celery import signals
 from celery.exceptions import Reject
 
 from .. import redismemory
-from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
-from . import heartbeat, notify, outbox, page, probe, registry, runtime
+from ..broker import DELIVER_WEBHOOK_TASK, EXPAND_BATCH_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
+from . import batches, heartbeat, notify, outbox, page, probe, registry, runtime
 from .celery_app import app
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,11 @@ def deliver_webhook(self, job_id: str) -> None:
         # The outbox is not to publish it again while this retry is pending.
         outbox.postpone(rt.redis, job_id, countdown + rt.settings.webhook_timeout)
         raise self.retry(countdown=countdown)
+
+
+@app.task(name=EXPAND_BATCH_TASK, ignore_result=True)
+def expand_batch(batch_id: str) -> str:
+    return batches.expand(runtime.get(), batch_id, app)
 
 
 @app.task(name=WARM_CACHE_TASK, ignore_result=True)

@@ -1,0 +1,106 @@
+"""/v1/batches: bucket to bucket. The API checks and records a batch and hands its listing to a light
+worker; no document passes through it."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Blueprint, jsonify, request
+
+from .. import gcs, options, webhook
+from ..batch import BatchStore
+from ..broker import EXPAND_BATCH_TASK, cache_queue
+from ..errors import BadRequest, NotFound
+from . import ctx
+from .auth import current_owner, require_key
+
+bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
+bp.before_request(require_key)
+
+_BATCH_ID = re.compile(r"^[0-9a-f]{32}$")
+PAGE_LIMIT = 100
+"""Failed documents returned per page of /documents."""
+
+
+def store() -> BatchStore:
+    return BatchStore(ctx().redis, ttl=ctx().settings.job_ttl)
+
+
+@bp.post("")
+def create():
+    c = ctx()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("Send the batch as a JSON object.", code="invalid_parameter")
+    source = gcs.parse(body.get("source"), field="source")
+    destination = gcs.parse(body.get("destination"), field="destination")
+    gcs.check_allowed(source, c.settings.batch_buckets, field="source")
+    gcs.check_allowed(destination, c.settings.batch_buckets, field="destination")
+    if source.bucket == destination.bucket and (source.prefix.startswith(destination.prefix)
+                                                 or destination.prefix.startswith(source.prefix)):
+        raise BadRequest("source and destination must not contain one another: results would be read back "
+                         "as documents.", code="invalid_parameter")
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise BadRequest("overwrite must be true or false.", code="invalid_parameter")
+    pages, language = body.get("pages"), body.get("language")
+    for name, value in (("pages", pages), ("language", language)):
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{name} must be a string.", code="invalid_parameter")
+    if pages is not None:
+        options.parse_pages(pages)  # checked against each document when its job is made
+    if language is not None:
+        options.check_language(language, c.languages.get())
+    callback_url = body.get("callback_url") or ""
+    if callback_url:
+        if not c.settings.webhook_secret:
+            raise BadRequest("Webhooks are not enabled on this server (GNOSIS_WEBHOOK_SECRET is unset).",
+                             code="webhooks_disabled")
+        callback_url = webhook.check_url(callback_url, allow_private=c.settings.webhook_allow_private)
+    batch = store().create(source=source.uri, destination=destination.uri, owner=current_owner(),
+                           overwrite=overwrite, callback_url=callback_url,
+                           options=options.Options(pages=pages, language=language).to_record())
+    c.producer.send_task(EXPAND_BATCH_TASK, args=[batch.id], queue=cache_queue(c.settings))
+    response = jsonify(batch.to_api())
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/batches/{batch.id}"
+    return response
+
+
+@bp.get("/<batch_id>")
+def get(batch_id: str):
+    return jsonify(_load(batch_id).to_api())
+
+
+@bp.get("/<batch_id>/documents")
+def documents(batch_id: str):
+    batch = _load(batch_id)
+    if request.args.get("status", "failed") != "failed":
+        raise BadRequest("Only status=failed is listed: the others are in the destination.",
+                         code="invalid_parameter")
+    cursor = request.args.get("cursor", "0")
+    if not cursor.isdigit():
+        raise BadRequest("cursor must be a number from a previous page.", code="invalid_parameter")
+    start = int(cursor)
+    items = store().failures(batch.id, start=start, limit=PAGE_LIMIT)
+    following = start + len(items) if len(items) == PAGE_LIMIT else None
+    return jsonify({"documents": items, "next": None if following is None
+                    else f"/v1/batches/{batch.id}/documents?status=failed&cursor={following}"})
+
+
+@bp.post("/<batch_id>/cancel")
+def cancel(batch_id: str):
+    c = ctx()
+    batch = _load(batch_id)
+    batches = store()
+    if batches.end(batch.id, "cancelled"):
+        for job_id in batches.jobs(batch.id):  # their pages stop; the expander stops at its next document
+            c.jobs.cancel(job_id)
+    return jsonify((batches.get(batch.id) or batch).to_api())
+
+
+def _load(batch_id: str):
+    batch = store().get(batch_id) if _BATCH_ID.match(batch_id) else None
+    if batch is None or batch.owner != current_owner():
+        raise NotFound(f"No batch {batch_id}.", code="not_found")
+    return batch

@@ -1,0 +1,174 @@
+"""Batches: one job per document under a bucket prefix, results written to another prefix.
+
+A batch is a Redis hash with its counters; its documents' jobs carry its id. The API only writes the
+record and hands the listing to a light worker (`gnosis.expand_batch`), which makes the jobs; the page
+workers read each document from the bucket themselves; whoever ends a batch's job writes its result
+to the destination and counts it here (END_DOCUMENT, atomic), and the count that completes a listed
+batch makes it final. Failed documents are kept in a list, paged by the API.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+from .job import JobStatus, now_rfc3339
+
+PREFIX = "gnosis:batch:"
+
+# KEYS: record, failed list. ARGV: outcome (done|failed|skipped), failure JSON or '', now, '1' for a
+# document that never became a job (failed or skipped while listing: not yet in the total).
+# Returns the batch's status after the count ('' when the batch is gone).
+_END_DOCUMENT = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return '' end
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'documents_total', 1) end
+if ARGV[1] == 'failed' then
+  redis.call('HINCRBY', KEYS[1], 'documents_failed', 1)
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+elseif ARGV[1] == 'skipped' then
+  redis.call('HINCRBY', KEYS[1], 'documents_skipped', 1)
+else
+  redis.call('HINCRBY', KEYS[1], 'documents_done', 1)
+end
+return redis.call('HGET', KEYS[1], 'status')
+"""
+
+# KEYS: record. ARGV: now. A listed batch whose every job has ended becomes final. Returns the status.
+_SETTLE = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return '' end
+if st ~= 'queued' and st ~= 'running' then return st end
+if redis.call('HGET', KEYS[1], 'listed') ~= '1' then return st end
+local ended = tonumber(redis.call('HGET', KEYS[1], 'documents_done') or '0') +
+              tonumber(redis.call('HGET', KEYS[1], 'documents_failed') or '0') +
+              tonumber(redis.call('HGET', KEYS[1], 'documents_skipped') or '0')
+if ended < tonumber(redis.call('HGET', KEYS[1], 'documents_total') or '0') then return st end
+redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[1])
+return 'final:succeeded'
+"""
+
+
+def _keys(batch_id: str) -> dict[str, str]:
+    base = f"{PREFIX}{batch_id}"
+    return {"record": base, "failed": f"{base}:failed", "jobs": f"{base}:jobs"}
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    status: str
+    source: str
+    destination: str
+    documents_total: int
+    documents_done: int
+    documents_failed: int
+    documents_skipped: int
+    created_at: str
+    finished_at: str | None
+    owner: str
+    overwrite: bool
+    callback_url: str | None
+    options: str
+    listed: bool
+    error: dict | None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Batch:
+        return cls(id=h["id"], status=h["status"], source=h["source"], destination=h["destination"],
+                   documents_total=int(h.get("documents_total", 0)), documents_done=int(h.get("documents_done", 0)),
+                   documents_failed=int(h.get("documents_failed", 0)),
+                   documents_skipped=int(h.get("documents_skipped", 0)), created_at=h["created_at"],
+                   finished_at=h.get("finished_at") or None, owner=h.get("owner", ""),
+                   overwrite=h.get("overwrite") == "1", callback_url=h.get("callback_url") or None,
+                   options=h.get("options", ""), listed=h.get("listed") == "1",
+                   error={"code": h["error_code"], "message": h.get("error_message", "")} if h.get("error_code")
+                   else None)
+
+    @property
+    def final(self) -> bool:
+        return JobStatus(self.status).final
+
+    def to_api(self) -> dict:
+        return {"id": self.id, "status": self.status, "source": self.source, "destination": self.destination,
+                "documents_total": self.documents_total, "documents_done": self.documents_done,
+                "documents_failed": self.documents_failed, "documents_skipped": self.documents_skipped,
+                "created_at": self.created_at, "finished_at": self.finished_at, "error": self.error,
+                "links": {"self": f"/v1/batches/{self.id}", "documents": f"/v1/batches/{self.id}/documents"}}
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, *, ttl: int) -> None:
+        self.redis = client
+        self.ttl = ttl
+        self._end = client.register_script(_END_DOCUMENT)
+        self._settle = client.register_script(_SETTLE)
+
+    def create(self, *, source: str, destination: str, owner: str, overwrite: bool, callback_url: str,
+               options: str) -> Batch:
+        batch_id = uuid.uuid4().hex
+        record = {"id": batch_id, "status": JobStatus.QUEUED.value, "source": source, "destination": destination,
+                  "owner": owner, "overwrite": "1" if overwrite else "0", "callback_url": callback_url,
+                  "options": options, "created_at": now_rfc3339(), "documents_total": 0, "documents_done": 0,
+                  "documents_failed": 0, "documents_skipped": 0, "listed": "0"}
+        self.redis.hset(_keys(batch_id)["record"], mapping=record)
+        return Batch.from_hash({k: str(v) for k, v in record.items()})
+
+    def get(self, batch_id: str) -> Batch | None:
+        h = self.redis.hgetall(_keys(batch_id)["record"])
+        return Batch.from_hash({k.decode(): v.decode() for k, v in h.items()}) if h else None
+
+    def add_job(self, batch_id: str, job_id: str) -> None:
+        keys = _keys(batch_id)
+        pipe = self.redis.pipeline()
+        pipe.sadd(keys["jobs"], job_id)
+        pipe.hincrby(keys["record"], "documents_total", 1)
+        pipe.hset(keys["record"], "status", JobStatus.RUNNING.value)
+        pipe.execute()
+
+    def jobs(self, batch_id: str) -> list[str]:
+        return [raw.decode() for raw in self.redis.smembers(_keys(batch_id)["jobs"])]
+
+    def end_document(self, batch_id: str, outcome: str, *, name: str = "", code: str = "", message: str = "",
+                     listing: bool = False) -> str:
+        """Count one document of the batch: `done`, `failed` or `skipped`; `listing` for one that never
+        became a job (every object listed counts in documents_total)."""
+        failure = json.dumps({"name": name, "code": code, "message": message}) if outcome == "failed" else ""
+        keys = _keys(batch_id)
+        status = self._end(keys=[keys["record"], keys["failed"]],
+                           args=[outcome, failure, now_rfc3339(), "1" if listing else "0"]).decode()
+        return self.settle(batch_id) if status else status
+
+    def listed(self, batch_id: str) -> str:
+        self.redis.hset(_keys(batch_id)["record"], "listed", "1")
+        return self.settle(batch_id)
+
+    def settle(self, batch_id: str) -> str:
+        """The batch's status; 'final:<status>' for the one call that made it final."""
+        result = self._settle(keys=[_keys(batch_id)["record"]], args=[now_rfc3339()]).decode()
+        if result.startswith("final:"):
+            self._expire(batch_id)
+        return result
+
+    def end(self, batch_id: str, status: str, *, code: str = "", message: str = "") -> bool:
+        """Cancel or fail a live batch; False if it was already final."""
+        batch = self.get(batch_id)
+        if batch is None or batch.final:
+            return False
+        fields = {"status": status, "finished_at": now_rfc3339()}
+        if code:
+            fields.update(error_code=code, error_message=message)
+        self.redis.hset(_keys(batch_id)["record"], mapping=fields)
+        self._expire(batch_id)
+        return True
+
+    def _expire(self, batch_id: str) -> None:
+        for key in _keys(batch_id).values():
+            self.redis.expire(key, self.ttl)
+
+    def failures(self, batch_id: str, *, start: int, limit: int) -> list[dict]:
+        raw = self.redis.lrange(_keys(batch_id)["failed"], start, start + limit - 1)
+        return [json.loads(item) for item in raw]

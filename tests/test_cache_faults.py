@@ -70,7 +70,9 @@ def test_a_downloader_that_lost_its_lease_deletes_nothing(tmp_path, redis_url, t
         damaged = snapshot / "config.json"
         damaged.resolve().write_text("{}")  # a file the downloader would delete and fetch again
         cache.redis.set(cache.lease.key, "another-host:1:abc#99")  # the lease moved on to a new holder
-        env = {**os.environ, "GNOSIS_FETCH_REDIS_URL": redis_url}
+        # As the cache spawns it: online (another test in this process may have set HF_HUB_OFFLINE).
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env["GNOSIS_FETCH_REDIS_URL"] = redis_url
         r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cache.fetch", "--repo", TINY_REPO, "--revision", "main",
                             "--cache-dir", cache.settings.hub_cache, "--lease-key", cache.lease.key,
                             "--lease-value", "this-host:2:def#98"], env=env, cwd=ROOT, capture_output=True,

@@ -75,7 +75,9 @@ def test_final_job_is_posted_signed_and_retried(stack, receiver):
         payload = json.loads(body)
         assert payload["id"] == job_id and payload["status"] == "succeeded" and payload["pages_done"] == 1
     assert not webhook.verify("wrong-secret", receiver.calls[-1][0]["X-Gnosis-Signature"], receiver.calls[-1][1])
-    record = stack.redis.hgetall(f"gnosis:job:{job_id}")
+    # The receiver saw the third call before its answer reached the worker, which then records it.
+    record = wait_until(lambda: (h := stack.redis.hgetall(f"gnosis:job:{job_id}")).get(b"webhook_status", b"")
+                        .startswith(b"delivered") and h, timeout=30, message="the delivery to be recorded")
     assert record[b"webhook_status"] == b"delivered:204" and record[b"webhook_attempts"] == b"3"
 
 

@@ -12,6 +12,9 @@ def spec() -> dict:
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     job = {"description": "The job.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
     by_id = {"job_id": "$response.body#/id"}
+    batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    batch = {"description": "The batch.", "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/Batch"}}}}
     accepted = {**job, "links": {
         "GetJob": {"operationId": "getJob", "parameters": by_id},
         "GetResult": {"operationId": "getResult", "parameters": by_id},
@@ -65,6 +68,38 @@ def spec() -> dict:
             "/v1/jobs/{job_id}/cancel": {"post": {
                 "operationId": "cancelJob", "summary": "Cancel a queued or running job", "parameters": [job_id],
                 "responses": {"200": job, "401": _error("No valid key."), "404": _error("Unknown job."),
+                              "503": _error("Queue unreachable.")}}},
+            "/v1/batches": {"post": {
+                "operationId": "submitBatch", "summary": "Read every document under a gs:// prefix into another",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["source", "destination"], "properties": {
+                        "source": {"type": "string"}, "destination": {"type": "string"},
+                        "pages": {"type": "string"},
+                        "language": {"type": "string"}, "overwrite": {"type": "boolean"}}}}}},
+                "responses": {"202": batch, "400": _error("A bad URI or option."), "401": _error("No valid key."),
+                              "403": _error("Batches are off (batches_disabled), or a prefix is outside "
+                                            "GNOSIS_BATCH_BUCKETS (forbidden_source)."),
+                              "503": _error("Queue unreachable.")}}},
+            "/v1/batches/{batch_id}": {"get": {
+                "operationId": "getBatch", "summary": "A batch's state", "parameters": [batch_id],
+                "responses": {"200": batch, "401": _error("No valid key."), "404": _error("Unknown batch."),
+                              "503": _error("Queue unreachable.")}}},
+            "/v1/batches/{batch_id}/documents": {"get": {
+                "operationId": "getBatchDocuments", "summary": "The batch's failed documents, a page at a time",
+                "parameters": [batch_id, {"name": "status", "in": "query", "required": False,
+                                          "schema": {"type": "string", "enum": ["failed"]}},
+                               {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "Failed documents and the next page.", "content": {
+                    "application/json": {"schema": {"type": "object", "properties": {
+                        "documents": {"type": "array", "items": {"type": "object", "properties": {
+                            "name": {"type": "string"}, "code": {"type": "string"},
+                            "message": {"type": "string"}}}},
+                        "next": {"type": "string", "nullable": True}}}}}},
+                              "400": _error("A bad status or cursor."), "401": _error("No valid key."),
+                              "404": _error("Unknown batch."), "503": _error("Queue unreachable.")}}},
+            "/v1/batches/{batch_id}/cancel": {"post": {
+                "operationId": "cancelBatch", "summary": "Stop a batch and its jobs", "parameters": [batch_id],
+                "responses": {"200": batch, "401": _error("No valid key."), "404": _error("Unknown batch."),
                               "503": _error("Queue unreachable.")}}},
             "/v1/cache": {"get": {"summary": "The shared model cache", "responses": {
                 "200": {"description": "Cache state.", "content": {"application/json": {"schema": {
@@ -124,6 +159,20 @@ def _schemas() -> dict:
                 "truncated": {"type": "boolean", "description": "The page's output was cut short: it hit the "
                               "token cap (OCR_MAX_NEW_TOKENS) or the repetition guard stopped it."}}}},
             "text": {"type": "string"}}},
+        "Batch": {"type": "object", "required": ["id", "status", "documents_total", "documents_done",
+                                                 "documents_failed", "documents_skipped", "created_at",
+                                                 "finished_at", "links"], "properties": {
+            "id": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "source": {"type": "string"}, "destination": {"type": "string"},
+            "documents_total": {"type": "integer"}, "documents_done": {"type": "integer"},
+            "documents_failed": {"type": "integer"}, "documents_skipped": {"type": "integer"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "finished_at": {**nullable_str, "format": "date-time"},
+            "error": {"type": "object", "nullable": True, "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"}}},
+            "links": {"type": "object", "properties": {"self": {"type": "string"},
+                                                       "documents": {"type": "string"}}}}},
         "Cache": {"type": "object", "required": ["model_id", "revision", "state"], "properties": {
             "model_id": {"type": "string"}, "revision": {"type": "string"},
             "resolved_revision": nullable_str,

@@ -100,3 +100,23 @@ def test_batches_stay_inside_the_allowed_prefixes(stack, bucket):
     closed = stack.api(GNOSIS_BATCH_BUCKETS="")
     r = requests.post(f"{closed}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"})
     assert (r.status_code, r.json()["error"]["code"]) == (403, "batches_disabled")
+
+
+def test_a_cancelled_batch_stops_listing_and_its_jobs(stack, bucket):
+    scans, host = bucket
+    for n in range(40):
+        scans.blob(f"in/page{n:02}.png").upload_from_string(text_image([f"Cancelled batch page {n}"]))
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="1", concurrency=1)
+    batch = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"}).json()
+    wait_until(lambda: requests.get(f"{url}/v1/batches/{batch['id']}").json()["documents_done"] >= 1, timeout=60,
+               message="a first result")
+    cancelled = requests.post(f"{url}/v1/batches/{batch['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    jobs = [j.decode() for j in stack.redis.smembers(f"gnosis:batch:{batch['id']}:jobs")]
+    wait_until(lambda: all(requests.get(f"{url}/v1/jobs/{j}").json()["status"] in ("succeeded", "cancelled")
+                           for j in jobs), timeout=30, message="its jobs to stop")
+    assert any(requests.get(f"{url}/v1/jobs/{j}").json()["status"] == "cancelled" for j in jobs)
+    written = [b.name for b in scans.list_blobs(prefix="out/") if b.name.endswith(".json")]
+    assert 1 <= len(written) < 40

@@ -13,7 +13,7 @@ from gnosis_ocr import job_scripts
 from tests.conftest import poll_job, wait_until
 from tests.docs import text_image
 from tests.redisproxy import ReplyLosingProxy
-from tests.test_webhooks import SECRET, Receiver, hooks_env
+from tests.test_webhooks import Receiver, hooks_env
 
 
 @pytest.fixture

@@ -107,7 +107,7 @@ def document_ended(rt: Runtime, job: Job) -> None:
             # Written last: its presence is what a resubmitted batch takes for "done".
             gcs.write(destination.bucket, destination.join(rel + ".json"),
                       json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
-        except Exception as exc:
+        except Exception as exc:  # the bucket refused the write: the document fails, named, and the batch goes on
             log.error("batch %s: could not write the result of %s: %s", batch_id, rel, exc)
             batches.end_document(batch_id, "failed", name=rel, code="destination_unwritable", message=str(exc))
             return

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class _Plan:
     """Where each window's tokens sit in the padded batch; the same for every layer of one forward."""
 
-    __slots__ = ("cu_seqlens", "gather", "keep", "mask", "windows", "longest")
+    __slots__ = ("cu_seqlens", "gather", "keep", "longest", "mask", "windows")
 
     def __init__(self, cu_seqlens: torch.Tensor) -> None:
         starts = cu_seqlens[:-1].long()

@@ -165,6 +165,9 @@ class BatchStore:
         self._expire(batch_id)
         return True
 
+    def note_webhook(self, batch_id: str, status: str, attempts: int) -> None:
+        self.redis.hset(_keys(batch_id)["record"], mapping={"webhook_status": status, "webhook_attempts": attempts})
+
     def _expire(self, batch_id: str) -> None:
         for key in _keys(batch_id).values():
             self.redis.expire(key, self.ttl)

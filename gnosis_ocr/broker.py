@@ -18,6 +18,7 @@ OCR_PAGE_TASK = "gnosis.ocr_page"
 WARM_CACHE_TASK = "gnosis.warm_cache"
 DELIVER_WEBHOOK_TASK = "gnosis.deliver_webhook"
 EXPAND_BATCH_TASK = "gnosis.expand_batch"
+DELIVER_BATCH_WEBHOOK_TASK = "gnosis.deliver_batch_webhook"
 CACHE_QUEUE_SUFFIX = ".cache"
 EVENTS_QUEUE_SUFFIX = ".events"
 

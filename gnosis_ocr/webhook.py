@@ -113,7 +113,7 @@ def delivery_id(job_id: str, status: str) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"gnosis-ocr:{job_id}:{status}").hex
 
 
-def deliver(url: str, payload: dict, *, secret: str, allow_private: bool, timeout: float) -> int:
+def deliver(url: str, payload: dict, *, secret: str, allow_private: bool, timeout: float, kind: str = "job") -> int:
     """POST once, all of it (connect, TLS, request, the answer's status line and headers) within
     `timeout` seconds. Returns the status; raises DeliveryFailed when a retry may help and
     DeliveryRejected when it cannot (a redirect: it could lead anywhere, past the address check)."""
@@ -130,7 +130,7 @@ def deliver(url: str, payload: dict, *, secret: str, allow_private: bool, timeou
         "Content-Type": "application/json",
         "Accept-Encoding": "identity",  # the answer is never decompressed: nothing of it is read but its head
         "User-Agent": "gnosis-ocr-webhook/1",
-        "X-Gnosis-Event": f"job.{payload['status']}",
+        "X-Gnosis-Event": f"{kind}.{payload['status']}",
         "X-Gnosis-Delivery": delivery_id(payload["id"], payload["status"]),
         "X-Gnosis-Signature": sign(secret, int(time.time()), body),
     }

@@ -58,16 +58,28 @@ def final(url: str, batch_id: str) -> dict:
 
 
 def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(stack, bucket):
+    from gnosis_ocr import webhook
+    from tests.test_webhooks import SECRET, Receiver, hooks_env
+
     scans, host = bucket
     for name, data in DOCUMENTS.items():
         scans.blob(name).upload_from_string(data)
+    receiver = Receiver()
+    hooks_env(stack)
     url = batch_stack(stack, host)
-    r = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"})
+    r = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/",
+                                                 "callback_url": receiver.url})
     assert r.status_code == 202, r.text
     assert r.headers["Location"] == f"/v1/batches/{r.json()['id']}"
     batch = final(url, r.json()["id"])
     assert (batch["status"], batch["documents_total"], batch["documents_done"], batch["documents_failed"],
             batch["documents_skipped"]) == ("succeeded", 6, 4, 1, 1), batch
+    # One signed webhook when the batch is final, with its counts.
+    wait_until(lambda: receiver.calls, timeout=30, message="the batch's webhook")
+    headers, body = receiver.calls[0]
+    receiver.stop()
+    assert headers["X-Gnosis-Event"] == "batch.succeeded" and webhook.verify(SECRET, headers["X-Gnosis-Signature"], body)
+    assert json.loads(body)["documents_done"] == 4 and len(receiver.calls) == 1
     failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
     assert [(d["name"], d["code"]) for d in failed["documents"]] == [("broken.pdf", "unreadable_document")]
 

@@ -7,7 +7,7 @@ import re
 
 from flask import Blueprint, jsonify, request
 
-from .. import gcs, options
+from .. import gcs, options, webhook
 from ..batch import BatchStore
 from ..broker import EXPAND_BATCH_TASK, cache_queue
 from ..errors import BadRequest, NotFound
@@ -51,12 +51,16 @@ def create():
         options.parse_pages(pages)  # checked against each document when its job is made
     if language is not None:
         options.check_language(language, c.languages.get())
-    if body.get("callback_url"):
-        # Refused rather than taken and never called: batch webhooks are not delivered yet.
-        raise BadRequest("callback_url on batches is not supported yet; poll GET /v1/batches/{id}.",
-                         code="invalid_parameter")
+    callback_url = body.get("callback_url") or ""
+    if callback_url:
+        if not isinstance(callback_url, str):
+            raise BadRequest("callback_url must be a string.", code="invalid_callback_url")
+        if not c.settings.webhook_secret:
+            raise BadRequest("Webhooks are not enabled on this server (GNOSIS_WEBHOOK_SECRET is unset).",
+                             code="webhooks_disabled")
+        callback_url = webhook.check_url(callback_url, allow_private=c.settings.webhook_allow_private)
     batch = store().create(source=source.uri, destination=destination.uri, owner=current_owner(),
-                           overwrite=overwrite, callback_url="",
+                           overwrite=overwrite, callback_url=callback_url,
                            options=options.Options(pages=pages, language=language).to_record())
     c.producer.send_task(EXPAND_BATCH_TASK, args=[batch.id], queue=cache_queue(c.settings))
     response = jsonify(batch.to_api())
@@ -94,6 +98,10 @@ def cancel(batch_id: str):
     if batches.end(batch.id, "cancelled"):
         for job_id in batches.jobs(batch.id):  # their pages stop; the expander stops at its next document
             c.jobs.cancel(job_id)
+        if batch.callback_url:
+            from ..broker import DELIVER_BATCH_WEBHOOK_TASK, events_queue
+
+            c.producer.send_task(DELIVER_BATCH_WEBHOOK_TASK, args=[batch.id], queue=events_queue(c.settings))
     return jsonify((batches.get(batch.id) or batch).to_api())
 
 

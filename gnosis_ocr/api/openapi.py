@@ -74,7 +74,7 @@ def spec() -> dict:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["source", "destination"], "properties": {
                         "source": {"type": "string"}, "destination": {"type": "string"},
-                        "pages": {"type": "string"},
+                        "callback_url": {"type": "string"}, "pages": {"type": "string"},
                         "language": {"type": "string"}, "overwrite": {"type": "boolean"}}}}}},
                 "responses": {"202": batch, "400": _error("A bad URI or option."), "401": _error("No valid key."),
                               "403": _error("Batches are off (batches_disabled), or a prefix is outside "

@@ -56,10 +56,27 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
                 batches.end_document(batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
     except Exception as exc:  # the listing itself failed (bucket gone, no permission): the batch fails
         log.exception("batch %s: listing %s failed", batch_id, batch.source)
-        batches.end(batch_id, JobStatus.FAILED.value, code="source_unreadable",
-                    message=f"Listing {batch.source} failed: {exc}")
+        if batches.end(batch_id, JobStatus.FAILED.value, code="source_unreadable",
+                       message=f"Listing {batch.source} failed: {exc}"):
+            _announce(rt, batch_id)
         return JobStatus.FAILED.value
-    return batches.listed(batch_id)
+    return _settled(rt, batch_id, batches.listed(batch_id))
+
+
+def _settled(rt: Runtime, batch_id: str, status: str) -> str:
+    """`status` from the batch store; the one call that made the batch final announces it."""
+    if status.startswith("final:"):
+        _announce(rt, batch_id)
+        return status[len("final:"):]
+    return status
+
+
+def _announce(rt: Runtime, batch_id: str) -> None:
+    batch = store(rt).get(batch_id)
+    if batch is not None and batch.callback_url:
+        from . import notify
+
+        notify.enqueue_batch(rt, batch_id)
 
 
 def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options, wanted: list[int] | None) -> None:
@@ -109,9 +126,10 @@ def document_ended(rt: Runtime, job: Job) -> None:
                       json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
         except Exception as exc:  # the bucket refused the write: the document fails, named, and the batch goes on
             log.error("batch %s: could not write the result of %s: %s", batch_id, rel, exc)
-            batches.end_document(batch_id, "failed", name=rel, code="destination_unwritable", message=str(exc))
+            _settled(rt, batch_id, batches.end_document(batch_id, "failed", name=rel, code="destination_unwritable",
+                                                        message=str(exc)))
             return
-        batches.end_document(batch_id, "done")
+        _settled(rt, batch_id, batches.end_document(batch_id, "done"))
     elif job.status is JobStatus.FAILED:
-        batches.end_document(batch_id, "failed", name=rel, code=job.error_code or "",
-                             message=job.error_message or "")
+        _settled(rt, batch_id, batches.end_document(batch_id, "failed", name=rel, code=job.error_code or "",
+                                                    message=job.error_message or ""))

@@ -55,3 +55,35 @@ def _attempt(rt: Runtime, job_id: str, number: int) -> bool:
         return last
     rt.redis.hset(record, mapping={"webhook_status": f"delivered:{status}", "webhook_attempts": number})
     return True
+
+
+def enqueue_batch(rt: Runtime, batch_id: str) -> None:
+    from ..broker import DELIVER_BATCH_WEBHOOK_TASK
+    from .celery_app import app
+
+    app.send_task(DELIVER_BATCH_WEBHOOK_TASK, args=[batch_id], queue=events_queue(rt.settings))
+
+
+def attempt_batch(rt: Runtime, batch_id: str, number: int) -> bool:
+    """One delivery of a final batch's webhook: True when finished (delivered or given up)."""
+    from ..batch import BatchStore
+
+    batches = BatchStore(rt.redis, ttl=rt.settings.job_ttl)
+    batch = batches.get(batch_id)
+    if batch is None or not batch.callback_url or not batch.final:
+        return True
+    try:
+        status = deliver(batch.callback_url, batch.to_api(), secret=rt.settings.webhook_secret,
+                         allow_private=rt.settings.webhook_allow_private, timeout=rt.settings.webhook_timeout,
+                         kind="batch")
+    except (BadRequest, DeliveryRejected) as exc:
+        batches.note_webhook(batch_id, "failed", number)
+        log.warning("webhook for batch %s failed for good: %s", batch_id, exc)
+        return True
+    except DeliveryFailed as exc:
+        last = number >= rt.settings.webhook_max_attempts
+        batches.note_webhook(batch_id, "failed" if last else "retrying", number)
+        log.warning("webhook for batch %s failed (attempt %d): %s", batch_id, number, exc)
+        return last
+    batches.note_webhook(batch_id, f"delivered:{status}", number)
+    return True

@@ -10,7 +10,8 @@ from celery import signals
 from celery.exceptions import Reject
 
 from .. import redismemory
-from ..broker import DELIVER_WEBHOOK_TASK, EXPAND_BATCH_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
+from ..broker import (DELIVER_BATCH_WEBHOOK_TASK, DELIVER_WEBHOOK_TASK, EXPAND_BATCH_TASK, OCR_PAGE_TASK,
+                      WARM_CACHE_TASK)
 from . import batches, heartbeat, notify, outbox, page, probe, registry, runtime
 from .celery_app import app
 
@@ -51,6 +52,13 @@ def deliver_webhook(self, job_id: str) -> None:
         # The outbox is not to publish it again while this retry is pending.
         outbox.postpone(rt.redis, job_id, countdown + rt.settings.webhook_timeout)
         raise self.retry(countdown=countdown)
+
+
+@app.task(name=DELIVER_BATCH_WEBHOOK_TASK, bind=True, ignore_result=True, max_retries=None)
+def deliver_batch_webhook(self, batch_id: str) -> None:
+    rt = runtime.get()
+    if not notify.attempt_batch(rt, batch_id, self.request.retries + 1):
+        raise self.retry(countdown=rt.settings.webhook_backoff * 2 ** self.request.retries)
 
 
 @app.task(name=EXPAND_BATCH_TASK, ignore_result=True)

@@ -80,6 +80,9 @@ def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(s
     receiver.stop()
     assert headers["X-Gnosis-Event"] == "batch.succeeded" and webhook.verify(SECRET, headers["X-Gnosis-Signature"], body)
     assert json.loads(body)["documents_done"] == 4 and len(receiver.calls) == 1
+    metrics = wait_until(lambda: 'gnosis_batch_documents_total{outcome="done"} 4.0'
+                         in (t := requests.get(f"{url}/metrics").text) and t, timeout=10, message="the counts")
+    assert 'gnosis_batch_documents_total{outcome="skipped"} 1.0' in metrics
     failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
     assert [(d["name"], d["code"]) for d in failed["documents"]] == [("broken.pdf", "unreadable_document")]
 

@@ -41,19 +41,19 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
             if rel is None:
                 continue  # a folder placeholder, or a name that must never become a path
             if taken >= rt.settings.max_batch_documents:
-                batches.end_document(batch_id, "skipped", listing=True)
+                _ended(rt, batches, batch_id, "skipped", listing=True)
                 continue
             taken += 1
             if not batch.overwrite and gcs.exists(destination.bucket, destination.join(rel + ".json")):
-                batches.end_document(batch_id, "skipped", listing=True)  # done by an earlier run of this batch
+                _ended(rt, batches, batch_id, "skipped", listing=True)  # done by an earlier run of this batch
                 continue
             if size == 0 or document.sniff(gcs.head(source.bucket, name)) is None:
-                batches.end_document(batch_id, "skipped", listing=True)  # not a PDF or an image, by its content
+                _ended(rt, batches, batch_id, "skipped", listing=True)  # not a PDF or an image, by its content
                 continue
             try:
                 _make_job(rt, app, batch, f"gs://{source.bucket}/{name}", rel, opts, wanted)
             except GnosisError as exc:
-                batches.end_document(batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
+                _ended(rt, batches, batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
     except Exception as exc:  # the listing itself failed (bucket gone, no permission): the batch fails
         log.exception("batch %s: listing %s failed", batch_id, batch.source)
         if batches.end(batch_id, JobStatus.FAILED.value, code="source_unreadable",
@@ -61,6 +61,18 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
             _announce(rt, batch_id)
         return JobStatus.FAILED.value
     return _settled(rt, batch_id, batches.listed(batch_id))
+
+
+def _ended(rt: Runtime, batches: BatchStore, batch_id: str, outcome: str, **fields) -> str:
+    _count(rt, outcome)
+    return batches.end_document(batch_id, outcome, **fields)
+
+
+def _count(rt: Runtime, outcome: str) -> None:
+    try:
+        rt.metrics.inc("gnosis_batch_documents_total", outcome=outcome)
+    except Exception as exc:  # a missed count, never a stopped batch
+        log.warning("could not count a batch document: %s", exc)
 
 
 def _settled(rt: Runtime, batch_id: str, status: str) -> str:
@@ -126,10 +138,10 @@ def document_ended(rt: Runtime, job: Job) -> None:
                       json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
         except Exception as exc:  # the bucket refused the write: the document fails, named, and the batch goes on
             log.error("batch %s: could not write the result of %s: %s", batch_id, rel, exc)
-            _settled(rt, batch_id, batches.end_document(batch_id, "failed", name=rel, code="destination_unwritable",
-                                                        message=str(exc)))
+            _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel,
+                                          code="destination_unwritable", message=str(exc)))
             return
-        _settled(rt, batch_id, batches.end_document(batch_id, "done"))
+        _settled(rt, batch_id, _ended(rt, batches, batch_id, "done"))
     elif job.status is JobStatus.FAILED:
-        _settled(rt, batch_id, batches.end_document(batch_id, "failed", name=rel, code=job.error_code or "",
-                                                    message=job.error_message or ""))
+        _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, code=job.error_code or "",
+                                      message=job.error_message or ""))

@@ -167,7 +167,7 @@ def _positive(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import devstack, submit
+    from . import batchcmd, devstack, submit
 
     parser = argparse.ArgumentParser(prog="gnosis-ocr", description="Asynchronous OCR service.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache)
 
     submit.add_parser(sub)
+    batchcmd.add_parser(sub)
     devstack.add_parser(sub)
     return parser
 

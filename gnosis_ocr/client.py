@@ -95,6 +95,39 @@ class Client:
     def delete(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
+    def submit_batch(self, source: str, destination: str, **fields) -> dict:
+        """A batch from `source` to `destination` (gs:// prefixes); `fields`: pages, language, overwrite,
+        callback_url."""
+        body = {"source": source, "destination": destination,
+                **{k: v for k, v in fields.items() if v is not None}}
+        return self._request("POST", "/v1/batches", json=body).json()
+
+    def batch(self, batch_id: str) -> dict:
+        return self._request("GET", f"/v1/batches/{batch_id}").json()
+
+    def batch_failures(self, batch_id: str) -> list[dict]:
+        """Every failed document of the batch, following the API's pages."""
+        out, path = [], f"/v1/batches/{batch_id}/documents?status=failed"
+        while path:
+            page = self._request("GET", path).json()
+            out += page["documents"]
+            path = page.get("next")
+        return out
+
+    def wait_batch(self, batch_id: str, *, timeout: float | None = None, interval: float = 1.0,
+                   on_progress: Callable[[dict], None] | None = None) -> dict:
+        """Poll until the batch is final (a batch has no long-poll: its documents end one by one)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self.batch(batch_id)
+            if on_progress:
+                on_progress(batch)
+            if batch["status"] in ("succeeded", "failed", "cancelled"):
+                return batch
+            if deadline is not None and time.monotonic() >= deadline:
+                return batch
+            time.sleep(interval)  # polling the API, which holds no batch long-poll
+
     def wait(self, job_id: str, *, timeout: float | None = None,
              on_progress: Callable[[dict], None] | None = None) -> dict:
         """Long-poll until the job is final; `on_progress` sees every state returned on the way."""

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import requests
 
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 from tests.docs import pdf_of_pages, text_image, words
 
 pytestmark = pytest.mark.slow
@@ -95,9 +97,14 @@ def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(s
     # No document passed through Redis: the workers read each from the bucket.
     assert not [k for k in stack.redis.scan_iter("gnosis:job:*:input")]
 
-    again = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"})
-    rerun = final(url, again.json()["id"])
+    # Again, from the command line: what is done is skipped, the broken one is named, and it exits 1.
+    r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "batch", "gs://scans/in/", "gs://scans/out/",
+                        "--wait", "--url", url, "--timeout", "120"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=180, check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    rerun = json.loads(r.stdout.strip().splitlines()[-1])
     assert (rerun["documents_done"], rerun["documents_skipped"], rerun["documents_failed"]) == (0, 5, 1), rerun
+    assert "broken.pdf: unreadable_document" in r.stderr and "6/6 documents (1 failed, 5 skipped)" in r.stderr
 
 
 def test_batches_stay_inside_the_allowed_prefixes(stack, bucket):

@@ -19,6 +19,9 @@ from .job import JobStatus, now_rfc3339
 
 PREFIX = "gnosis:batch:"
 
+BATCH_OUTBOX_KEY = "gnosis:webhooks:batch-outbox"
+"""Final batches whose webhook is owed, as job.OUTBOX_KEY for jobs (worker/outbox.py drains both)."""
+
 # KEYS: record, failed list. ARGV: outcome (done|failed|skipped), failure JSON or '', now, '1' for a
 # document that never became a job (failed or skipped while listing: not yet in the total).
 # Returns the batch's status after the count ('' when the batch is gone).
@@ -37,7 +40,8 @@ end
 return redis.call('HGET', KEYS[1], 'status')
 """
 
-# KEYS: record. ARGV: now. A listed batch whose every job has ended becomes final. Returns the status.
+# KEYS: record, webhook outbox. ARGV: now. A listed batch whose every job has ended becomes final.
+# Returns the status.
 _SETTLE = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return '' end
@@ -48,6 +52,10 @@ local ended = tonumber(redis.call('HGET', KEYS[1], 'documents_done') or '0') +
               tonumber(redis.call('HGET', KEYS[1], 'documents_skipped') or '0')
 if ended < tonumber(redis.call('HGET', KEYS[1], 'documents_total') or '0') then return st end
 redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[1])
+local callback = redis.call('HGET', KEYS[1], 'callback_url')
+if callback and callback ~= '' then  -- owed from this very transition (worker/outbox.py)
+  redis.call('ZADD', KEYS[2], 'NX', tonumber(redis.call('TIME')[1]), redis.call('HGET', KEYS[1], 'id'))
+end
 return 'final:succeeded'
 """
 
@@ -148,7 +156,7 @@ class BatchStore:
 
     def settle(self, batch_id: str) -> str:
         """The batch's status; 'final:<status>' for the one call that made it final."""
-        result = self._settle(keys=[_keys(batch_id)["record"]], args=[now_rfc3339()]).decode()
+        result = self._settle(keys=[_keys(batch_id)["record"], BATCH_OUTBOX_KEY], args=[now_rfc3339()]).decode()
         if result.startswith("final:"):
             self._expire(batch_id)
         return result
@@ -161,7 +169,11 @@ class BatchStore:
         fields = {"status": status, "finished_at": now_rfc3339()}
         if code:
             fields.update(error_code=code, error_message=message)
-        self.redis.hset(_keys(batch_id)["record"], mapping=fields)
+        pipe = self.redis.pipeline()  # MULTI: the transition and the webhook it owes, together
+        pipe.hset(_keys(batch_id)["record"], mapping=fields)
+        if batch.callback_url:
+            pipe.zadd(BATCH_OUTBOX_KEY, {batch_id: int(self.redis.time()[0])}, nx=True)
+        pipe.execute()
         self._expire(batch_id)
         return True
 

@@ -82,6 +82,8 @@ def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(s
     receiver.stop()
     assert headers["X-Gnosis-Event"] == "batch.succeeded" and webhook.verify(SECRET, headers["X-Gnosis-Signature"], body)
     assert json.loads(body)["documents_done"] == 4 and len(receiver.calls) == 1
+    # Owed from the count that ended the batch, settled by the delivery (worker/outbox.py).
+    wait_until(lambda: not stack.redis.zcard("gnosis:webhooks:batch-outbox"), timeout=30, message="the outbox")
     metrics = wait_until(lambda: 'gnosis_batch_documents_total{outcome="done"} 4.0'
                          in (t := requests.get(f"{url}/metrics").text) and t, timeout=10, message="the counts")
     assert 'gnosis_batch_documents_total{outcome="skipped"} 1.0' in metrics

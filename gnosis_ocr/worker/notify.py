@@ -71,6 +71,7 @@ def attempt_batch(rt: Runtime, batch_id: str, number: int) -> bool:
     batches = BatchStore(rt.redis, ttl=rt.settings.job_ttl)
     batch = batches.get(batch_id)
     if batch is None or not batch.callback_url or not batch.final:
+        outbox.settle(rt.redis, batch_id, outbox.BATCHES)
         return True
     try:
         status = deliver(batch.callback_url, batch.to_api(), secret=rt.settings.webhook_secret,
@@ -78,12 +79,16 @@ def attempt_batch(rt: Runtime, batch_id: str, number: int) -> bool:
                          kind="batch")
     except (BadRequest, DeliveryRejected) as exc:
         batches.note_webhook(batch_id, "failed", number)
+        outbox.settle(rt.redis, batch_id, outbox.BATCHES)
         log.warning("webhook for batch %s failed for good: %s", batch_id, exc)
         return True
     except DeliveryFailed as exc:
         last = number >= rt.settings.webhook_max_attempts
         batches.note_webhook(batch_id, "failed" if last else "retrying", number)
+        if last:
+            outbox.settle(rt.redis, batch_id, outbox.BATCHES)
         log.warning("webhook for batch %s failed (attempt %d): %s", batch_id, number, exc)
         return last
     batches.note_webhook(batch_id, f"delivered:{status}", number)
+    outbox.settle(rt.redis, batch_id, outbox.BATCHES)
     return True

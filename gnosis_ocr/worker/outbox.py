@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 
-from ..broker import DELIVER_WEBHOOK_TASK, task_args
+from ..batch import BATCH_OUTBOX_KEY
+from ..batch import PREFIX as BATCH_PREFIX
+from ..broker import DELIVER_BATCH_WEBHOOK_TASK, DELIVER_WEBHOOK_TASK, task_args
 from ..job import OUTBOX_KEY, JobStore
 
 log = logging.getLogger(__name__)
@@ -28,55 +32,72 @@ SETTLED = ("delivered:", "failed", "refused")
 """`webhook_status` prefixes of a delivery that is over."""
 
 
-def postpone(client: redis.Redis, job_id: str, seconds: float) -> None:
+@dataclass(frozen=True)
+class Kind:
+    """What owes webhooks: jobs, and batches (the same outbox mechanism, their own key and task)."""
+
+    key: str
+    task: str
+    record: Callable[[str], str]
+
+
+JOBS = Kind(OUTBOX_KEY, DELIVER_WEBHOOK_TASK, lambda job_id: JobStore.keys(job_id)["record"])
+BATCHES = Kind(BATCH_OUTBOX_KEY, DELIVER_BATCH_WEBHOOK_TASK, lambda batch_id: BATCH_PREFIX + batch_id)
+
+
+def postpone(client: redis.Redis, item_id: str, seconds: float, kind: Kind = JOBS) -> None:
     """The delivery is in hand for `seconds` more (a retry scheduled, or an attempt under way)."""
     now, _ = client.time()
-    client.zadd(OUTBOX_KEY, {job_id: now + seconds}, xx=True)
+    client.zadd(kind.key, {item_id: now + seconds}, xx=True)
 
 
-def settle(client: redis.Redis, job_id: str) -> None:
-    client.zrem(OUTBOX_KEY, job_id)
+def settle(client: redis.Redis, item_id: str, kind: Kind = JOBS) -> None:
+    client.zrem(kind.key, item_id)
 
 
 def republish(client: redis.Redis, app, *, queue: str, grace: float) -> int:
     """Publish again the deliveries overdue by `grace` that no queued or unacknowledged message holds;
     the number published."""
+    return sum(_republish(client, app, queue=queue, grace=grace, kind=kind) for kind in (JOBS, BATCHES))
+
+
+def _republish(client: redis.Redis, app, *, queue: str, grace: float, kind: Kind) -> int:
     now, _ = client.time()
-    due = [raw.decode() for raw in client.zrangebyscore(OUTBOX_KEY, 0, now - grace, start=0, num=BATCH)]
+    due = [raw.decode() for raw in client.zrangebyscore(kind.key, 0, now - grace, start=0, num=BATCH)]
     if not due:
         return 0
-    held = _held(client, queue)
+    held = _held(client, queue, kind.task)
     pipe = client.pipeline(transaction=False)
-    for job_id in due:
-        pipe.hmget(JobStore.keys(job_id)["record"], "status", "callback_url", "webhook_status")
+    for item_id in due:
+        pipe.hmget(kind.record(item_id), "status", "callback_url", "webhook_status")
     published = 0
-    for job_id, (status, callback, state) in zip(due, pipe.execute(), strict=True):
+    for item_id, (status, callback, state) in zip(due, pipe.execute(), strict=True):
         if status is None or not callback or (state and state.decode().startswith(SETTLED)):
-            settle(client, job_id)
+            settle(client, item_id, kind)
             continue
-        if job_id not in held:
-            app.send_task(DELIVER_WEBHOOK_TASK, args=[job_id], queue=queue)
+        if item_id not in held:
+            app.send_task(kind.task, args=[item_id], queue=queue)
             published += 1
-        client.zadd(OUTBOX_KEY, {job_id: now}, xx=True)  # due again one grace from now
+        client.zadd(kind.key, {item_id: now}, xx=True)  # due again one grace from now
     if published:
         log.warning("published %d owed webhook(s) again (their delivery task was never sent or was lost)",
                     published)
     return published
 
 
-def _held(client: redis.Redis, queue: str) -> set[str]:
-    """Jobs with a delivery task waiting in the events queue or taken by a consumer."""
+def _held(client: redis.Redis, queue: str, task: str) -> set[str]:
+    """Ids with a delivery task waiting in the events queue or taken by a consumer."""
     held: set[str] = set()
     for raw in client.lrange(queue, 0, -1):
-        held |= _jobs_of(raw)
+        held |= _ids_of(raw, task)
     for _, raw in client.hscan_iter("unacked", count=1000):
         try:
-            held |= _jobs_of(json.dumps(json.loads(raw)[0]).encode())
+            held |= _ids_of(json.dumps(json.loads(raw)[0]).encode(), task)
         except (ValueError, IndexError, TypeError):
             continue
     return held
 
 
-def _jobs_of(raw: bytes) -> set[str]:
-    args = task_args(raw, DELIVER_WEBHOOK_TASK)
+def _ids_of(raw: bytes, task: str) -> set[str]:
+    args = task_args(raw, task)
     return {str(args[0])} if args else set()

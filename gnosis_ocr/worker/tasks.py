@@ -58,7 +58,9 @@ def deliver_webhook(self, job_id: str) -> None:
 def deliver_batch_webhook(self, batch_id: str) -> None:
     rt = runtime.get()
     if not notify.attempt_batch(rt, batch_id, self.request.retries + 1):
-        raise self.retry(countdown=rt.settings.webhook_backoff * 2 ** self.request.retries)
+        countdown = rt.settings.webhook_backoff * 2 ** self.request.retries
+        outbox.postpone(rt.redis, batch_id, countdown + rt.settings.webhook_timeout, outbox.BATCHES)
+        raise self.retry(countdown=countdown)
 
 
 @app.task(name=EXPAND_BATCH_TASK, ignore_result=True)

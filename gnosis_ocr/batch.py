@@ -62,7 +62,7 @@ return 'final:succeeded'
 
 def _keys(batch_id: str) -> dict[str, str]:
     base = f"{PREFIX}{batch_id}"
-    return {"record": base, "failed": f"{base}:failed", "jobs": f"{base}:jobs"}
+    return {"record": base, "failed": f"{base}:failed", "jobs": f"{base}:jobs", "made": f"{base}:made"}
 
 
 @dataclass(frozen=True)

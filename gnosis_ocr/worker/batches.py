@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from .. import document, gcs, options
 from ..batch import BatchStore
 from ..broker import OCR_PAGE_TASK, page_priority
-from ..errors import GnosisError
+from ..errors import GnosisError, QueueFull
 from ..job import Job, JobStatus, result_object, result_text
 from .runtime import Runtime
 
@@ -17,6 +18,9 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY = 20
 """Documents listed between two looks at whether the batch was cancelled."""
+
+WAIT_FOR_ROOM = 2.0
+"""Seconds between two looks at the key's backlog while a batch waits for room under its bound."""
 
 
 def store(rt: Runtime) -> BatchStore:
@@ -91,17 +95,42 @@ def _announce(rt: Runtime, batch_id: str) -> None:
         notify.enqueue_batch(rt, batch_id)
 
 
+def _made(rt: Runtime, batch_id: str) -> str:
+    """The set of documents (paths below the source) this batch has made jobs for: a listing that runs
+    again (its light worker died, the task came back) makes no second job for any of them."""
+    return f"gnosis:batch:{batch_id}:made"
+
+
+def _wait_for_room(rt: Runtime, batch_id: str, owner: str, pages: int) -> bool:
+    """Hold the listing while the key's pages waiting would pass GNOSIS_MAX_KEY_PAGES, as the API would
+    refuse them: a batch queues behind its own key's bound, never past it. False if the batch ended."""
+    while owner and rt.jobs.backlog(owner)[1] + pages > rt.settings.max_key_pages:
+        batch = store(rt).get(batch_id)
+        if batch is None or batch.final:
+            return False
+        time.sleep(WAIT_FOR_ROOM)  # the backlog drains page by page; nothing to be woken by
+    return True
+
+
 def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options, wanted: list[int] | None) -> None:
+    if rt.redis.sismember(_made(rt, batch.id), rel):
+        return  # made by an earlier run of this listing
     bucket, _, name = uri[len("gs://"):].partition("/")
     data = gcs.read(bucket, name, max_bytes=rt.settings.max_upload_bytes)  # read once, to count its pages
     info = document.inspect(data, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
     page_map = options.select(wanted, info.pages) if wanted else ()
     job_opts = options.Options(pages=opts.pages, page_map=page_map, language=opts.language, source=uri)
     pages = len(page_map) or info.pages
+    if pages > rt.settings.max_key_pages > 0 and batch.owner:
+        raise QueueFull(f"The document has {pages} pages, more than this key may have waiting "
+                        f"({rt.settings.max_key_pages}).", code="key_queue_full")
+    if not _wait_for_room(rt, batch.id, batch.owner, pages):
+        return
     # The bytes stay in the bucket: page workers read the object themselves, Redis carries none of it.
     job = rt.jobs.create(data=None, kind=info.kind, pages=pages, owner=batch.owner, filename=rel,
                          extra={"options": job_opts.to_record(), "batch": batch.id, "batch_name": rel})
     store(rt).add_job(batch.id, job.id)
+    rt.redis.sadd(_made(rt, batch.id), rel)  # after the job: a crash in between costs a duplicate, never a loss
     # Prioritised by the key's backlog like any job: a batch's thousands of pages never starve a small
     # interactive job of another key.
     priority = page_priority(rt.jobs.backlog(batch.owner)[1])

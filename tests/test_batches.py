@@ -144,3 +144,23 @@ def test_a_cancelled_batch_stops_listing_and_its_jobs(stack, bucket):
     assert any(requests.get(f"{url}/v1/jobs/{j}").json()["status"] == "cancelled" for j in jobs)
     written = [b.name for b in scans.list_blobs(prefix="out/") if b.name.endswith(".json")]
     assert 1 <= len(written) < 40
+
+
+def test_a_worker_killed_mid_batch_loses_no_document(stack, bucket):
+    import signal
+
+    scans, host = bucket
+    for n in range(12):
+        scans.blob(f"in/doc{n:02}.png").upload_from_string(text_image([f"Survivor page {n}"]))
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api()
+    doomed = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="1", concurrency=2)
+    batch = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"}).json()
+    wait_until(lambda: requests.get(f"{url}/v1/batches/{batch['id']}").json()["documents_done"] >= 2, timeout=60,
+               message="the batch to be under way")
+    doomed.kill_tree(signal.SIGKILL)  # pages in flight, the rest queued
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.2", concurrency=2)
+    done = final(url, batch["id"])
+    assert (done["status"], done["documents_total"], done["documents_done"], done["documents_failed"]) == \
+        ("succeeded", 12, 12, 0), done
+    assert len([b for b in scans.list_blobs(prefix="out/") if b.name.endswith(".json")]) == 12

@@ -63,9 +63,18 @@ def deliver_batch_webhook(self, batch_id: str) -> None:
         raise self.retry(countdown=countdown)
 
 
-@app.task(name=EXPAND_BATCH_TASK, ignore_result=True)
-def expand_batch(batch_id: str) -> str:
-    return batches.expand(runtime.get(), batch_id, app)
+@app.task(name=EXPAND_BATCH_TASK, bind=True, ignore_result=True)
+def expand_batch(self, batch_id: str) -> str:
+    rt = runtime.get()
+    # Listed in this worker's in-flight hash like a page: if the worker dies mid-listing, the reaper
+    # returns this very message and another light worker lists again (the made set skips what exists).
+    tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
+    key, field, value = registry.entry(f"batch-{batch_id}", 0, tag)
+    rt.redis.hset(key, field, value)
+    try:
+        return batches.expand(rt, batch_id, app)
+    finally:
+        rt.redis.hdel(key, field)
 
 
 @app.task(name=WARM_CACHE_TASK, ignore_result=True)

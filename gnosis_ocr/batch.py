@@ -19,15 +19,22 @@ from .job import JobStatus, now_rfc3339
 
 PREFIX = "gnosis:batch:"
 
+ENDS_KEY = "gnosis:batch-ends"
+"""Batch jobs that ended and whose document is not counted yet (job ids scored by when they ended):
+added by the script that ends the job, removed by the count itself (END_DOCUMENT), so a worker killed
+in between leaves it here for the housekeeper (worker/batches.recover)."""
+
 BATCH_OUTBOX_KEY = "gnosis:webhooks:batch-outbox"
 """Final batches whose webhook is owed, as job.OUTBOX_KEY for jobs (worker/outbox.py drains both)."""
 
-# KEYS: record, failed list. ARGV: outcome (done|failed|skipped), failure JSON or '', now, '1' for a
-# document that never became a job (failed or skipped while listing: not yet in the total).
-# Returns the batch's status after the count ('' when the batch is gone).
+# KEYS: record, failed list, ENDS_KEY. ARGV: outcome (done|failed|skipped), failure JSON or '', now, '1'
+# for a document that never became a job (failed or skipped while listing: not yet in the total), the
+# job id ('' for those). Returns the batch's status after the count ('' when the batch is gone); a job
+# counted before (by its worker, or by the housekeeper after that worker died) is not counted again.
 _END_DOCUMENT = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return '' end
+if ARGV[5] ~= '' and redis.call('ZREM', KEYS[3], ARGV[5]) == 0 then return st end
 if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'documents_total', 1) end
 if ARGV[1] == 'failed' then
   redis.call('HINCRBY', KEYS[1], 'documents_failed', 1)
@@ -57,6 +64,18 @@ if callback and callback ~= '' then  -- owed from this very transition (worker/o
   redis.call('ZADD', KEYS[2], 'NX', tonumber(redis.call('TIME')[1]), redis.call('HGET', KEYS[1], 'id'))
 end
 return 'final:succeeded'
+"""
+
+
+# KEYS: record, jobs set. ARGV: job id. Counts a new job in a live batch; 0 (nothing written) when the
+# batch has ended meanwhile (cancelled while its listing ran): the caller then cancels that job.
+_ADD_JOB = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'queued' and st ~= 'running' then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'documents_total', 1)
+if st == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end
+return 1
 """
 
 
@@ -113,6 +132,7 @@ class BatchStore:
         self.redis = client
         self.ttl = ttl
         self._end = client.register_script(_END_DOCUMENT)
+        self._add = client.register_script(_ADD_JOB)
         self._settle = client.register_script(_SETTLE)
 
     def create(self, *, source: str, destination: str, owner: str, overwrite: bool, callback_url: str,
@@ -129,25 +149,22 @@ class BatchStore:
         h = self.redis.hgetall(_keys(batch_id)["record"])
         return Batch.from_hash({k.decode(): v.decode() for k, v in h.items()}) if h else None
 
-    def add_job(self, batch_id: str, job_id: str) -> None:
+    def add_job(self, batch_id: str, job_id: str) -> bool:
+        """Count a new job of the batch; False if the batch ended meanwhile (the job is not its)."""
         keys = _keys(batch_id)
-        pipe = self.redis.pipeline()
-        pipe.sadd(keys["jobs"], job_id)
-        pipe.hincrby(keys["record"], "documents_total", 1)
-        pipe.hset(keys["record"], "status", JobStatus.RUNNING.value)
-        pipe.execute()
+        return bool(self._add(keys=[keys["record"], keys["jobs"]], args=[job_id]))
 
     def jobs(self, batch_id: str) -> list[str]:
         return [raw.decode() for raw in self.redis.smembers(_keys(batch_id)["jobs"])]
 
     def end_document(self, batch_id: str, outcome: str, *, name: str = "", code: str = "", message: str = "",
-                     listing: bool = False) -> str:
+                     listing: bool = False, job_id: str = "") -> str:
         """Count one document of the batch: `done`, `failed` or `skipped`; `listing` for one that never
         became a job (every object listed counts in documents_total)."""
         failure = json.dumps({"name": name, "code": code, "message": message}) if outcome == "failed" else ""
         keys = _keys(batch_id)
-        status = self._end(keys=[keys["record"], keys["failed"]],
-                           args=[outcome, failure, now_rfc3339(), "1" if listing else "0"]).decode()
+        status = self._end(keys=[keys["record"], keys["failed"], ENDS_KEY],
+                           args=[outcome, failure, now_rfc3339(), "1" if listing else "0", job_id]).decode()
         return self.settle(batch_id) if status else status
 
     def listed(self, batch_id: str) -> str:

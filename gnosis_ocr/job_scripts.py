@@ -57,6 +57,11 @@ local function close(status, now, ttl, code, message)
   if callback and callback ~= '' then
     redis.call('ZADD', 'gnosis:webhooks:outbox', 'NX', tonumber(redis.call('TIME')[1]), id)
   end
+  -- A batch's document is owed its result and its count the same way (batch.ENDS_KEY).
+  local batch = redis.call('HGET', KEYS[1], 'batch')
+  if batch and batch ~= '' then
+    redis.call('ZADD', 'gnosis:batch-ends', 'NX', tonumber(redis.call('TIME')[1]), id)
+  end
   redis.call('PUBLISH', KEYS[5], status)
 end
 """

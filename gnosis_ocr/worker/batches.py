@@ -8,7 +8,7 @@ import logging
 import time
 
 from .. import document, gcs, options
-from ..batch import BatchStore
+from ..batch import ENDS_KEY, BatchStore
 from ..broker import OCR_PAGE_TASK, page_priority
 from ..errors import GnosisError, QueueFull
 from ..job import Job, JobStatus, result_object, result_text
@@ -129,7 +129,9 @@ def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options
     # The bytes stay in the bucket: page workers read the object themselves, Redis carries none of it.
     job = rt.jobs.create(data=None, kind=info.kind, pages=pages, owner=batch.owner, filename=rel,
                          extra={"options": job_opts.to_record(), "batch": batch.id, "batch_name": rel})
-    store(rt).add_job(batch.id, job.id)
+    if not store(rt).add_job(batch.id, job.id):
+        rt.jobs.discard(job.id)  # the batch was cancelled while this document was read
+        return
     rt.redis.sadd(_made(rt, batch.id), rel)  # after the job: a crash in between costs a duplicate, never a loss
     # Prioritised by the key's backlog like any job: a batch's thousands of pages never starve a small
     # interactive job of another key.
@@ -146,7 +148,8 @@ def read_source(rt: Runtime, uri: str) -> bytes:
 
 
 def document_ended(rt: Runtime, job: Job) -> None:
-    """A batch's job is final: its result into the destination, then the batch's count."""
+    """A batch's job is final: its result into the destination, then the batch's count (once, whoever
+    calls: its worker, or the housekeeper after that worker died in between)."""
     batch_id = rt.redis.hget(rt.jobs.keys(job.id)["record"], "batch")
     if not batch_id:
         return
@@ -154,6 +157,7 @@ def document_ended(rt: Runtime, job: Job) -> None:
     batches = store(rt)
     batch = batches.get(batch_id)
     if batch is None:
+        rt.redis.zrem(ENDS_KEY, job.id)
         return
     rel = job.filename or job.id
     if job.status is JobStatus.SUCCEEDED:
@@ -167,10 +171,28 @@ def document_ended(rt: Runtime, job: Job) -> None:
                       json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
         except Exception as exc:  # the bucket refused the write: the document fails, named, and the batch goes on
             log.error("batch %s: could not write the result of %s: %s", batch_id, rel, exc)
-            _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel,
+            _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,
                                           code="destination_unwritable", message=str(exc)))
             return
-        _settled(rt, batch_id, _ended(rt, batches, batch_id, "done"))
+        _settled(rt, batch_id, _ended(rt, batches, batch_id, "done", job_id=job.id))
     elif job.status is JobStatus.FAILED:
-        _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, code=job.error_code or "",
-                                      message=job.error_message or ""))
+        _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,
+                                      code=job.error_code or "", message=job.error_message or ""))
+    else:  # cancelled: only with its batch, which is final already
+        rt.redis.zrem(ENDS_KEY, job.id)
+
+
+def recover(rt: Runtime, *, grace: float) -> int:
+    """The housekeeper's pass: batch jobs that ended more than `grace` seconds ago and were never
+    counted (their worker died between the job's end and the count) are written and counted now."""
+    now, _ = rt.redis.time()
+    owed = [raw.decode() for raw in rt.redis.zrangebyscore(ENDS_KEY, 0, now - grace, start=0, num=200)]
+    for job_id in owed:
+        job = rt.jobs.get(job_id)
+        if job is None or not job.final:
+            rt.redis.zrem(ENDS_KEY, job_id)
+            continue
+        document_ended(rt, job)
+    if owed:
+        log.warning("counted %d batch document(s) whose worker died before counting them", len(owed))
+    return len(owed)

@@ -124,6 +124,9 @@ class Heartbeat:
             published = self.reconciler.run()
             if published:
                 self.rt.metrics.inc("gnosis_pages_republished_total", published)
+            from . import batches
+
+            batches.recover(self.rt, grace=self.rt.settings.reconcile_grace)
             owed = outbox.republish(self.redis, self.app, queue=events_queue(self.rt.settings),
                                     grace=self.rt.settings.reconcile_grace)
             if owed:

@@ -154,6 +154,13 @@ class BatchStore:
         keys = _keys(batch_id)
         return bool(self._add(keys=[keys["record"], keys["jobs"]], args=[job_id]))
 
+    def made(self, batch_id: str, name: str) -> bool:
+        """Whether a job was made for this document (its path below the source) already."""
+        return bool(self.redis.sismember(_keys(batch_id)["made"], name))
+
+    def mark_made(self, batch_id: str, name: str) -> None:
+        self.redis.sadd(_keys(batch_id)["made"], name)
+
     def jobs(self, batch_id: str) -> list[str]:
         return [raw.decode() for raw in self.redis.smembers(_keys(batch_id)["jobs"])]
 

@@ -75,6 +75,7 @@ class Job:
     filename: str | None = None
     callback_url: str | None = None
     options_raw: str | None = None
+    batch: str | None = None  # the batch whose document this job reads
 
     @property
     def final(self) -> bool:
@@ -104,6 +105,7 @@ class Job:
             filename=h.get("filename") or None,
             callback_url=h.get("callback_url") or None,
             options_raw=h.get("options") or None,
+            batch=h.get("batch") or None,
         )
 
     def to_api(self) -> dict:

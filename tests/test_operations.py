@@ -63,3 +63,31 @@ def test_openapi_lists_every_route(stack):
     for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result", "/v1/jobs/{job_id}/cancel",
                  "/v1/cache", "/v1/cache/warm", "/healthz", "/readyz", "/metrics"):
         assert path in spec["paths"], path
+
+
+def test_metrics_give_an_autoscaler_pages_waiting_in_flight_and_per_key(stack):
+    from gnosis_ocr.broker import queue_keys
+
+    stack.env["GNOSIS_API_KEYS"] = "team-a,team-b"
+    url = stack.api(GNOSIS_METRICS_OPEN="1")
+    for key, n in (("team-a", 3), ("team-b", 1)):
+        for i in range(n):
+            r = requests.post(f"{url}/v1/jobs", files={"file": (f"{key}{i}.png", text_image([key]))},
+                              headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 202, r.text
+
+    def gauges() -> dict[str, float]:
+        text = requests.get(f"{url}/metrics").text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith(("gnosis_queue_depth", "gnosis_pages_in_flight", "gnosis_key_pages_pending"))}
+
+    waiting = gauges()
+    assert waiting['gnosis_queue_depth{queue="ocr"}'] == 4 and waiting["gnosis_pages_in_flight"] == 0
+    assert sorted(v for k, v in waiting.items() if k.startswith("gnosis_key_pages_pending")) == [1, 3]
+    # KEDA's Redis scaler reads list lengths: the page queue's lists hold what the gauge says.
+    assert sum(stack.redis.llen(k) for k in queue_keys("ocr")) == 4
+    stack.worker(OCR_ENGINE="null")
+    drained = wait_until(lambda: (g := gauges())['gnosis_queue_depth{queue="ocr"}'] == 0
+                         and not any(v for k, v in g.items() if k.startswith("gnosis_key_pages_pending")) and g,
+                         timeout=60, message="the backlog to drain")
+    assert drained["gnosis_pages_in_flight"] == 0

@@ -6,6 +6,8 @@ import redis
 from flask import Blueprint, Response, jsonify
 
 from .. import redismemory
+from ..broker import CACHE_QUEUE_SUFFIX
+from ..job import owner_backlogs
 from ..metrics import RedisCollector
 from . import ctx, queue_length
 from .auth import require_key
@@ -39,13 +41,20 @@ def metrics():
     if not c.settings.metrics_open:
         require_key()
 
-    def queue_gauges():
-        depth = GaugeMetricFamily("gnosis_queue_depth", "Pages waiting in the queue.", labels=["queue"])
-        depth.add_metric([c.settings.queue], queue_length(c.redis, c.settings.queue))
+    def queue_gauges():  # what an autoscaler reads (deploy/gke/keda.yaml): scale out on waiting pages
+        depth = GaugeMetricFamily("gnosis_queue_depth", "Messages waiting in a queue: pages on the page queue, "
+                                  "downloads and batch listings on its .cache queue.", labels=["queue"])
+        for queue in (c.settings.queue, c.settings.queue + CACHE_QUEUE_SUFFIX):
+            depth.add_metric([queue], queue_length(c.redis, queue))
         yield depth
         inflight = GaugeMetricFamily("gnosis_pages_in_flight", "Pages taken by a worker and not yet acknowledged.")
         inflight.add_metric([], c.redis.hlen("unacked"))
         yield inflight
+        backlog = GaugeMetricFamily("gnosis_key_pages_pending", "Pages of live jobs not yet done, per API key id "
+                                    "(the empty id: no keys configured).", labels=["key"])
+        for owner, pages in owner_backlogs(c.redis).items():
+            backlog.add_metric([owner], pages)
+        yield backlog
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RedisCollector(c.redis, extra=[queue_gauges]))

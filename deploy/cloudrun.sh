@@ -5,7 +5,13 @@
 #
 #   PROJECT=my-proj REGION=europe-west4 BUCKET=my-models REDIS_URL=redis://10.0.0.3:6379/0 \
 #   NETWORK=default SUBNET=default ./deploy/cloudrun.sh
+#
+# AUTOSCALE=1 also deploys CREMA, which scales the worker pool on the pages waiting (deploy/crema.yaml).
+#
+# Needs a gcloud whose `beta run worker-pools deploy` has --gpu, --gpu-type and --instances: Google Cloud
+# SDK 528.0.0 has none of them (it has --scaling and no GPU). The script checks before it changes anything.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 : "${PROJECT:?set PROJECT}" "${REGION:?set REGION}" "${BUCKET:?set BUCKET}" "${REDIS_URL:?set REDIS_URL}"
 NETWORK="${NETWORK:-default}"
@@ -17,6 +23,23 @@ OCR_MODEL_ID="${OCR_MODEL_ID:-nanonets/Nanonets-OCR-s}"
 OCR_MODEL_REVISION="${OCR_MODEL_REVISION:-main}"
 GPU_TYPE="${GPU_TYPE:-nvidia-l4}"
 WORKERS="${WORKERS:-2}"
+AUTOSCALE="${AUTOSCALE:-0}"
+
+# One clear line and nothing deployed when this gcloud cannot create a worker pool with a GPU.
+check_gcloud() {
+  command -v gcloud >/dev/null || { echo "cloudrun.sh: gcloud is not on PATH (https://cloud.google.com/sdk/docs/install)" >&2; exit 1; }
+  local version help missing=""
+  version=$(gcloud version --format='value("Google Cloud SDK")' 2>/dev/null || echo unknown)
+  help=$(gcloud beta run worker-pools deploy --help 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' || true)
+  for flag in --gpu= --gpu-type= --instances= gpu-zonal-redundancy; do
+    grep -qF -- "$flag" <<<"$help" || missing="$missing ${flag%=}"
+  done
+  if [ -n "$missing" ]; then
+    echo "cloudrun.sh: gcloud $version cannot deploy GPU worker pools (its 'beta run worker-pools deploy' lacks:$missing); run 'gcloud components update' and try again" >&2
+    exit 1
+  fi
+}
+check_gcloud
 
 # Mount options for loading multi-GB safetensors from the bucket (docs/deploy.md explains each):
 #  implicit-dirs                       the hub layout's folders exist only as object prefixes
@@ -31,8 +54,9 @@ VOLUME="name=models,type=cloud-storage,bucket=$BUCKET,mount-options=$MOUNT_OPTIO
 COMMON_ENV="REDIS_URL=$REDIS_URL,MODEL_CACHE_PATH=/cache/huggingface,OCR_MODEL_ID=$OCR_MODEL_ID,OCR_MODEL_REVISION=$OCR_MODEL_REVISION,GNOSIS_INPUT_STORE=/cache/inputs"
 
 echo "== build and push images ($TAG)"
-gcloud builds submit --project "$PROJECT" --tag "$REPO/api:$TAG" --file Dockerfile.api .
-gcloud builds submit --project "$PROJECT" --tag "$REPO/worker:$TAG" --file Dockerfile.worker .
+# cloudbuild.yaml: `--tag` alone builds only a file named Dockerfile, and the worker's gpu target.
+gcloud builds submit --project "$PROJECT" --config cloudbuild.yaml \
+  --substitutions "_REPO=$REPO,_TAG=$TAG,_WORKER_TARGET=gpu" .
 
 echo "== warm the model cache in the bucket (one download; exits 0 when the cache is ready)"
 gcloud run jobs deploy gnosis-ocr-cache-warm --project "$PROJECT" --region "$REGION" \
@@ -60,6 +84,8 @@ gcloud run deploy gnosis-ocr-api --project "$PROJECT" --region "$REGION" --image
   --startup-probe httpGet.path=/healthz --liveness-probe httpGet.path=/healthz
 
 echo "== GPU workers (worker pool; one Celery process per GPU)"
+# Cloud Run sends SIGTERM and kills 10 s later: a page that cannot finish by then is handed back and run
+# again elsewhere (its attempt counted), so scale-in costs time, never a page.
 gcloud beta run worker-pools deploy gnosis-ocr-worker --project "$PROJECT" --region "$REGION" \
   --image "$REPO/worker:$TAG" --command gnosis-ocr --args worker,--concurrency,1 \
   --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_WORKER_PORT=9808,GNOSIS_PAGE_SOFT_TIMEOUT=600" \
@@ -67,5 +93,23 @@ gcloud beta run worker-pools deploy gnosis-ocr-worker --project "$PROJECT" --reg
   --instances "$WORKERS" \
   --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
   --add-volume "$VOLUME" --add-volume-mount volume=models,mount-path=/cache
+
+if [ "$AUTOSCALE" = 1 ]; then
+  echo "== autoscaler: CREMA scales the worker pool on the pages waiting in Redis (deploy/crema.yaml)"
+  address=${REDIS_URL#*://}; address=${address#*@}; address=${address%%/*}
+  config=$(mktemp)
+  sed -e "s|PROJECT|$PROJECT|g; s|REGION|$REGION|g; s|REDIS_ADDRESS|$address|g" deploy/crema.yaml >"$config"
+  gcloud parametermanager parameters describe gnosis-ocr-crema --project "$PROJECT" --location global >/dev/null 2>&1 ||
+    gcloud parametermanager parameters create gnosis-ocr-crema --project "$PROJECT" --location global --parameter-format YAML
+  gcloud parametermanager parameters versions create "$TAG" --project "$PROJECT" --location global \
+    --parameter gnosis-ocr-crema --payload-data-from-file "$config"
+  gcloud run deploy gnosis-ocr-autoscaler --project "$PROJECT" --region "$REGION" \
+    --image us-central1-docker.pkg.dev/cloud-run-oss-images/crema-v1/autoscaler:1.0 \
+    --service-account "${CREMA_SERVICE_ACCOUNT:-crema@$PROJECT.iam.gserviceaccount.com}" \
+    --set-env-vars "CREMA_CONFIG=projects/$PROJECT/locations/global/parameters/gnosis-ocr-crema/versions/$TAG" \
+    --no-allow-unauthenticated --no-cpu-throttling --min-instances 1 --max-instances 1 \
+    --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only
+  rm -f "$config"
+fi
 
 echo "== done: API at $(gcloud run services describe gnosis-ocr-api --project "$PROJECT" --region "$REGION" --format 'value(status.url)')"

@@ -58,9 +58,11 @@ def test_every_variable_the_deploy_files_set_is_read_by_the_code():
     for service in compose()["services"].values():
         env = service.get("environment") or {}
         used |= set(env)
-    for name in ("Dockerfile.api", "Dockerfile.worker", "deploy/cloudrun.sh"):
+    for name in ("Dockerfile.api", "Dockerfile.worker", "deploy/cloudrun.sh", *sorted(
+            str(p.relative_to(ROOT)) for p in (ROOT / "deploy/gke").rglob("*.yaml"))):
         text = (ROOT / name).read_text()
         used |= set(re.findall(r"\b((?:GNOSIS|OCR|MODEL|REDIS|HF)_[A-Z_]+)=", text))
+        used |= set(re.findall(r"name: ((?:GNOSIS|OCR|MODEL|REDIS|HF)_[A-Z_]+)\b", text))  # a manifest's env
     unknown = sorted(v for v in used if v not in EXTERNAL_VARS and f'"{v}"' not in CODE)
     assert not unknown, f"set by deploy files but read nowhere: {unknown}"
 
@@ -78,7 +80,7 @@ def test_cloudrun_script_is_valid_bash_and_warms_the_cache_before_rollout():
     script = ROOT / "deploy/cloudrun.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    assert text.index("--args cache,warm") < text.index("worker-pools deploy")
+    assert text.index("--args cache,warm") < text.index("gcloud beta run worker-pools deploy gnosis-ocr-worker")
     for option in ("file-cache", "metadata-cache", "implicit-dirs"):
         assert option in text, option
 

@@ -1,0 +1,259 @@
+"""The cloud deploys, checked by the real tools that run here without a cloud: every gcloud call in
+deploy/cloudrun.sh through the real gcloud's argument parser (with an empty configuration it parses
+a command, then stops at "no active account"), cloudbuild.yaml through `gcloud builds submit`'s own
+schema check, and the GKE overlays through `kubectl kustomize` and `kubernetes-validate --strict`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import yaml
+
+from gnosis_ocr import broker, defaults
+from tests.conftest import ROOT
+
+GCLOUD = shutil.which("gcloud")
+NEWER_FLAGS = {"--gpu": True, "--gpu-type": True, "--instances": True, "--no-gpu-zonal-redundancy": False}
+"""Worker-pool flags the script needs that older gcloud releases lack, and whether each takes a value."""
+
+# A gcloud on PATH that hands each call to the real one and records whether it parsed. Help and version
+# pass through; with SHIM_NEWER=1 it stands in for a newer gcloud: it claims the worker-pool GPU flags,
+# and checks a call using them with those flags taken out (reporting them as not checked).
+SHIM = textwrap.dedent("""\
+    #!{python}
+    import json, os, subprocess, sys
+    REAL, NEWER = {real!r}, {newer!r}
+    args = sys.argv[1:]
+    def log(**entry):
+        with open(os.environ["SHIM_LOG"], "a") as f:
+            f.write(json.dumps(dict(args=args, **entry)) + "\\n")
+    pool = args[:4] == ["beta", "run", "worker-pools", "deploy"]
+    if os.environ.get("SHIM_NEWER") == "1" and pool and "--help" in args:
+        print("--gpu=GPU --gpu-type=GPU_TYPE --instances=INSTANCES --[no-]gpu-zonal-redundancy")
+        sys.exit(0)
+    if args[:1] == ["version"] or "--help" in args:
+        log(passthrough=True)
+        os.execv(REAL, [REAL] + args)
+    checked, unchecked, skip = [], [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if os.environ.get("SHIM_NEWER") == "1" and name in NEWER:
+            unchecked.append(name)
+            skip = NEWER[name] and "=" not in arg
+            continue
+        checked.append(arg)
+    r = subprocess.run([REAL] + checked, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    parsed = "do not currently have an active account" in r.stderr
+    log(parsed=parsed, unchecked=unchecked, stderr=r.stderr[-600:])
+    if not parsed:
+        sys.stderr.write(r.stderr)
+        sys.exit(2)
+    sys.exit(1 if "describe" in args else 0)  # a fresh project: nothing to describe yet
+""")
+
+
+def run_script(tmp_path, *, newer: bool, **env) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir(exist_ok=True)
+    shim = shim_dir / "gcloud"
+    shim.write_text(SHIM.format(python=sys.executable, real=GCLOUD, newer=NEWER_FLAGS))
+    shim.chmod(0o755)
+    config = tmp_path / "gcloud-config"  # empty: no account, no project, no network call made
+    config.mkdir(exist_ok=True)
+    log = tmp_path / "calls.jsonl"
+    log.write_text("")
+    full_env = {
+        **os.environ,
+        "PATH": f"{shim_dir}:{os.environ['PATH']}",
+        "CLOUDSDK_CONFIG": str(config),
+        "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+        "SHIM_LOG": str(log),
+        "SHIM_NEWER": "1" if newer else "0",
+        "PROJECT": "my-proj",
+        "REGION": "europe-west4",
+        "BUCKET": "my-models",
+        "TAG": "abc1234",
+        "REDIS_URL": "redis://10.0.0.3:6379/0",
+        **env,
+    }
+    r = subprocess.run(
+        ["bash", str(ROOT / "deploy/cloudrun.sh")],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return r, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def gcloud_has_gpu_worker_pools() -> bool:
+    env = {**os.environ, "CLOUDSDK_CONFIG": os.environ.get("CLOUDSDK_CONFIG", "/tmp/gnosis-gcloud-empty")}
+    out = subprocess.run(
+        [GCLOUD, "beta", "run", "worker-pools", "deploy", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    ).stdout
+    return all(f"{flag}=" in out for flag in ("--gpu", "--gpu-type", "--instances"))
+
+
+needs_gcloud = pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI is not installed")
+
+
+@needs_gcloud
+def test_every_gcloud_call_of_the_cloudrun_script_parses(tmp_path):
+    newer = not gcloud_has_gpu_worker_pools()
+    r, calls = run_script(tmp_path, newer=newer, AUTOSCALE="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    made = [c for c in calls if not c.get("passthrough")]
+    refused = [(c["args"][:3], c["stderr"]) for c in made if not c["parsed"]]
+    assert not refused, refused
+    commands = [" ".join(a for a in c["args"] if not a.startswith("-"))[:60] for c in made]
+    for expected in (
+        "builds submit",
+        "run jobs deploy gnosis-ocr-cache-warm",
+        "run jobs execute gnosis-ocr-cache-warm",
+        "run jobs deploy gnosis-ocr-cache-verify",
+        "run deploy gnosis-ocr-api",
+        "beta run worker-pools deploy gnosis-ocr-worker",
+        "parametermanager parameters create",
+        "parametermanager parameters versions create",
+        "run deploy gnosis-ocr-autoscaler",
+    ):
+        assert any(c.startswith(expected) for c in commands), (expected, commands)
+    # The model is in the bucket, and checked, before any worker is rolled out to load it.
+    assert commands.index(
+        next(c for c in commands if c.startswith("run jobs execute gnosis-ocr-cache-verify"))
+    ) < commands.index(next(c for c in commands if c.startswith("beta run worker-pools deploy")))
+    build = next(c["args"] for c in made if c["args"][:2] == ["builds", "submit"])
+    assert "--config" in build and "cloudbuild.yaml" in build  # its schema was checked by that call
+    unchecked = sorted({flag for c in made for flag in c["unchecked"]})
+    if unchecked:  # said in the run's summary, not silently skipped
+        warnings.warn(
+            f"this gcloud lacks {', '.join(unchecked)}: the worker-pool call was checked without them", stacklevel=1
+        )
+
+
+@needs_gcloud
+def test_the_cloudrun_script_stops_before_deploying_with_a_gcloud_too_old_for_gpu_worker_pools(tmp_path):
+    if gcloud_has_gpu_worker_pools():
+        pytest.skip("this gcloud has GPU worker pools: nothing to refuse")
+    r, calls = run_script(tmp_path, newer=False)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot deploy GPU worker pools" in lines[0] and "--gpu-type" in lines[0], r.stderr
+    assert all(c.get("passthrough") for c in calls), calls  # nothing but version and help was asked
+
+
+def test_the_cloudrun_script_says_which_settings_it_needs(tmp_path):
+    r = subprocess.run(
+        ["bash", str(ROOT / "deploy/cloudrun.sh")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k not in ("PROJECT", "REGION", "BUCKET", "REDIS_URL")},
+        timeout=30,
+        check=False,
+    )
+    assert r.returncode != 0 and "PROJECT" in r.stderr
+
+
+KUBECTL = shutil.which("kubectl")
+VALIDATE = shutil.which("kubernetes-validate") or (
+    shutil.which("kubernetes-validate", path=os.path.dirname(sys.executable))
+)
+
+
+def render(overlay: str) -> tuple[str, list[dict]]:
+    out = subprocess.run(
+        [KUBECTL, "kustomize", str(ROOT / "deploy/gke/overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return out, [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.mark.skipif(KUBECTL is None or VALIDATE is None, reason="kubectl or kubernetes-validate is not installed")
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_the_gke_overlays_render_and_pass_strict_schema_validation(overlay):
+    text, docs = render(overlay)
+    r = subprocess.run(
+        [VALIDATE, "--strict", "-"], input=text, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Only KEDA's custom resource has no schema here; it is checked by hand below.
+    warnings = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("WARN")]
+    assert len(warnings) == 1 and "ScaledObject" in warnings[0], warnings
+
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert {"Deployment", "Service", "Job", "ServiceAccount", "EndpointSlice", "ScaledObject"} <= {k for k, _ in by}
+    assert not any(d["metadata"].get("annotations", {}).get("config.kubernetes.io/local-config") for d in docs)
+    worker = by[("Deployment", "gnosis-ocr-worker")]["spec"]["template"]
+    api = by[("Deployment", "gnosis-ocr-api")]["spec"]["template"]
+    warm = by[("Job", "gnosis-ocr-cache-warm")]["spec"]["template"]
+    for pod in (worker, api, warm):  # the bucket through the Cloud Storage FUSE CSI driver, everywhere
+        assert pod["metadata"]["annotations"]["gke-gcsfuse/volumes"] == "true"
+        bucket = next(v for v in pod["spec"]["volumes"] if v["name"] == "bucket")["csi"]
+        assert (
+            bucket["driver"] == "gcsfuse.csi.storage.gke.io"
+            and bucket["volumeAttributes"]["bucketName"] == "my-gnosis-models"
+        )
+        assert "metadata-cache:negative-ttl-secs:0" in bucket["volumeAttributes"]["mountOptions"]
+        assert pod["spec"]["serviceAccountName"] == "gnosis-ocr"
+    options = next(v for v in worker["spec"]["volumes"] if v["name"] == "bucket")["csi"]["volumeAttributes"][
+        "mountOptions"
+    ]
+    for option in ("file-cache:max-size-mb:-1", "file-cache:enable-parallel-downloads:true", "implicit-dirs"):
+        assert option in options
+    assert by[("ServiceAccount", "gnosis-ocr")]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
+        ".iam.gserviceaccount.com"
+    )
+    assert by[("EndpointSlice", "redis")]["endpoints"][0]["addresses"] == ["10.0.0.3"]
+
+    probes = worker["spec"]["containers"][0]
+    assert probes["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "probe"}
+    assert probes["ports"] == [{"name": "probe", "containerPort": 9808}]
+    api_c = api["spec"]["containers"][0]
+    assert (api_c["livenessProbe"]["httpGet"]["path"], api_c["readinessProbe"]["httpGet"]["path"]) == (
+        "/healthz",
+        "/readyz",
+    )
+    # A worker scaled in gets long enough to finish a page it started.
+    assert worker["spec"]["terminationGracePeriodSeconds"] >= (
+        defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
+    )
+    limits = probes.get("resources", {}).get("limits", {})
+    assert (limits.get("nvidia.com/gpu") == "1") == (overlay == "gpu")
+    env = by[next(k for k in by if k[0] == "ConfigMap")]["data"]
+    assert (
+        env["OCR_ENGINE"] == {"cpu": "tesseract", "gpu": "nanonets"}[overlay]
+        and env["REDIS_URL"] == "redis://redis:6379/0"
+    )
+
+    scaled = by[("ScaledObject", "gnosis-ocr-worker")]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "gnosis-ocr-worker"
+    triggers = scaled["triggers"]
+    # The lists KEDA reads are the page queue's: kombu's name for each priority step.
+    assert [t["metadata"]["listName"] for t in triggers] == broker.queue_keys(defaults.DEFAULT_QUEUE)
+    assert scaled["advanced"]["scalingModifiers"]["formula"] == " + ".join(t["name"] for t in triggers)
+
+
+def test_the_cloud_run_autoscaler_reads_the_same_lists():
+    config = yaml.safe_load((ROOT / "deploy/crema.yaml").read_text())
+    triggers = config["spec"]["scaledObjects"][0]["spec"]["triggers"]
+    assert [t["metadata"]["listName"] for t in triggers] == broker.queue_keys(defaults.DEFAULT_QUEUE)

@@ -58,7 +58,7 @@ def _start_redis(url: str) -> subprocess.Popen | None:
     workdir = tempfile.mkdtemp(prefix="gnosis-redis-")
     proc = _spawn([binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1",
                    "--dir", workdir, "--appendonly", "yes", "--maxmemory-policy", "noeviction",
-                   "--save", ""], stdout=subprocess.DEVNULL)
+                   "--save", ""], subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not _redis_answers(url):
         time.sleep(0.05)
@@ -72,13 +72,24 @@ def _die_with_parent() -> None:
         pass
 
 
-def _spawn(args: list[str], **kwargs) -> subprocess.Popen:
+def _spawn(args: list[str], log, **kwargs) -> subprocess.Popen:
     """A child in its own process group, so stopping it stops everything it started (pool processes,
     gunicorn workers, the light worker), and told to stop if this process dies without cleaning up.
-    Its output goes to stderr: stdout carries only the results, so `dev --submit f > f.md` is clean
-    and no access-log line lands in the middle of a page."""
-    kwargs.setdefault("stdout", sys.stderr)
-    return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
+    Its output goes to `log` (stderr, or a file with --submit): never to stdout, which carries only
+    the results, so `dev --submit f > f.md` is clean and no access-log line lands in a page."""
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, stdout=log,
+                            stderr=subprocess.STDOUT, **kwargs)
+
+
+def _log_file():
+    """Where a --submit run's stack logs go: a fresh file, named on the first line, kept afterwards."""
+    fd, path = tempfile.mkstemp(prefix="gnosis-ocr-dev-", suffix=".log")
+    return os.fdopen(fd, "w"), path
+
+
+def _tail(path: str, lines: int = 40) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
 
 
 def _stop(procs: list[subprocess.Popen], *, grace: float = 15) -> None:
@@ -130,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
         env.setdefault("MODEL_CACHE_PATH", os.path.expanduser("~/.cache/gnosis-ocr/huggingface"))
     settings = Settings.from_env(env)
     procs: list[subprocess.Popen] = []
+    # With --submit a newcomer wants the text, not 300 lines of banners and access logs: those go to
+    # a file. Without it, `dev` is the stack itself and its logs stay on screen.
+    log, log_path = _log_file() if args.submit else (sys.stderr, None)
+    if log_path:
+        print(f"gnosis-ocr dev: the stack's logs go to {log_path}", file=sys.stderr)
     if not _redis_answers(settings.redis_url):
         started = _start_redis(settings.redis_url)
         if started is None or not _redis_answers(settings.redis_url):
@@ -143,19 +159,29 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     base = f"http://127.0.0.1:{args.port}"
     try:
-        procs.append(_spawn([*cli, "worker", f"--concurrency={args.concurrency}"], env=env))
+        if log_path:
+            processes = f"{args.concurrency} process{'es' if args.concurrency != 1 else ''}"
+            print(f"gnosis-ocr dev: starting a worker ({env['OCR_ENGINE']}, {processes}) and the API", file=sys.stderr)
+        procs.append(_spawn([*cli, "worker", f"--concurrency={args.concurrency}"], log, env=env))
         procs.append(_spawn([*cli, "api", "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"],
-                            env=env))
+                            log, env=env))
         if not _wait_http(base + "/readyz", 60):
             print("gnosis-ocr: the API did not become ready", file=sys.stderr)
+            if log_path:
+                print(f"the last lines of {log_path}:\n{_tail(log_path)}", file=sys.stderr)
             return EXIT_FAILED
         print(f"gnosis-ocr dev: API at {base} (engine {env['OCR_ENGINE']}); Ctrl-C stops", file=sys.stderr)
         if args.submit:
             from .cli import main
 
-            return main(["submit", "--wait", "--url", base, "--timeout", "300", *args.submit])
+            code = main(["submit", "--wait", "--url", base, "--timeout", "300", *args.submit])
+            if code != 0 and log_path:
+                print(f"gnosis-ocr dev: the stack's logs are in {log_path}", file=sys.stderr)
+            return code
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         return EXIT_FAILED
     finally:
         _stop(procs)
+        if log_path:
+            log.close()

@@ -121,6 +121,14 @@ def test_dev_starts_its_own_redis_and_prints_the_sample(tmp_path):
     # stdout is the result alone (the stack's logs go to stderr), so `> letter.md` is clean.
     assert r.stdout.strip().splitlines()[0] == "GNOSIS OCR SAMPLE LETTER", r.stdout
     assert "GET /" not in r.stdout and "celery" not in r.stdout.lower(), r.stdout
+    # The screen shows what the service did, not the stack: where its logs went (first), progress, the
+    # result. The banners and access logs are in that file.
+    screen = r.stderr.strip().splitlines()
+    assert screen[0].startswith("gnosis-ocr dev: the stack's logs go to "), screen
+    assert len(screen) <= 8 and "celery" not in r.stderr.lower() and "GET /" not in r.stderr, screen
+    log = screen[0].rsplit(" ", 1)[1]
+    assert "[tasks]" in open(log).read() and "POST /v1/jobs" in open(log).read()
+    os.unlink(log)
 
 
 class FlakyFront:

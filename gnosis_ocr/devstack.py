@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import signal
@@ -15,6 +14,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from .processes import die_with_parent
 from .redisconn import connect, redact
 from .settings import Settings
 
@@ -65,19 +65,12 @@ def _start_redis(url: str) -> subprocess.Popen | None:
     return proc
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _spawn(args: list[str], log, **kwargs) -> subprocess.Popen:
     """A child in its own process group, so stopping it stops everything it started (pool processes,
     gunicorn workers, the light worker), and told to stop if this process dies without cleaning up.
     Its output goes to `log` (stderr, or a file with --submit): never to stdout, which carries only
     the results, so `dev --submit f > f.md` is clean and no access-log line lands in a page."""
-    return subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent, stdout=log,
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=die_with_parent(), stdout=log,
                             stderr=subprocess.STDOUT, **kwargs)
 
 
@@ -133,6 +126,17 @@ def _wait_http(url: str, timeout: float) -> bool:
     return False
 
 
+def _submit(argv: list[str]) -> int:
+    """`gnosis-ocr submit ARGV`, parsed by the submit command's own parser (not through cli.py,
+    which imports this module)."""
+    from . import submit
+
+    parser = argparse.ArgumentParser(prog="gnosis-ocr")
+    submit.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["submit", *argv])
+    return args.func(args)
+
+
 def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     # On a laptop or CI without a GPU the CPU engine is the sensible default.
@@ -172,9 +176,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         print(f"gnosis-ocr dev: API at {base} (engine {env['OCR_ENGINE']}); Ctrl-C stops", file=sys.stderr)
         if args.submit:
-            from .cli import main
-
-            code = main(["submit", "--wait", "--url", base, "--timeout", "300", *args.submit])
+            code = _submit(["--wait", "--url", base, "--timeout", "300", *args.submit])
             if code != 0 and log_path:
                 print(f"gnosis-ocr dev: the stack's logs are in {log_path}", file=sys.stderr)
             return code

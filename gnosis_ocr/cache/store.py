@@ -11,7 +11,6 @@ before reuse, and only a lease holder writes a manifest.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import redis
 from ..errors import DownloadStalled, DownloadTimeout, LeaseLost, ModelCacheError
 from ..job import now_rfc3339
 from ..metrics import Metrics
+from ..processes import die_with_parent
 from ..settings import Settings
 from . import manifest as mf
 from .lease import Lease
@@ -201,7 +201,9 @@ class ModelCache:
                "--revision", self.settings.model_revision, "--cache-dir", self.settings.hub_cache,
                "--workers", str(self.settings.download_workers),
                "--lease-key", self.lease.key, "--lease-value", self.lease.value]
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+        # SIGKILL with its parent: a downloader never writes on unsupervised.
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True,
+                                preexec_fn=die_with_parent(signal.SIGKILL))
 
     def _follow(self, proc: subprocess.Popen, progress: Progress | None) -> dict:
         result = None
@@ -315,15 +317,6 @@ def _bytes_under(folder: str) -> int:
     except OSError:
         return -1
     return total
-
-
-def _die_with_parent() -> None:
-    # If the worker is SIGKILLed, its downloader goes too, instead of writing on unsupervised.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -8,7 +8,6 @@ consumes them, dies with its parent, and is restarted if it dies alone.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -16,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from ..processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,6 @@ LIGHT_THREADS = 32
 GNOSIS_WEBHOOK_TIMEOUT) delay only themselves and not everyone else's deliveries."""
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def start_light_worker(*, loglevel: str = "INFO") -> threading.Thread:
     env = {**os.environ, "GNOSIS_WORKER_PORT": "0"}  # the probe port belongs to the GPU worker
     for name in ("GNOSIS_WORKER_ID", "GNOSIS_WORKER_ID_OWNER"):  # it is a worker of its own
@@ -43,7 +37,7 @@ def start_light_worker(*, loglevel: str = "INFO") -> threading.Thread:
 
     def supervise() -> None:
         while True:
-            proc = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(args, env=env, preexec_fn=die_with_parent())
             code = proc.wait()
             if code in (-signal.SIGTERM, -signal.SIGINT):
                 # Asked to stop (the stack is shutting down, or an operator stopped it): not a crash.

@@ -65,6 +65,19 @@ def batch_stack(stack, host: str) -> str:
     return url
 
 
+def upload_pages(scans, n: int, name: str, text: str) -> None:
+    """n one-page PNGs under in/, each with its number in its text."""
+    for i in range(n):
+        scans.blob(f"in/{name}{i:02}.png").upload_from_string(text_image([f"{text} {i}"]))
+
+
+def start_batch(url: str, **kwargs) -> dict:
+    r = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"},
+                      **kwargs)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
 def final(url: str, batch_id: str, stack=None) -> dict:
     try:
         return wait_until(lambda: (b := requests.get(f"{url}/v1/batches/{batch_id}").json())["status"]
@@ -147,12 +160,11 @@ def test_batches_stay_inside_the_allowed_prefixes(stack, bucket):
 
 def test_a_cancelled_batch_stops_listing_and_its_jobs(stack, bucket):
     scans, host = bucket
-    for n in range(40):
-        scans.blob(f"in/page{n:02}.png").upload_from_string(text_image([f"Cancelled batch page {n}"]))
+    upload_pages(scans, 40, "page", "Cancelled batch page")
     stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
     url = stack.api()
     stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="1", concurrency=1)
-    batch = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"}).json()
+    batch = start_batch(url)
     wait_until(lambda: requests.get(f"{url}/v1/batches/{batch['id']}").json()["documents_done"] >= 1, timeout=60,
                message="a first result")
     cancelled = requests.post(f"{url}/v1/batches/{batch['id']}/cancel").json()
@@ -169,14 +181,13 @@ def test_a_worker_killed_mid_batch_loses_no_document(stack, bucket):
     import signal
 
     scans, host = bucket
-    for n in range(12):
-        scans.blob(f"in/doc{n:02}.png").upload_from_string(text_image([f"Survivor page {n}"]))
+    upload_pages(scans, 12, "doc", "Survivor page")
     # A kill can land between a job's end and its count: the housekeeper counts it after this grace.
     stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/",
                      GNOSIS_RECONCILE_GRACE="2")
     url = stack.api()
     doomed = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="1", concurrency=2)
-    batch = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"}).json()
+    batch = start_batch(url)
     wait_until(lambda: requests.get(f"{url}/v1/batches/{batch['id']}").json()["documents_done"] >= 2, timeout=60,
                message="the batch to be under way")
     doomed.kill_tree(signal.SIGKILL)  # pages in flight, the rest queued
@@ -218,15 +229,13 @@ def test_a_batch_waits_under_its_keys_page_bound_and_other_keys_go_first(stack, 
     import threading
 
     scans, host = bucket
-    for n in range(10):
-        scans.blob(f"in/page{n:02}.png").upload_from_string(text_image([f"Bounded batch page {n}"]))
+    upload_pages(scans, 10, "page", "Bounded batch page")
     stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/",
                      GNOSIS_API_KEYS="batch-key,small-key", GNOSIS_MAX_KEY_PAGES="3")
     url = stack.api()
     stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.5", concurrency=1)
     big, small = {"Authorization": "Bearer batch-key"}, {"Authorization": "Bearer small-key"}
-    batch = requests.post(f"{url}/v1/batches", headers=big,
-                          json={"source": "gs://scans/in/", "destination": "gs://scans/out/"}).json()
+    batch = start_batch(url, headers=big)
     owner = stack.redis.hget(f"gnosis:batch:{batch['id']}", "owner").decode()
     waiting, stop = [], threading.Event()
 
@@ -262,12 +271,11 @@ def test_a_worker_told_to_stop_finishes_its_pages_and_another_finishes_the_batch
     import signal
 
     scans, host = bucket
-    for n in range(12):
-        scans.blob(f"in/doc{n:02}.png").upload_from_string(text_image([f"Drained page {n}"]))
+    upload_pages(scans, 12, "doc", "Drained page")
     stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
     url = stack.api()
     leaving = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="1", concurrency=2)
-    batch = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"}).json()
+    batch = start_batch(url)
     wait_until(lambda: requests.get(f"{url}/v1/batches/{batch['id']}").json()["documents_done"] >= 2, timeout=60,
                message="the batch to be under way")
     # What a scale-in sends: SIGTERM to the container's first process alone, then a grace period.

@@ -41,7 +41,7 @@ def metrics():
     if not c.settings.metrics_open:
         require_key()
 
-    def queue_gauges():  # what an autoscaler reads (deploy/gke/keda.yaml): scale out on waiting pages
+    def queue_gauges():  # what an autoscaler reads (deploy/gke/base/keda.yaml): scale out on waiting pages
         depth = GaugeMetricFamily("gnosis_queue_depth", "Messages waiting in a queue: pages on the page queue, "
                                   "downloads and batch listings on its .cache queue.", labels=["queue"])
         for queue in (c.settings.queue, c.settings.queue + CACHE_QUEUE_SUFFIX):

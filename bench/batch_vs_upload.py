@@ -1,6 +1,6 @@
-"""Issue 20: a bucket-to-bucket batch against the same documents uploaded one by one through the API.
+"""A bucket-to-bucket batch against the same documents uploaded one by one through the API.
 
-  OMP_THREAD_LIMIT=1 python -m bench.batch_vs_upload --documents 200
+  OMP_THREAD_LIMIT=1 python -m bench.batch_vs_upload --documents 1000
 
 One-page PDFs in a GCS API emulator (fake-gcs-server); one stack (API, one Tesseract worker process of
 `--concurrency`) reads them twice: uploaded through `POST /v1/jobs` by 4 clients (each result fetched),

@@ -73,12 +73,12 @@ def inspect(data: bytes, *, max_pages: int, max_pixels: int) -> DocumentInfo:
 
 
 def render_page(data: bytes, kind: str, index: int, *, max_side: int, max_pixels: int,
-                dpi: int | None = None) -> Image.Image:
+                dpi: int | None = None, grayscale: bool = False) -> Image.Image:
     """Page `index` (0-based) as an RGB image whose longest side is at most `max_side` pixels, or, with
     `dpi` (an engine that reads pages as scanned, such as Tesseract), a PDF page at that resolution
-    and an image as it is; `max_pixels` bounds both."""
+    and an image as it is; `max_pixels` bounds both. `grayscale` renders a PDF page in gray (mode L)."""
     if kind == "pdf":
-        return render_pdf_page(data, index, max_side=max_side, max_pixels=max_pixels, dpi=dpi)
+        return render_pdf_page(data, index, max_side=max_side, max_pixels=max_pixels, dpi=dpi, grayscale=grayscale)
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_pixels(img, max_pixels)
@@ -171,8 +171,10 @@ def _pdf_pages(data: bytes, *, max_pages: int) -> int:
             pdf.close()
 
 
-def render_pdf_page(data: bytes, index: int, *, max_side: int, max_pixels: int, dpi: int | None = None) -> Image.Image:
-    """A PDF page at `max_side`, or at `dpi` within `max_pixels`. Images embedded in it are bounded like
+def render_pdf_page(data: bytes, index: int, *, max_side: int, max_pixels: int, dpi: int | None = None,
+                    grayscale: bool = False) -> Image.Image:
+    """A PDF page at `max_side`, or at `dpi` within `max_pixels`, in RGB or, with `grayscale`, rendered
+    by pdfium in gray (its own anti-aliasing, not a conversion). Images embedded in it are bounded like
     uploaded images: pdfium decodes each in full before scaling it down, so one 60,000 × 60,000 JPEG in
     a small page is gigabytes."""
     import pypdfium2 as pdfium
@@ -193,8 +195,8 @@ def render_pdf_page(data: bytes, index: int, *, max_side: int, max_pixels: int, 
                 scale = max_side / max(width, height, 1.0)
             else:  # points are 1/72 inch; a huge page is rendered smaller rather than refused
                 scale = min(dpi / 72, (max_pixels / max(width * height, 1.0)) ** 0.5)
-            bitmap = page.render(scale=scale)
-            return bitmap.to_pil().convert("RGB")
+            bitmap = page.render(scale=scale, grayscale=grayscale)
+            return bitmap.to_pil().convert("L" if grayscale else "RGB")
         except pdfium.PdfiumError as exc:
             raise UnreadableDocument(f"Page {index + 1} of the PDF cannot be rendered: {exc}") from None
         finally:

@@ -280,7 +280,11 @@ def test_a_worker_told_to_stop_finishes_its_pages_and_another_finishes_the_batch
                message="the batch to be under way")
     # What a scale-in sends: SIGTERM to the container's first process alone, then a grace period.
     leaving.popen.send_signal(signal.SIGTERM)
-    assert leaving.popen.wait(timeout=30) == 0, leaving.log()[-3000:]  # it finished its pages and left
+    try:
+        code = leaving.popen.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker was still running 30 s after SIGTERM:\n{leaving.log()[-4000:]}")
+    assert code == 0, leaving.log()[-3000:]  # it finished its pages and left
     stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.2", concurrency=2)
     done = final(url, batch["id"], stack)
     assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", 12, 0), done

@@ -43,6 +43,18 @@ def test_a_page_that_renders_past_its_deadline_fails_alone_and_the_renderer_is_r
         assert page.size == expected.size and page.tobytes() == expected.tobytes()
 
 
+def test_a_page_for_tesseract_is_rendered_at_its_dpi_in_gray_in_process_or_in_a_renderer(renderer):
+    from gnosis_ocr.worker.engines.tesseract import TesseractEngine
+
+    pdf = pdf_of_pages([["read as a scan"]])  # a US Letter page: 8.5 x 11 inches
+    how = {"dpi": TesseractEngine.render_dpi, "grayscale": TesseractEngine.render_grayscale}
+    here = document.render_page(pdf, "pdf", 0, max_side=800, max_pixels=10**8, **how)
+    there = renderer.render(pdf, 0, max_side=800, max_pixels=10**8, deadline=time.monotonic() + 60, **how)
+    assert here.mode == "L" and abs(here.width - 2550) <= 1 and abs(here.height - 3300) <= 1, \
+        f"{here.mode} {here.size}: not 300 dpi in gray, whatever the VLM's max side"
+    assert (there.mode, there.size, there.tobytes()) == (here.mode, here.size, here.tobytes())
+
+
 def test_a_slow_page_holds_up_no_other_pdf(renderer):
     """The old process-wide pdfium lock would have made the quick page wait for the slow one."""
     import threading

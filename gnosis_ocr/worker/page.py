@@ -122,13 +122,13 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim
         engine = rt.engine()
         renderer = rt.pdf_renderer() if kind == "pdf" else None
         # GNOSIS_PAGE_MAX_SIDE is the VLM's token budget; an engine that reads scans wants its own dpi.
-        dpi = getattr(engine, "render_dpi", None)
+        how = {"dpi": engine.render_dpi, "grayscale": engine.render_grayscale}
         if renderer is not None:  # a threads pool: no Celery time limit, so the render has its own
             image = renderer.render(data, source, max_side=rt.settings.page_max_side,
-                                    max_pixels=rt.settings.max_pixels, deadline=started + limit, dpi=dpi)
+                                    max_pixels=rt.settings.max_pixels, deadline=started + limit, **how)
         else:
             image = document.render_page(data, kind, source, max_side=rt.settings.page_max_side,
-                                         max_pixels=rt.settings.max_pixels, dpi=dpi)
+                                         max_pixels=rt.settings.max_pixels, **how)
         extra = {"language": options.language} if options.language else {}
         result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id),
                                   **extra)

@@ -29,11 +29,12 @@ def _serve(conn: Connection) -> None:
 
     while True:
         try:
-            data, index, max_side, max_pixels, dpi = conn.recv()
+            data, index, max_side, max_pixels, dpi, grayscale = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            image = document.render_pdf_page(data, index, max_side=max_side, max_pixels=max_pixels, dpi=dpi)
+            image = document.render_pdf_page(data, index, max_side=max_side, max_pixels=max_pixels, dpi=dpi,
+                                             grayscale=grayscale)
             conn.send((True, (image.mode, image.size, image.tobytes())))
         except GnosisError as exc:
             conn.send((False, (exc.code, exc.message)))
@@ -62,7 +63,7 @@ class PdfRenderer:
         self._lock = threading.Lock()
 
     def render(self, data: bytes, index: int, *, max_side: int, max_pixels: int, deadline: float,
-               dpi: int | None = None) -> Image.Image:
+               dpi: int | None = None, grayscale: bool = False) -> Image.Image:
         """Page `index` of the PDF, or PageTimeout once `deadline` (time.monotonic()) passes, waiting for
         a free renderer included."""
         if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0)):
@@ -70,7 +71,7 @@ class PdfRenderer:
         try:
             child = self._take()
             try:
-                child.conn.send((data, index, max_side, max_pixels, dpi))
+                child.conn.send((data, index, max_side, max_pixels, dpi, grayscale))
                 answered = child.conn.poll(max(deadline - time.monotonic(), 0))
                 reply = child.conn.recv() if answered else None
             except (EOFError, OSError) as exc:  # the renderer died on this page (pdfium crashed)

@@ -34,6 +34,11 @@ class Engine(Protocol):
     model_revision: str
     batched: bool
     """True when many threads may call `recognize` at once and the engine serves them together."""
+    render_dpi: int | None
+    """PDF pages at this resolution and images unscaled, for an engine that reads pages as scanned;
+    None: both fit GNOSIS_PAGE_MAX_SIDE (a VLM's token budget)."""
+    render_grayscale: bool
+    """PDF pages rendered in gray by pdfium, for an engine that binarises them anyway."""
 
     def recognize(self, page: Image.Image, *, deadline: float | None = None,
                   cancelled: Callable[[], bool] | None = None, language: str | None = None) -> PageText:

@@ -32,6 +32,8 @@ PREFILL_RESERVE_BYTES = 6 * 2**30
 
 class NanonetsEngine:
     batched = True
+    render_dpi = None
+    render_grayscale = False
 
     def __init__(self, path: str | Path, *, model_id: str, revision: str, devices: Sequence[str] = ("auto",),
                  max_new_tokens: int = 4096, threads: int = 0, batch_size: int = 0, max_side: int = 1280,

@@ -11,6 +11,8 @@ class NullEngine:
     model_id = "null"
     model_revision = "0"
     batched = False
+    render_dpi = None
+    render_grayscale = False
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay

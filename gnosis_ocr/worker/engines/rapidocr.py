@@ -12,6 +12,8 @@ from . import PageText
 class RapidOcrEngine:
     model_id = "rapidocr-onnxruntime"
     batched = False
+    render_dpi = None
+    render_grayscale = False
 
     def __init__(self, threads: int = 0) -> None:
         from rapidocr_onnxruntime import RapidOCR

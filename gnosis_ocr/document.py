@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -51,17 +52,23 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def inspect(data: bytes, *, max_pages: int, max_pixels: int) -> DocumentInfo:
-    """Check that `data` is a supported, readable document within limits, without rendering it."""
-    if not data:
+def inspect(data: bytes | BinaryIO, *, max_pages: int, max_pixels: int) -> DocumentInfo:
+    """Check that `data` is a supported, readable document within limits, without rendering it. `data`
+    is the document's bytes or a seekable binary file of them, of which only what the check needs is
+    read (a PDF's page tree, not its content)."""
+    stream = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+    stream.seek(0)
+    head = stream.read(1024)
+    if not head:
         raise UnsupportedDocument("The file is empty.", code="empty_document")
-    kind = sniff(data[:1024])
+    kind = sniff(head)
     if kind is None:
         raise UnsupportedDocument("The file is not a PNG, JPEG, TIFF, WebP, BMP or PDF document.")
     if kind == "pdf":
-        pages = _pdf_pages(data, max_pages=max_pages)
+        stream.seek(0)
+        pages = _pdf_pages(data if isinstance(data, bytes) else stream, max_pages=max_pages)
     else:
-        pages = _image_pages(data, max_pixels=max_pixels, max_pages=max_pages)
+        pages = _image_pages(stream, max_pixels=max_pixels, max_pages=max_pages)
     if pages == 0:
         raise UnreadableDocument("The document has no pages.", code="no_pages")
     if pages > max_pages:
@@ -103,13 +110,14 @@ def _check_pixels(img: Image.Image, max_pixels: int) -> None:
         )
 
 
-def _image_pages(data: bytes, *, max_pixels: int, max_pages: int) -> int:
+def _image_pages(stream: BinaryIO, *, max_pixels: int, max_pages: int) -> int:
     """Frames counted one by one, stopping at `max_pages` + 1: Pillow's `n_frames` would walk every
     frame of a 100,000-frame TIFF before the limit could be checked."""
     # The header alone gives the size, so a pixel bomb is refused before anything is decoded.
     frames = 1
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        stream.seek(0)
+        with Image.open(stream) as img:
             _check_pixels(img, max_pixels)
             while frames <= max_pages:
                 try:
@@ -125,20 +133,21 @@ def _image_pages(data: bytes, *, max_pixels: int, max_pages: int) -> int:
     except (OSError, ValueError, EOFError, SyntaxError) as exc:
         raise UnreadableDocument(f"The image cannot be read: {exc}") from None
     if frames == 1:
-        _verify_image(data)
+        _verify_image(stream)
     return frames
 
 
-def _verify_image(data: bytes) -> None:
+def _verify_image(stream: BinaryIO) -> None:
     # verify() walks the stream (PNG chunk CRCs, truncation) without a full decode.
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        stream.seek(0)
+        with Image.open(stream) as img:
             img.verify()
     except (OSError, ValueError, EOFError, SyntaxError) as exc:
         raise UnreadableDocument(f"The image is corrupt: {exc}") from None
 
 
-def _open_pdf(data: bytes):
+def _open_pdf(data: bytes | BinaryIO):
     import pypdfium2 as pdfium
 
     try:
@@ -149,7 +158,7 @@ def _open_pdf(data: bytes):
         raise UnreadableDocument(f"The PDF cannot be read: {exc}") from None
 
 
-def _pdf_pages(data: bytes, *, max_pages: int) -> int:
+def _pdf_pages(data: bytes | BinaryIO, *, max_pages: int) -> int:
     """The page count, checked against the pages that exist: a page tree may claim /Count 100 with one
     real page, and each claimed page would otherwise become a task."""
     import pypdfium2 as pdfium

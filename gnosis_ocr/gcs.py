@@ -1,9 +1,10 @@
 """Objects in Google Cloud Storage for batches: `gs://bucket/prefix` URIs, the allow-list, listing,
-ranged and bounded reads, writes. Through google-cloud-storage, which honours STORAGE_EMULATOR_HOST
-(fake-gcs-server in the tests)."""
+ranged and bounded reads pinned to a generation, writes. Through google-cloud-storage, which honours
+STORAGE_EMULATOR_HOST (fake-gcs-server in the tests)."""
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import threading
@@ -15,7 +16,14 @@ from .errors import BadRequest, Forbidden, TooLarge
 LIST_PAGE = 1000
 """Objects asked for per listing call: a huge prefix is read a page at a time, never held whole."""
 
-_client = None
+RANGE_BYTES = 64 * 1024
+"""Bytes per ranged read of a large object (see WHOLE_BELOW): pdfium reads a PDF's trailer,
+cross-reference table and page tree in pieces of a few KiB, here and there in the file."""
+WHOLE_BELOW = 8 * 1024 * 1024
+"""Objects up to this size are read in one request: at a bucket's tens of milliseconds per request
+and hundreds of MB/s, a few ranged reads cost more time than the whole object."""
+
+_clients: dict[str | None, object] = {}
 _lock = threading.Lock()
 
 
@@ -71,19 +79,20 @@ def relative_name(name: str, location: Location) -> str | None:
 
 
 def client():
-    global _client
+    """One client per process and endpoint (STORAGE_EMULATOR_HOST names an emulator's)."""
+    endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
     with _lock:
-        if _client is None:
+        if endpoint not in _clients:
             from google.cloud import storage
 
-            if os.environ.get("STORAGE_EMULATOR_HOST"):
+            if endpoint:
                 from google.auth.credentials import AnonymousCredentials
 
-                _client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "gnosis"),
-                                         credentials=AnonymousCredentials())
+                _clients[endpoint] = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "gnosis"),
+                                                    credentials=AnonymousCredentials())
             else:
-                _client = storage.Client()
-        return _client
+                _clients[endpoint] = storage.Client()
+        return _clients[endpoint]
 
 
 def iter_names(location: Location) -> Iterator[tuple[str, int]]:
@@ -97,11 +106,76 @@ def head(bucket: str, name: str, size: int = 1024) -> bytes:
     return client().bucket(bucket).blob(name).download_as_bytes(start=0, end=size - 1)
 
 
-def read(bucket: str, name: str, *, max_bytes: int) -> bytes:
+class RangedReader(io.RawIOBase):
+    """An object read in blocks as it is sought and read, each block fetched once, every one from the
+    generation that was opened (a replaced object raises NotFound rather than mixing two documents):
+    counting a PDF's pages reads its trailer, cross-reference table and page tree, not the content
+    and images that make up most of its bytes."""
+
+    def __init__(self, blob, *, block: int) -> None:
+        super().__init__()
+        self.size, self.generation = int(blob.size or 0), blob.generation
+        self._blob = blob.bucket.blob(blob.name, generation=blob.generation)
+        self._block = max(block, 1)
+        self._blocks: dict[int, bytes] = {}
+        self._position = 0
+        self.fetched = 0
+        """Bytes downloaded so far."""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = max(base + offset, 0)
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        end, done = min(self._position + len(view), self.size), 0
+        while self._position < end:
+            index, offset = divmod(self._position, self._block)
+            data = self._blocks.get(index)
+            if data is None:
+                start = index * self._block
+                data = self._blob.download_as_bytes(start=start, end=min(start + self._block, self.size) - 1)
+                self._blocks[index] = data
+                self.fetched += len(data)
+            piece = data[offset:offset + end - self._position]
+            if not piece:
+                break  # shorter than its metadata said
+            view[done:done + len(piece)] = piece
+            done += len(piece)
+            self._position += len(piece)
+        return done
+
+
+def open_ranged(bucket: str, name: str, *, max_bytes: int, whole_below: int = WHOLE_BELOW) -> RangedReader:
+    """The object as a seekable binary file that downloads only what is read, in RANGE_BYTES blocks (in
+    one request up to `whole_below` bytes); TooLarge past `max_bytes`, as for uploads."""
     blob = client().bucket(bucket).blob(name)
     blob.reload()
+    size = int(blob.size or 0)
+    if size > max_bytes:
+        raise TooLarge(f"gs://{bucket}/{name} is {size} bytes; at most {max_bytes} are accepted.")
+    return RangedReader(blob, block=size if size <= whole_below else RANGE_BYTES)
+
+
+def read(uri: str, *, max_bytes: int) -> bytes:
+    """The whole object at `uri`, `gs://bucket/name` or `gs://bucket/name#generation` (that generation
+    or NotFound); TooLarge past `max_bytes`."""
+    path, _, generation = uri[len("gs://"):].partition("#")
+    bucket, _, name = path.partition("/")
+    blob = client().bucket(bucket).blob(name, generation=int(generation) if generation else None)
+    blob.reload()
     if (blob.size or 0) > max_bytes:
-        raise TooLarge(f"gs://{bucket}/{name} is {blob.size} bytes; at most {max_bytes} are accepted.")
+        raise TooLarge(f"{uri} is {blob.size} bytes; at most {max_bytes} are accepted.")
     return blob.download_as_bytes()
 
 

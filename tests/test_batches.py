@@ -5,6 +5,7 @@ is done, and prefixes outside GNOSIS_BATCH_BUCKETS refused."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -293,3 +294,46 @@ def test_a_worker_told_to_stop_finishes_its_pages_and_another_finishes_the_batch
     # only taken, so no page was cut off and run again.
     assert [int(stack.redis.hget(f"gnosis:job:{j}", "attempts")) for j in jobs] == [1] * 12
     assert len([b for b in scans.list_blobs(prefix="out/") if b.name.endswith(".json")]) == 12
+
+
+def noise_pdf(pages: int, side: int) -> bytes:
+    """A scan-like PDF: each page one incompressible image, so nearly all its bytes are page content."""
+    from PIL import Image
+
+    images = [Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)) for _ in range(pages)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="PDF", save_all=True, append_images=images[1:])
+    return buf.getvalue()
+
+
+def test_counting_a_large_pdfs_pages_downloads_a_small_part_of_it(bucket):
+    from gnosis_ocr import document, gcs
+
+    scans, _ = bucket
+    data = noise_pdf(4, 2000)
+    assert len(data) > gcs.WHOLE_BELOW, "the document must be large enough to be read by ranges"
+    scans.blob("in/scan.pdf").upload_from_string(data)
+    with gcs.open_ranged("scans", "in/scan.pdf", max_bytes=10**9) as stream:
+        info = document.inspect(stream, max_pages=100, max_pixels=10**8)
+    assert (info.kind, info.pages) == ("pdf", 4)
+    assert stream.fetched < len(data) / 10, f"{stream.fetched} of {len(data)} bytes downloaded to count pages"
+    # A small document is read in one request, whole, and inspected the same.
+    scans.blob("in/letter.pdf").upload_from_string(small := pdf_of_pages([["one"], ["two"]]))
+    with gcs.open_ranged("scans", "in/letter.pdf", max_bytes=10**9) as stream:
+        assert document.inspect(stream, max_pages=100, max_pixels=10**8).pages == 2
+    assert stream.fetched == len(small)
+
+
+def test_a_document_replaced_after_its_pages_were_counted_is_not_read_as_its_replacement(bucket):
+    from google.api_core.exceptions import NotFound
+
+    from gnosis_ocr import gcs
+
+    scans, _ = bucket
+    scans.blob("in/letter.pdf").upload_from_string(pdf_of_pages([["first"]]))
+    with gcs.open_ranged("scans", "in/letter.pdf", max_bytes=10**9) as stream:
+        counted = f"gs://scans/in/letter.pdf#{stream.generation}"  # what the job's page workers read
+    assert gcs.read(counted, max_bytes=10**9) == scans.blob("in/letter.pdf").download_as_bytes()
+    scans.blob("in/letter.pdf").upload_from_string(pdf_of_pages([["second"], ["third"]]))
+    with pytest.raises(NotFound):
+        gcs.read(counted, max_bytes=10**9)

@@ -10,7 +10,7 @@ import time
 from .. import document, gcs, options
 from ..batch import ENDS_KEY, BatchStore
 from ..broker import OCR_PAGE_TASK, page_priority
-from ..errors import GnosisError, QueueFull
+from ..errors import GnosisError, QueueFull, UnreadableDocument
 from ..job import Job, JobStatus, result_object, result_text
 from .runtime import Runtime
 
@@ -110,8 +110,18 @@ def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options
     batches = store(rt)
     if batches.made(batch.id, rel):
         return  # made by an earlier run of this listing (its light worker died, the task came back)
-    data = read_source(rt, uri)  # read once, to count its pages
-    info = document.inspect(data, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
+    bucket, _, name = uri[len("gs://"):].partition("/")
+    # Its pages counted from the ranges that hold them: the page workers download the whole object.
+    try:
+        with gcs.open_ranged(bucket, name, max_bytes=rt.settings.max_upload_bytes) as stream:
+            info = document.inspect(stream, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
+    except GnosisError:
+        raise
+    except Exception as exc:  # deleted since it was listed, or refused: this document fails, not the batch
+        raise UnreadableDocument(f"{uri} could not be read: {exc}", code="source_unreadable") from None
+    # The page workers read the generation counted here: a document replaced in between fails its
+    # job (input_missing) instead of being read as pages of another.
+    uri = f"{uri}#{stream.generation}"
     page_map = options.select(wanted, info.pages) if wanted else ()
     job_opts = options.Options(pages=opts.pages, page_map=page_map, language=opts.language, source=uri)
     pages = len(page_map) or info.pages
@@ -137,8 +147,7 @@ def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options
 
 
 def read_source(rt: Runtime, uri: str) -> bytes:
-    bucket, _, name = uri[len("gs://"):].partition("/")
-    return gcs.read(bucket, name, max_bytes=rt.settings.max_upload_bytes)
+    return gcs.read(uri, max_bytes=rt.settings.max_upload_bytes)
 
 
 def document_ended(rt: Runtime, job: Job) -> None:

@@ -15,73 +15,65 @@ from dataclasses import dataclass
 
 import redis
 
+from . import keys
 from .job import JobStatus, now_rfc3339
 
-PREFIX = "gnosis:batch:"
-
-ENDS_KEY = "gnosis:batch-ends"
-"""Batch jobs that ended and whose document is not counted yet (job ids scored by when they ended):
-added by the script that ends the job, removed by the count itself (END_DOCUMENT), so a worker killed
-in between leaves it here for the housekeeper (worker/batches.recover)."""
-
-BATCH_OUTBOX_KEY = "gnosis:webhooks:batch-outbox"
-"""Final batches whose webhook is owed, as job.OUTBOX_KEY for jobs (worker/outbox.py drains both)."""
-
-# KEYS: record, failed list, ENDS_KEY. ARGV: outcome (done|failed|skipped), failure JSON or '', now, '1'
-# for a document that never became a job (failed or skipped while listing: not yet in the total), the
-# job id ('' for those). Returns the batch's status after the count ('' when the batch is gone); a job
+# Counts one document. Returns the batch's status after the count ('' when the batch is gone); a job
 # counted before (by its worker, or by the housekeeper after that worker died) is not counted again.
 _END_DOCUMENT = """
-local st = redis.call('HGET', KEYS[1], 'status')
+local record, failed, batch_ends = KEYS[1], KEYS[2], KEYS[3]
+-- done|failed|skipped, the failure's JSON or '', now, '1' for a document that never became a job
+-- (failed or skipped while listing: not yet in the total), its job id ('' for those)
+local outcome, failure, now, listing, job_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local st = redis.call('HGET', record, 'status')
 if not st then return '' end
-if ARGV[5] ~= '' and redis.call('ZREM', KEYS[3], ARGV[5]) == 0 then return st end
-if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'documents_total', 1) end
-if ARGV[1] == 'failed' then
-  redis.call('HINCRBY', KEYS[1], 'documents_failed', 1)
-  redis.call('RPUSH', KEYS[2], ARGV[2])
-elseif ARGV[1] == 'skipped' then
-  redis.call('HINCRBY', KEYS[1], 'documents_skipped', 1)
+if job_id ~= '' and redis.call('ZREM', batch_ends, job_id) == 0 then return st end
+if listing == '1' then redis.call('HINCRBY', record, 'documents_total', 1) end
+if outcome == 'failed' then
+  redis.call('HINCRBY', record, 'documents_failed', 1)
+  redis.call('RPUSH', failed, failure)
+elseif outcome == 'skipped' then
+  redis.call('HINCRBY', record, 'documents_skipped', 1)
 else
-  redis.call('HINCRBY', KEYS[1], 'documents_done', 1)
+  redis.call('HINCRBY', record, 'documents_done', 1)
 end
-return redis.call('HGET', KEYS[1], 'status')
+return redis.call('HGET', record, 'status')
 """
 
-# KEYS: record, webhook outbox. ARGV: now. A listed batch whose every job has ended becomes final.
-# Returns the status.
+# A listed batch whose every job has ended becomes final. Returns the status, 'final:succeeded' for the
+# call that made it so.
 _SETTLE = """
-local st = redis.call('HGET', KEYS[1], 'status')
+local record, outbox = KEYS[1], KEYS[2]
+local now = ARGV[1]
+local st = redis.call('HGET', record, 'status')
 if not st then return '' end
 if st ~= 'queued' and st ~= 'running' then return st end
-if redis.call('HGET', KEYS[1], 'listed') ~= '1' then return st end
-local ended = tonumber(redis.call('HGET', KEYS[1], 'documents_done') or '0') +
-              tonumber(redis.call('HGET', KEYS[1], 'documents_failed') or '0') +
-              tonumber(redis.call('HGET', KEYS[1], 'documents_skipped') or '0')
-if ended < tonumber(redis.call('HGET', KEYS[1], 'documents_total') or '0') then return st end
-redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[1])
-local callback = redis.call('HGET', KEYS[1], 'callback_url')
+if redis.call('HGET', record, 'listed') ~= '1' then return st end
+local ended = tonumber(redis.call('HGET', record, 'documents_done') or '0') +
+              tonumber(redis.call('HGET', record, 'documents_failed') or '0') +
+              tonumber(redis.call('HGET', record, 'documents_skipped') or '0')
+if ended < tonumber(redis.call('HGET', record, 'documents_total') or '0') then return st end
+redis.call('HSET', record, 'status', 'succeeded', 'finished_at', now)
+local callback = redis.call('HGET', record, 'callback_url')
 if callback and callback ~= '' then  -- owed from this very transition (worker/outbox.py)
-  redis.call('ZADD', KEYS[2], 'NX', tonumber(redis.call('TIME')[1]), redis.call('HGET', KEYS[1], 'id'))
+  redis.call('ZADD', outbox, 'NX', tonumber(redis.call('TIME')[1]), redis.call('HGET', record, 'id'))
 end
 return 'final:succeeded'
 """
 
 
-# KEYS: record, jobs set. ARGV: job id. Counts a new job in a live batch; 0 (nothing written) when the
-# batch has ended meanwhile (cancelled while its listing ran): the caller then cancels that job.
+# Counts a new job in a live batch; 0 (nothing written) when the batch has ended meanwhile (cancelled
+# while its listing ran): the caller then cancels that job.
 _ADD_JOB = """
-local st = redis.call('HGET', KEYS[1], 'status')
+local record, jobs = KEYS[1], KEYS[2]
+local job_id = ARGV[1]
+local st = redis.call('HGET', record, 'status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'documents_total', 1)
-if st == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end
+redis.call('SADD', jobs, job_id)
+redis.call('HINCRBY', record, 'documents_total', 1)
+if st == 'queued' then redis.call('HSET', record, 'status', 'running') end
 return 1
 """
-
-
-def _keys(batch_id: str) -> dict[str, str]:
-    base = f"{PREFIX}{batch_id}"
-    return {"record": base, "failed": f"{base}:failed", "jobs": f"{base}:jobs", "made": f"{base}:made"}
 
 
 @dataclass(frozen=True)
@@ -142,45 +134,43 @@ class BatchStore:
                   "owner": owner, "overwrite": "1" if overwrite else "0", "callback_url": callback_url,
                   "options": options, "created_at": now_rfc3339(), "documents_total": 0, "documents_done": 0,
                   "documents_failed": 0, "documents_skipped": 0, "listed": "0"}
-        self.redis.hset(_keys(batch_id)["record"], mapping=record)
+        self.redis.hset(keys.batch(batch_id), mapping=record)
         return Batch.from_hash({k: str(v) for k, v in record.items()})
 
     def get(self, batch_id: str) -> Batch | None:
-        h = self.redis.hgetall(_keys(batch_id)["record"])
+        h = self.redis.hgetall(keys.batch(batch_id))
         return Batch.from_hash({k.decode(): v.decode() for k, v in h.items()}) if h else None
 
     def add_job(self, batch_id: str, job_id: str) -> bool:
         """Count a new job of the batch; False if the batch ended meanwhile (the job is not its)."""
-        keys = _keys(batch_id)
-        return bool(self._add(keys=[keys["record"], keys["jobs"]], args=[job_id]))
+        return bool(self._add(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)], args=[job_id]))
 
     def made(self, batch_id: str, name: str) -> bool:
         """Whether a job was made for this document (its path below the source) already."""
-        return bool(self.redis.sismember(_keys(batch_id)["made"], name))
+        return bool(self.redis.sismember(keys.batch_made(batch_id), name))
 
     def mark_made(self, batch_id: str, name: str) -> None:
-        self.redis.sadd(_keys(batch_id)["made"], name)
+        self.redis.sadd(keys.batch_made(batch_id), name)
 
     def jobs(self, batch_id: str) -> list[str]:
-        return [raw.decode() for raw in self.redis.smembers(_keys(batch_id)["jobs"])]
+        return [raw.decode() for raw in self.redis.smembers(keys.batch_jobs(batch_id))]
 
     def end_document(self, batch_id: str, outcome: str, *, name: str = "", code: str = "", message: str = "",
                      listing: bool = False, job_id: str = "") -> str:
         """Count one document of the batch: `done`, `failed` or `skipped`; `listing` for one that never
         became a job (every object listed counts in documents_total)."""
         failure = json.dumps({"name": name, "code": code, "message": message}) if outcome == "failed" else ""
-        keys = _keys(batch_id)
-        status = self._end(keys=[keys["record"], keys["failed"], ENDS_KEY],
+        status = self._end(keys=[keys.batch(batch_id), keys.batch_failed(batch_id), keys.BATCH_ENDS],
                            args=[outcome, failure, now_rfc3339(), "1" if listing else "0", job_id]).decode()
         return self.settle(batch_id) if status else status
 
     def listed(self, batch_id: str) -> str:
-        self.redis.hset(_keys(batch_id)["record"], "listed", "1")
+        self.redis.hset(keys.batch(batch_id), "listed", "1")
         return self.settle(batch_id)
 
     def settle(self, batch_id: str) -> str:
         """The batch's status; 'final:<status>' for the one call that made it final."""
-        result = self._settle(keys=[_keys(batch_id)["record"], BATCH_OUTBOX_KEY], args=[now_rfc3339()]).decode()
+        result = self._settle(keys=[keys.batch(batch_id), keys.BATCH_OUTBOX], args=[now_rfc3339()]).decode()
         if result.startswith("final:"):
             self._expire(batch_id)
         return result
@@ -194,20 +184,21 @@ class BatchStore:
         if code:
             fields.update(error_code=code, error_message=message)
         pipe = self.redis.pipeline()  # MULTI: the transition and the webhook it owes, together
-        pipe.hset(_keys(batch_id)["record"], mapping=fields)
+        pipe.hset(keys.batch(batch_id), mapping=fields)
         if batch.callback_url:
-            pipe.zadd(BATCH_OUTBOX_KEY, {batch_id: int(self.redis.time()[0])}, nx=True)
+            pipe.zadd(keys.BATCH_OUTBOX, {batch_id: int(self.redis.time()[0])}, nx=True)
         pipe.execute()
         self._expire(batch_id)
         return True
 
     def note_webhook(self, batch_id: str, status: str, attempts: int) -> None:
-        self.redis.hset(_keys(batch_id)["record"], mapping={"webhook_status": status, "webhook_attempts": attempts})
+        self.redis.hset(keys.batch(batch_id), mapping={"webhook_status": status, "webhook_attempts": attempts})
 
     def _expire(self, batch_id: str) -> None:
-        for key in _keys(batch_id).values():
+        for key in (keys.batch(batch_id), keys.batch_failed(batch_id), keys.batch_jobs(batch_id),
+                    keys.batch_made(batch_id)):
             self.redis.expire(key, self.ttl)
 
     def failures(self, batch_id: str, *, start: int, limit: int) -> list[dict]:
-        raw = self.redis.lrange(_keys(batch_id)["failed"], start, start + limit - 1)
+        raw = self.redis.lrange(keys.batch_failed(batch_id), start, start + limit - 1)
         return [json.loads(item) for item in raw]

@@ -36,7 +36,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # CPU threads per pool process: the cores shared out, so N processes do not fight over them.
     os.environ.setdefault("OCR_THREADS", str(max(1, (os.cpu_count() or 1) // max(args.concurrency, 1))))
     from .broker import cache_queue, events_queue
-
     from .worker import registry
 
     # Made before the engine loads (it records itself under this id) and inherited by pool processes.

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
+from . import keys
 from .errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,6 @@ ABANDONED_AFTER = 8 * 24 * 3600
 """Seconds after which a namespace no deployment has marked alive is removed: longer than any job may
 live (GNOSIS_JOB_MAX_AGE, 7 days by default). Files from before namespaces are judged by the same age."""
 
-DEPLOYMENT_KEY = "gnosis:deployment"
-"""This deployment's id: the namespace of its inputs in a shared directory."""
-
 ALIVE_MARKER = ".alive"
 
 REFRESH_SECONDS = 30.0
@@ -49,8 +47,8 @@ every process follows within this."""
 
 def deployment_id(client) -> str:
     """The id of the deployment this Redis belongs to, made by the first process that asks."""
-    client.set(DEPLOYMENT_KEY, uuid.uuid4().hex[:16], nx=True)
-    value = client.get(DEPLOYMENT_KEY)
+    client.set(keys.DEPLOYMENT, uuid.uuid4().hex[:16], nx=True)
+    value = client.get(keys.DEPLOYMENT)
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

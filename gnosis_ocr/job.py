@@ -15,10 +15,9 @@ from datetime import datetime, timezone
 import redis
 
 from . import job_scripts as scripts
+from . import keys
 from .inputstore import InputStore
 from .options import Options
-
-PREFIX = "gnosis:"
 
 
 class ClaimLost(Exception):
@@ -43,17 +42,6 @@ def now_rfc3339() -> str:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-def _keys(job_id: str) -> dict[str, str]:
-    base = f"{PREFIX}job:{job_id}"
-    return {
-        "record": base,
-        "input": f"{base}:input",
-        "pages": f"{base}:pages",
-        "attempts": f"{base}:attempts",
-        "events": f"{base}:events",
-    }
 
 
 @dataclass(frozen=True)
@@ -169,6 +157,15 @@ class Recorded(str, enum.Enum):
     DUPLICATE = "duplicate"  # another delivery recorded it first
 
 
+class Ending(str, enum.Enum):
+    """What asking to end a job did (fail, cancel, expire)."""
+
+    ENDED = "ended"  # this call ended it: its webhook and counts are this caller's to send
+    FINAL = "final"  # it had ended already
+    YOUNG = "young"  # not past the max age this call was for
+    GONE = "gone"
+
+
 @dataclass(frozen=True)
 class Claim:
     verdict: Verdict
@@ -188,29 +185,10 @@ class PageRecord:
         return self.outcome is Recorded.RECORDED and self.done >= self.total
 
 
-LIVE_KEY = f"{PREFIX}jobs:live"
-"""Every job not yet final, scored by its creation time on Redis's clock: what the max-age sweep reads."""
-
-OUTBOX_KEY = f"{PREFIX}webhooks:outbox"
-"""Jobs whose final webhook is owed (a sorted set of job ids, scored by the unix second it is due): the
-script that makes a job with a callback final adds it; a settled delivery removes it (worker/outbox.py)."""
-
-QUEUED_BYTES_KEY = f"{PREFIX}queued_bytes"
-"""Input bytes of every live job: the bound GNOSIS_MAX_QUEUED_BYTES is checked against this."""
-
-
-OWNERS_KEY = f"{PREFIX}owners"
-"""Every owner (API key id, '' without keys) that has submitted: one member per key, never per job."""
-
-
-def owner_pages_key(owner: str) -> str:
-    return f"{PREFIX}owner:{owner}:pages"
-
-
 def owner_backlogs(client: redis.Redis) -> dict[str, int]:
     """Pages of live jobs not yet done, per owner, in two round trips (what an autoscaler reads)."""
-    owners = sorted(o.decode() for o in client.smembers(OWNERS_KEY))
-    counts = client.mget([owner_pages_key(o) for o in owners]) if owners else []
+    owners = sorted(o.decode() for o in client.smembers(keys.OWNERS))
+    counts = client.mget([keys.owner_pages(o) for o in owners]) if owners else []
     return {owner: max(0, int(n or 0)) for owner, n in zip(owners, counts, strict=True)}
 
 
@@ -230,12 +208,15 @@ class JobStore:
         self._discard = client.register_script(scripts.DISCARD)
 
     @staticmethod
-    def keys(job_id: str) -> dict[str, str]:
-        return _keys(job_id)
+    def _keys(job_id: str, *more: str) -> list[str]:
+        """The keys every job script takes, in the order job_scripts._KEYS names them."""
+        return [keys.job(job_id), keys.job_input(job_id), keys.job_pages(job_id), keys.job_attempts(job_id),
+                keys.job_events(job_id), keys.LIVE_JOBS, keys.QUEUED_BYTES, keys.WEBHOOK_OUTBOX, keys.BATCH_ENDS,
+                keys.OWNERS, *more]
 
-    def _k(self, job_id: str) -> list[str]:
-        k = _keys(job_id)
-        return [k["record"], k["input"], k["pages"], k["attempts"], k["events"], LIVE_KEY, QUEUED_BYTES_KEY]
+    @staticmethod
+    def _args(*args: object) -> list[object]:
+        return [*keys.OWNER_PAGES, *args]
 
     def create(self, *, data: bytes | None, kind: str, pages: int, owner: str = "", filename: str | None = None,
                job_id: str | None = None, extra: dict[str, str] | None = None, idem_claim: str = "") -> Job:
@@ -260,9 +241,9 @@ class JobStore:
         if data is not None:
             self.inputs.put(job_id, data)
         try:
-            created = self._create(keys=self._k(job_id), args=[
+            created = self._create(keys=self._keys(job_id), args=self._args(
                 job_id, data if data and self.inputs.in_redis else b"", len(data or b""), record.get("idem_key", ""),
-                pages, owner, idem_claim, *pairs])
+                pages, owner, idem_claim, *pairs))
             if int(created) == -1:
                 raise ClaimLost(f"the Idempotency-Key of job {job_id} was taken over before the job was written")
         except BaseException:
@@ -273,23 +254,23 @@ class JobStore:
 
     def backlog(self, owner: str) -> tuple[int, int]:
         """(input bytes of every live job, pages of this owner's live jobs not yet done), in one round trip."""
-        queued, pages = self.redis.mget(QUEUED_BYTES_KEY, owner_pages_key(owner))
+        queued, pages = self.redis.mget(keys.QUEUED_BYTES, keys.owner_pages(owner))
         return int(queued or 0), int(pages or 0)
 
     def get(self, job_id: str) -> Job | None:
-        h = self.redis.hgetall(_keys(job_id)["record"])
+        h = self.redis.hgetall(keys.job(job_id))
         if not h:
             return None
         return Job.from_hash({key.decode(): value.decode() for key, value in h.items()})
 
     def field(self, job_id: str, name: str) -> str | None:
-        value = self.redis.hget(_keys(job_id)["record"], name)
+        value = self.redis.hget(keys.job(job_id), name)
         return value.decode() if value is not None else None
 
     def input(self, job_id: str) -> bytes | None:
         if not self.inputs.in_redis:
             return self.inputs.get(job_id)
-        return self.redis.get(_keys(job_id)["input"])
+        return self.redis.get(keys.job_input(job_id))
 
     def start_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], want_input: bool = True,
                    token: str = "") -> Claim:
@@ -300,9 +281,9 @@ class JobStore:
         counts one attempt, not two.
         """
         key, field, value = inflight
-        result = self._start(keys=[*self._k(job_id), key],
-                             args=[page, now_rfc3339(), self.max_attempts, field, value, int(want_input), self.ttl,
-                                   token])
+        result = self._start(keys=self._keys(job_id, key),
+                             args=self._args(page, now_rfc3339(), self.max_attempts, field, value, int(want_input),
+                                             self.ttl, token))
         verdict = Verdict(result[0].decode())
         if verdict is Verdict.EXHAUSTED:
             self.inputs.delete(job_id)
@@ -315,40 +296,39 @@ class JobStore:
                     inflight: tuple[str, str, str], truncated: bool = False, token: str = "") -> PageRecord:
         """Record a page's text once; repeated with the same `token`, the first call's answer again."""
         outcome, done, total = self._finish_page(
-            keys=[*self._k(job_id), inflight[0]],
-            args=[page, text, now_rfc3339(), model_id, model_revision, self.ttl, inflight[1], int(truncated),
-                  token])
+            keys=self._keys(job_id, inflight[0]),
+            args=self._args(page, text, now_rfc3339(), model_id, model_revision, self.ttl, inflight[1], int(truncated),
+                            token))
         record = PageRecord(Recorded(outcome.decode()), int(done), int(total))
         if record.completed_job:
             self.inputs.delete(job_id)
         return record
 
-    def fail(self, job_id: str, code: str, message: str) -> str:
-        """'failed' when this call ended the job; 'was_<status>' when it had already ended; 'gone'."""
+    def fail(self, job_id: str, code: str, message: str) -> Ending:
         return self._end(job_id, JobStatus.FAILED, code, message)
 
-    def cancel(self, job_id: str) -> str:
+    def cancel(self, job_id: str) -> Ending:
         return self._end(job_id, JobStatus.CANCELLED, "", "")
 
-    def _end(self, job_id: str, status: JobStatus, code: str, message: str, *, max_age_ms: int = 0) -> str:
-        result = self._finish_job(keys=self._k(job_id),
-                                  args=[status.value, now_rfc3339(), code, message, self.ttl, max_age_ms]).decode()
-        if result == status.value:
+    def _end(self, job_id: str, status: JobStatus, code: str, message: str, *, max_age_ms: int = 0) -> Ending:
+        ending = Ending(self._finish_job(keys=self._keys(job_id), args=self._args(
+            status.value, now_rfc3339(), code, message, self.ttl, max_age_ms)).decode())
+        if ending is Ending.ENDED:
             self.inputs.delete(job_id)
-        return result
+        return ending
 
     def expire_overdue(self, max_age: float, *, limit: int = 100) -> list[str]:
         """Fail live jobs older than `max_age` seconds with `expired`: the ids this call ended."""
         ended = []
         max_age_ms = int(max_age * 1000)
-        for raw in self._overdue(keys=[LIVE_KEY], args=[max_age_ms, limit]):
+        for raw in self._overdue(keys=[keys.LIVE_JOBS], args=[max_age_ms, limit]):
             job_id = raw.decode()
             message = f"The job did not finish within {max_age:g} seconds of its submission (GNOSIS_JOB_MAX_AGE)."
-            verdict = self._end(job_id, JobStatus.FAILED, "expired", message, max_age_ms=max_age_ms)
-            if verdict == JobStatus.FAILED.value:
+            ending = self._end(job_id, JobStatus.FAILED, "expired", message, max_age_ms=max_age_ms)
+            if ending is Ending.ENDED:
                 ended.append(job_id)
-            elif verdict == "gone":
-                self.redis.zrem(LIVE_KEY, job_id)  # deleted by hand, or lost with an old Redis
+            elif ending is Ending.GONE:
+                self.redis.zrem(keys.LIVE_JOBS, job_id)  # deleted by hand, or lost with an old Redis
         return ended
 
     def delete(self, job_id: str) -> bool:
@@ -359,10 +339,10 @@ class JobStore:
     def discard(self, job_id: str) -> bool:
         """Remove the record, input, results and idempotency key, with no state change on the way."""
         self.inputs.delete(job_id)
-        return bool(self._discard(keys=self._k(job_id)))
+        return bool(self._discard(keys=self._keys(job_id), args=self._args()))
 
     def pages(self, job_id: str) -> list[PageResult]:
-        raw = {field.decode(): value for field, value in self.redis.hgetall(_keys(job_id)["pages"]).items()}
+        raw = {field.decode(): value for field, value in self.redis.hgetall(keys.job_pages(job_id)).items()}
         cut = {field[2:] for field in raw if field.startswith("t:")}  # pages cut short: "t:<page>" = 1
         return [PageResult(raw[page].decode(), page in cut)
                 for page in sorted((f for f in raw if not f.startswith("t:")), key=int)]
@@ -375,7 +355,7 @@ class JobStore:
         deadline = time.monotonic() + timeout
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(_keys(job_id)["events"])
+            pubsub.subscribe(keys.job_events(job_id))
             job = self.get(job_id)  # re-read: an event may have fired before the subscription
             while job is not None and not job.final:
                 remaining = deadline - time.monotonic()

@@ -1,12 +1,19 @@
 """The job store's Lua scripts: every state change of a job is one of these, atomic in Redis.
 
-Keys, in this order for every script (`JobStore._k`):
-  1 record, 2 input, 3 pages, 4 attempts, 5 events, 6 live index, 7 queued-bytes counter,
-  8 the claiming worker's in-flight hash (page scripts only).
-The owner's pending-pages counter is named from the record inside the scripts (one Redis, not a cluster).
+Every script but OVERDUE is called with the same keys (`JobStore._keys`), named at its top, and
+with the two halves of the owner's pending-pages key (keys.OWNER_PAGES) as its first two arguments:
+the owner is read from the record, so that key is built inside (one Redis, not a cluster). What a
+script returns is one of the enums in job.py.
 
 A live job has no expiry: its retention clock (GNOSIS_JOB_TTL) starts when it becomes final, in
 `close` below. Times that decide anything come from Redis's own clock (TIME), never a host's.
+"""
+
+# KEYS of every job script, in order; page scripts add the claiming worker's in-flight hash.
+_KEYS = """
+local record, input, pages, attempts, events, live, queued_bytes, outbox, batch_ends, owners = unpack(KEYS, 1, 10)
+local inflight = KEYS[11]
+local owner_prefix, owner_suffix = ARGV[1], ARGV[2]
 """
 
 _NOW_MS = """
@@ -17,24 +24,22 @@ end
 """
 
 _FINAL = """
-local st = redis.call('HGET', KEYS[1], 'status')
+local st = redis.call('HGET', record, 'status')
 local final = (st == 'succeeded' or st == 'failed' or st == 'cancelled')
 """
 
-# Moves a live job to its final state: frees its input (and the queued-bytes it counted), starts the
-# retention clock on what stays, takes it off the live index and wakes long-polls.
 _OWNER = """
 local function owner_pages_key()
-  return 'gnosis:owner:' .. (redis.call('HGET', KEYS[1], 'owner') or '') .. ':pages'
+  return owner_prefix .. (redis.call('HGET', record, 'owner') or '') .. owner_suffix
 end
 -- What a live job counts against the queue bounds: its input bytes, and its owner's pages not yet done.
 local function uncount()
-  if redis.call('HGET', KEYS[1], 'counted') ~= '1' then return end
-  redis.call('DECRBY', KEYS[7], tonumber(redis.call('HGET', KEYS[1], 'input_bytes') or '0'))
-  local left = tonumber(redis.call('HGET', KEYS[1], 'pages_total') or '0') -
-               tonumber(redis.call('HGET', KEYS[1], 'pages_done') or '0')
+  if redis.call('HGET', record, 'counted') ~= '1' then return end
+  redis.call('DECRBY', queued_bytes, tonumber(redis.call('HGET', record, 'input_bytes') or '0'))
+  local left = tonumber(redis.call('HGET', record, 'pages_total') or '0') -
+               tonumber(redis.call('HGET', record, 'pages_done') or '0')
   redis.call('DECRBY', owner_pages_key(), left)
-  redis.call('HSET', KEYS[1], 'counted', '0')
+  redis.call('HSET', record, 'counted', '0')
 end
 """
 
@@ -42,150 +47,152 @@ end
 # starts the retention clock on what stays, takes it off the live index and wakes long-polls.
 _CLOSE = _OWNER + """
 local function close(status, now, ttl, code, message)
-  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', now)
-  if code ~= '' then redis.call('HSET', KEYS[1], 'error_code', code, 'error_message', message) end
-  redis.call('DEL', KEYS[2])
+  redis.call('HSET', record, 'status', status, 'finished_at', now)
+  if code ~= '' then redis.call('HSET', record, 'error_code', code, 'error_message', message) end
+  redis.call('DEL', input)
   uncount()
-  for _, i in ipairs({1, 3, 4}) do redis.call('EXPIRE', KEYS[i], ttl) end
-  local idem = redis.call('HGET', KEYS[1], 'idem_key')
+  for _, key in ipairs({record, pages, attempts}) do redis.call('EXPIRE', key, ttl) end
+  local idem = redis.call('HGET', record, 'idem_key')
   if idem and idem ~= '' then redis.call('EXPIRE', idem, ttl) end
-  local id = redis.call('HGET', KEYS[1], 'id')
-  redis.call('ZREM', KEYS[6], id)
-  -- The webhook is owed from this very transition: in the outbox (job.OUTBOX_KEY, scored by when it is
-  -- due) until a delivery settles it, so a crash between this commit and the publish loses none.
-  local callback = redis.call('HGET', KEYS[1], 'callback_url')
+  local id = redis.call('HGET', record, 'id')
+  redis.call('ZREM', live, id)
+  -- The webhook is owed from this very transition: in the outbox (scored by when it is due) until a
+  -- delivery settles it, so a crash between this commit and the publish loses none.
+  local callback = redis.call('HGET', record, 'callback_url')
   if callback and callback ~= '' then
-    redis.call('ZADD', 'gnosis:webhooks:outbox', 'NX', tonumber(redis.call('TIME')[1]), id)
+    redis.call('ZADD', outbox, 'NX', tonumber(redis.call('TIME')[1]), id)
   end
-  -- A batch's document is owed its result and its count the same way (batch.ENDS_KEY).
-  local batch = redis.call('HGET', KEYS[1], 'batch')
+  -- A batch's document is owed its result and its count the same way.
+  local batch = redis.call('HGET', record, 'batch')
   if batch and batch ~= '' then
-    redis.call('ZADD', 'gnosis:batch-ends', 'NX', tonumber(redis.call('TIME')[1]), id)
+    redis.call('ZADD', batch_ends, 'NX', tonumber(redis.call('TIME')[1]), id)
   end
-  redis.call('PUBLISH', KEYS[5], status)
+  redis.call('PUBLISH', events, status)
 end
 """
 
-# ARGV: job id, input bytes (may be empty: stored elsewhere), input size, idempotency key or '', pages,
-# owner, the key's claim this request holds, then field/value pairs of the record. Returns the creation
-# time in ms (Redis's clock), or -1, writing nothing, when the key no longer holds this request's claim
-# (a retry took it over while this request was slow): one key, one job.
-CREATE = _NOW_MS + """
-if ARGV[4] ~= '' and redis.call('GET', ARGV[4]) ~= ARGV[7] then return -1 end
+# Returns the creation time in ms (Redis's clock), or -1, writing nothing, when the key no longer
+# holds this request's claim (a retry took it over while this request was slow): one key, one job.
+CREATE = _KEYS + _NOW_MS + """
+-- input bytes ('' when stored elsewhere), their size, idempotency key or '', pages, owner, the claim
+-- this request holds on the key; then the record's field/value pairs from ARGV[10] on.
+local id, data, size, idem, npages, owner, claim = unpack(ARGV, 3, 9)
+if idem ~= '' and redis.call('GET', idem) ~= claim then return -1 end
 local created = now_ms()
-redis.call('HSET', KEYS[1], 'created_ms', created, 'input_bytes', ARGV[3], 'counted', '1', unpack(ARGV, 8))
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
-redis.call('ZADD', KEYS[6], created, ARGV[1])
-redis.call('INCRBY', KEYS[7], tonumber(ARGV[3]))
-redis.call('INCRBY', 'gnosis:owner:' .. ARGV[6] .. ':pages', tonumber(ARGV[5]))
-redis.call('SADD', 'gnosis:owners', ARGV[6])  -- OWNERS_KEY: whose backlog /metrics reports
+redis.call('HSET', record, 'created_ms', created, 'input_bytes', size, 'counted', '1', unpack(ARGV, 10))
+if data ~= '' then redis.call('SET', input, data) end
+redis.call('ZADD', live, created, id)
+redis.call('INCRBY', queued_bytes, tonumber(size))
+redis.call('INCRBY', owner_prefix .. owner .. owner_suffix, tonumber(npages))
+redis.call('SADD', owners, owner)  -- whose backlog /metrics reports
 -- The key was claimed with an expiry before the job existed; from now on it lives as long as the job.
-if ARGV[4] ~= '' then redis.call('PERSIST', ARGV[4]) end
+if idem ~= '' then redis.call('PERSIST', idem) end
 return created
 """
 
-# ARGV: page, now, max attempts, in-flight field, in-flight value, want input (1/0), ttl, delivery token.
-# Returns {verdict} or {'run', input or false, kind, options or false}; on 'run' the page is in the
-# worker's in-flight hash.
-# The token is one execution of the page's task: the same call again (a client retrying after a lost
-# reply) counts no second attempt and gets the answer the first one got.
-START_PAGE = _FINAL + _CLOSE + """
-local field = ARGV[4]
-local token = ARGV[8] or ''
-if token ~= '' and redis.call('HGET', KEYS[4], 'x:' .. ARGV[1]) == token then
-  redis.call('HDEL', KEYS[8], field)
+# Returns {verdict} or {'run', input or false, kind, options or false} (job.Verdict); on 'run' the page
+# is in the worker's in-flight hash. The token is one execution of the page's task: the same call again
+# (a client retrying after a lost reply) counts no second attempt and gets the answer the first got.
+START_PAGE = _KEYS + _FINAL + _CLOSE + """
+local page, now, max_attempts, field, value, want_input, ttl, token = unpack(ARGV, 3, 10)
+token = token or ''
+if token ~= '' and redis.call('HGET', attempts, 'x:' .. page) == token then
+  redis.call('HDEL', inflight, field)
   return {'exhausted'}
 end
-if not st or final or redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
-  redis.call('HDEL', KEYS[8], field)
+if not st or final or redis.call('HEXISTS', pages, page) == 1 then
+  redis.call('HDEL', inflight, field)
   if not st then return {'gone'} end
   if final then return {'final'} end
   return {'done'}
 end
 local n
-if token ~= '' and redis.call('HGET', KEYS[4], 'k:' .. ARGV[1]) == token then
-  n = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '1')
+if token ~= '' and redis.call('HGET', attempts, 'k:' .. page) == token then
+  n = tonumber(redis.call('HGET', attempts, page) or '1')
 else
-  n = redis.call('HINCRBY', KEYS[4], ARGV[1], 1)
-  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-  if token ~= '' then redis.call('HSET', KEYS[4], 'k:' .. ARGV[1], token) end
+  n = redis.call('HINCRBY', attempts, page, 1)
+  redis.call('HINCRBY', record, 'attempts', 1)
+  if token ~= '' then redis.call('HSET', attempts, 'k:' .. page, token) end
 end
-if n > tonumber(ARGV[3]) then
-  redis.call('HDEL', KEYS[8], field)
-  if token ~= '' then redis.call('HSET', KEYS[4], 'x:' .. ARGV[1], token) end
-  close('failed', ARGV[2], ARGV[7], 'worker_lost', 'Page ' .. (tonumber(ARGV[1]) + 1) .. ' was delivered ' ..
+if n > tonumber(max_attempts) then
+  redis.call('HDEL', inflight, field)
+  if token ~= '' then redis.call('HSET', attempts, 'x:' .. page, token) end
+  close('failed', now, ttl, 'worker_lost', 'Page ' .. (tonumber(page) + 1) .. ' was delivered ' ..
     (n - 1) .. ' times and its worker never finished it; the job was stopped.')
   return {'exhausted'}
 end
 if st == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2])
-  redis.call('PUBLISH', KEYS[5], 'running')
+  redis.call('HSET', record, 'status', 'running', 'started_at', now)
+  redis.call('PUBLISH', events, 'running')
 end
-redis.call('HSET', KEYS[8], field, ARGV[5])
+redis.call('HSET', inflight, field, value)
 local data = false
-if ARGV[6] == '1' then data = redis.call('GET', KEYS[2]) end
-return {'run', data, redis.call('HGET', KEYS[1], 'kind'), redis.call('HGET', KEYS[1], 'options')}
+if want_input == '1' then data = redis.call('GET', input) end
+return {'run', data, redis.call('HGET', record, 'kind'), redis.call('HGET', record, 'options')}
 """
 
-# ARGV: page, text, now, model id, model revision, ttl, in-flight field, truncated (1/0), delivery token.
-# Returns {outcome, pages done, pages total}: outcome 'recorded', 'gone', 'final' or 'duplicate'. The
-# same call again (its reply was lost) returns what the first returned, so whoever ended the job still
-# learns it did, and counts it and sends its webhook.
-FINISH_PAGE = _FINAL + _CLOSE + """
-redis.call('HDEL', KEYS[8], ARGV[7])
+# Returns {outcome, pages done, pages total} (job.Recorded). The same call again (its reply was lost)
+# returns what the first returned, so whoever ended the job still learns it did, and counts it and
+# sends its webhook.
+FINISH_PAGE = _KEYS + _FINAL + _CLOSE + """
+local page, text, now, model_id, model_revision, ttl, field, truncated, token = unpack(ARGV, 3, 11)
+token = token or ''
+redis.call('HDEL', inflight, field)
 if not st then return {'gone', 0, 0} end
-local total = tonumber(redis.call('HGET', KEYS[1], 'pages_total'))
-local token = ARGV[9] or ''
+local total = tonumber(redis.call('HGET', record, 'pages_total'))
 if token ~= '' then
-  local mine = redis.call('HGET', KEYS[4], 'f:' .. ARGV[1])
+  local mine = redis.call('HGET', attempts, 'f:' .. page)
   if mine then
     local by, done = string.match(mine, '^(%S+) (%d+)$')
     if by == token then return {'recorded', tonumber(done), total} end
   end
 end
 if final then return {'final', 0, total} end
-if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2]) == 0 then return {'duplicate', 0, total} end
-if ARGV[8] == '1' then redis.call('HSET', KEYS[3], 't:' .. ARGV[1], '1') end  -- read back by pages()
-local done = redis.call('HINCRBY', KEYS[1], 'pages_done', 1)
-if token ~= '' then redis.call('HSET', KEYS[4], 'f:' .. ARGV[1], token .. ' ' .. done) end
-if redis.call('HGET', KEYS[1], 'counted') == '1' then redis.call('DECR', owner_pages_key()) end
-redis.call('HSET', KEYS[1], 'model_id', ARGV[4], 'model_revision', ARGV[5])
+if redis.call('HSETNX', pages, page, text) == 0 then return {'duplicate', 0, total} end
+if truncated == '1' then redis.call('HSET', pages, 't:' .. page, '1') end  -- read back by pages()
+local done = redis.call('HINCRBY', record, 'pages_done', 1)
+if token ~= '' then redis.call('HSET', attempts, 'f:' .. page, token .. ' ' .. done) end
+if redis.call('HGET', record, 'counted') == '1' then redis.call('DECR', owner_pages_key()) end
+redis.call('HSET', record, 'model_id', model_id, 'model_revision', model_revision)
 if done >= total then
-  close('succeeded', ARGV[3], ARGV[6], '', '')
+  close('succeeded', now, ttl, '', '')
 else
-  redis.call('PUBLISH', KEYS[5], 'progress')
+  redis.call('PUBLISH', events, 'progress')
 end
 return {'recorded', done, total}
 """
 
-# ARGV: status, now, error code, error message, ttl, max age in ms (0: any age).
-# Returns the new status, 'was_<status>' when already final, 'young' (max age not reached) or 'gone'.
-FINISH_JOB = _NOW_MS + _FINAL + _CLOSE + """
+# Returns job.Ending: 'ended' by this call, 'final' when it had ended already, 'young' (max age in ms
+# not reached; 0: any age) or 'gone'.
+FINISH_JOB = _KEYS + _NOW_MS + _FINAL + _CLOSE + """
+local status, now, code, message, ttl, max_age = unpack(ARGV, 3, 8)
 if not st then return 'gone' end
-if final then return 'was_' .. st end
-local max_age = tonumber(ARGV[6])
-if max_age > 0 and now_ms() - tonumber(redis.call('HGET', KEYS[1], 'created_ms') or '0') < max_age then
+if final then return 'final' end
+max_age = tonumber(max_age)
+if max_age > 0 and now_ms() - tonumber(redis.call('HGET', record, 'created_ms') or '0') < max_age then
   return 'young'
 end
-close(ARGV[1], ARGV[2], ARGV[5], ARGV[3], ARGV[4])
-return ARGV[1]
+close(status, now, ttl, code, message)
+return 'ended'
 """
 
-# Oldest live jobs first. KEYS: live index. ARGV: max age in ms, most to return.
+# Oldest live jobs first. KEYS: the live index. ARGV: max age in ms, most to return.
 OVERDUE = _NOW_MS + """
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+local live = KEYS[1]
+local max_age, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+return redis.call('ZRANGEBYSCORE', live, '-inf', now_ms() - max_age, 'LIMIT', 0, limit)
 """
 
-# KEYS: record, input, pages, attempts, events, live, queued bytes. Removes a job, releasing what it counted.
-DISCARD = _OWNER + """
-local idem = redis.call('HGET', KEYS[1], 'idem_key')
+# Removes a job, releasing what it counted. Returns how many of its keys existed.
+DISCARD = _KEYS + _OWNER + """
+local idem = redis.call('HGET', record, 'idem_key')
 uncount()
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = redis.call('HGET', record, 'id')
 if id then
-  redis.call('ZREM', KEYS[6], id)
-  redis.call('ZREM', 'gnosis:webhooks:outbox', id)
+  redis.call('ZREM', live, id)
+  redis.call('ZREM', outbox, id)
 end
-local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local n = redis.call('DEL', record, input, pages, attempts)
 if idem and idem ~= '' then redis.call('DEL', idem) end
 return n
 """

@@ -16,10 +16,9 @@ from collections.abc import Iterable
 
 import redis
 
-log = logging.getLogger(__name__)
+from . import keys
 
-KEY_COUNTERS = "gnosis:metrics:counters"
-KEY_HISTOGRAMS = "gnosis:metrics:histograms"
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -123,7 +122,7 @@ class Metrics:
         try:
             pipe = self.redis.pipeline(transaction=False)
             for kind, field, amount in ops:
-                pipe.hincrbyfloat(KEY_COUNTERS if kind == "c" else KEY_HISTOGRAMS, field, amount)
+                pipe.hincrbyfloat(keys.METRIC_COUNTERS if kind == "c" else keys.METRIC_HISTOGRAMS, field, amount)
             pipe.execute()
         except redis.RedisError as exc:
             log.debug("%d metric updates dropped: %s", len(ops), exc)
@@ -139,15 +138,15 @@ class RedisCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-        counters = {k.decode(): float(v) for k, v in self.redis.hgetall(KEY_COUNTERS).items()}
-        histograms = {k.decode(): float(v) for k, v in self.redis.hgetall(KEY_HISTOGRAMS).items()}
+        counters = {k.decode(): float(v) for k, v in self.redis.hgetall(keys.METRIC_COUNTERS).items()}
+        histograms = {k.decode(): float(v) for k, v in self.redis.hgetall(keys.METRIC_HISTOGRAMS).items()}
         for name, help_text in COUNTERS.items():
             series = [(k.split("|", 1)[1], v) for k, v in counters.items() if k.split("|", 1)[0] == name]
-            keys = sorted({label for raw, _ in series for label in _parse_labels(raw)})
-            family = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=keys)
+            names = sorted({label for raw, _ in series for label in _parse_labels(raw)})
+            family = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=names)
             for raw, value in series:
                 labels = _parse_labels(raw)
-                family.add_metric([labels.get(k, "") for k in keys], value)
+                family.add_metric([labels.get(k, "") for k in names], value)
             yield family
         for name, (help_text, buckets) in HISTOGRAMS.items():
             by_labels: dict[str, dict[str, float]] = {}
@@ -155,13 +154,13 @@ class RedisCollector:
                 metric, raw, bound = key.split("|")
                 if metric == name:
                     by_labels.setdefault(raw, {})[bound] = value
-            keys = sorted({label for raw in by_labels for label in _parse_labels(raw)})
-            family = HistogramMetricFamily(name, help_text, labels=keys)
+            names = sorted({label for raw in by_labels for label in _parse_labels(raw)})
+            family = HistogramMetricFamily(name, help_text, labels=names)
             for raw, values in by_labels.items():
                 labels = _parse_labels(raw)
                 cumulative = [(str(float(b)) if b != "+Inf" else "+Inf", values.get(str(b), 0.0))
                               for b in (*buckets, "+Inf")]
-                family.add_metric([labels.get(k, "") for k in keys], cumulative, values.get("sum", 0.0))
+                family.add_metric([labels.get(k, "") for k in names], cumulative, values.get("sum", 0.0))
             yield family
         for collect in self.extra:
             yield from collect()

@@ -9,6 +9,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from . import keys
 from .errors import BadRequest, UnreadableDocument
 
 _RANGE = re.compile(r"^\s*(\d{1,6})\s*(?:-\s*(\d{1,6})\s*)?$")
@@ -100,7 +101,7 @@ class WorkerLanguages:
         if self._cached is not None and time.monotonic() - self._cached[0] < LANGUAGES_TTL:
             return self._cached[1]
         found: set[str] | None = None
-        for key in self.redis.scan_iter("gnosis:worker:*", count=1000):
+        for key in self.redis.scan_iter(keys.WORKER_RECORDS, count=1000):
             if key.count(b":") != 2:
                 continue
             try:

@@ -23,7 +23,7 @@ import redis
 import requests
 from PIL import Image
 
-from gnosis_ocr.api import idempotency
+from gnosis_ocr import keys
 from tests.conftest import ROOT, Proc, free_port, poll_job, wait_until
 from tests.docs import text_image
 from tests.redisproc import PrivateRedis
@@ -254,7 +254,7 @@ def test_an_idempotency_key_orphaned_by_a_crash_is_taken_over(stack):
     import hashlib
 
     # What a crash between claiming the key and writing the job leaves behind.
-    stack.redis.set(idempotency.key_name("", key), f"{'0' * 32}:{hashlib.sha256(document).hexdigest()}", ex=3600)
+    stack.redis.set(keys.idempotency("", key), f"{'0' * 32}:{hashlib.sha256(document).hexdigest()}", ex=3600)
     r = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})
     assert r.status_code == 202, r.text
     again = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})
@@ -271,7 +271,7 @@ def test_a_slow_first_request_whose_key_was_taken_over_creates_no_second_job(sta
     url = stack.api()
     key, document = "order-77", text_image(["slow first request"])
     sha = hashlib.sha256(document).hexdigest()
-    name = idempotency.key_name("", key)
+    name = keys.idempotency("", key)
     slow_job = "a" * 32
     stack.redis.set(name, f"{slow_job}:{sha}", ex=3600)  # the slow first request's claim
     retry = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})

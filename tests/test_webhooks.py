@@ -226,10 +226,10 @@ def test_slow_receivers_delay_only_themselves(stack):
               f"beside {slow.connections} slow deliveries")
         assert json.loads(healthy.calls[0][1])["id"] == job["id"]
         # Each slow delivery is given up at its deadline (3 s), long before its answer would end.
-        from gnosis_ocr.job import JobStore
+        from gnosis_ocr import keys
 
         def given_up(job_id: str) -> bool:
-            return stack.redis.hget(JobStore.keys(job_id)["record"], "webhook_status") == b"failed"
+            return stack.redis.hget(keys.job(job_id), "webhook_status") == b"failed"
 
         for j in slow_jobs:
             wait_until(lambda j=j: given_up(j["id"]), timeout=60, message="a slow delivery to be given up")

@@ -14,11 +14,11 @@ import redis
 from flask import Flask, current_app
 
 from .. import inputstore, redismemory
-from ..options import WorkerLanguages
-from ..redisconn import connect
 from ..broker import make_producer, queue_keys
 from ..job import JobStore
 from ..metrics import Metrics
+from ..options import WorkerLanguages
+from ..redisconn import connect
 from ..settings import Settings
 
 __all__ = ["create_app", "ctx"]

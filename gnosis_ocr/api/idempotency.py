@@ -7,7 +7,6 @@ died before writing its job, a retry waits a few seconds for the record, then ta
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 import redis
@@ -15,10 +14,6 @@ import redis
 from ..errors import BadRequest, Conflict
 
 _MAX_KEY = 200
-
-
-def key_name(owner: str, key: str) -> str:
-    return f"gnosis:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def validate(key: str) -> str:

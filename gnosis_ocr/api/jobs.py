@@ -8,11 +8,11 @@ import unicodedata
 
 from flask import Blueprint, Response, jsonify, request
 
-from .. import document, options, webhook
+from .. import document, keys, options, webhook
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue, page_priority
 from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
 from ..errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
-from ..job import ClaimLost, Job, JobStatus, new_job_id, result_object, result_text
+from ..job import ClaimLost, Ending, Job, JobStatus, new_job_id, result_object, result_text
 from . import ctx, idempotency
 from .auth import current_owner, require_key
 
@@ -46,7 +46,7 @@ def submit():
     job_id = new_job_id()
     idem_name = claim = ""
     if key is not None:
-        idem_name = idempotency.key_name(current_owner(), key)
+        idem_name = keys.idempotency(current_owner(), key)
         sha = hashlib.sha256(data).hexdigest()
         claim = idempotency.claim_value(job_id, sha)
         first = idempotency.claim(c.redis, idem_name, job_id=job_id, document_sha=sha, ttl=c.settings.job_ttl)
@@ -182,7 +182,7 @@ def result(job_id: str):
 def cancel(job_id: str):
     c = ctx()
     job = _load(job_id)
-    if c.jobs.cancel(job.id) == JobStatus.CANCELLED.value and job.callback_url:
+    if c.jobs.cancel(job.id) is Ending.ENDED and job.callback_url:
         c.producer.send_task(DELIVER_WEBHOOK_TASK, args=[job.id], queue=events_queue(c.settings))
     return jsonify((c.jobs.get(job.id) or _gone(job_id)).to_api())
 

@@ -49,7 +49,7 @@ return 0
 class Lease:
     def __init__(self, client: redis.Redis, name: str, *, ttl: float) -> None:
         self.redis = client
-        self.key = f"{name}:lease"
+        self.key = self.key_of(name)
         self.fence_key = f"{name}:fence"
         self.channel = f"{name}:events"
         self.ttl_ms = int(ttl * 1000)
@@ -64,6 +64,11 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._deadline: threading.Timer | None = None  # fires when the TTL runs out unrenewed
+
+    @staticmethod
+    def key_of(name: str) -> str:
+        """The key that holds lease `name` (for readers that only look at who holds it)."""
+        return f"{name}:lease"
 
     @property
     def value(self) -> str:

@@ -12,20 +12,16 @@ import time
 
 import redis
 
+from .. import keys
 from ..job import now_rfc3339
 from ..settings import Settings
+from .lease import Lease
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
-def cache_name(settings: Settings) -> str:
-    return f"gnosis:cache:{settings.model_id}@{settings.model_revision}"
-
-
 def lease_name(settings: Settings) -> str:
-    """One download lease per repository, not per revision: `main` and the sha it resolves to share
-    blobs, and two downloaders would sweep each other's partial files."""
-    return f"gnosis:cache:{settings.model_id}"
+    return keys.cache_lease(settings.model_id)
 
 
 def repo_folder(model_id: str) -> str:
@@ -49,10 +45,9 @@ class CacheState:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
-        self.name = cache_name(settings)
-        self.record_key = f"{self.name}:record"
-        self.ref_key = f"{self.name}:ref"
-        self.lease_key = f"{lease_name(settings)}:lease"
+        self.record_key = keys.cache_record(settings.model_id, settings.model_revision)
+        self.ref_key = keys.cache_ref(settings.model_id, settings.model_revision)
+        self.lease_key = Lease.key_of(lease_name(settings))
 
     def resolved_sha(self) -> str | None:
         """The commit sha this revision was resolved to by a downloader; a sha resolves to itself."""
@@ -90,8 +85,8 @@ class CacheState:
 
     def request_warm(self) -> bool:
         """True for the one caller that should enqueue a warm-up; others see one already asked for."""
-        return bool(self.redis.set(f"{self.name}:warm_requested", str(time.time()), nx=True,
-                                   ex=max(self.settings.lease_ttl * 2, 60)))
+        return bool(self.redis.set(keys.cache_warm_requested(self.settings.model_id, self.settings.model_revision),
+                                   str(time.time()), nx=True, ex=max(self.settings.lease_ttl * 2, 60)))
 
     def describe(self) -> dict:
         record = self.record()

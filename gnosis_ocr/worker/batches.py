@@ -7,8 +7,8 @@ import json
 import logging
 import time
 
-from .. import document, gcs, options
-from ..batch import ENDS_KEY, BatchStore
+from .. import document, gcs, keys, options
+from ..batch import BatchStore
 from ..broker import OCR_PAGE_TASK, page_priority
 from ..errors import GnosisError, QueueFull, UnreadableDocument
 from ..job import Job, JobStatus, result_object, result_text
@@ -159,7 +159,7 @@ def document_ended(rt: Runtime, job: Job) -> None:
     batches = store(rt)
     batch = batches.get(batch_id)
     if batch is None:
-        rt.redis.zrem(ENDS_KEY, job.id)
+        rt.redis.zrem(keys.BATCH_ENDS, job.id)
         return
     rel = job.filename or job.id
     if job.status is JobStatus.SUCCEEDED:
@@ -181,18 +181,18 @@ def document_ended(rt: Runtime, job: Job) -> None:
         _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,
                                       code=job.error_code or "", message=job.error_message or ""))
     else:  # cancelled: only with its batch, which is final already
-        rt.redis.zrem(ENDS_KEY, job.id)
+        rt.redis.zrem(keys.BATCH_ENDS, job.id)
 
 
 def recover(rt: Runtime, *, grace: float) -> int:
     """The housekeeper's pass: batch jobs that ended more than `grace` seconds ago and were never
     counted (their worker died between the job's end and the count) are written and counted now."""
     now, _ = rt.redis.time()
-    owed = [raw.decode() for raw in rt.redis.zrangebyscore(ENDS_KEY, 0, now - grace, start=0, num=200)]
+    owed = [raw.decode() for raw in rt.redis.zrangebyscore(keys.BATCH_ENDS, 0, now - grace, start=0, num=200)]
     for job_id in owed:
         job = rt.jobs.get(job_id)
         if job is None or not job.final:
-            rt.redis.zrem(ENDS_KEY, job_id)
+            rt.redis.zrem(keys.BATCH_ENDS, job_id)
             continue
         document_ended(rt, job)
     if owed:

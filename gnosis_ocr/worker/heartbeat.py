@@ -17,6 +17,7 @@ import time
 
 import redis
 
+from .. import keys
 from ..broker import events_queue
 from ..job import now_rfc3339
 from . import outbox, registry
@@ -139,7 +140,7 @@ class Heartbeat:
         """Processes with a loaded engine. Those seen once are written back every beat, so a hash lost
         with Redis (a restart without persistence, a reaper that ran across a gap) comes back at once;
         entries of replaced (crashed) processes are dropped."""
-        key = registry.engines_key(self.worker)
+        key = keys.worker_engines(self.worker)
         seen = {raw.decode() for raw in self.redis.hkeys(key)} | self._engine_pids
         if self.rt.engine_loaded:  # a batched engine lives in this process
             seen.add(str(os.getpid()))

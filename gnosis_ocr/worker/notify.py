@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from .. import keys
 from ..broker import DELIVER_WEBHOOK_TASK, events_queue
 from ..errors import BadRequest
 from ..webhook import DeliveryFailed, DeliveryRejected, deliver
@@ -35,7 +36,7 @@ def _attempt(rt: Runtime, job_id: str, number: int) -> bool:
     if job is None or not job.callback_url:
         return True
     url = job.callback_url
-    record = rt.jobs.keys(job_id)["record"]
+    record = keys.job(job_id)
     try:
         status = deliver(url, job.to_api(), secret=rt.settings.webhook_secret,
                          allow_private=rt.settings.webhook_allow_private, timeout=rt.settings.webhook_timeout)

@@ -1,6 +1,6 @@
 """The webhook outbox: every final job with a callback is owed one delivery, whatever crashes when.
 
-The job store's script that makes a job final also adds it to `OUTBOX_KEY`, in the same atomic step;
+The job store's script that makes a job final also adds it to `keys.WEBHOOK_OUTBOX`, in the same atomic step;
 whoever made it final then publishes the delivery task. A process killed between the two (or a broker
 that refused the publish) leaves the job in the outbox, and the housekeeper publishes it again once it
 is overdue by GNOSIS_RECONCILE_GRACE. The delivery task moves an entry's due time past each retry it
@@ -18,10 +18,8 @@ from dataclasses import dataclass
 
 import redis
 
-from ..batch import BATCH_OUTBOX_KEY
-from ..batch import PREFIX as BATCH_PREFIX
+from .. import keys
 from ..broker import DELIVER_BATCH_WEBHOOK_TASK, DELIVER_WEBHOOK_TASK, task_args
-from ..job import OUTBOX_KEY, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +39,8 @@ class Kind:
     record: Callable[[str], str]
 
 
-JOBS = Kind(OUTBOX_KEY, DELIVER_WEBHOOK_TASK, lambda job_id: JobStore.keys(job_id)["record"])
-BATCHES = Kind(BATCH_OUTBOX_KEY, DELIVER_BATCH_WEBHOOK_TASK, lambda batch_id: BATCH_PREFIX + batch_id)
+JOBS = Kind(keys.WEBHOOK_OUTBOX, DELIVER_WEBHOOK_TASK, keys.job)
+BATCHES = Kind(keys.BATCH_OUTBOX, DELIVER_BATCH_WEBHOOK_TASK, keys.batch)
 
 
 def postpone(client: redis.Redis, item_id: str, seconds: float, kind: Kind = JOBS) -> None:

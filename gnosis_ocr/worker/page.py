@@ -13,13 +13,12 @@ import time
 import uuid
 from datetime import datetime
 
-from billiard.exceptions import SoftTimeLimitExceeded
-
 import redis
+from billiard.exceptions import SoftTimeLimitExceeded
 
 from .. import document
 from ..errors import EngineDead, GnosisError
-from ..job import Claim, JobStatus, Verdict
+from ..job import Claim, Ending, JobStatus, Verdict
 from . import notify, registry
 from .engines import Cancelled, PageText
 from .probe import local_metrics
@@ -209,7 +208,7 @@ def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:
     verdict = _retrying(rt, f"fail job {job_id}", lambda: rt.jobs.fail(job_id, code, message))
     registry.clear(rt.redis, job_id, page)
     rt.inputs.drop(job_id)
-    if verdict == JobStatus.FAILED.value:
+    if verdict is Ending.ENDED:
         _safely(count_final, rt, job_id)
     return "failed"
 

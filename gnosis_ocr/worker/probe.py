@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import redis
 
-from .. import redismemory
+from .. import keys, redismemory
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Probe:
             if dead is not None:  # known here first: the record in Redis may lag a beat
                 return self._send(h, 503, {"status": "engine_dead", "detail": str(dead)})
             try:
-                record = self.redis.get(f"gnosis:worker:{self.worker}")
+                record = self.redis.get(keys.worker(self.worker))
                 loaded = json.loads(record)["engines_loaded"] if record else 0
                 memory = redismemory.read(self.redis)
             except redis.RedisError as exc:

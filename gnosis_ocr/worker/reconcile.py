@@ -20,8 +20,8 @@ import logging
 
 import redis
 
+from .. import keys
 from ..broker import OCR_PAGE_TASK, queue_keys, task_args
-from ..job import LIVE_KEY, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,11 @@ class Reconciler:
         """Pages not yet recorded of live jobs older than the grace."""
         seconds, micros = self.redis.time()
         cutoff_ms = int(seconds * 1000 + micros // 1000 - self.grace * 1000)
-        job_ids = [raw.decode() for raw in self.redis.zrangebyscore(LIVE_KEY, 0, cutoff_ms)]
+        job_ids = [raw.decode() for raw in self.redis.zrangebyscore(keys.LIVE_JOBS, 0, cutoff_ms)]
         pipe = self.redis.pipeline(transaction=False)  # two reads a job, one round trip for all
         for job_id in job_ids:
-            keys = JobStore.keys(job_id)
-            pipe.hmget(keys["record"], "status", "pages_total")
-            pipe.hkeys(keys["pages"])
+            pipe.hmget(keys.job(job_id), "status", "pages_total")
+            pipe.hkeys(keys.job_pages(job_id))
         replies = pipe.execute() if job_ids else []
         out: set[tuple[str, int]] = set()
         for job_id, (status, total), done in zip(job_ids, replies[::2], replies[1::2], strict=True):
@@ -106,7 +105,7 @@ class Reconciler:
                 found |= pages
             else:
                 held.update({page: tag.decode() for page in pages})
-        for key in self.redis.scan_iter("gnosis:worker:*:inflight", count=SCAN_CHUNK):
+        for key in self.redis.scan_iter(keys.WORKER_INFLIGHTS, count=SCAN_CHUNK):
             for field in self.redis.hkeys(key):
                 job_id, _, page = field.decode().rpartition(":")
                 if page.isdigit():

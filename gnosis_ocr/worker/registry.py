@@ -21,15 +21,11 @@ import uuid
 
 import redis
 
+from .. import keys
 from ..broker import OCR_PAGE_TASK
 from ..job import now_rfc3339
 
 log = logging.getLogger(__name__)
-
-WORKERS_KEY = "gnosis:workers"
-"""Every registered worker id (a sorted set scored by registration time, for listing only)."""
-
-REAPER_LOCK = "gnosis:reaper"
 
 
 def assign_worker_id(role: str = "") -> str:
@@ -52,66 +48,54 @@ def worker_id() -> str:
     return os.environ.get("GNOSIS_WORKER_ID") or assign_worker_id()
 
 
-def record_key(worker: str) -> str:
-    return f"gnosis:worker:{worker}"
-
-
-def inflight_key(worker: str) -> str:
-    return f"gnosis:worker:{worker}:inflight"
-
-
-def engines_key(worker: str) -> str:
-    return f"gnosis:worker:{worker}:engines"
-
-
 def entry(job_id: str, page: int, tag: str | None) -> tuple[str, str, str]:
     """This delivery's entry in the worker's in-flight hash: (key, field, value), written by the job store."""
     value = json.dumps({"pid": os.getpid(), "started_at": now_rfc3339(), "tag": tag})
-    return inflight_key(worker_id()), f"{job_id}:{page}", value
+    return keys.worker_inflight(worker_id()), f"{job_id}:{page}", value
 
 
 def clear(client: redis.Redis, job_id: str, page: int) -> None:
     """Drop an in-flight entry on the paths that end a page without recording it."""
     try:
-        client.hdel(inflight_key(worker_id()), f"{job_id}:{page}")
+        client.hdel(keys.worker_inflight(worker_id()), f"{job_id}:{page}")
     except redis.RedisError as exc:  # harmless: a dead worker's finished message is no longer unacked
         log.warning("could not clear in-flight page: %s", exc)
 
 
 def engine_loaded(client: redis.Redis) -> None:
     """Called in a pool process once its engine is loaded: the worker's readiness counts these."""
-    client.hset(engines_key(worker_id()), str(os.getpid()), now_rfc3339())
+    client.hset(keys.worker_engines(worker_id()), str(os.getpid()), now_rfc3339())
 
 
 def register(client: redis.Redis, worker: str, record: dict, *, ttl: float) -> None:
     """One beat: the record that says this worker is alive, for `ttl` seconds of Redis's clock."""
     pipe = client.pipeline()
-    pipe.set(record_key(worker), json.dumps(record), px=max(int(ttl * 1000), 1))
-    pipe.zadd(WORKERS_KEY, {worker: 0}, nx=True)
+    pipe.set(keys.worker(worker), json.dumps(record), px=max(int(ttl * 1000), 1))
+    pipe.zadd(keys.WORKERS, {worker: 0}, nx=True)
     pipe.execute()
 
 
 def unregister(client: redis.Redis, worker: str) -> None:
-    client.zrem(WORKERS_KEY, worker)
-    client.delete(record_key(worker), engines_key(worker))
+    client.zrem(keys.WORKERS, worker)
+    client.delete(keys.worker(worker), keys.worker_engines(worker))
 
 
 def housekeeper(client: redis.Redis, seconds: float) -> bool:
     """True for the one worker, cluster-wide, that does the housekeeping of the next `seconds`."""
-    return bool(client.set(REAPER_LOCK, worker_id(), nx=True, px=max(int(seconds * 1000), 1)))
+    return bool(client.set(keys.REAPER_LOCK, worker_id(), nx=True, px=max(int(seconds * 1000), 1)))
 
 
 def reap(client: redis.Redis, app, *, queue: str) -> int:
     """Return the in-flight pages of dead workers to the queue; the number returned."""
     requeued = 0
-    for raw in client.zrange(WORKERS_KEY, 0, -1):
+    for raw in client.zrange(keys.WORKERS, 0, -1):
         dead = raw.decode()
-        if client.exists(record_key(dead)):
+        if client.exists(keys.worker(dead)):
             continue
-        pages = client.hgetall(inflight_key(dead))
+        pages = client.hgetall(keys.worker_inflight(dead))
         returned = sum(_requeue(client, app, queue, field.decode(), value) for field, value in pages.items())
-        client.delete(inflight_key(dead), engines_key(dead))
-        client.zrem(WORKERS_KEY, dead)
+        client.delete(keys.worker_inflight(dead), keys.worker_engines(dead))
+        client.zrem(keys.WORKERS, dead)
         if pages:
             log.warning("worker %s stopped beating; requeued %d page(s) (%d listed)", dead, returned, len(pages))
         requeued += returned

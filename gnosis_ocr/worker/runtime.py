@@ -14,10 +14,10 @@ from redis.retry import Retry
 
 from .. import inputstore
 from ..defaults import ENGINE_EXIT_GRACE, PDF_RENDERERS
-from ..redisconn import connect
 from ..errors import EngineCheckFailed, GnosisError
 from ..job import JobStore
 from ..metrics import Metrics
+from ..redisconn import connect
 from ..settings import Settings
 from .engines import Engine, load_engine
 from .inputs import InputCache

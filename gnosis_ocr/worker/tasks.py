@@ -1,8 +1,7 @@
 """Thin Celery tasks: everything they do lives in `runtime` and `page`."""
 
-import os
-
 import logging
+import os
 import time
 
 from billiard.exceptions import TimeLimitExceeded
@@ -10,8 +9,7 @@ from celery import signals
 from celery.exceptions import Reject
 
 from .. import redismemory
-from ..broker import (DELIVER_BATCH_WEBHOOK_TASK, DELIVER_WEBHOOK_TASK, EXPAND_BATCH_TASK, OCR_PAGE_TASK,
-                      WARM_CACHE_TASK)
+from ..broker import DELIVER_BATCH_WEBHOOK_TASK, DELIVER_WEBHOOK_TASK, EXPAND_BATCH_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
 from . import batches, heartbeat, notify, outbox, page, probe, registry, runtime
 from .celery_app import app
 

@@ -120,7 +120,7 @@ def test_recognize_from_many_threads_returns_each_pages_text(engine):
     assert sorted(results) == list(range(6))
     for i, result in results.items():
         expected = engine.tokenizer.decode(reference(engine, page(i), 48), skip_special_tokens=True)
-        assert result.text == expected and result.queue_seconds >= 0 and result.first_token_seconds > 0
+        assert result.text == expected and result.timings.queue_seconds >= 0 and result.timings.first_token_seconds > 0
 
 
 def test_repetition_guard_stops_a_looping_page_and_marks_it_truncated(tiny_model):

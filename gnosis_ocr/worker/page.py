@@ -196,11 +196,11 @@ def _observe(rt: Runtime, result: PageText, seconds: float) -> None:
     if result.tokens:
         rt.metrics.inc("gnosis_output_tokens_total", result.tokens, engine=engine)
     if result.truncated:
-        rt.metrics.inc("gnosis_pages_truncated_total", reason=result.stop_reason or "unknown")
-    if result.queue_seconds is not None:
-        rt.metrics.observe("gnosis_page_queue_wait_seconds", result.queue_seconds, engine=engine)
-    if result.first_token_seconds is not None:
-        rt.metrics.observe("gnosis_page_first_token_seconds", result.first_token_seconds, engine=engine)
+        reason = result.stop_reason.value if result.stop_reason else "unknown"
+        rt.metrics.inc("gnosis_pages_truncated_total", reason=reason)
+    if result.timings is not None:
+        rt.metrics.observe("gnosis_page_queue_wait_seconds", result.timings.queue_seconds, engine=engine)
+        rt.metrics.observe("gnosis_page_first_token_seconds", result.timings.first_token_seconds, engine=engine)
 
 
 def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:

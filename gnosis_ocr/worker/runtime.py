@@ -64,15 +64,16 @@ class Runtime:
                 from .probe import local_metrics
 
                 local_metrics()["model_load"].set(seconds)
-                for scheduler in getattr(self._engine, "schedulers", ()):
-                    local_metrics()["batch_slots"].labels(device=str(scheduler.decoder.device)).set(scheduler.capacity)
+                if self._engine.batched:
+                    for device, slots in self._engine.devices.items():
+                        local_metrics()["batch_slots"].labels(device=device).set(slots)
                 log.info("engine %s ready in %.2fs (pid %d)", self.settings.engine, seconds, os.getpid())
             return self._engine
 
     def pdf_renderer(self) -> PdfRenderer | None:
         """Renderer processes for PDF pages where a page has no time limit of its own (a batched engine
         on a threads pool); None where Celery's limits already bound a render (prefork)."""
-        if self._engine is None or not getattr(self._engine, "batched", False):
+        if self._engine is None or not self._engine.batched:
             return None
         with self._lock:
             if self._renderer is None:

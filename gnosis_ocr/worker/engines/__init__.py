@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -14,15 +15,37 @@ if TYPE_CHECKING:
     from ...settings import Settings
 
 
+class StopReason(str, enum.Enum):
+    """Why a generating engine stopped reading a page."""
+
+    EOS = "eos"  # the model ended the page
+    MAX_TOKENS = "max_tokens"  # the token cap (GNOSIS_MAX_NEW_TOKENS) or the context was reached
+    REPETITION = "repetition"  # the output looped (repetition.py)
+
+    @property
+    def truncated(self) -> bool:
+        return self is not StopReason.EOS
+
+
+@dataclass(frozen=True)
+class PageTimings:
+    """Where a batched engine's time on a page went, in seconds from the page's submission."""
+
+    queue_seconds: float
+    """Until the page was given a slot in the batch."""
+    first_token_seconds: float
+    """Until its first output token."""
+
+
 @dataclass(frozen=True)
 class PageText:
     text: str
     truncated: bool = False
-    stop_reason: str | None = None
-    """Why generation ended: "eos", "max_tokens" or "repetition"; None for engines that do not generate."""
+    stop_reason: StopReason | None = None
+    """None for engines that do not generate."""
     tokens: int = 0
-    queue_seconds: float | None = None
-    first_token_seconds: float | None = None
+    timings: PageTimings | None = None
+    """None for engines that read a page in one call."""
 
 
 class Cancelled(Exception):
@@ -34,6 +57,10 @@ class Engine(Protocol):
     model_revision: str
     batched: bool
     """True when many threads may call `recognize` at once and the engine serves them together."""
+    slots: int
+    """Pages it serves at once: 1 for an engine that reads one page per call (a process each)."""
+    devices: dict[str, int]
+    """Slots per device it runs on ({"cpu": 1} for CPU engines); a batched engine's sum to `slots`."""
     render_dpi: int | None
     """PDF pages at this resolution and images unscaled, for an engine that reads pages as scanned;
     None: both fit GNOSIS_PAGE_MAX_SIDE (a VLM's token budget)."""

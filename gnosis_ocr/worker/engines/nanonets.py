@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ... import defaults
 from ...errors import EngineDead
-from . import PageText
+from . import PageText, PageTimings
 from .decoder import StaticDecoder
 from .prompt import PagePrompt
 from .repetition import RepetitionGuard
@@ -50,8 +50,8 @@ class NanonetsEngine:
         self.max_new_tokens = max_new_tokens
         self.stall_grace = stall_grace
         self.on_dead = on_dead
-        self.devices = resolve_devices(devices)
-        if threads > 0 and self.devices[0].type == "cpu":
+        resolved = resolve_devices(devices)
+        if threads > 0 and resolved[0].type == "cpu":
             torch.set_num_threads(threads)
         # A path, never a repo id: with HF_HUB_OFFLINE=1 this sends no request at all.
         self.processor = AutoProcessor.from_pretrained(str(path))
@@ -70,7 +70,7 @@ class NanonetsEngine:
         self.max_len = longest_prompt + max_new_tokens + 1
         self.models, self.schedulers = [], []
         self.vision_checks: list[dict] = []
-        for device in self.devices:
+        for device in resolved:
             model = load_model(path, device, dtype)
             if vision_attention == "batched":
                 self._batch_vision(model, max_side)
@@ -148,8 +148,8 @@ class NanonetsEngine:
         return sum(s.capacity for s in self.schedulers)
 
     @property
-    def devices_in_use(self) -> list[str]:
-        return [str(s.decoder.device) for s in self.schedulers]
+    def devices(self) -> dict[str, int]:
+        return {str(s.decoder.device): s.capacity for s in self.schedulers}
 
     @property
     def dead(self) -> EngineDead | None:
@@ -216,8 +216,9 @@ class NanonetsEngine:
             raise request.error
         text = self.page_prompt.decode(request.tokens)
         return PageText(text=text, truncated=request.truncated, stop_reason=request.stop_reason,
-                        tokens=len(request.tokens), queue_seconds=request.admitted - request.submitted,
-                        first_token_seconds=request.first_token - request.submitted)
+                        tokens=len(request.tokens),
+                        timings=PageTimings(queue_seconds=request.admitted - request.submitted,
+                                            first_token_seconds=request.first_token - request.submitted))
 
     def _request(self, page, *, max_new_tokens: int | None = None) -> Request:
         import torch

@@ -13,6 +13,8 @@ class NullEngine:
     batched = False
     render_dpi = None
     render_grayscale = False
+    slots = 1
+    devices = {"cpu": 1}
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay

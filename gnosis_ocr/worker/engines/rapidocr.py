@@ -14,6 +14,8 @@ class RapidOcrEngine:
     batched = False
     render_dpi = None
     render_grayscale = False
+    slots = 1
+    devices = {"cpu": 1}
 
     def __init__(self, threads: int = 0) -> None:
         from rapidocr_onnxruntime import RapidOCR

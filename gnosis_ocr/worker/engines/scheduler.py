@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ...errors import EngineCheckFailed, EngineDead, PageTimeout
-from . import Cancelled
+from . import Cancelled, StopReason
 from .repetition import Repetition, RepetitionGuard
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Request:
     first_token: float | None = None
     finished: float | None = None
     tokens: list[int] = field(default_factory=list)
-    stop_reason: str | None = None  # "eos", "max_tokens", "repetition"
+    stop_reason: StopReason | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     resolutions: int = 0
@@ -64,7 +64,7 @@ class Request:
 
     @property
     def truncated(self) -> bool:
-        return self.stop_reason in ("max_tokens", "repetition")
+        return self.stop_reason is not None and self.stop_reason.truncated
 
     @property
     def unwanted(self) -> BaseException | None:
@@ -375,17 +375,17 @@ class Scheduler:
         if reason is not None:
             return self._finish(slot, request, error=reason)
         if token in self.eos_ids:
-            return self._finish(slot, request, reason="eos")
+            return self._finish(slot, request, reason=StopReason.EOS)
         request.tokens.append(token)
         if len(request.tokens) >= request.max_new_tokens:
-            return self._finish(slot, request, reason="max_tokens")
+            return self._finish(slot, request, reason=StopReason.MAX_TOKENS)
         if request.length + len(request.tokens) + 1 >= self.decoder.max_len:
-            return self._finish(slot, request, reason="max_tokens")
+            return self._finish(slot, request, reason=StopReason.MAX_TOKENS)
         if request.watch is not None and request.watch.update(request.tokens):
-            return self._finish(slot, request, reason="repetition")
+            return self._finish(slot, request, reason=StopReason.REPETITION)
         return None
 
-    def _finish(self, slot: int, request: Request, *, reason: str | None = None,
+    def _finish(self, slot: int, request: Request, *, reason: StopReason | None = None,
                 error: BaseException | None = None) -> None:
         self.slots[slot] = None
         request.stop_reason = reason

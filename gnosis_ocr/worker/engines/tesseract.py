@@ -58,6 +58,8 @@ class TesseractEngine:
     render_grayscale = True
     """pdfium's gray rendering anti-aliases glyphs differently from its colour one, and Tesseract reads it
     better (bench/pdf_quality.py) and faster: it binarises the page anyway, with no colour to drop."""
+    slots = 1
+    devices = {"cpu": 1}
 
     def __init__(self, threads: int = 0) -> None:
         if threads > 0:

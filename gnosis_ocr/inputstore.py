@@ -53,21 +53,46 @@ def deployment_id(client) -> str:
 
 
 class InputStore:
-    """Inputs in Redis: the job store's own scripts write, read and delete them."""
+    """Where a deployment's submitted documents wait (GNOSIS_INPUT_STORE), behind one interface."""
+
+    in_redis: bool
+    """True when the job store's own scripts write and delete the bytes (and a page's claim can carry
+    them): `put` and `delete` are then theirs, not this object's."""
+
+    def put(self, job_id: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def fetch(self, job_id: str) -> bytes | None:
+        """The document's bytes wherever they are kept; None when they are not (yet) there."""
+        raise NotImplementedError
+
+    def delete(self, job_id: str) -> None:
+        raise NotImplementedError
+
+    def sweep(self, is_live: Callable[[str], bool]) -> int:
+        """Remove inputs whose jobs are over that a crash left behind; how many."""
+        raise NotImplementedError
+
+
+class RedisInputs(InputStore):
+    """Inputs in each job's Redis key, written and deleted by the job store's scripts."""
 
     in_redis = True
 
-    def put(self, job_id: str, data: bytes) -> None:
-        pass
+    def __init__(self, client) -> None:
+        self.redis = client
 
-    def get(self, job_id: str) -> bytes | None:
-        raise NotImplementedError("inputs in Redis are read with the page claim")
+    def put(self, job_id: str, data: bytes) -> None:
+        pass  # CREATE writes the key with the record
+
+    def fetch(self, job_id: str) -> bytes | None:
+        return self.redis.get(keys.job_input(job_id))
 
     def delete(self, job_id: str) -> None:
-        pass
+        pass  # the script that ends or discards the job deletes the key
 
     def sweep(self, is_live: Callable[[str], bool]) -> int:
-        return 0
+        return 0  # the key goes with its job
 
 
 class DirectoryInputs(InputStore):
@@ -114,7 +139,7 @@ class DirectoryInputs(InputStore):
                                   code="input_store_full") from exc
             raise
 
-    def get(self, job_id: str) -> bytes | None:
+    def fetch(self, job_id: str) -> bytes | None:
         # Where this release writes, then where releases before namespaces wrote (jobs queued across
         # an upgrade).
         for path in (self._path(job_id), self._path(job_id, self.root)):
@@ -204,8 +229,8 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def from_setting(value: str, client=None) -> InputStore:
+def from_setting(value: str, client) -> InputStore:
     """The store GNOSIS_INPUT_STORE names; a directory is namespaced by `client`'s deployment id."""
     if value == "redis":
-        return InputStore()
-    return DirectoryInputs(value, (lambda: deployment_id(client)) if client is not None else "")
+        return RedisInputs(client)
+    return DirectoryInputs(value, lambda: deployment_id(client))

@@ -16,7 +16,7 @@ import redis
 
 from . import job_scripts as scripts
 from . import keys
-from .inputstore import InputStore
+from .inputstore import InputStore, RedisInputs
 from .options import Options
 
 
@@ -199,7 +199,7 @@ class JobStore:
         self.redis = client
         self.ttl = ttl
         self.max_attempts = max_attempts
-        self.inputs = inputs or InputStore()
+        self.inputs = inputs or RedisInputs(client)
         self._create = client.register_script(scripts.CREATE)
         self._start = client.register_script(scripts.START_PAGE)
         self._finish_page = client.register_script(scripts.FINISH_PAGE)
@@ -267,10 +267,9 @@ class JobStore:
         value = self.redis.hget(keys.job(job_id), name)
         return value.decode() if value is not None else None
 
-    def input(self, job_id: str) -> bytes | None:
-        if not self.inputs.in_redis:
-            return self.inputs.get(job_id)
-        return self.redis.get(keys.job_input(job_id))
+    def fetch_input(self, job_id: str) -> bytes | None:
+        """The job's document, wherever GNOSIS_INPUT_STORE keeps it; None once it is gone."""
+        return self.inputs.fetch(job_id)
 
     def start_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], want_input: bool = True,
                    token: str = "") -> Claim:

@@ -96,15 +96,15 @@ def test_deployments_sharing_one_directory_sweep_only_their_own_inputs(tmp_path,
             age(store._path(job_id), ORPHAN_GRACE + 1)
         # Production knows only its own jobs: "a" still runs, "b" ended; staging's "c" is unknown to it.
         assert prod.sweep(lambda job_id: job_id == "a" * 32) == 1
-        assert prod.get("a" * 32) == b"doc" and prod.get("b" * 32) is None
-        assert staging.get("c" * 32) == b"doc", "another deployment's queued document was deleted"
+        assert prod.fetch("a" * 32) == b"doc" and prod.fetch("b" * 32) is None
+        assert staging.fetch("c" * 32) == b"doc", "another deployment's queued document was deleted"
         assert staging.sweep(lambda job_id: True) == 0
 
         # A namespace nobody has marked alive for ABANDONED_AFTER (its deployment is gone) is removed.
         marker = tmp_path / "inputs" / staging.namespace / ".alive"
         age(marker, ABANDONED_AFTER + 1)
         assert prod.sweep(lambda job_id: True) == 1
-        assert staging.get("c" * 32) is None and prod.get("a" * 32) == b"doc"
+        assert staging.fetch("c" * 32) is None and prod.fetch("a" * 32) == b"doc"
     finally:
         staging_redis.stop()
 
@@ -116,9 +116,9 @@ def test_a_document_queued_before_namespaces_is_still_read(tmp_path, redis_url):
     (tmp_path / "dd").mkdir()
     (tmp_path / "dd" / ("d" * 32)).write_bytes(b"old")
     store = from_setting(str(tmp_path), redis.Redis.from_url(redis_url))
-    assert store.get("d" * 32) == b"old"
+    assert store.fetch("d" * 32) == b"old"
     store.delete("d" * 32)
-    assert store.get("d" * 32) is None
+    assert store.fetch("d" * 32) is None
 
 
 def db_bytes(client) -> int:

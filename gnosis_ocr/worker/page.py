@@ -69,12 +69,12 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
 
 def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], token: str) -> Claim:
     """Claim the page, with its document from this host's copy when there is one."""
-    data = rt.inputs.get(job_id)
+    data = rt.local_copies.get(job_id)
     if data is not None:
         claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=False, token=token)
         return Claim(claim.verdict, data, claim.kind, claim.options) if claim.verdict is Verdict.RUN else claim
-    with rt.inputs.fetching(job_id):  # pages of one job claimed at once on this host fetch it once
-        data = rt.inputs.get(job_id)
+    with rt.local_copies.fetching(job_id):  # pages of one job claimed at once on this host fetch it once
+        data = rt.local_copies.get(job_id)
         from_redis = data is None and rt.jobs.inputs.in_redis
         claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=from_redis, token=token)
         if claim.verdict is not Verdict.RUN:
@@ -85,7 +85,7 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
             else:
                 data = claim.data if from_redis else _read_store(rt, job_id)
             if data is not None:
-                rt.inputs.put(job_id, data)
+                rt.local_copies.put(job_id, data)
         return Claim(claim.verdict, data, claim.kind, claim.options)
 
 
@@ -104,7 +104,7 @@ def _read_store(rt: Runtime, job_id: str) -> bytes | None:
     cache a while to show it."""
     deadline = time.monotonic() + rt.settings.visibility_wait
     delay = 0.05
-    while (data := rt.jobs.inputs.get(job_id)) is None and time.monotonic() < deadline:
+    while (data := rt.jobs.fetch_input(job_id)) is None and time.monotonic() < deadline:
         if _job_over(rt, job_id):
             return None
         time.sleep(delay)  # polling the filesystem: no event crosses hosts
@@ -133,7 +133,7 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim
                                   **extra)
     except Cancelled:
         registry.clear(rt.redis, job_id, page)
-        rt.inputs.drop(job_id)
+        rt.local_copies.drop(job_id)
         return "gone"
     except EngineDead as exc:  # not the page's fault: another worker runs it
         registry.clear(rt.redis, job_id, page)
@@ -155,7 +155,7 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim
         truncated=result.truncated, token=token))
     _observe(rt, result, time.monotonic() - started)
     if record.completed_job:
-        rt.inputs.drop(job_id)
+        rt.local_copies.drop(job_id)
         _safely(count_final, rt, job_id)
     return "done"
 
@@ -207,7 +207,7 @@ def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:
     log.warning("job %s failed: %s: %s", job_id, code, message)
     verdict = _retrying(rt, f"fail job {job_id}", lambda: rt.jobs.fail(job_id, code, message))
     registry.clear(rt.redis, job_id, page)
-    rt.inputs.drop(job_id)
+    rt.local_copies.drop(job_id)
     if verdict is Ending.ENDED:
         _safely(count_final, rt, job_id)
     return "failed"

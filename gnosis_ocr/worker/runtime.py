@@ -20,7 +20,7 @@ from ..metrics import Metrics
 from ..redisconn import connect
 from ..settings import Settings
 from .engines import Engine, load_engine
-from .inputs import InputCache
+from .local_copies import LocalCopies
 from .render import PdfRenderer
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Runtime:
         )
         self.jobs = JobStore(self.redis, ttl=settings.job_ttl, max_attempts=settings.page_max_attempts,
                              inputs=inputstore.from_setting(settings.input_store, self.redis))
-        self.inputs = InputCache(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)
+        self.local_copies = LocalCopies(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)
         self.metrics = Metrics(self.redis, background=True)
         self._engine: Engine | None = None
         self._renderer: PdfRenderer | None = None

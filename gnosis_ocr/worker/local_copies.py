@@ -1,8 +1,9 @@
-"""This host's copy of job inputs, so a 100-page document leaves Redis once per host, not once per page.
+"""This host's copies of job inputs, so a 100-page document leaves the input store (Redis, a shared
+directory or a bucket) once per host, not once per page.
 
 Inputs never change once submitted (a job id names one document), so a local copy is never stale.
 Copies live in one private directory per user on the host, shared by every pool process and thread;
-the first claimant of a job fetches it from Redis under a per-job file lock while the others wait
+the first claimant of a job fetches it under a per-job file lock while the others wait
 and then read the file. Files are written to a unique temporary name and renamed, and the oldest
 are removed once the directory grows past its byte budget.
 """
@@ -21,7 +22,9 @@ from ..inputstore import write_atomic
 log = logging.getLogger(__name__)
 
 
-class InputCache:
+class LocalCopies:
+    """Documents this host has fetched for its pages (GNOSIS_INPUT_CACHE_*): not the input store."""
+
     def __init__(self, directory: str | None, *, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.dir = directory or os.path.join(tempfile.gettempdir(), f"gnosis-inputs-{os.getuid()}")

@@ -7,10 +7,9 @@ died before writing its job, a retry waits a few seconds for the record, then ta
 
 from __future__ import annotations
 
-import time
-
 import redis
 
+from .. import backoff
 from ..errors import BadRequest, Conflict
 
 _MAX_KEY = 200
@@ -64,14 +63,8 @@ def wait_for_record(fetch, *, timeout: float):
 
     Returns what `fetch` returned once it was not None, or None after `timeout` seconds.
     """
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while (found := fetch()) is None:
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(delay)  # a few milliseconds in practice; no event exists for "record written"
-        delay = min(delay * 2, 0.2)
-    return found
+    # A few milliseconds in practice; no event exists for "record written".
+    return backoff.poll(fetch, timeout=timeout, first=0.01, cap=0.2)
 
 
 # KEYS: idempotency key. ARGV: this request's claim. Deletes the key only while it holds that claim.

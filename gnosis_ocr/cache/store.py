@@ -25,6 +25,7 @@ from pathlib import Path
 
 import redis
 
+from .. import backoff
 from ..errors import DownloadStalled, DownloadTimeout, LeaseLost, ModelCacheError
 from ..job import now_rfc3339
 from ..metrics import Metrics
@@ -94,13 +95,10 @@ class ModelCache:
         record = self.state.record()
         if record.get("state") != "ready" or record.get("sha") != sha:
             return None
-        deadline = time.monotonic() + self.settings.visibility_wait
-        delay = 0.05
-        while time.monotonic() < deadline:
-            if os.path.exists(manifest_path(self.settings, sha)):
-                return self.complete_snapshot(sha)
-            time.sleep(delay)  # polling the filesystem: there is no event to wait on across hosts
-            delay = min(delay * 2, 2.0)
+        # Polling the filesystem: there is no event to wait on across hosts.
+        if backoff.poll(lambda: os.path.exists(manifest_path(self.settings, sha)) or None,
+                        timeout=self.settings.visibility_wait, first=0.05, cap=2.0):
+            return self.complete_snapshot(sha)
         return None
 
     def ensure_ready(self, progress: Progress | None = None, *, refresh: bool = False) -> Path:

@@ -16,12 +16,11 @@ from datetime import datetime
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 
-from .. import document
+from .. import backoff, document
 from ..errors import EngineDead, GnosisError
 from ..job import Claim, Ending, JobStatus, Verdict
-from . import notify, registry
+from . import notify, registry, telemetry
 from .engines import Cancelled, PageText
-from .probe import local_metrics
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,8 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
     if claim.verdict is not Verdict.RUN:
         return claim.verdict.value
     started = time.monotonic()
-    local = local_metrics()
-    local["in_flight"].inc()
+    local = telemetry.get()
+    local.in_flight.inc()
     outcome = "error"
     try:
         if claim.data is None or claim.kind is None:
@@ -62,9 +61,9 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
         outcome = _run(rt, job_id, page, entry, claim, started, token)
         return outcome
     finally:
-        local["in_flight"].dec()
-        local["pages"].labels(outcome=outcome).inc()
-        local["page_seconds"].observe(time.monotonic() - started)
+        local.in_flight.dec()
+        local.pages.labels(outcome=outcome).inc()
+        local.page_seconds.observe(time.monotonic() - started)
 
 
 def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], token: str) -> Claim:
@@ -102,14 +101,8 @@ def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes | None:
 def _read_store(rt: Runtime, job_id: str) -> bytes | None:
     """The input from the shared directory; written on another host, it may take the mount's metadata
     cache a while to show it."""
-    deadline = time.monotonic() + rt.settings.visibility_wait
-    delay = 0.05
-    while (data := rt.jobs.fetch_input(job_id)) is None and time.monotonic() < deadline:
-        if _job_over(rt, job_id):
-            return None
-        time.sleep(delay)  # polling the filesystem: no event crosses hosts
-        delay = min(delay * 2, 2.0)
-    return data
+    return backoff.poll(lambda: rt.jobs.fetch_input(job_id), timeout=rt.settings.visibility_wait, first=0.05,
+                        cap=2.0, stop=lambda: _job_over(rt, job_id))
 
 
 def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim: Claim, started: float,
@@ -163,8 +156,7 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim
 def _retrying(rt: Runtime, what: str, call):
     """`call()`, retried with back-off through Redis errors for GNOSIS_REDIS_RETRY seconds."""
     deadline = time.monotonic() + rt.settings.redis_retry
-    delay = 0.25
-    while True:
+    for delay in backoff.delays(0.25, 5.0):
         try:
             return call()
         except redis.RedisError as exc:
@@ -172,7 +164,6 @@ def _retrying(rt: Runtime, what: str, call):
                 raise RequeuePage(f"could not {what}: {exc}") from exc
             log.warning("could not %s (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)  # back-off between retries of a failed Redis call
-            delay = min(delay * 2, 5.0)
 
 
 def _safely(fn, *args) -> None:

@@ -19,38 +19,6 @@ from .. import keys, redismemory
 
 log = logging.getLogger(__name__)
 
-_metrics = None
-
-
-def local_metrics():
-    """This process's metric objects (created once, after PROMETHEUS_MULTIPROC_DIR is set)."""
-    global _metrics
-    if _metrics is None:
-        from prometheus_client import Counter, Gauge, Histogram
-
-        from ..metrics import HISTOGRAMS
-
-        buckets = HISTOGRAMS["gnosis_page_duration_seconds"][1]
-        _metrics = {
-            "pages": Counter("gnosis_worker_pages_total", "Pages this worker finished, by outcome.", ["outcome"]),
-            "page_seconds": Histogram("gnosis_worker_page_seconds", "Page latency in this worker.",
-                                      buckets=buckets),
-            "in_flight": Gauge("gnosis_worker_pages_in_flight", "Pages being processed now.",
-                               multiprocess_mode="livesum"),
-            "model_load": Gauge("gnosis_worker_model_load_seconds", "Seconds the engine took to load.",
-                                multiprocess_mode="max"),
-            # Batch occupancy: the gauge is now; rate(tokens) / rate(steps) is the mean over any window.
-            "batch_active": Gauge("gnosis_worker_batch_active", "Pages in the device's batch at the last step.",
-                                  ["device"], multiprocess_mode="livemax"),
-            "batch_slots": Gauge("gnosis_worker_batch_slots", "Pages the device's batch holds.", ["device"],
-                                 multiprocess_mode="livemax"),
-            "decode_steps": Counter("gnosis_worker_decode_steps_total", "Decode steps run.", ["device"]),
-            "decode_tokens": Counter("gnosis_worker_decode_tokens_total", "Tokens decoded (one per page per step).",
-                                     ["device"]),
-        }
-    return _metrics
-
-
 class Probe:
     def __init__(self, client: redis.Redis, *, port: int, worker: str, concurrency: int,
                  dead: Callable[[], BaseException | None] = lambda: None) -> None:

@@ -12,13 +12,14 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .. import inputstore
+from .. import backoff, inputstore
 from ..defaults import ENGINE_EXIT_GRACE, PDF_RENDERERS
 from ..errors import EngineCheckFailed, GnosisError
 from ..job import JobStore
 from ..metrics import Metrics
 from ..redisconn import connect
 from ..settings import Settings
+from . import telemetry
 from .engines import Engine, load_engine
 from .local_copies import LocalCopies
 from .render import PdfRenderer
@@ -61,12 +62,10 @@ class Runtime:
                                            on_step=_record_step, on_dead=self._engine_died)
                 seconds = time.monotonic() - started
                 self.metrics.observe("gnosis_model_load_seconds", seconds, engine=self.settings.engine)
-                from .probe import local_metrics
-
-                local_metrics()["model_load"].set(seconds)
+                telemetry.get().model_load.set(seconds)
                 if self._engine.batched:
                     for device, slots in self._engine.devices.items():
-                        local_metrics()["batch_slots"].labels(device=device).set(slots)
+                        telemetry.get().batch_slots.labels(device=device).set(slots)
                 log.info("engine %s ready in %.2fs (pid %d)", self.settings.engine, seconds, os.getpid())
             return self._engine
 
@@ -107,14 +106,12 @@ class Runtime:
     def preload(self, *, retry: bool = False) -> None:
         """Load the engine now. With `retry`, keep trying with back-off (a batched worker has nothing to
         do without it); otherwise a failed load is retried by the next page."""
-        delay = 2.0
-        while True:
+        for delay in backoff.delays(2.0, 60.0):
             self._preload_once()
             if self._engine is not None or not retry:
                 return
             log.warning("retrying the engine load in %.0fs", delay)
             time.sleep(delay)  # back-off between load attempts, not a synchronisation
-            delay = min(delay * 2, 60.0)
 
     def _preload_once(self) -> None:
         from .registry import engine_loaded
@@ -150,12 +147,10 @@ def _stop_this_process(error: BaseException) -> None:
 
 
 def _record_step(device: str, active: int) -> None:
-    from .probe import local_metrics
-
-    local = local_metrics()
-    local["batch_active"].labels(device=device).set(active)
-    local["decode_steps"].labels(device=device).inc()
-    local["decode_tokens"].labels(device=device).inc(active)
+    local = telemetry.get()
+    local.batch_active.labels(device=device).set(active)
+    local.decode_steps.labels(device=device).inc()
+    local.decode_tokens.labels(device=device).inc(active)
 
 
 _runtime: Runtime | None = None

@@ -1,0 +1,57 @@
+"""This worker process's own metrics, summed over its pool processes by the probe's /metrics.
+
+Created on first use, not at import: prometheus-client picks its multiprocess mode when a metric is
+made, and PROMETHEUS_MULTIPROC_DIR is set by the worker's start-up, after its modules are imported.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    pages: Any
+    """gnosis_worker_pages_total{outcome}: pages this worker finished."""
+    page_seconds: Any
+    in_flight: Any
+    model_load: Any
+    batch_active: Any
+    """Pages in a device's batch at its last step; rate(decode_tokens) / rate(decode_steps) is the mean
+    occupancy over any window."""
+    batch_slots: Any
+    decode_steps: Any
+    decode_tokens: Any
+
+
+_telemetry: Telemetry | None = None
+_lock = threading.Lock()
+
+
+def get() -> Telemetry:
+    global _telemetry
+    with _lock:
+        if _telemetry is None:
+            from prometheus_client import Counter, Gauge, Histogram
+
+            from ..metrics import HISTOGRAMS
+
+            _telemetry = Telemetry(
+                pages=Counter("gnosis_worker_pages_total", "Pages this worker finished, by outcome.", ["outcome"]),
+                page_seconds=Histogram("gnosis_worker_page_seconds", "Page latency in this worker.",
+                                       buckets=HISTOGRAMS["gnosis_page_duration_seconds"][1]),
+                in_flight=Gauge("gnosis_worker_pages_in_flight", "Pages being processed now.",
+                                multiprocess_mode="livesum"),
+                model_load=Gauge("gnosis_worker_model_load_seconds", "Seconds the engine took to load.",
+                                 multiprocess_mode="max"),
+                batch_active=Gauge("gnosis_worker_batch_active", "Pages in the device's batch at the last step.",
+                                   ["device"], multiprocess_mode="livemax"),
+                batch_slots=Gauge("gnosis_worker_batch_slots", "Pages the device's batch holds.", ["device"],
+                                  multiprocess_mode="livemax"),
+                decode_steps=Counter("gnosis_worker_decode_steps_total", "Decode steps run.", ["device"]),
+                decode_tokens=Counter("gnosis_worker_decode_tokens_total", "Tokens decoded (one per page per step).",
+                                      ["device"]),
+            )
+        return _telemetry

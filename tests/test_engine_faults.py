@@ -162,8 +162,12 @@ def test_a_failing_write_after_a_page_ends_kills_the_engine_and_returns_the_othe
     def release_fault(decoder, slot):  # freeing the finished page's slot is the first write to fail
         raise RuntimeError("CUDA error: unspecified launch failure")
 
-    loop.decoder.release_fault = release_fault  # before the pages: the short one may end at once
-    requests = [submit(engine, loop, 0, tokens=5)] + [submit(engine, loop, i, tokens=2000) for i in (1, 2, 3)]
+    loop.decoder.release_fault = release_fault
+    requests = [engine._request(page(0), max_new_tokens=5)] + [engine._request(page(i), max_new_tokens=2000)
+                                                               for i in (1, 2, 3)]
+    with loop._cond:  # queued together: built one by one, the short page could end before the others exist
+        loop._pending.extend(requests)
+        loop._cond.notify()
     settle(requests)
     assert requests[0].error is None and len(requests[0].tokens) == 5, "the finished page keeps its text"
     assert all(isinstance(r.error, EngineDead) for r in requests[1:]), [r.error for r in requests]

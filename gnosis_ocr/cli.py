@@ -30,64 +30,11 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    engine = os.environ.get("OCR_ENGINE", "nanonets")
-    settings = _settings(cache=engine == "nanonets" and not args.light)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub or transformers
-    # CPU threads per pool process: the cores shared out, so N processes do not fight over them.
-    os.environ.setdefault("OCR_THREADS", str(max(1, (os.cpu_count() or 1) // max(args.concurrency, 1))))
-    from .broker import cache_queue, events_queue
-    from .worker import registry
+    from .worker import plan
 
-    # Made before the engine loads (it records itself under this id) and inherited by pool processes.
-    name = registry.assign_worker_id("light-" if args.light else "")
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        import tempfile
-
-        # Set before any fork, so every pool child writes its metrics where the probe reads them.
-        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gnosis-metrics-")
-        _remove_at_exit(metrics_dir)
-    light_queues = f"{cache_queue(settings)},{events_queue(settings)}"
-    pool, concurrency, queues = args.pool, args.concurrency, f"{settings.queue},{light_queues}"
-    if args.light:
-        os.environ["GNOSIS_WORKER_ROLE"] = "light"
-        pool, queues = "threads", light_queues
-    else:
-        from .worker import sidecar
-
-        if engine == "nanonets" and args.pool in (None, "threads"):
-            # One process owns the GPUs: its threads feed pages from any job into each device's batch.
-            from .worker import runtime
-
-            rt = runtime.get()
-            rt.preload(retry=True)
-            pool, concurrency = "threads", rt.engine().slots + settings.prefetch_pages
-        # Webhooks and cache warm-ups get their own process and pool: they never wait behind pages, and
-        # a warm-up of gigabytes is not cut off by the page time limit.
-        queues = settings.queue
-        sidecar.start_light_worker(loglevel=args.loglevel)
-    from .worker.celery_app import app
-
-    argv = ["worker", f"--concurrency={concurrency}", f"--queues={queues}", "--optimization=fair",
-            f"--loglevel={args.loglevel}", "--without-mingle", "--without-gossip",
-            f"--hostname={name}", "--task-events"]
-    if pool:
-        argv.append(f"--pool={pool}")
-    app.worker_main(argv)
-    from .worker import runtime
-
-    if runtime.engine_died():
-        return runtime.EXIT_ENGINE_DEAD
-    return EXIT_OK
-
-
-def _remove_at_exit(path: str) -> None:
-    """Remove `path` when this process exits (not when a forked pool child does): no directory is left
-    behind per worker start."""
-    import atexit
-    import shutil
-
-    owner = os.getpid()
-    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+    settings = _settings()
+    return plan.run(plan.make(settings, light=args.light, pool=args.pool, concurrency=args.concurrency,
+                              loglevel=args.loglevel), settings)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

@@ -12,6 +12,16 @@ DEFAULT_ENGINE = "nanonets"
 ENGINES = ("nanonets", "tesseract", "rapidocr", "null")
 """`null` returns empty text without OCR: for measuring the queue's own overhead."""
 
+DEFAULT_DEVICE = ("auto",)
+"""Where the GPU engine runs: `auto` (every visible GPU, else the CPU), `cpu`, `cuda`, `cuda:N`, or a list."""
+
+DEFAULT_THREADS = 0
+"""CPU threads per engine; 0: the host's cores shared out among the worker's pool processes."""
+
+DEFAULT_VISION_ATTENTION = "batched"
+"""The vision tower's attention: `batched` (one call per layer, kept on a device only if its start-up
+check agrees) or `windows` (the library's call per window)."""
+
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 """Largest accepted request body, in bytes; bigger uploads get 413 before the body is read."""
 
@@ -39,15 +49,24 @@ DEFAULT_INPUT_CACHE_BYTES = 1024**3
 """Bytes of job inputs a worker host keeps on local disk, so that each document leaves Redis once per
 host rather than once per page; 0 turns the copy off."""
 
+DEFAULT_INPUT_CACHE_DIR = ""
+"""Where those copies live; empty: a private directory under the system's temporary one."""
+
+DEFAULT_INPUT_STORE = "redis"
+"""Where submitted documents wait: `redis`, or an absolute directory every API and worker mounts."""
+
 DEFAULT_REDIS_RETRY = 60.0
 """Seconds a worker keeps retrying to record a finished page through Redis errors (a restart, a
 failover, an out-of-memory reply) before it returns the page's message to the queue."""
 
-DEFAULT_PAGE_SOFT_TIME_LIMIT = 300
+DEFAULT_PAGE_SOFT_TIMEOUT = 300
 """Seconds one page may run before it is stopped and its job fails with `timeout`."""
 
-DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE = 60
+PAGE_HARD_TIMEOUT_GRACE = 60
 """Seconds after the soft limit when the page's worker process is killed outright."""
+
+DEFAULT_PAGE_HARD_TIMEOUT = 0
+"""Seconds before a page's process is killed; 0: the soft timeout plus PAGE_HARD_TIMEOUT_GRACE."""
 
 DEFAULT_PAGE_MAX_ATTEMPTS = 3
 """Deliveries of one page (crashes and redeliveries included) before its job fails with `worker_lost`."""
@@ -76,11 +95,11 @@ DEFAULT_LEASE_WAIT = 3600
 DEFAULT_DOWNLOAD_WORKERS = 8
 """Files fetched in parallel by the one downloader."""
 
-DEFAULT_DOWNLOAD_STALL = 300
+DEFAULT_DOWNLOAD_STALL_TIMEOUT = 300
 """Seconds a download may go without a byte written or a file finished before it is killed and started
 again (a transfer that hangs without an error, as Xet's are known to on some hosts)."""
 
-DEFAULT_VISIBILITY_WAIT = 30
+DEFAULT_CACHE_VISIBILITY_WAIT = 30
 """Seconds a worker waits for a manifest published on another host to appear here (GCS FUSE stat cache)."""
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0
@@ -133,6 +152,15 @@ DEFAULT_PREFETCH_PAGES = 4
 DEFAULT_API_CONNECTIONS = 1000
 """Open connections each API process serves at once (each a gevent greenlet: idle ones cost a few KiB)."""
 
+DEFAULT_API_WORKER_CLASS = "gevent"
+"""gunicorn's worker class for the API: `gevent` or `gthread`."""
+
+DEFAULT_CACHE_VERIFY = "quick"
+"""How a worker checks the cached model before loading it: `quick` (sizes and mtimes) or `full` (hashes)."""
+
+DEFAULT_WORKER_PORT = 0
+"""The worker's probe port (/healthz, /readyz, /metrics); 0: none."""
+
 DEFAULT_HEADER_TIMEOUT = 10
 """Seconds a client has to send a complete request head (and to send the next one on a kept-alive
 connection) before the API drops it: slow-header clients cannot pile up."""
@@ -154,3 +182,15 @@ deadline, instead of under one process-wide pdfium lock with none."""
 
 DEFAULT_MAX_BATCH_DOCUMENTS = 10_000
 """Documents one batch may hold (GNOSIS_MAX_BATCH_DOCUMENTS); past it, the rest are counted as skipped."""
+
+DEFAULT_WEBHOOK_SECRET = ""
+"""The HMAC key webhooks are signed with; empty: unsigned."""
+
+DEFAULT_WEBHOOK_ALLOW_PRIVATE = False
+"""Whether callback URLs may resolve to private, loopback or link-local addresses."""
+
+DEFAULT_BATCH_BUCKETS = ()
+"""`gs://bucket/prefix` entries batches may read and write; none: batches are off."""
+
+DEFAULT_METRICS_OPEN = True
+"""Whether /metrics answers without an API key when keys are on."""

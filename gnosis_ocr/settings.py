@@ -16,63 +16,77 @@ from .errors import ConfigError
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
+def _setting(env: str, default, **extra):
+    """A field read from the environment variable `env`, parsed as its default's type (an int, float,
+    bool, str, or a comma-separated tuple of str)."""
+    return field(default=default, metadata={"env": env, **extra})
+
+
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = defaults.DEFAULT_REDIS_URL
-    model_cache_path: str = defaults.DEFAULT_MODEL_CACHE_PATH
-    model_id: str = defaults.DEFAULT_MODEL_ID
-    model_revision: str = defaults.DEFAULT_MODEL_REVISION
-    engine: str = defaults.DEFAULT_ENGINE
-    devices: tuple[str, ...] = ("auto",)
-    max_new_tokens: int = defaults.DEFAULT_MAX_NEW_TOKENS
-    engine_threads: int = 0
-    max_upload_bytes: int = defaults.DEFAULT_MAX_UPLOAD_BYTES
-    max_pages: int = defaults.DEFAULT_MAX_PAGES
-    max_pixels: int = defaults.DEFAULT_MAX_PIXELS
-    page_max_side: int = defaults.DEFAULT_PAGE_MAX_SIDE
-    job_ttl: int = defaults.DEFAULT_JOB_TTL
-    job_max_age: int = defaults.DEFAULT_JOB_MAX_AGE
-    max_queued_bytes: int = defaults.DEFAULT_MAX_QUEUED_BYTES
-    redis_memory_limit: float = defaults.DEFAULT_REDIS_MEMORY_LIMIT
-    reconcile_grace: float = defaults.DEFAULT_RECONCILE_GRACE
-    input_cache_bytes: int = defaults.DEFAULT_INPUT_CACHE_BYTES
-    input_cache_dir: str = ""
-    redis_retry: float = defaults.DEFAULT_REDIS_RETRY
-    api_connections: int = defaults.DEFAULT_API_CONNECTIONS
-    header_timeout: int = defaults.DEFAULT_HEADER_TIMEOUT
-    api_worker_class: str = "gevent"
-    max_key_pages: int = defaults.DEFAULT_MAX_KEY_PAGES
-    input_store: str = "redis"
-    page_soft_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT
-    page_hard_time_limit: int = defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
-    page_max_attempts: int = defaults.DEFAULT_PAGE_MAX_ATTEMPTS
-    batch_size: int = defaults.DEFAULT_BATCH_SIZE
-    prefill_batch: int = defaults.DEFAULT_PREFILL_BATCH
-    repetition_window: int = defaults.DEFAULT_REPETITION_WINDOW
-    vision_attention: str = "batched"
-    prefetch_pages: int = defaults.DEFAULT_PREFETCH_PAGES
-    queue: str = defaults.DEFAULT_QUEUE
-    redis_timeout: float = defaults.DEFAULT_REDIS_TIMEOUT
-    retry_after: int = defaults.DEFAULT_RETRY_AFTER
-    lease_ttl: int = defaults.DEFAULT_LEASE_TTL
-    lease_wait: int = defaults.DEFAULT_LEASE_WAIT
-    download_workers: int = defaults.DEFAULT_DOWNLOAD_WORKERS
-    download_stall: float = defaults.DEFAULT_DOWNLOAD_STALL
-    cache_verify: str = "quick"
-    visibility_wait: float = defaults.DEFAULT_VISIBILITY_WAIT
-    heartbeat_interval: float = defaults.DEFAULT_HEARTBEAT_INTERVAL
-    max_queue_depth: int = defaults.DEFAULT_MAX_QUEUE_DEPTH
-    worker_port: int = 0
-    null_engine_delay: float = defaults.DEFAULT_NULL_ENGINE_DELAY
-    webhook_secret: str = ""
-    webhook_allow_private: bool = False
-    webhook_max_attempts: int = defaults.DEFAULT_WEBHOOK_MAX_ATTEMPTS
-    webhook_backoff: float = defaults.DEFAULT_WEBHOOK_BACKOFF
-    webhook_timeout: float = defaults.DEFAULT_WEBHOOK_TIMEOUT
-    batch_buckets: tuple[str, ...] = ()
-    max_batch_documents: int = defaults.DEFAULT_MAX_BATCH_DOCUMENTS
-    api_key_hashes: frozenset[str] = field(default_factory=frozenset)
-    metrics_open: bool = True
+    """Each field is named after its variable (without the GNOSIS_ or OCR_ prefix, lowercase) and its
+    default is `defaults.DEFAULT_<NAME>`, with its unit there."""
+
+    redis_url: str = _setting("REDIS_URL", defaults.DEFAULT_REDIS_URL)
+    model_cache_path: str = _setting("MODEL_CACHE_PATH", defaults.DEFAULT_MODEL_CACHE_PATH)
+    model_id: str = _setting("OCR_MODEL_ID", defaults.DEFAULT_MODEL_ID)
+    model_revision: str = _setting("OCR_MODEL_REVISION", defaults.DEFAULT_MODEL_REVISION)
+    engine: str = _setting("OCR_ENGINE", defaults.DEFAULT_ENGINE)
+    device: tuple[str, ...] = _setting("OCR_DEVICE", defaults.DEFAULT_DEVICE)
+    max_new_tokens: int = _setting("OCR_MAX_NEW_TOKENS", defaults.DEFAULT_MAX_NEW_TOKENS)
+    threads: int = _setting("OCR_THREADS", defaults.DEFAULT_THREADS)
+    batch_size: int = _setting("OCR_BATCH_SIZE", defaults.DEFAULT_BATCH_SIZE)
+    prefill_batch: int = _setting("OCR_PREFILL_BATCH", defaults.DEFAULT_PREFILL_BATCH)
+    repetition_window: int = _setting("OCR_REPETITION_WINDOW", defaults.DEFAULT_REPETITION_WINDOW)
+    vision_attention: str = _setting("OCR_VISION_ATTENTION", defaults.DEFAULT_VISION_ATTENTION)
+    max_upload_bytes: int = _setting("GNOSIS_MAX_UPLOAD_BYTES", defaults.DEFAULT_MAX_UPLOAD_BYTES)
+    max_pages: int = _setting("GNOSIS_MAX_PAGES", defaults.DEFAULT_MAX_PAGES)
+    max_pixels: int = _setting("GNOSIS_MAX_PIXELS", defaults.DEFAULT_MAX_PIXELS)
+    page_max_side: int = _setting("GNOSIS_PAGE_MAX_SIDE", defaults.DEFAULT_PAGE_MAX_SIDE)
+    job_ttl: int = _setting("GNOSIS_JOB_TTL", defaults.DEFAULT_JOB_TTL)
+    job_max_age: int = _setting("GNOSIS_JOB_MAX_AGE", defaults.DEFAULT_JOB_MAX_AGE)
+    max_queued_bytes: int = _setting("GNOSIS_MAX_QUEUED_BYTES", defaults.DEFAULT_MAX_QUEUED_BYTES)
+    redis_memory_limit: float = _setting("GNOSIS_REDIS_MEMORY_LIMIT", defaults.DEFAULT_REDIS_MEMORY_LIMIT)
+    reconcile_grace: float = _setting("GNOSIS_RECONCILE_GRACE", defaults.DEFAULT_RECONCILE_GRACE)
+    input_cache_bytes: int = _setting("GNOSIS_INPUT_CACHE_BYTES", defaults.DEFAULT_INPUT_CACHE_BYTES)
+    input_cache_dir: str = _setting("GNOSIS_INPUT_CACHE_DIR", defaults.DEFAULT_INPUT_CACHE_DIR)
+    redis_retry: float = _setting("GNOSIS_REDIS_RETRY", defaults.DEFAULT_REDIS_RETRY)
+    api_connections: int = _setting("GNOSIS_API_CONNECTIONS", defaults.DEFAULT_API_CONNECTIONS)
+    header_timeout: int = _setting("GNOSIS_HEADER_TIMEOUT", defaults.DEFAULT_HEADER_TIMEOUT)
+    api_worker_class: str = _setting("GNOSIS_API_WORKER_CLASS", defaults.DEFAULT_API_WORKER_CLASS)
+    max_key_pages: int = _setting("GNOSIS_MAX_KEY_PAGES", defaults.DEFAULT_MAX_KEY_PAGES)
+    input_store: str = _setting("GNOSIS_INPUT_STORE", defaults.DEFAULT_INPUT_STORE)
+    page_soft_timeout: int = _setting("GNOSIS_PAGE_SOFT_TIMEOUT", defaults.DEFAULT_PAGE_SOFT_TIMEOUT)
+    page_hard_timeout: int = _setting("GNOSIS_PAGE_HARD_TIMEOUT", defaults.DEFAULT_PAGE_HARD_TIMEOUT)
+    page_max_attempts: int = _setting("GNOSIS_PAGE_MAX_ATTEMPTS", defaults.DEFAULT_PAGE_MAX_ATTEMPTS)
+    prefetch_pages: int = _setting("GNOSIS_PREFETCH_PAGES", defaults.DEFAULT_PREFETCH_PAGES)
+    queue: str = _setting("GNOSIS_QUEUE", defaults.DEFAULT_QUEUE)
+    redis_timeout: float = _setting("GNOSIS_REDIS_TIMEOUT", defaults.DEFAULT_REDIS_TIMEOUT)
+    retry_after: int = _setting("GNOSIS_RETRY_AFTER", defaults.DEFAULT_RETRY_AFTER)
+    lease_ttl: int = _setting("GNOSIS_LEASE_TTL", defaults.DEFAULT_LEASE_TTL)
+    lease_wait: int = _setting("GNOSIS_LEASE_WAIT", defaults.DEFAULT_LEASE_WAIT)
+    download_workers: int = _setting("GNOSIS_DOWNLOAD_WORKERS", defaults.DEFAULT_DOWNLOAD_WORKERS)
+    download_stall_timeout: float = _setting("GNOSIS_DOWNLOAD_STALL_TIMEOUT", defaults.DEFAULT_DOWNLOAD_STALL_TIMEOUT)
+    cache_verify: str = _setting("GNOSIS_CACHE_VERIFY", defaults.DEFAULT_CACHE_VERIFY)
+    cache_visibility_wait: float = _setting("GNOSIS_CACHE_VISIBILITY_WAIT", defaults.DEFAULT_CACHE_VISIBILITY_WAIT)
+    heartbeat_interval: float = _setting("GNOSIS_HEARTBEAT_INTERVAL", defaults.DEFAULT_HEARTBEAT_INTERVAL)
+    max_queue_depth: int = _setting("GNOSIS_MAX_QUEUE_DEPTH", defaults.DEFAULT_MAX_QUEUE_DEPTH)
+    worker_port: int = _setting("GNOSIS_WORKER_PORT", defaults.DEFAULT_WORKER_PORT)
+    null_engine_delay: float = _setting("GNOSIS_NULL_ENGINE_DELAY", defaults.DEFAULT_NULL_ENGINE_DELAY)
+    webhook_secret: str = _setting("GNOSIS_WEBHOOK_SECRET", defaults.DEFAULT_WEBHOOK_SECRET)
+    webhook_allow_private: bool = _setting("GNOSIS_WEBHOOK_ALLOW_PRIVATE", defaults.DEFAULT_WEBHOOK_ALLOW_PRIVATE)
+    webhook_max_attempts: int = _setting("GNOSIS_WEBHOOK_MAX_ATTEMPTS", defaults.DEFAULT_WEBHOOK_MAX_ATTEMPTS)
+    webhook_backoff: float = _setting("GNOSIS_WEBHOOK_BACKOFF", defaults.DEFAULT_WEBHOOK_BACKOFF)
+    webhook_timeout: float = _setting("GNOSIS_WEBHOOK_TIMEOUT", defaults.DEFAULT_WEBHOOK_TIMEOUT)
+    batch_buckets: tuple[str, ...] = _setting("GNOSIS_BATCH_BUCKETS", defaults.DEFAULT_BATCH_BUCKETS)
+    max_batch_documents: int = _setting("GNOSIS_MAX_BATCH_DOCUMENTS", defaults.DEFAULT_MAX_BATCH_DOCUMENTS)
+    api_key_hashes: frozenset[str] = field(default=frozenset(), metadata={"env": "GNOSIS_API_KEYS", "secret": True})
+    """SHA-256 digests of the keys GNOSIS_API_KEYS lists: the keys themselves are never kept."""
+    metrics_open: bool = _setting("GNOSIS_METRICS_OPEN", defaults.DEFAULT_METRICS_OPEN)
+
+    def __post_init__(self) -> None:
+        if not self.page_hard_timeout:
+            object.__setattr__(self, "page_hard_timeout", self.page_soft_timeout + defaults.PAGE_HARD_TIMEOUT_GRACE)
 
     @property
     def hub_cache(self) -> str:
@@ -81,72 +95,20 @@ class Settings:
     @property
     def visibility_timeout(self) -> int:
         """Seconds before the broker redelivers an unacknowledged task: always past its hard limit."""
-        return self.page_hard_time_limit * 2 + 60
+        return self.page_hard_timeout * 2 + 60
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        soft = _int(env, "GNOSIS_PAGE_SOFT_TIMEOUT", defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT)
-        keys = [k.strip() for k in env.get("GNOSIS_API_KEYS", "").split(",") if k.strip()]
-        settings = cls(
-            redis_url=env.get("REDIS_URL", defaults.DEFAULT_REDIS_URL),
-            model_cache_path=env.get("MODEL_CACHE_PATH", defaults.DEFAULT_MODEL_CACHE_PATH),
-            model_id=env.get("OCR_MODEL_ID", defaults.DEFAULT_MODEL_ID),
-            model_revision=env.get("OCR_MODEL_REVISION", defaults.DEFAULT_MODEL_REVISION),
-            engine=env.get("OCR_ENGINE", defaults.DEFAULT_ENGINE),
-            devices=tuple(d.strip() for d in env.get("OCR_DEVICE", "auto").split(",") if d.strip()) or ("auto",),
-            max_new_tokens=_int(env, "OCR_MAX_NEW_TOKENS", defaults.DEFAULT_MAX_NEW_TOKENS),
-            engine_threads=_int(env, "OCR_THREADS", 0),
-            max_upload_bytes=_int(env, "GNOSIS_MAX_UPLOAD_BYTES", defaults.DEFAULT_MAX_UPLOAD_BYTES),
-            max_pages=_int(env, "GNOSIS_MAX_PAGES", defaults.DEFAULT_MAX_PAGES),
-            max_pixels=_int(env, "GNOSIS_MAX_PIXELS", defaults.DEFAULT_MAX_PIXELS),
-            page_max_side=_int(env, "GNOSIS_PAGE_MAX_SIDE", defaults.DEFAULT_PAGE_MAX_SIDE),
-            job_ttl=_int(env, "GNOSIS_JOB_TTL", defaults.DEFAULT_JOB_TTL),
-            job_max_age=_int(env, "GNOSIS_JOB_MAX_AGE", defaults.DEFAULT_JOB_MAX_AGE),
-            max_queued_bytes=_int(env, "GNOSIS_MAX_QUEUED_BYTES", defaults.DEFAULT_MAX_QUEUED_BYTES),
-            redis_memory_limit=_float(env, "GNOSIS_REDIS_MEMORY_LIMIT", defaults.DEFAULT_REDIS_MEMORY_LIMIT),
-            reconcile_grace=_float(env, "GNOSIS_RECONCILE_GRACE", defaults.DEFAULT_RECONCILE_GRACE),
-            input_cache_bytes=_int(env, "GNOSIS_INPUT_CACHE_BYTES", defaults.DEFAULT_INPUT_CACHE_BYTES),
-            input_cache_dir=env.get("GNOSIS_INPUT_CACHE_DIR", ""),
-            redis_retry=_float(env, "GNOSIS_REDIS_RETRY", defaults.DEFAULT_REDIS_RETRY),
-            api_connections=_int(env, "GNOSIS_API_CONNECTIONS", defaults.DEFAULT_API_CONNECTIONS),
-            header_timeout=_int(env, "GNOSIS_HEADER_TIMEOUT", defaults.DEFAULT_HEADER_TIMEOUT),
-            api_worker_class=env.get("GNOSIS_API_WORKER_CLASS", "gevent"),
-            max_key_pages=_int(env, "GNOSIS_MAX_KEY_PAGES", defaults.DEFAULT_MAX_KEY_PAGES),
-            input_store=env.get("GNOSIS_INPUT_STORE", "redis"),
-            page_soft_time_limit=soft,
-            page_hard_time_limit=_int(
-                env, "GNOSIS_PAGE_HARD_TIMEOUT", soft + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
-            ),
-            page_max_attempts=_int(env, "GNOSIS_PAGE_MAX_ATTEMPTS", defaults.DEFAULT_PAGE_MAX_ATTEMPTS),
-            batch_size=_int(env, "OCR_BATCH_SIZE", defaults.DEFAULT_BATCH_SIZE),
-            prefill_batch=_int(env, "OCR_PREFILL_BATCH", defaults.DEFAULT_PREFILL_BATCH),
-            repetition_window=_int(env, "OCR_REPETITION_WINDOW", defaults.DEFAULT_REPETITION_WINDOW),
-            vision_attention=env.get("OCR_VISION_ATTENTION", "batched"),
-            prefetch_pages=_int(env, "GNOSIS_PREFETCH_PAGES", defaults.DEFAULT_PREFETCH_PAGES),
-            queue=env.get("GNOSIS_QUEUE", defaults.DEFAULT_QUEUE),
-            redis_timeout=_float(env, "GNOSIS_REDIS_TIMEOUT", defaults.DEFAULT_REDIS_TIMEOUT),
-            retry_after=_int(env, "GNOSIS_RETRY_AFTER", defaults.DEFAULT_RETRY_AFTER),
-            lease_ttl=_int(env, "GNOSIS_LEASE_TTL", defaults.DEFAULT_LEASE_TTL),
-            lease_wait=_int(env, "GNOSIS_LEASE_WAIT", defaults.DEFAULT_LEASE_WAIT),
-            download_workers=_int(env, "GNOSIS_DOWNLOAD_WORKERS", defaults.DEFAULT_DOWNLOAD_WORKERS),
-            download_stall=_float(env, "GNOSIS_DOWNLOAD_STALL_TIMEOUT", defaults.DEFAULT_DOWNLOAD_STALL),
-            cache_verify=env.get("GNOSIS_CACHE_VERIFY", "quick"),
-            visibility_wait=_float(env, "GNOSIS_CACHE_VISIBILITY_WAIT", defaults.DEFAULT_VISIBILITY_WAIT),
-            heartbeat_interval=_float(env, "GNOSIS_HEARTBEAT_INTERVAL", defaults.DEFAULT_HEARTBEAT_INTERVAL),
-            max_queue_depth=_int(env, "GNOSIS_MAX_QUEUE_DEPTH", defaults.DEFAULT_MAX_QUEUE_DEPTH),
-            worker_port=_int(env, "GNOSIS_WORKER_PORT", 0),
-            null_engine_delay=_float(env, "GNOSIS_NULL_ENGINE_DELAY", defaults.DEFAULT_NULL_ENGINE_DELAY),
-            webhook_secret=env.get("GNOSIS_WEBHOOK_SECRET", ""),
-            webhook_allow_private=_bool(env, "GNOSIS_WEBHOOK_ALLOW_PRIVATE", False),
-            batch_buckets=tuple(p.strip() for p in env.get("GNOSIS_BATCH_BUCKETS", "").split(",") if p.strip()),
-            max_batch_documents=_int(env, "GNOSIS_MAX_BATCH_DOCUMENTS", defaults.DEFAULT_MAX_BATCH_DOCUMENTS),
-            webhook_max_attempts=_int(env, "GNOSIS_WEBHOOK_MAX_ATTEMPTS", defaults.DEFAULT_WEBHOOK_MAX_ATTEMPTS),
-            webhook_backoff=_float(env, "GNOSIS_WEBHOOK_BACKOFF", defaults.DEFAULT_WEBHOOK_BACKOFF),
-            webhook_timeout=_float(env, "GNOSIS_WEBHOOK_TIMEOUT", defaults.DEFAULT_WEBHOOK_TIMEOUT),
-            api_key_hashes=frozenset(hash_key(k) for k in keys),
-            metrics_open=_bool(env, "GNOSIS_METRICS_OPEN", True),
-        )
+        values = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            if f.name == "api_key_hashes":
+                listed = [k.strip() for k in env.get(name, "").split(",") if k.strip()]
+                values[f.name] = frozenset(hash_key(k) for k in listed)
+            else:
+                values[f.name] = _parse(env, name, f.default)
+        settings = cls(**values)
         settings.validate()
         return settings
 
@@ -171,7 +133,7 @@ class Settings:
                 raise ConfigError(f"REDIS_URL {redact(self.redis_url)!r} has an invalid port") from exc
         if self.engine not in defaults.ENGINES:
             raise ConfigError(f"OCR_ENGINE {self.engine!r} is unknown; choose one of {', '.join(defaults.ENGINES)}")
-        for device in self.devices:
+        for device in self.device:
             if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
                 raise ConfigError(f"OCR_DEVICE {device!r} is not auto, cpu, cuda or cuda:N (or a comma-separated list)")
         for name in ("batch_size", "repetition_window", "prefetch_pages", "input_cache_bytes", "redis_retry"):
@@ -192,12 +154,12 @@ class Settings:
             raise ConfigError(f"GNOSIS_CACHE_VERIFY {self.cache_verify!r} is not quick or full")
         if "/" not in self.model_id:
             raise ConfigError(f"OCR_MODEL_ID {self.model_id!r} is not an org/name repo id")
-        if self.page_hard_time_limit <= self.page_soft_time_limit:
+        if self.page_hard_timeout <= self.page_soft_timeout:
             raise ConfigError("GNOSIS_PAGE_HARD_TIMEOUT must be longer than GNOSIS_PAGE_SOFT_TIMEOUT")
         for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl", "job_max_age",
                      "max_queued_bytes", "api_connections", "header_timeout", "max_key_pages",
-                     "page_soft_time_limit", "page_max_attempts", "lease_ttl", "lease_wait",
-                     "download_workers", "download_stall", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
+                     "page_soft_timeout", "page_max_attempts", "lease_ttl", "lease_wait",
+                     "download_workers", "download_stall_timeout", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
                      "prefill_batch", "reconcile_grace", "max_batch_documents"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -215,6 +177,18 @@ class Settings:
 def hash_key(key: str) -> str:
     """API keys are kept only as SHA-256 digests."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _parse(env: Mapping[str, str], name: str, default):
+    if isinstance(default, bool):  # before int: a bool is an int
+        return _bool(env, name, default)
+    if isinstance(default, int):
+        return _int(env, name, default)
+    if isinstance(default, float):
+        return _float(env, name, default)
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip()) or default
+    return env.get(name, default)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

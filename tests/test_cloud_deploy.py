@@ -235,7 +235,7 @@ def test_the_gke_overlays_render_and_pass_strict_schema_validation(overlay):
     )
     # A worker scaled in gets long enough to finish a page it started.
     assert worker["spec"]["terminationGracePeriodSeconds"] >= (
-        defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT + defaults.DEFAULT_PAGE_HARD_TIME_LIMIT_GRACE
+        defaults.DEFAULT_PAGE_SOFT_TIMEOUT + defaults.PAGE_HARD_TIMEOUT_GRACE
     )
     limits = probes.get("resources", {}).get("limits", {})
     assert (limits.get("nvidia.com/gpu") == "1") == (overlay == "gpu")

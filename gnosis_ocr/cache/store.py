@@ -97,7 +97,7 @@ class ModelCache:
             return None
         # Polling the filesystem: there is no event to wait on across hosts.
         if backoff.poll(lambda: os.path.exists(manifest_path(self.settings, sha)) or None,
-                        timeout=self.settings.visibility_wait, first=0.05, cap=2.0):
+                        timeout=self.settings.cache_visibility_wait, first=0.05, cap=2.0):
             return self.complete_snapshot(sha)
         return None
 
@@ -208,7 +208,7 @@ class ModelCache:
         error = None
         assert proc.stdout is not None
         watchdog = _Watchdog(proc, os.path.join(self.settings.hub_cache, repo_folder(self.settings.model_id), "blobs"),
-                             self.settings.download_stall)
+                             self.settings.download_stall_timeout)
         for line in proc.stdout:
             watchdog.moved()
             try:
@@ -226,7 +226,7 @@ class ModelCache:
         watchdog.stop()
         if watchdog.fired:
             raise DownloadStalled(f"Downloading {self.settings.model_id} made no progress for "
-                                  f"{self.settings.download_stall:.0f}s (GNOSIS_DOWNLOAD_STALL_TIMEOUT); it was "
+                                  f"{self.settings.download_stall_timeout:.0f}s (GNOSIS_DOWNLOAD_STALL_TIMEOUT); it was "
                                   "stopped and will be started again.")
         if self.lease.lost.is_set():
             raise LeaseLost("The download lease was lost; another worker will finish the download.")

@@ -101,13 +101,13 @@ def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes | None:
 def _read_store(rt: Runtime, job_id: str) -> bytes | None:
     """The input from the shared directory; written on another host, it may take the mount's metadata
     cache a while to show it."""
-    return backoff.poll(lambda: rt.jobs.fetch_input(job_id), timeout=rt.settings.visibility_wait, first=0.05,
+    return backoff.poll(lambda: rt.jobs.fetch_input(job_id), timeout=rt.settings.cache_visibility_wait, first=0.05,
                         cap=2.0, stop=lambda: _job_over(rt, job_id))
 
 
 def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim: Claim, started: float,
          token: str) -> str:
-    limit = rt.settings.page_soft_time_limit
+    limit = rt.settings.page_soft_timeout
     data, kind, options = claim.data, claim.kind, claim.options
     source = options.document_page(page)  # the job's page `page` is this page of the document
     try:
@@ -236,7 +236,7 @@ def hard_timeout(rt: Runtime, job_id: str, page: int) -> None:
     """Called in the worker's main process after it killed a pool process stuck past the hard limit."""
     try:
         _fail(rt, job_id, page, "timeout",
-              f"Page {page + 1} exceeded the hard time limit of {rt.settings.page_hard_time_limit} seconds; "
+              f"Page {page + 1} exceeded the hard time limit of {rt.settings.page_hard_timeout} seconds; "
               "the process was replaced.")
     except RequeuePage as exc:  # the message is already acknowledged: the max-age sweep ends the job
         log.error("%s", exc)

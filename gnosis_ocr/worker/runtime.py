@@ -19,7 +19,7 @@ from ..job import JobStore
 from ..metrics import Metrics
 from ..redisconn import connect
 from ..settings import Settings
-from . import telemetry
+from . import plan, telemetry
 from .engines import Engine, load_engine
 from .local_copies import LocalCopies
 from .render import PdfRenderer
@@ -97,9 +97,9 @@ class Runtime:
     def expected_engines(self, pool_limit: int) -> int:
         """Engines this worker loads before it is ready: none for the light (webhook, cache) worker,
         one for a batched engine serving a threads pool, else one per pool process."""
-        if os.environ.get("GNOSIS_WORKER_ROLE") == "light":
+        if (current := plan.current()) is not None and current.light:
             return 0
-        if self._engine is not None and getattr(self._engine, "batched", False):
+        if self._engine is not None and self._engine.batched:
             return 1
         return pool_limit
 

@@ -10,7 +10,7 @@ from celery.exceptions import Reject
 
 from .. import redismemory
 from ..broker import DELIVER_BATCH_WEBHOOK_TASK, DELIVER_WEBHOOK_TASK, EXPAND_BATCH_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
-from . import batches, heartbeat, notify, outbox, page, probe, registry, runtime
+from . import batches, heartbeat, notify, outbox, page, plan, probe, registry, runtime
 from .celery_app import app
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def _load_engine_in_child(**_) -> None:
 @signals.worker_init.connect
 def _name_worker(**_) -> None:
     # Main process, before the pool forks: `celery -A` workers get a unique id as `gnosis-ocr worker` does.
-    registry.ensure_worker_id(os.environ.get("GNOSIS_WORKER_ROLE") == "light" and "light-" or "")
+    current = plan.current()
+    registry.ensure_worker_id("light-" if current is not None and current.light else "")
 
 
 @signals.worker_ready.connect

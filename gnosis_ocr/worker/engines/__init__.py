@@ -85,19 +85,19 @@ def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metri
 
         cache = ModelCache(settings, redis_client, metrics)
         path = cache.ensure_ready()
-        return NanonetsEngine(path, model_id=settings.model_id, revision=path.name, devices=settings.devices,
-                              max_new_tokens=settings.max_new_tokens, threads=settings.engine_threads,
+        return NanonetsEngine(path, model_id=settings.model_id, revision=path.name, devices=settings.device,
+                              max_new_tokens=settings.max_new_tokens, threads=settings.threads,
                               batch_size=settings.batch_size, max_side=settings.page_max_side,
                               prefill_batch=settings.prefill_batch, repetition_window=settings.repetition_window,
                               vision_attention=settings.vision_attention, on_step=on_step, on_dead=on_dead)
     if settings.engine == "tesseract":
         from .tesseract import TesseractEngine
 
-        return TesseractEngine(threads=settings.engine_threads)
+        return TesseractEngine(threads=settings.threads)
     if settings.engine == "rapidocr":
         from .rapidocr import RapidOcrEngine
 
-        return RapidOcrEngine(threads=settings.engine_threads)
+        return RapidOcrEngine(threads=settings.threads)
     if settings.engine == "null":
         from .null import NullEngine
 

@@ -194,7 +194,7 @@ class NanonetsEngine:
             raise self.dead
         request = self._request(page)
         request.deadline = deadline if deadline is not None else (
-            time.monotonic() + defaults.DEFAULT_PAGE_SOFT_TIME_LIMIT)
+            time.monotonic() + defaults.DEFAULT_PAGE_SOFT_TIMEOUT)
         live = [s for s in self.schedulers if s.alive]
         if not live:
             raise self.dead or EngineDead("The engine has no live device.")

@@ -1,4 +1,4 @@
-"""Issue 12: the API under greedy clients, gevent workers (the default) against gthread, in one run.
+"""The API under greedy clients, gevent workers (the default) against gthread, in one run.
 
   python -m bench.api_pressure            # both worker classes; about 2 minutes
 

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_THREAD_LIMIT", "1")
 import requests  # noqa: E402
 
 from bench.common import private_stack, report  # noqa: E402
-from tests.docs import pdf_of_pages  # noqa: E402
+from harness.docs import pdf_of_pages  # noqa: E402
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -69,7 +69,7 @@ def main() -> None:
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    from tests.gcsemulator import start_emulator
+    from harness.gcsemulator import start_emulator
 
     server = start_emulator()
     documents = [pdf_of_pages([[f"Benchmark document {n}", "one page of a larger batch"]]) for n in range(args.documents)]

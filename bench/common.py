@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import Stack, free_port, wait_until  # noqa: E402  (the same real processes as the tests)
-from tests.redisproc import PrivateRedis  # noqa: E402
+from harness.stack import Stack, free_port, wait_until  # noqa: E402  (the same real processes as the tests)
+from harness.redisproc import PrivateRedis  # noqa: E402
 
 __all__ = ["Stack", "PrivateRedis", "free_port", "wait_until", "percentile", "report", "private_stack"]
 

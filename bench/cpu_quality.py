@@ -1,4 +1,4 @@
-"""Issue 13: the CPU engines' word error rate and pages per second per core, against Tesseract 5's CLI.
+"""The CPU engines' word error rate and pages per second per core, against Tesseract 5's CLI.
 
   OMP_THREAD_LIMIT=1 python -m bench.cpu_quality
 

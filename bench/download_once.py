@@ -20,8 +20,8 @@ from pathlib import Path
 import redis
 
 from bench.common import ROOT, PrivateRedis, report
-from tests.hubstub import HubStub
-from tests.tinymodel import build_tiny_model
+from harness.hubstub import HubStub
+from harness.tinymodel import build_tiny_model
 
 REPO = "bench-org/padded-ocr"
 

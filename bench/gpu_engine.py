@@ -46,7 +46,7 @@ def save_checkpoint(model, out: str, *, small: bool = False) -> str:
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
                               Qwen2VLVideoProcessor)
 
-    from tests.tinymodel import QWEN2_VL_CHAT_TEMPLATE
+    from harness.tinymodel import QWEN2_VL_CHAT_TEMPLATE
 
     first_special = 151643
     vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, first_special)}}
@@ -95,7 +95,7 @@ class Report:
 def checkpoint(torch, tiny: bool) -> str:
     out = tempfile.mkdtemp(prefix="nanonets-random-")
     if tiny:
-        from tests.tinymodel import build_tiny_model
+        from harness.tinymodel import build_tiny_model
 
         return str(build_tiny_model(out))
     model = build_model(torch)
@@ -290,8 +290,8 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool) -> dict:
     import requests
 
     from bench.common import private_stack
-    from tests.conftest import Proc, wait_until
-    from tests.hubstub import HubStub
+    from harness.stack import Proc, wait_until
+    from harness.hubstub import HubStub
 
     stack, redis_proc = private_stack()
     stub = HubStub("bench/nanonets-random", path).start()

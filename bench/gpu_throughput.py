@@ -109,7 +109,7 @@ def engine_smoke(torch) -> dict:
     import tempfile
 
     from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
-    from tests.tinymodel import build_tiny_model
+    from harness.tinymodel import build_tiny_model
 
     path = build_tiny_model(tempfile.mkdtemp())
     engine = NanonetsEngine(path, model_id="tiny", revision="0" * 40, device="cuda", max_new_tokens=16)

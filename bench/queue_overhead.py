@@ -105,7 +105,7 @@ def main() -> None:
 
 
 def _bare_worker(stack, processes: int):
-    from tests.conftest import Proc
+    from harness.stack import Proc
 
     return Proc([sys.executable, "-m", "celery", "-A", "bench.bare_celery", "worker", f"--concurrency={processes}",
                  "--loglevel=WARNING", "--without-mingle", "--without-gossip", "-O", "fair", "-Q", "bare"],

@@ -12,7 +12,7 @@ import time
 import requests
 
 from bench.common import private_stack, report
-from tests.docs import pdf_of_pages
+from harness.docs import pdf_of_pages
 
 
 def run(processes: int, pdf: bytes) -> tuple[float, int]:

@@ -1,4 +1,4 @@
-"""Issue 11: a soak run with faults that counts every job. Not part of CI.
+"""A soak run with faults that counts every job. Not part of CI.
 
   python -m bench.soak                       # 10 minutes, Sentinel failover once
   python -m bench.soak --minutes 3 --redis restart
@@ -26,8 +26,8 @@ from pathlib import Path
 import requests
 
 from bench.common import PrivateRedis, Stack, percentile, report
-from tests.docs import pdf_of_pages, text_image
-from tests.redisproc import SentinelGroup
+from harness.docs import pdf_of_pages, text_image
+from harness.redisproc import SentinelGroup
 
 
 class Soak:

@@ -102,7 +102,7 @@ def main() -> None:
 
 
 def _minimal(stack, port: int):
-    from tests.conftest import Proc
+    from harness.stack import Proc
 
     return Proc([sys.executable, "-m", "bench.minimal_app", str(port)], stack.env, stack.tmp / "minimal.log")
 

@@ -23,8 +23,8 @@ import time
 os.environ["HF_HUB_OFFLINE"] = "1"  # as in a worker: set before anything imports huggingface_hub
 
 from bench.common import ROOT, private_stack, report  # noqa: E402
-from tests.hubstub import HubStub  # noqa: E402
-from tests.tinymodel import build_tiny_model  # noqa: E402
+from harness.hubstub import HubStub  # noqa: E402
+from harness.tinymodel import build_tiny_model  # noqa: E402
 
 REPO = "bench-org/warm-ocr"
 BARE = ("import sys, transformers as t; p = sys.argv[1]; t.AutoProcessor.from_pretrained(p); "

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gnosis_ocr import broker, defaults
-from tests.conftest import ROOT
+from harness.stack import ROOT
 
 GCLOUD = shutil.which("gcloud")
 NEWER_FLAGS = {"--gpu": True, "--gpu-type": True, "--instances": True, "--no-gpu-zonal-redundancy": False}

@@ -1,4 +1,4 @@
-"""Issue 9 through the real service: a batched worker (one process, a threads pool feeding the engine's
+"""The batched GPU engine through the real service: a batched worker (one process, a threads pool feeding the engine's
 continuous batch) on a tiny Qwen2.5-VL, with real Redis, Celery, gunicorn and HTTP."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import time
 import pytest
 import requests
 
-from tests.conftest import TINY_REPO, poll_job, wait_until
-from tests.docs import text_image
-from tests.hubstub import HubStub
-from tests.test_webhooks import Receiver, hooks_env
+from harness.stack import poll_job, wait_until
+from harness.hubstub import TINY_REPO
+from harness.docs import text_image
+from harness.hubstub import HubStub
+from tests.integration.test_webhooks import Receiver, hooks_env
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def worker_metrics(port: int) -> dict[str, float]:
 
 
 def test_pages_of_many_jobs_are_decoded_together(stack, hub):
-    from tests.conftest import free_port
+    from harness.stack import free_port
 
     batched(stack, hub, tokens=48)
     url = stack.api()
@@ -126,7 +127,7 @@ def test_a_worker_whose_gpu_fails_returns_every_page_turns_unready_and_exits(sta
     import sys
     import threading
 
-    from tests.conftest import Proc, free_port
+    from harness.stack import Proc, free_port
 
     # Pages of different lengths: with a failing release, the first to finish brings the engine down.
     batched(stack, hub, tokens=400, slots=3, GNOSIS_PAGE_SOFT_TIMEOUT="120")

@@ -1,4 +1,4 @@
-"""Issue 4: every job ends in a clear final state whatever happens to the processes around it."""
+"""Every job ends in a clear final state whatever happens to the processes around it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import requests
 
 from gnosis_ocr.broker import OCR_PAGE_TASK, make_producer
 from gnosis_ocr.settings import Settings
-from tests.conftest import poll_job, wait_until
-from tests.docs import text_image
-from tests.redisproc import PrivateRedis
+from harness.stack import poll_job, wait_until
+from harness.docs import text_image
+from harness.redisproc import PrivateRedis
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from gnosis_ocr.client import ApiError, Client
-from tests.conftest import ROOT
-from tests.docs import pdf_of_pages, squash, text_image
+from harness.stack import ROOT
+from harness.docs import pdf_of_pages, squash, text_image
 
 
 def run_submit(stack, url, *args, timeout=120):
@@ -103,7 +103,7 @@ def test_submit_draws_a_progress_bar_on_a_terminal(stack, tmp_path):
 
 
 def test_dev_starts_its_own_redis_and_prints_the_sample(tmp_path):
-    from tests.conftest import free_port
+    from harness.stack import free_port
 
     port = free_port()
     import os

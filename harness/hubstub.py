@@ -19,6 +19,9 @@ from pathlib import Path
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
 
+TINY_REPO = "test-org/tiny-ocr"
+"""The repo id the stand-in hub serves the tiny model under."""
+
 
 class HubStub:
     def __init__(self, repo_id: str, folder: str | Path, *, rate: float | None = None,

@@ -1,4 +1,4 @@
-"""Issue 12: a few slow sockets, long-polls or greedy keys cannot silence the API for everyone else."""
+"""A few slow sockets, long-polls or greedy keys cannot silence the API for everyone else."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from tests.conftest import poll_job, wait_until
-from tests.docs import text_image
+from harness.stack import poll_job, wait_until
+from harness.docs import text_image
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Issue 11: documents on the shared bucket (a directory every API and worker mounts), not in Redis."""
+"""Documents on the shared bucket (a directory every API and worker mounts), not in Redis."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import redis
 import requests
 
 from gnosis_ocr.inputstore import ORPHAN_GRACE, DirectoryInputs
-from tests.conftest import poll_job
-from tests.docs import pdf_of_pages, text_image, words
+from harness.stack import poll_job
+from harness.docs import pdf_of_pages, text_image, words
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_deployments_sharing_one_directory_sweep_only_their_own_inputs(tmp_path,
     """Staging and production on one bucket, each with its own Redis: production's sweep removes its
     own ended jobs' files and never staging's queued backlog, however old."""
     from gnosis_ocr.inputstore import ABANDONED_AFTER, from_setting
-    from tests.redisproc import PrivateRedis
+    from harness.redisproc import PrivateRedis
 
     staging_redis = PrivateRedis(tmp_path / "staging-redis", appendonly=False).start()
     try:
@@ -129,7 +129,7 @@ def db_bytes(client) -> int:
 
 @pytest.mark.parametrize("where", ["redis", "directory"])
 def test_redis_bytes_per_queued_100kb_job(stack, tmp_path, where):
-    from tests.test_greedy_clients import noise_png
+    from tests.integration.test_greedy_clients import noise_png
 
     if where == "directory":
         stack.env["GNOSIS_INPUT_STORE"] = str(tmp_path / "inputs")
@@ -149,7 +149,7 @@ def test_redis_bytes_per_queued_100kb_job(stack, tmp_path, where):
 def test_a_full_input_store_answers_503_with_retry_after(stack, tmp_path):
     import subprocess
 
-    from tests.test_redis_pressure import noisy_png
+    from tests.integration.test_redis_pressure import noisy_png
 
     inputs = tmp_path / "inputs"
     inputs.mkdir()

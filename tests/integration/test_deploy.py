@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gnosis_ocr.cli import build_parser
-from tests.conftest import ROOT
+from harness.stack import ROOT
 
 CODE = "\n".join(p.read_text() for p in (ROOT / "gnosis_ocr").rglob("*.py"))
 # Read by libraries, not by our code.
@@ -97,7 +97,7 @@ def test_the_wheel_the_images_install_holds_every_package_and_the_web_page(tmp_p
     for path in ("gnosis_ocr/__init__.py", "gnosis_ocr/api/static/index.html", "gnosis_ocr/api/static/app.js",
                  "gnosis_ocr/cache/fetch.py", "gnosis_ocr/worker/engines/nanonets.py"):
         assert path in names, path
-    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    assert not any(n.startswith(("tests/", "bench/", "harness/")) for n in names)
 
 
 def test_worker_image_targets_cpu_without_torch_and_gpu_with_the_tested_pair():

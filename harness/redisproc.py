@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import free_port, wait_until
+from harness.stack import free_port, wait_until
 
 
 class PrivateRedis:

@@ -14,8 +14,8 @@ import sys
 import pytest
 import requests
 
-from tests.conftest import ROOT, wait_until
-from tests.docs import pdf_of_pages, text_image, words
+from harness.stack import ROOT, wait_until
+from harness.docs import pdf_of_pages, text_image, words
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def bucket():
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    from tests.gcsemulator import start_emulator
+    from harness.gcsemulator import start_emulator
 
     saved = os.environ.get("STORAGE_EMULATOR_HOST")
     server = start_emulator()
@@ -94,7 +94,7 @@ def final(url: str, batch_id: str, stack=None) -> dict:
 
 def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(stack, bucket):
     from gnosis_ocr import webhook
-    from tests.test_webhooks import SECRET, Receiver, hooks_env
+    from tests.integration.test_webhooks import SECRET, Receiver, hooks_env
 
     scans, host = bucket
     for name, data in DOCUMENTS.items():

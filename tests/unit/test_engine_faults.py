@@ -14,7 +14,7 @@ from gnosis_ocr.errors import EngineCheckFailed, EngineDead, PageTimeout
 from gnosis_ocr.worker.engines import Cancelled
 from gnosis_ocr.worker.engines.decoder import StaticDecoder
 from gnosis_ocr.worker.engines.scheduler import Scheduler
-from tests.test_batching import page, reference
+from tests.unit.test_batching import page, reference
 
 
 class Faulty(StaticDecoder):

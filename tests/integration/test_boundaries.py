@@ -10,12 +10,12 @@ import pytest
 
 from gnosis_ocr import errors
 from gnosis_ocr.settings import Settings
-from tests.conftest import ROOT, TEST_REDIS_URL
+from harness.stack import ROOT, TEST_REDIS_URL
 
 API_IMPORT_CHECK = r"""
 import io, sys
 from gnosis_ocr.api import create_app
-from tests.docs import text_image, pdf_of_pages
+from harness.docs import text_image, pdf_of_pages
 app = create_app()
 c = app.test_client()
 assert c.post("/v1/jobs", data={"file": (io.BytesIO(text_image(["x"])), "a.png")}).status_code == 202

@@ -1,4 +1,4 @@
-"""Issue 3: one download across all workers, complete-or-invisible snapshots, strictly offline loads."""
+"""The shared model cache: one download across all workers, snapshots complete or invisible, loads strictly offline."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import requests
 
 from gnosis_ocr.cache.state import manifest_path, repo_folder
 from gnosis_ocr.settings import Settings
-from tests.conftest import ROOT, TINY_REPO, poll_job, wait_until
-from tests.docs import text_image
-from tests.hubstub import HubStub
+from harness.stack import ROOT, poll_job, wait_until
+from harness.hubstub import TINY_REPO
+from harness.docs import text_image
+from harness.hubstub import HubStub
 
 REPO = TINY_REPO
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def padded_model(tmp_path_factory) -> Path:
-    from tests.tinymodel import build_tiny_model
+    from harness.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("padded-model"), pad_mb=6)
 

@@ -1,4 +1,4 @@
-"""Issue 10: nothing lost over time, across hosts and on a fresh machine.
+"""Nothing lost over time, across hosts and on a fresh machine.
 
 Redis errors are injected with Redis's own ACLs (the worker's user loses access to the job keys, so
 its claims and records fail as an out-of-memory or read-only reply would, while the broker goes on); clock skew with a
@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import redis
@@ -24,9 +23,9 @@ import requests
 from PIL import Image
 
 from gnosis_ocr import keys
-from tests.conftest import ROOT, Proc, free_port, poll_job, wait_until
-from tests.docs import text_image
-from tests.redisproc import PrivateRedis
+from harness.stack import ROOT, Proc, free_port, poll_job, wait_until
+from harness.docs import text_image
+from harness.redisproc import PrivateRedis
 
 pytestmark = pytest.mark.slow
 
@@ -189,7 +188,7 @@ def test_a_crashed_worker_costs_one_delivery_and_leaves_no_copy(stack):
 
 
 def test_a_webhook_is_delivered_while_a_long_page_holds_the_only_slot(stack):
-    from tests.test_webhooks import Receiver, hooks_env
+    from tests.integration.test_webhooks import Receiver, hooks_env
 
     hooks_env(stack)
     hook = Receiver()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gnosis_ocr.errors import PageTimeout
 from gnosis_ocr.worker.engines import Cancelled
-from tests.docs import text_image
+from harness.docs import text_image
 
 # Different sizes give prompts of different lengths: a ragged batch.
 SIZES = [(1000, 400), (200, 90), (40, 40), (500, 500), (90, 300)]
@@ -170,7 +170,7 @@ def test_a_burst_of_pages_is_prefilled_a_chunk_at_a_time_between_decode_steps(en
     """Running pages get a token between any two prefills: a burst never holds them up for more than one
     chunk (prefill_batch pages), and every page still decodes exactly as alone."""
     from gnosis_ocr.worker.engines.scheduler import Scheduler
-    from tests.test_engine_faults import Faulty
+    from tests.unit.test_engine_faults import Faulty
 
     events: list[str] = []
     decoder = Faulty(engine.model, slots=6, max_len=engine.max_len)

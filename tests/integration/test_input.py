@@ -12,8 +12,8 @@ import redis
 import requests
 from PIL import Image
 
-from tests.conftest import TEST_REDIS_URL, Stack, poll_job
-from tests.docs import (encrypted_pdf, pdf_of_pages, pdf_page_tree_loop, png_pixel_bomb, squash, text_image)
+from harness.stack import TEST_REDIS_URL, Stack, poll_job
+from harness.docs import (encrypted_pdf, pdf_of_pages, pdf_page_tree_loop, png_pixel_bomb, squash, text_image)
 
 MAX_UPLOAD = 2 * 1024 * 1024
 
@@ -195,7 +195,7 @@ def many_frame_tiff(frames: int) -> bytes:
 
 def lying_pdf(claimed: int) -> bytes:
     """One real page under a page tree that claims `claimed` pages."""
-    from tests.docs import pdf_with_objects
+    from harness.docs import pdf_with_objects
 
     return pdf_with_objects([b"<< /Type /Catalog /Pages 2 0 R >>",
                              b"<< /Type /Pages /Kids [3 0 R] /Count %d >>" % claimed,

@@ -10,10 +10,10 @@ import pytest
 import requests
 
 from gnosis_ocr import job_scripts
-from tests.conftest import poll_job, wait_until
-from tests.docs import text_image
+from harness.stack import poll_job, wait_until
+from harness.docs import text_image
 from tests.redisproxy import ReplyLosingProxy
-from tests.test_webhooks import Receiver, hooks_env
+from tests.integration.test_webhooks import Receiver, hooks_env
 
 
 @pytest.fixture

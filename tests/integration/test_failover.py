@@ -1,4 +1,4 @@
-"""Issue 11: a Sentinel-managed Redis fails over while pages run; nothing accepted is lost."""
+"""A Sentinel-managed Redis fails over while pages run; nothing accepted is lost."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 import requests
 
-from tests.conftest import poll_job, wait_until
-from tests.docs import text_image
-from tests.redisproc import SentinelGroup
+from harness.stack import poll_job, wait_until
+from harness.docs import text_image
+from harness.redisproc import SentinelGroup
 
 pytestmark = pytest.mark.slow
 

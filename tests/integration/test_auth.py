@@ -6,7 +6,7 @@ import threading
 
 import requests
 
-from tests.docs import text_image
+from harness.docs import text_image
 
 
 def _post(url, data, *, key=None, idem=None):

@@ -1,0 +1,175 @@
+"""Real processes for the tests and the benchmarks: a gnosis-ocr stack (API and workers as child
+processes against a Redis), and waiting on conditions with a deadline instead of sleeping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+
+def _test_redis_url() -> str:
+    """The test Redis; under pytest-xdist each worker process takes its own database (15, 14, …), so
+    their flushes and key scans never meet."""
+    url = os.environ.get("GNOSIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    base, _, db = url.rpartition("/")
+    if not worker.startswith("gw") or not db.isdigit() or "//" not in base:
+        return url
+    return f"{base}/{int(db) - int(worker[2:])}"
+
+
+TEST_REDIS_URL = _test_redis_url()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository's root: the working directory of every process started here."""
+
+
+def wait_until(predicate, *, timeout: float = 30, interval: float = 0.05, message: str = "condition"):
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process in its own session, so the whole tree (pool children too) can be signalled."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True, cwd=ROOT)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill_tree(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        if self.alive():
+            self.kill_tree(signal.SIGTERM)
+            try:
+                # A process whose Redis a test has stopped retries its goodbyes for a minute: at teardown
+                # nothing is asserted any more, so it gets a few seconds, then SIGKILL.
+                self.popen.wait(timeout=4)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_tree(signal.SIGKILL)  # stragglers in the group (pool children, downloaders)
+        if self.popen.poll() is None:
+            self.popen.wait(timeout=10)
+        self._log.close()
+
+
+class Stack:
+    """Starts gnosis-ocr processes against the test Redis and stops them all at teardown."""
+
+    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+        self.tmp = tmp_path
+        self.redis_url = redis_url
+        from gnosis_ocr.redisconn import connect
+
+        self.redis = connect(redis_url)
+        self.procs: list[Proc] = []
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GNOSIS_", "OCR_"))}
+        self.env.update({
+            "PYTHONUNBUFFERED": "1",
+            "REDIS_URL": redis_url,
+            "MODEL_CACHE_PATH": str(tmp_path / "cache"),
+            "OCR_ENGINE": "tesseract",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "OMP_NUM_THREADS": "1",
+            "GNOSIS_HEARTBEAT_INTERVAL": "1",
+            # An API being stopped waits for idle keep-alive connections this long.
+            "GNOSIS_HEADER_TIMEOUT": "1",
+        })
+
+    def spawn(self, name: str, args: list[str], **env: str) -> Proc:
+        proc = Proc([sys.executable, "-m", "gnosis_ocr.cli", *args], {**self.env, **env},
+                    self.tmp / f"{name}-{len(self.procs)}.log")
+        self.procs.append(proc)
+        return proc
+
+    def api(self, *, workers: int = 1, threads: int = 8, **env: str) -> str:
+        port = free_port()
+        proc = self.spawn("api", ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                                  "--threads", str(threads)], **env)
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            assert proc.alive(), proc.log()
+            try:
+                return requests.get(url + "/healthz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(up, timeout=30, message="the API to answer")
+        return url
+
+    def worker(self, *, concurrency: int = 1, wait_ready: bool = True, **env: str) -> Proc:
+        proc = self.spawn("worker", ["worker", f"--concurrency={concurrency}"], **env)
+        if wait_ready:
+            self.wait_worker_ready(proc)
+        return proc
+
+    def wait_worker_ready(self, proc: Proc, timeout: float = 90) -> None:
+        """Consuming, and every pool process has its engine loaded."""
+        import json
+
+        from gnosis_ocr.redisconn import connect
+
+        client = connect(self.env["REDIS_URL"])
+
+        def ready():
+            assert proc.alive(), proc.log()
+            for key in client.scan_iter("gnosis:worker:*"):
+                if key.count(b":") != 2:
+                    continue
+                info = json.loads(client.get(key) or b"{}")
+                if info.get("pid") == proc.pid and info.get("engines_loaded", 0) >= max(info["concurrency"], 1):
+                    return True
+            return False
+
+        wait_until(ready, timeout=timeout, message=f"worker {proc.pid} to be ready")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def poll_job(url: str, job_id: str, *, timeout: float = 60) -> dict:
+    """Long-poll until final: the API holds the request, the test does not sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = requests.get(f"{url}/v1/jobs/{job_id}", params={"wait": 5}, timeout=15).json()
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return job

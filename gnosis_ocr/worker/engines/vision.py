@@ -7,7 +7,7 @@ decoding waits. Here the windows of a layer are gathered into one padded batch (
 longest window × head_dim), padded keys are masked out, and a single SDPA call computes them all;
 padded query rows are dropped on the way back. The arithmetic per window is the same attention over
 the same keys, so the output matches the library's per-window path to rounding (the start-up check
-and `tests/test_vision.py` compare them).
+and `tests/unit/test_vision.py` compare them).
 
 Only the attention call changes: the projections, rotary embedding and output projection are the
 module's own weights and transformers' own `apply_rotary_pos_emb_vision`.

@@ -119,6 +119,16 @@ class Batch:
                 "links": {"self": f"/v1/batches/{self.id}", "documents": f"/v1/batches/{self.id}/documents"}}
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """Where a batch stands after a count."""
+
+    status: str
+    """Its status ('' once the batch is gone)."""
+    ended_now: bool
+    """This call made it final: announcing it (its webhook) is this caller's to do."""
+
+
 class BatchStore:
     def __init__(self, client: redis.Redis, *, ttl: int) -> None:
         self.redis = client
@@ -156,24 +166,25 @@ class BatchStore:
         return [raw.decode() for raw in self.redis.smembers(keys.batch_jobs(batch_id))]
 
     def end_document(self, batch_id: str, outcome: str, *, name: str = "", code: str = "", message: str = "",
-                     listing: bool = False, job_id: str = "") -> str:
+                     listing: bool = False, job_id: str = "") -> Settlement:
         """Count one document of the batch: `done`, `failed` or `skipped`; `listing` for one that never
         became a job (every object listed counts in documents_total)."""
         failure = json.dumps({"name": name, "code": code, "message": message}) if outcome == "failed" else ""
         status = self._end(keys=[keys.batch(batch_id), keys.batch_failed(batch_id), keys.BATCH_ENDS],
                            args=[outcome, failure, now_rfc3339(), "1" if listing else "0", job_id]).decode()
-        return self.settle(batch_id) if status else status
+        return self.settle(batch_id) if status else Settlement("", ended_now=False)
 
-    def listed(self, batch_id: str) -> str:
+    def listed(self, batch_id: str) -> Settlement:
         self.redis.hset(keys.batch(batch_id), "listed", "1")
         return self.settle(batch_id)
 
-    def settle(self, batch_id: str) -> str:
-        """The batch's status; 'final:<status>' for the one call that made it final."""
+    def settle(self, batch_id: str) -> Settlement:
+        """The batch's status, and whether this call made it final."""
         result = self._settle(keys=[keys.batch(batch_id), keys.BATCH_OUTBOX], args=[now_rfc3339()]).decode()
-        if result.startswith("final:"):
+        status, ended_now = result.removeprefix("final:"), result.startswith("final:")
+        if ended_now:
             self._expire(batch_id)
-        return result
+        return Settlement(status, ended_now=ended_now)
 
     def end(self, batch_id: str, status: str, *, code: str = "", message: str = "") -> bool:
         """Cancel or fail a live batch; False if it was already final."""

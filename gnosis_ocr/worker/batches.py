@@ -8,7 +8,7 @@ import logging
 import time
 
 from .. import document, gcs, keys, options
-from ..batch import BatchStore
+from ..batch import BatchStore, Settlement
 from ..broker import OCR_PAGE_TASK, page_priority
 from ..errors import GnosisError, QueueFull, UnreadableDocument
 from ..job import Job, JobStatus, result_object, result_text
@@ -67,7 +67,7 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
     return _settled(rt, batch_id, batches.listed(batch_id))
 
 
-def _ended(rt: Runtime, batches: BatchStore, batch_id: str, outcome: str, **fields) -> str:
+def _ended(rt: Runtime, batches: BatchStore, batch_id: str, outcome: str, **fields) -> Settlement:
     _count(rt, outcome)
     return batches.end_document(batch_id, outcome, **fields)
 
@@ -79,12 +79,11 @@ def _count(rt: Runtime, outcome: str) -> None:
         log.warning("could not count a batch document: %s", exc)
 
 
-def _settled(rt: Runtime, batch_id: str, status: str) -> str:
-    """`status` from the batch store; the one call that made the batch final announces it."""
-    if status.startswith("final:"):
+def _settled(rt: Runtime, batch_id: str, settlement: Settlement) -> str:
+    """The batch's status; the one call that made the batch final announces it."""
+    if settlement.ended_now:
         _announce(rt, batch_id)
-        return status[len("final:"):]
-    return status
+    return settlement.status
 
 
 def _announce(rt: Runtime, batch_id: str) -> None:

@@ -17,8 +17,8 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _setting(env: str, default, **extra):
-    """A field read from the environment variable `env`, parsed as its default's type (an int, float,
-    bool, str, or a comma-separated tuple of str)."""
+    """A field read from the environment variable `env`, parsed as the field's declared type (int,
+    float, bool, str, or a comma-separated tuple of str)."""
     return field(default=default, metadata={"env": env, **extra})
 
 
@@ -107,7 +107,7 @@ class Settings:
                 listed = [k.strip() for k in env.get(name, "").split(",") if k.strip()]
                 values[f.name] = frozenset(hash_key(k) for k in listed)
             else:
-                values[f.name] = _parse(env, name, f.default)
+                values[f.name] = _parse(env, name, f.default, f.type)
         settings = cls(**values)
         settings.validate()
         return settings
@@ -179,16 +179,19 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _parse(env: Mapping[str, str], name: str, default):
-    if isinstance(default, bool):  # before int: a bool is an int
+def _parse(env: Mapping[str, str], name: str, default, kind: str):
+    """The variable as the field's declared type (`kind`, its annotation as written)."""
+    if kind == "bool":
         return _bool(env, name, default)
-    if isinstance(default, int):
+    if kind == "int":
         return _int(env, name, default)
-    if isinstance(default, float):
+    if kind == "float":
         return _float(env, name, default)
-    if isinstance(default, tuple):
+    if kind.startswith("tuple["):
         return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip()) or default
-    return env.get(name, default)
+    if kind == "str":
+        return env.get(name, default)
+    raise TypeError(f"Settings cannot read a {kind} from {name}")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

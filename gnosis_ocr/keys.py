@@ -119,7 +119,12 @@ def worker_engines(worker_id: str) -> str:
 
 
 WORKER_RECORDS = f"{PREFIX}worker:*"
-"""A SCAN pattern: every worker's keys; its records are those with no further ':' part."""
+"""A SCAN pattern: every worker's keys; `is_worker_record` tells its records from the rest."""
+
+
+def is_worker_record(key: bytes | str) -> bool:
+    """Whether a key WORKER_RECORDS matched is a worker's record, not its in-flight or engines hash."""
+    return (key.decode() if isinstance(key, bytes) else key).count(":") == 2
 
 WORKER_INFLIGHTS = f"{PREFIX}worker:*:inflight"
 """A SCAN pattern: every worker's in-flight hash."""

@@ -102,7 +102,7 @@ class WorkerLanguages:
             return self._cached[1]
         found: set[str] | None = None
         for key in self.redis.scan_iter(keys.WORKER_RECORDS, count=1000):
-            if key.count(b":") != 2:
+            if not keys.is_worker_record(key):
                 continue
             try:
                 record = json.loads(self.redis.get(key) or b"{}")

@@ -145,14 +145,15 @@ class Stack:
         """Consuming, and every pool process has its engine loaded."""
         import json
 
+        from gnosis_ocr import keys
         from gnosis_ocr.redisconn import connect
 
         client = connect(self.env["REDIS_URL"])
 
         def ready():
             assert proc.alive(), proc.log()
-            for key in client.scan_iter("gnosis:worker:*"):
-                if key.count(b":") != 2:
+            for key in client.scan_iter(keys.WORKER_RECORDS):
+                if not keys.is_worker_record(key):
                     continue
                 info = json.loads(client.get(key) or b"{}")
                 if info.get("pid") == proc.pid and info.get("engines_loaded", 0) >= max(info["concurrency"], 1):

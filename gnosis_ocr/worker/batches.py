@@ -55,7 +55,7 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
                 _ended(rt, batches, batch_id, "skipped", listing=True)  # not a PDF or an image, by its content
                 continue
             try:
-                _make_job(rt, app, batch, f"gs://{source.bucket}/{name}", rel, opts, wanted)
+                _make_job(rt, app, batch, source.bucket, name, rel, opts, wanted)
             except GnosisError as exc:
                 _ended(rt, batches, batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
     except Exception as exc:  # the listing itself failed (bucket gone, no permission): the batch fails
@@ -105,11 +105,11 @@ def _wait_for_room(rt: Runtime, batch_id: str, owner: str, pages: int) -> bool:
     return True
 
 
-def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options, wanted: list[int] | None) -> None:
+def _make_job(rt: Runtime, app, batch, bucket: str, name: str, rel: str, opts: options.Options,
+              wanted: list[int] | None) -> None:
     batches = store(rt)
     if batches.made(batch.id, rel):
         return  # made by an earlier run of this listing (its light worker died, the task came back)
-    bucket, _, name = uri[len("gs://"):].partition("/")
     # Its pages counted from the ranges that hold them: the page workers download the whole object.
     try:
         with gcs.open_ranged(bucket, name, max_bytes=rt.settings.max_upload_bytes) as stream:
@@ -117,10 +117,10 @@ def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options
     except GnosisError:
         raise
     except Exception as exc:  # deleted since it was listed, or refused: this document fails, not the batch
-        raise UnreadableDocument(f"{uri} could not be read: {exc}", code="source_unreadable") from None
+        raise UnreadableDocument(f"gs://{bucket}/{name} could not be read: {exc}", code="source_unreadable") from None
     # The page workers read the generation counted here: a document replaced in between fails its
     # job (input_missing) instead of being read as pages of another.
-    uri = f"{uri}#{stream.generation}"
+    uri = f"gs://{bucket}/{name}#{stream.generation}"
     page_map = options.select(wanted, info.pages) if wanted else ()
     job_opts = options.Options(pages=opts.pages, page_map=page_map, language=opts.language, source=uri)
     pages = len(page_map) or info.pages
@@ -143,10 +143,6 @@ def _make_job(rt: Runtime, app, batch, uri: str, rel: str, opts: options.Options
         for page in range(pages):
             app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=rt.settings.queue, producer=producer,
                           priority=priority)
-
-
-def read_source(rt: Runtime, uri: str) -> bytes:
-    return gcs.read(uri, max_bytes=rt.settings.max_upload_bytes)
 
 
 def document_ended(rt: Runtime, job: Job) -> None:

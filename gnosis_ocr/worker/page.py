@@ -89,10 +89,10 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
 
 
 def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes | None:
-    from . import batches
+    from .. import gcs
 
     try:
-        return batches.read_source(rt, uri)
+        return gcs.read(uri, max_bytes=rt.settings.max_upload_bytes)
     except Exception as exc:  # gone from the bucket, or unreadable: the job fails with input_missing
         log.error("job %s: could not read %s: %s", job_id, uri, exc)
         return None

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _positive(name: str):
+def _positive(name: str, *, most: int | None = None):
     def parse(value: str) -> int:
         try:
             number = int(value)
@@ -107,6 +107,8 @@ def _positive(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be a whole number, not {value!r}") from None
         if number < 1:
             raise argparse.ArgumentTypeError(f"{name} must be at least 1, not {number}")
+        if most is not None and number > most:
+            raise argparse.ArgumentTypeError(f"{name} must be at most {most}, not {number}")
         return number
 
     return parse
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="run the HTTP API under gunicorn")
     p.add_argument("--host", default=os.environ.get("GNOSIS_HOST", "0.0.0.0"))
     # String defaults from the environment go through `type` too: a malformed one is a usage error (exit 2).
-    p.add_argument("--port", type=_positive("PORT / --port"), default=os.environ.get("PORT", "8080"))
+    p.add_argument("--port", type=_positive("PORT / --port", most=65535), default=os.environ.get("PORT", "8080"))
     p.add_argument("--workers", type=_positive("GNOSIS_API_WORKERS / --workers"),
                    default=os.environ.get("GNOSIS_API_WORKERS", "2"))
     p.add_argument("--threads", type=_positive("GNOSIS_API_THREADS / --threads"),
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run a Celery worker consuming OCR pages")
-    p.add_argument("--concurrency", type=int, default=1,
+    p.add_argument("--concurrency", type=_positive("--concurrency"), default=1,
                    help="pool processes for CPU engines; a GPU engine runs one batch per GPU and sizes its own pool")
     p.add_argument("--pool", choices=["prefork", "solo", "threads"], default=None)
     p.add_argument("--loglevel", default="INFO")

@@ -136,11 +136,14 @@ class Settings:
         for device in self.device:
             if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
                 raise ConfigError(f"OCR_DEVICE {device!r} is not auto, cpu, cuda or cuda:N (or a comma-separated list)")
-        for name in ("batch_size", "repetition_window", "prefetch_pages", "input_cache_bytes", "redis_retry"):
+        for name in ("batch_size", "repetition_window", "prefetch_pages", "input_cache_bytes", "redis_retry", "threads",
+                     "cache_visibility_wait", "null_engine_delay", "webhook_backoff", "worker_port"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise ConfigError(f"{_variable(name)} must not be negative, got {getattr(self, name)}")
         if not 0 < self.redis_memory_limit <= 1:
             raise ConfigError(f"GNOSIS_REDIS_MEMORY_LIMIT must be a fraction in (0, 1], got {self.redis_memory_limit}")
+        if self.worker_port > 65535:
+            raise ConfigError(f"GNOSIS_WORKER_PORT must be a port number (0 for none), got {self.worker_port}")
         if self.input_store != "redis" and not os.path.isabs(self.input_store):
             raise ConfigError(f"GNOSIS_INPUT_STORE {self.input_store!r} is not `redis` or an absolute directory")
         if self.api_worker_class not in ("gevent", "gthread"):
@@ -160,9 +163,10 @@ class Settings:
                      "max_queued_bytes", "api_connections", "header_timeout", "max_key_pages",
                      "page_soft_timeout", "page_max_attempts", "lease_ttl", "lease_wait",
                      "download_workers", "download_stall_timeout", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
-                     "prefill_batch", "reconcile_grace", "max_batch_documents"):
+                     "prefill_batch", "reconcile_grace", "max_batch_documents", "redis_timeout", "retry_after",
+                     "webhook_max_attempts", "webhook_timeout"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{_variable(name)} must be positive, got {getattr(self, name)}")
 
     def check_cache_writable(self) -> None:
         """Fail fast when the shared cache cannot be written (worker and `cache` commands)."""
@@ -177,6 +181,11 @@ class Settings:
 def hash_key(key: str) -> str:
     """API keys are kept only as SHA-256 digests."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _variable(name: str) -> str:
+    """The environment variable a field is read from: what an operator set, and what an error names."""
+    return next(f.metadata["env"] for f in dataclasses.fields(Settings) if f.name == name)
 
 
 def _parse(env: Mapping[str, str], name: str, default, kind: str):

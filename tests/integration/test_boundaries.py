@@ -42,7 +42,8 @@ def test_api_process_never_imports_torch_or_engines(redis_url, tmp_path):
     ({"REDIS_URL": "redis://:notaport"}, "REDIS_URL"),
     ({"OCR_ENGINE": "easyocr"}, "OCR_ENGINE 'easyocr' is unknown"),
     ({"GNOSIS_MAX_PAGES": "many"}, "GNOSIS_MAX_PAGES"),
-    ({"GNOSIS_JOB_TTL": "0"}, "job_ttl must be positive"),
+    ({"GNOSIS_JOB_TTL": "0"}, "GNOSIS_JOB_TTL must be positive"),
+    ({"OCR_BATCH_SIZE": "-1"}, "OCR_BATCH_SIZE must not be negative"),
     ({"OCR_MODEL_ID": "no-slash"}, "OCR_MODEL_ID"),
     ({"GNOSIS_PAGE_SOFT_TIMEOUT": "100", "GNOSIS_PAGE_HARD_TIMEOUT": "50"}, "HARD_TIMEOUT"),
 ])
@@ -69,12 +70,34 @@ def test_a_configuration_error_never_prints_the_redis_password(url):
     assert "hunter2" not in r.stderr + r.stdout and ":***@" in r.stderr
 
 
-@pytest.mark.parametrize("name,value", [("PORT", "80a"), ("GNOSIS_API_WORKERS", "two"), ("GNOSIS_API_THREADS", "0")])
+@pytest.mark.parametrize("name,value", [("PORT", "80a"), ("PORT", "99999"), ("GNOSIS_API_WORKERS", "two"),
+                                        ("GNOSIS_API_THREADS", "0")])
 def test_a_malformed_api_number_is_one_line_and_exit_2(name, value):
     r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "api"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60, env={name: value, "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{name} / --" in r.stderr.splitlines()[-1] and value in r.stderr.splitlines()[-1]
+
+
+def test_an_api_that_cannot_listen_says_why_in_one_line_and_exits_2():
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        for args, fragment in ([["--host", "127.0.0.1", "--port", str(port)], f"127.0.0.1:{port}: another process"],
+                               [["--host", "no-such-host.invalid"], "'no-such-host.invalid' is not an address"]):
+            r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "api", *args], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+            lines = [line for line in r.stderr.splitlines() if line.strip()]
+            assert r.returncode == 2 and len(lines) == 1 and fragment in lines[0], r.stderr
+
+
+def test_a_worker_asked_for_no_processes_is_refused():
+    r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "worker", "--concurrency=0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "--concurrency must be at least 1" in r.stderr.splitlines()[-1], r.stderr
 
 
 def test_worker_fails_fast_on_unwritable_cache(tmp_path):
@@ -111,3 +134,14 @@ def test_errors_survive_pickling_and_match_builtins(exc):
     assert isinstance(errors.DownloadTimeout("x"), TimeoutError)
     assert isinstance(errors.NotFound("x"), LookupError)
     assert isinstance(errors.ModelCacheError("x"), OSError)
+
+
+def test_the_api_writes_nothing_to_its_home_directory(stack, tmp_path):
+    # gunicorn 25.1+ would open a control socket under $HOME: an error line at every start on a
+    # read-only root filesystem, and one socket path shared by every API on the host.
+    home = tmp_path / "home"
+    home.mkdir()
+    stack.api(HOME=str(home))
+    api = stack.procs[-1]
+    api.stop()
+    assert list(home.iterdir()) == [] and "Control server" not in api.log(), api.log()[-2000:]

@@ -19,15 +19,17 @@ from . import keys
 from .job import JobStatus, now_rfc3339
 
 # Counts one document. Returns the batch's status after the count ('' when the batch is gone); a job
-# counted before (by its worker, or by the housekeeper after that worker died) is not counted again.
+# counted before (by its worker, or by the housekeeper after that worker died), or a document counted
+# by an earlier run of the listing, is not counted again.
 _END_DOCUMENT = """
-local record, failed, batch_ends = KEYS[1], KEYS[2], KEYS[3]
+local record, failed, batch_ends, made = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 -- done|failed|skipped, the failure's JSON or '', now, '1' for a document that never became a job
--- (failed or skipped while listing: not yet in the total), its job id ('' for those)
-local outcome, failure, now, listing, job_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+-- (failed or skipped while listing: not yet in the total), its job id ('' for those), its name
+local outcome, failure, now, listing, job_id, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = redis.call('HGET', record, 'status')
 if not st then return '' end
 if job_id ~= '' and redis.call('ZREM', batch_ends, job_id) == 0 then return st end
+if listing == '1' and redis.call('SADD', made, name) == 0 then return st end  -- a listing run again
 if listing == '1' then redis.call('HINCRBY', record, 'documents_total', 1) end
 if outcome == 'failed' then
   redis.call('HINCRBY', record, 'documents_failed', 1)
@@ -156,7 +158,7 @@ class BatchStore:
         return bool(self._add(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)], args=[job_id]))
 
     def made(self, batch_id: str, name: str) -> bool:
-        """Whether a job was made for this document (its path below the source) already."""
+        """Whether the listing dealt with this document (its path below the source) already."""
         return bool(self.redis.sismember(keys.batch_made(batch_id), name))
 
     def mark_made(self, batch_id: str, name: str) -> None:
@@ -168,10 +170,11 @@ class BatchStore:
     def end_document(self, batch_id: str, outcome: str, *, name: str = "", code: str = "", message: str = "",
                      listing: bool = False, job_id: str = "") -> Settlement:
         """Count one document of the batch: `done`, `failed` or `skipped`; `listing` for one that never
-        became a job (every object listed counts in documents_total)."""
+        became a job (every object listed counts in documents_total), counted once by its `name`."""
         failure = json.dumps({"name": name, "code": code, "message": message}) if outcome == "failed" else ""
-        status = self._end(keys=[keys.batch(batch_id), keys.batch_failed(batch_id), keys.BATCH_ENDS],
-                           args=[outcome, failure, now_rfc3339(), "1" if listing else "0", job_id]).decode()
+        status = self._end(keys=[keys.batch(batch_id), keys.batch_failed(batch_id), keys.BATCH_ENDS,
+                                 keys.batch_made(batch_id)],
+                           args=[outcome, failure, now_rfc3339(), "1" if listing else "0", job_id, name]).decode()
         return self.settle(batch_id) if status else Settlement("", ended_now=False)
 
     def listed(self, batch_id: str) -> Settlement:

@@ -78,6 +78,20 @@ def relative_name(name: str, location: Location) -> str | None:
     return rel
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether a bucket call's error is worth trying again later: the service failing, throttling or out
+    of reach (google-cloud-storage has already retried it for up to two minutes), not a missing object,
+    a refusal or a bad request, which would fail the same way again."""
+    import requests
+    from google.api_core import exceptions as api
+    from google.auth.exceptions import TransportError
+
+    if isinstance(exc, api.ClientError):  # 4xx: the request is at fault, but for throttling and timeouts
+        return isinstance(exc, api.TooManyRequests) or exc.code == 408
+    return isinstance(exc, (api.GoogleAPICallError, api.RetryError, requests.ConnectionError, requests.Timeout,
+                            TransportError, ConnectionError, TimeoutError))
+
+
 def client():
     """One client per process and endpoint (STORAGE_EMULATOR_HOST names an emulator's)."""
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -172,11 +186,15 @@ def read(uri: str, *, max_bytes: int) -> bytes:
     or NotFound); TooLarge past `max_bytes`."""
     path, _, generation = uri[len("gs://"):].partition("#")
     bucket, _, name = path.partition("/")
-    blob = client().bucket(bucket).blob(name, generation=int(generation) if generation else None)
+    pinned = int(generation) if generation else None
+    blob = client().bucket(bucket).blob(name, generation=pinned)
     blob.reload()
     if (blob.size or 0) > max_bytes:
         raise TooLarge(f"{uri} is {blob.size} bytes; at most {max_bytes} are accepted.")
-    return blob.download_as_bytes()
+    # Downloaded through a blob that was never reloaded: a reloaded one downloads from the mediaLink the
+    # server sent, which need not name the generation (fake-gcs-server's does not), and would then
+    # read whatever is live, a replacement included.
+    return client().bucket(bucket).blob(name, generation=blob.generation).download_as_bytes()
 
 
 def exists(bucket: str, name: str) -> bool:

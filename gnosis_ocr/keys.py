@@ -84,7 +84,9 @@ def batch_jobs(batch_id: str) -> str:
 
 
 def batch_made(batch_id: str) -> str:
-    """Documents (paths below the source) a job was made for: a listing run again makes none twice."""
+    """Documents (paths below the source) the listing has dealt with, made into a job or counted as
+    skipped or failed: a listing run again (its light worker died, Redis failed under it) makes no
+    job twice and counts no document twice."""
     return f"{batch(batch_id)}:made"
 
 

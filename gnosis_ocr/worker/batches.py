@@ -7,6 +7,8 @@ import json
 import logging
 import time
 
+import redis
+
 from .. import document, gcs, keys, options
 from ..batch import BatchStore, Settlement
 from ..broker import OCR_PAGE_TASK, page_priority
@@ -21,6 +23,10 @@ CHECK_EVERY = 20
 
 WAIT_FOR_ROOM = 2.0
 """Seconds between two looks at the key's backlog while a batch waits for room under its bound."""
+
+
+class ListingInterrupted(Exception):
+    """Redis or the bucket failed while a batch was listed: its task goes back to the queue."""
 
 
 def store(rt: Runtime) -> BatchStore:
@@ -45,20 +51,26 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
             if rel is None:
                 continue  # a folder placeholder, or a name that must never become a path
             if taken >= rt.settings.max_batch_documents:
-                _ended(rt, batches, batch_id, "skipped", listing=True)
+                _ended(rt, batches, batch_id, "skipped", name=rel, listing=True)
                 continue
             taken += 1
             if not batch.overwrite and gcs.exists(destination.bucket, destination.join(rel + ".json")):
-                _ended(rt, batches, batch_id, "skipped", listing=True)  # done by an earlier run of this batch
+                _ended(rt, batches, batch_id, "skipped", name=rel, listing=True)  # done by an earlier batch
                 continue
             if size == 0 or document.sniff(gcs.head(source.bucket, name)) is None:
-                _ended(rt, batches, batch_id, "skipped", listing=True)  # not a PDF or an image, by its content
+                _ended(rt, batches, batch_id, "skipped", name=rel, listing=True)  # not a document, by content
                 continue
             try:
                 _make_job(rt, app, batch, source.bucket, name, rel, opts, wanted)
             except GnosisError as exc:
                 _ended(rt, batches, batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
-    except Exception as exc:  # the listing itself failed (bucket gone, no permission): the batch fails
+    except Exception as exc:
+        if isinstance(exc, redis.RedisError) or gcs.transient(exc):
+            # Redis or the bucket failing for now: the listing runs again later, from the start; what
+            # it made or counted already it skips (the made set).
+            raise ListingInterrupted(f"batch {batch_id}: listing {batch.source} was interrupted: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        # The listing itself failed for good (the bucket is gone, no permission): the batch fails.
         log.exception("batch %s: listing %s failed", batch_id, batch.source)
         if batches.end(batch_id, JobStatus.FAILED.value, code="source_unreadable",
                        message=f"Listing {batch.source} failed: {exc}"):
@@ -116,7 +128,10 @@ def _make_job(rt: Runtime, app, batch, bucket: str, name: str, rel: str, opts: o
             info = document.inspect(stream, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
     except GnosisError:
         raise
-    except Exception as exc:  # deleted since it was listed, or refused: this document fails, not the batch
+    except Exception as exc:
+        if gcs.transient(exc):
+            raise  # not the document's fault: the listing is interrupted and runs again
+        # Deleted since it was listed, or refused: this document fails, not the batch.
         raise UnreadableDocument(f"gs://{bucket}/{name} could not be read: {exc}", code="source_unreadable") from None
     # The page workers read the generation counted here: a document replaced in between fails its
     # job (input_missing) instead of being read as pages of another.

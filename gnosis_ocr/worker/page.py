@@ -6,6 +6,7 @@ batch; rendering and preprocessing happen here, on the thread, while the device 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import sys
@@ -17,7 +18,7 @@ import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from .. import backoff, document
-from ..errors import EngineDead, GnosisError
+from ..errors import EngineDead, GnosisError, UnreadableDocument
 from ..job import Claim, Ending, JobStatus, Verdict
 from . import notify, registry, telemetry
 from .engines import Cancelled, PageText
@@ -30,6 +31,10 @@ class RequeuePage(Exception):
     """Redis failed while claiming or recording a page: the task returns its message to the queue."""
 
 
+class SourceUnavailable(Exception):
+    """The bucket holding a batch's document failed for now (after the storage client's own retries)."""
+
+
 def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> str:
     """Claim, run and record one page; the verdict as a string. Raises RequeuePage on Redis errors."""
     if rt.engine_dead is not None:  # this worker is on its way out: leave the page, attempts untouched
@@ -40,6 +45,12 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
         claim = _claim(rt, job_id, page, entry, token)
     except redis.RedisError as exc:
         raise RequeuePage(f"could not claim job {job_id} page {page}: {exc}") from exc
+    except SourceUnavailable as exc:  # claimed, then the bucket failed for now: the page runs later
+        with contextlib.suppress(redis.RedisError):
+            registry.clear(rt.redis, job_id, page)
+        raise RequeuePage(str(exc)) from exc
+    except GnosisError as exc:  # claimed, and its bucket's document can no longer be read as counted
+        return _fail(rt, job_id, page, exc.code, exc.message)
     if claim.verdict is Verdict.EXHAUSTED:
         log.error("job %s page %d exceeded %d attempts; job failed", job_id, page, rt.settings.page_max_attempts)
         _safely(count_final, rt, job_id)
@@ -88,14 +99,26 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
         return Claim(claim.verdict, data, claim.kind, claim.options)
 
 
-def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes | None:
+def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes:
+    """The generation of the object that the batch counted; GnosisError if it can no longer be read
+    (the job fails), SourceUnavailable while the bucket fails for now (the page goes back)."""
+    from google.api_core.exceptions import NotFound
+
     from .. import gcs
 
     try:
         return gcs.read(uri, max_bytes=rt.settings.max_upload_bytes)
-    except Exception as exc:  # gone from the bucket, or unreadable: the job fails with input_missing
+    except GnosisError:
+        raise  # larger than an upload may be, since it was counted
+    except Exception as exc:
+        if gcs.transient(exc):
+            raise SourceUnavailable(f"job {job_id}: could not read {uri} for now: {exc}") from exc
         log.error("job %s: could not read %s: %s", job_id, uri, exc)
-        return None
+        name = uri.partition("#")[0]
+        if isinstance(exc, NotFound):
+            raise UnreadableDocument(f"{name} was replaced or deleted after the batch counted its pages; submit "
+                                     "the batch again to read it as it is now.", code="input_missing") from None
+        raise UnreadableDocument(f"{name} could not be read: {exc}", code="source_unreadable") from None
 
 
 def _read_store(rt: Runtime, job_id: str) -> bytes | None:
@@ -230,6 +253,17 @@ def _release_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def crashed(rt: Runtime, job_id: str, page: int) -> None:
+    """Called when running the page raised what nothing here expects: the job fails now, its reason in
+    the log, rather than staying "running" with no message left to run it."""
+    log.exception("job %s page %d: unexpected error", job_id, page)
+    try:
+        _fail(rt, job_id, page, "internal_error", f"Page {page + 1} could not be processed because of an "
+              "internal error; it is in the worker's log.")
+    except Exception as exc:  # Redis failing too: the max-age sweep ends the job
+        log.error("could not fail job %s: %s", job_id, exc)
 
 
 def hard_timeout(rt: Runtime, job_id: str, page: int) -> None:

@@ -1,9 +1,11 @@
 """Thin Celery tasks: everything they do lives in `runtime` and `page`."""
 
+import contextlib
 import logging
 import os
 import time
 
+import redis
 from billiard.exceptions import TimeLimitExceeded
 from celery import signals
 from celery.exceptions import Reject
@@ -39,6 +41,10 @@ def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
         log.warning("%s; returning the page to the queue", exc)
         time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
         raise Reject(str(exc), requeue=True) from None
+    except Exception:
+        # A bug: the message is acknowledged all the same, and the job would wait out GNOSIS_JOB_MAX_AGE.
+        page.crashed(runtime.get(), job_id, page_index)
+        raise
     return verdicts[-1]
 
 
@@ -68,11 +74,18 @@ def expand_batch(self, batch_id: str) -> str:
     # returns this very message and another light worker lists again (the made set skips what exists).
     tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
     key, field, value = registry.entry(f"batch-{batch_id}", 0, tag)
-    rt.redis.hset(key, field, value)
     try:
-        return batches.expand(rt, batch_id, app)
-    finally:
-        rt.redis.hdel(key, field)
+        rt.redis.hset(key, field, value)
+        try:
+            return batches.expand(rt, batch_id, app)
+        finally:
+            with contextlib.suppress(redis.RedisError):  # a stale entry is harmless: the message is settled
+                rt.redis.hdel(key, field)
+    except (batches.ListingInterrupted, redis.RedisError) as exc:
+        # A task that raised would be acknowledged and the batch never listed: its message goes back.
+        log.warning("%s; returning the listing to the queue", exc)
+        time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
+        raise Reject(str(exc), requeue=True) from None
 
 
 @app.task(name=WARM_CACHE_TASK, ignore_result=True)

@@ -13,7 +13,7 @@ import requests
 
 from gnosis_ocr.broker import OCR_PAGE_TASK, make_producer
 from gnosis_ocr.settings import Settings
-from harness.stack import poll_job, wait_until
+from harness.stack import ROOT, poll_job, wait_until
 from harness.docs import text_image
 from harness.redisproc import PrivateRedis
 
@@ -33,6 +33,23 @@ def inflight(client: redis.Redis, job_id: str) -> tuple[str, int] | None:
         if raw:
             return key.decode().split(":")[2], json.loads(raw)["pid"]
     return None
+
+
+def test_a_bug_in_a_page_fails_its_job_at_once_instead_of_leaving_it_running(stack, tmp_path):
+    # Whatever nothing in the worker expects (here: reading this host's copy of the input raises).
+    shim = tmp_path / "bug"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "from gnosis_ocr.worker.local_copies import LocalCopies\n"
+        "def get(self, job_id):\n"
+        "    raise RuntimeError('a bug')\n"
+        "LocalCopies.get = get\n")
+    url = stack.api()
+    worker = stack.worker(OCR_ENGINE="null", PYTHONPATH=f"{shim}{os.pathsep}{ROOT}")
+    job = poll_job(url, submit(url)["id"], timeout=60)
+    assert (job["status"], job["error"]["code"]) == ("failed", "internal_error"), job
+    assert "RuntimeError: a bug" in worker.log()  # the reason is in the log, not in the client's answer
+    assert "a bug" not in job["error"]["message"]
 
 
 def test_pool_child_killed_mid_page_is_retried_promptly(stack):

@@ -1,0 +1,94 @@
+"""A batch through faults between its listing and its pages: Redis refusing the light worker mid-listing,
+and a document replaced after its pages were counted, on buckets with and without object versioning
+(fake-gcs-server's in-memory backend keeps older generations)."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from gnosis_ocr import keys
+from harness.docs import text_image, words
+from harness.gcsemulator import start_emulator
+from harness.stack import wait_until
+from tests.integration.test_batches import final, start_batch
+from tests.integration.test_lifetimes import acl_redis, deny_job_keys  # noqa: F401 - a fixture, used by name
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def emulator():
+    """A GCS emulator that can version buckets; yields a client for it and its address."""
+    server = start_emulator(backend="memory")
+    try:
+        yield storage.Client(project="test", credentials=AnonymousCredentials()), server.url
+    finally:
+        server.stop()
+
+
+def make_bucket(client: storage.Client, *, versioning: bool = False) -> storage.Bucket:
+    bucket = client.bucket("scans")
+    bucket.versioning_enabled = versioning
+    return client.create_bucket(bucket)
+
+
+def light_worker(stack, **env: str):
+    """A light worker alone: it lists batches and counts their pages, and reads no page."""
+    return stack.spawn("light", ["worker", "--light", "--concurrency=4"], **env)
+
+
+@pytest.mark.parametrize("versioning", [True, False], ids=["versioned", "unversioned"])
+def test_a_document_replaced_after_its_pages_were_counted_is_never_read_as_its_replacement(stack, emulator,
+                                                                                           versioning):
+    client, host = emulator
+    scans = make_bucket(client, versioning=versioning)
+    scans.blob("in/letter.png").upload_from_string(text_image(["Counted alpha"]))
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api()
+    light_worker(stack)
+    batch = start_batch(url)
+    wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == 1, timeout=60,
+               message="the document's pages to be counted and its job made")
+    scans.blob("in/letter.png").upload_from_string(text_image(["Replacement bravo", "and a second line"]))
+    stack.worker()
+    done = final(url, batch["id"], stack)
+    if versioning:
+        # The generation that was counted is still in the bucket: it is what the result is of.
+        assert (done["documents_done"], done["documents_failed"]) == (1, 0), done
+        text = words(scans.blob("out/letter.png.md").download_as_bytes().decode())
+        assert "alpha" in text and "bravo" not in text, text
+    else:
+        assert (done["documents_done"], done["documents_failed"]) == (0, 1), done
+        failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
+        [document] = failed["documents"]
+        assert (document["name"], document["code"]) == ("letter.png", "input_missing"), document
+        assert "replaced or deleted after the batch counted its pages" in document["message"], document
+
+
+def test_a_listing_refused_by_redis_lists_again_when_redis_answers_and_counts_each_document_once(stack, emulator,
+                                                                                                 acl_redis):
+    admin, worker_url = acl_redis
+    client, host = emulator
+    scans = make_bucket(client)
+    # Listed in name order: two that are not documents are counted as skipped before the first job is made.
+    scans.blob("in/a-notes.txt").upload_from_string(b"not a document")
+    scans.blob("in/b-table.csv").upload_from_string(b"a,b\n1,2\n")
+    for name in ("c", "d"):
+        scans.blob(f"in/{name}-scan.png").upload_from_string(text_image([f"Listed {name}"]))
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api()
+    deny_job_keys(admin, True)  # the light worker's job writes fail, as on an out-of-memory or read-only Redis
+    lister = light_worker(stack, REDIS_URL=worker_url)
+    batch = start_batch(url)
+    wait_until(lambda: "returning the listing to the queue" in lister.log(), timeout=60,
+               message="the listing to meet the refusal")
+    assert requests.get(f"{url}/v1/batches/{batch['id']}").json()["status"] in ("queued", "running")
+    deny_job_keys(admin, False)
+    stack.worker(OCR_ENGINE="null")
+    done = final(url, batch["id"], stack)
+    # Listed more than once, yet each document counted once.
+    assert (done["status"], done["documents_total"], done["documents_done"], done["documents_skipped"],
+            done["documents_failed"]) == ("succeeded", 4, 2, 2, 0), done

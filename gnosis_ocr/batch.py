@@ -146,7 +146,10 @@ class BatchStore:
                   "owner": owner, "overwrite": "1" if overwrite else "0", "callback_url": callback_url,
                   "options": options, "created_at": now_rfc3339(), "documents_total": 0, "documents_done": 0,
                   "documents_failed": 0, "documents_skipped": 0, "listed": "0"}
-        self.redis.hset(keys.batch(batch_id), mapping=record)
+        pipe = self.redis.pipeline()  # MULTI: no batch without its entry in the unlisted index
+        pipe.hset(keys.batch(batch_id), mapping=record)
+        pipe.zadd(keys.BATCHES_UNLISTED, {batch_id: int(self.redis.time()[0])})
+        pipe.execute()
         return Batch.from_hash({k: str(v) for k, v in record.items()})
 
     def get(self, batch_id: str) -> Batch | None:
@@ -178,7 +181,10 @@ class BatchStore:
         return self.settle(batch_id) if status else Settlement("", ended_now=False)
 
     def listed(self, batch_id: str) -> Settlement:
-        self.redis.hset(keys.batch(batch_id), "listed", "1")
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.batch(batch_id), "listed", "1")
+        pipe.zrem(keys.BATCHES_UNLISTED, batch_id)
+        pipe.execute()
         return self.settle(batch_id)
 
     def settle(self, batch_id: str) -> Settlement:
@@ -199,6 +205,7 @@ class BatchStore:
             fields.update(error_code=code, error_message=message)
         pipe = self.redis.pipeline()  # MULTI: the transition and the webhook it owes, together
         pipe.hset(keys.batch(batch_id), mapping=fields)
+        pipe.zrem(keys.BATCHES_UNLISTED, batch_id)
         if batch.callback_url:
             pipe.zadd(keys.BATCH_OUTBOX, {batch_id: int(self.redis.time()[0])}, nx=True)
         pipe.execute()

@@ -95,6 +95,11 @@ BATCH_ENDS = f"{PREFIX}batch-ends"
 added by the script that ends the job, removed by the count itself (END_DOCUMENT), so a worker killed
 in between leaves it here for the housekeeper (worker/batches.recover)."""
 
+BATCHES_UNLISTED = f"{PREFIX}batches:unlisted"
+"""Batches whose listing has not finished (ids scored by when they were created, Redis's unix seconds):
+written with the batch, removed once it is listed or ended; the housekeeper publishes the listing of one
+that no message or worker holds again (worker/listings.py)."""
+
 BATCH_OUTBOX = f"{PREFIX}webhooks:batch-outbox"
 """Final batches whose webhook is owed, as WEBHOOK_OUTBOX for jobs (worker/outbox.py drains both)."""
 

@@ -33,6 +33,7 @@ COUNTERS = {
     "gnosis_worker_recoveries_total": "Pages requeued after their worker stopped heartbeating.",
     "gnosis_pages_republished_total": "Pages published again because no message or worker had them any more.",
     "gnosis_webhooks_republished_total": "Owed webhooks published again from the outbox (their task was lost).",
+    "gnosis_batch_listings_republished_total": "Batch listings published again because no message or worker had them.",
     "gnosis_batch_documents_total": "Documents of batches by outcome (done, failed, skipped).",
     "gnosis_output_tokens_total": "Tokens a generating engine wrote for recorded pages (rate() is tokens/s).",
     "gnosis_pages_truncated_total": "Pages whose output was cut short, by reason (max_tokens, repetition).",

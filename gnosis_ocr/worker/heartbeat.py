@@ -18,9 +18,10 @@ import time
 import redis
 
 from .. import keys
-from ..broker import events_queue
+from ..broker import cache_queue, events_queue
 from ..job import now_rfc3339
 from . import outbox, registry
+from .listings import Listings
 from .reconcile import Reconciler
 from .runtime import Runtime
 
@@ -51,6 +52,7 @@ class Heartbeat:
         self._swept = 0.0
         self._reconciled = 0.0
         self.reconciler = Reconciler(rt.redis, app, queue=rt.settings.queue, grace=rt.settings.reconcile_grace)
+        self.listings = Listings(rt.redis, app, queue=cache_queue(rt.settings), grace=rt.settings.reconcile_grace)
         self._engine_pids: set[str] = set()  # every process seen with a loaded engine, kept across Redis gaps
         self._beating_since: float | None = None  # first good beat since Redis last failed us
         self._last_beat = 0.0
@@ -128,6 +130,9 @@ class Heartbeat:
             from . import batches
 
             batches.recover(self.rt, grace=self.rt.settings.reconcile_grace)
+            relisted = self.listings.run()
+            if relisted:
+                self.rt.metrics.inc("gnosis_batch_listings_republished_total", relisted)
             owed = outbox.republish(self.redis, self.app, queue=events_queue(self.rt.settings),
                                     grace=self.rt.settings.reconcile_grace)
             if owed:

@@ -12,7 +12,7 @@ from celery.exceptions import Reject
 
 from .. import redismemory
 from ..broker import DELIVER_BATCH_WEBHOOK_TASK, DELIVER_WEBHOOK_TASK, EXPAND_BATCH_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
-from . import batches, heartbeat, notify, outbox, page, plan, probe, registry, runtime
+from . import batches, heartbeat, listings, notify, outbox, page, plan, probe, registry, runtime
 from .celery_app import app
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def expand_batch(self, batch_id: str) -> str:
     # Listed in this worker's in-flight hash like a page: if the worker dies mid-listing, the reaper
     # returns this very message and another light worker lists again (the made set skips what exists).
     tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
-    key, field, value = registry.entry(f"batch-{batch_id}", 0, tag)
+    key, field, value = registry.entry(f"{listings.IN_FLIGHT_PREFIX}{batch_id}", 0, tag)
     try:
         rt.redis.hset(key, field, value)
         try:

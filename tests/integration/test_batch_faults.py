@@ -1,6 +1,6 @@
-"""A batch through faults between its listing and its pages: Redis refusing the light worker mid-listing,
-and a document replaced after its pages were counted, on buckets with and without object versioning
-(fake-gcs-server's in-memory backend keeps older generations)."""
+"""A batch through faults between its listing and its pages: the listing's message lost, Redis refusing
+the light worker mid-listing, and a document replaced after its pages were counted, on buckets with and
+without object versioning (fake-gcs-server's in-memory backend keeps older generations)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from gnosis_ocr import keys
+from gnosis_ocr.broker import CACHE_QUEUE_SUFFIX, queue_keys
+from gnosis_ocr.settings import Settings
 from harness.docs import text_image, words
 from harness.gcsemulator import start_emulator
 from harness.stack import wait_until
@@ -92,3 +94,24 @@ def test_a_listing_refused_by_redis_lists_again_when_redis_answers_and_counts_ea
     # Listed more than once, yet each document counted once.
     assert (done["status"], done["documents_total"], done["documents_done"], done["documents_skipped"],
             done["documents_failed"]) == ("succeeded", 4, 2, 2, 0), done
+
+
+def test_a_batch_whose_listing_message_was_lost_is_listed_all_the_same(stack, emulator):
+    client, host = emulator
+    scans = make_bucket(client)
+    for name in ("a", "b"):
+        scans.blob(f"in/{name}.png").upload_from_string(text_image([f"Relisted {name}"]))
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/",
+                     GNOSIS_RECONCILE_GRACE="1")
+    url = stack.api()
+    batch = start_batch(url)  # no worker yet: the listing's message waits in the light workers' queue
+    # What BRPOP followed by a refused unacked write leaves (or an API killed before its publish): no
+    # message, no worker, and nothing else would ever list the batch.
+    queued = [(key, raw) for key in queue_keys(f"{Settings().queue}{CACHE_QUEUE_SUFFIX}")
+              for raw in stack.redis.lrange(key, 0, -1) if batch["id"].encode() in raw]
+    assert len(queued) == 1 and stack.redis.lrem(*queued[0][:1], 1, queued[0][1]) == 1
+    stack.worker(OCR_ENGINE="null")
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_total"], done["documents_done"]) == ("succeeded", 2, 2), done
+    assert any("published the listing of 1 batch(es) again" in proc.log() for proc in stack.procs)
+    assert not stack.redis.zcard(keys.BATCHES_UNLISTED)

@@ -79,10 +79,16 @@ def start_batch(url: str, **kwargs) -> dict:
     return r.json()
 
 
+def batch_now(url: str, batch_id: str) -> dict:
+    r = requests.get(f"{url}/v1/batches/{batch_id}")
+    assert r.status_code == 200, (r.status_code, r.text)
+    return r.json()
+
+
 def final(url: str, batch_id: str, stack=None) -> dict:
     try:
-        return wait_until(lambda: (b := requests.get(f"{url}/v1/batches/{batch_id}").json())["status"]
-                          in ("succeeded", "failed", "cancelled") and b, timeout=120, message="the batch to end")
+        return wait_until(lambda: (b := batch_now(url, batch_id))["status"] in ("succeeded", "failed", "cancelled")
+                          and b, timeout=120, message="the batch to end")
     except AssertionError:
         if stack is not None:  # what the batch and its jobs were stuck at
             jobs = [j.decode() for j in stack.redis.smembers(f"gnosis:batch:{batch_id}:jobs")]

@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"gnosis-ocr: nothing answers at {redact(settings.redis_url)} and no local redis-server "
                   "could be started",
                   file=sys.stderr)
+            if log_path:  # nothing was started, so nothing was logged: no empty file is left behind
+                log.close()
+                os.unlink(log_path)
             return EXIT_USAGE
         procs.append(started)
         print(f"started redis-server for {redact(settings.redis_url)}", file=sys.stderr)

@@ -131,6 +131,18 @@ def test_dev_starts_its_own_redis_and_prints_the_sample(tmp_path):
     os.unlink(log)
 
 
+def test_dev_without_a_redis_says_so_and_leaves_no_log_file():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GNOSIS_", "OCR_"))}
+    env.update(REDIS_URL="redis://redis.invalid:6379/0")  # not this machine's: dev cannot start one
+    r = subprocess.run([sys.executable, "-m", "gnosis_ocr.cli", "dev", "--submit", "samples/letter.png"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nothing answers at redis://redis.invalid:6379/0" in r.stderr, r.stderr
+    log = r.stderr.splitlines()[0].rsplit(" ", 1)[1]
+    assert not os.path.exists(log), "an empty log file was left behind"
+
+
 class FlakyFront:
     """A TCP front for the API (a load balancer mid-deploy): it resets its first `drops` connections,
     then passes bytes both ways."""

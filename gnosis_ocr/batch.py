@@ -152,6 +152,13 @@ class BatchStore:
         pipe.execute()
         return Batch.from_hash({k: str(v) for k, v in record.items()})
 
+    def discard(self, batch_id: str) -> None:
+        """Remove a batch that never started (its listing could not be published): it never existed."""
+        pipe = self.redis.pipeline()
+        pipe.delete(keys.batch(batch_id))
+        pipe.zrem(keys.BATCHES_UNLISTED, batch_id)
+        pipe.execute()
+
     def get(self, batch_id: str) -> Batch | None:
         h = self.redis.hgetall(keys.batch(batch_id))
         return Batch.from_hash({k.decode(): v.decode() for k, v in h.items()}) if h else None

@@ -3,8 +3,10 @@ worker; no document passes through it."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
+import redis
 from flask import Blueprint, jsonify, request
 
 from .. import gcs, options, webhook
@@ -62,7 +64,15 @@ def create():
     batch = store().create(source=source.uri, destination=destination.uri, owner=current_owner(),
                            overwrite=overwrite, callback_url=callback_url,
                            options=options.Options(pages=pages, language=language).to_record())
-    c.producer.send_task(EXPAND_BATCH_TASK, args=[batch.id], queue=cache_queue(c.settings))
+    try:
+        c.producer.send_task(EXPAND_BATCH_TASK, args=[batch.id], queue=cache_queue(c.settings))
+    except Exception:
+        # An accepted batch must be a listed one: if its listing cannot be sent, it never existed (and
+        # the client, told 503, may send it again). Left behind only if Redis fails this too: the
+        # housekeeper then lists it (worker/listings.py).
+        with contextlib.suppress(redis.RedisError):
+            store().discard(batch.id)
+        raise
     response = jsonify(batch.to_api())
     response.status_code = 202
     response.headers["Location"] = f"/v1/batches/{batch.id}"

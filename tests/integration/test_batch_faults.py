@@ -115,3 +115,17 @@ def test_a_batch_whose_listing_message_was_lost_is_listed_all_the_same(stack, em
     assert (done["status"], done["documents_total"], done["documents_done"]) == ("succeeded", 2, 2), done
     assert any("published the listing of 1 batch(es) again" in proc.log() for proc in stack.procs)
     assert not stack.redis.zcard(keys.BATCHES_UNLISTED)
+
+
+def test_a_batch_whose_listing_cannot_be_sent_is_refused_and_leaves_nothing(stack, emulator, acl_redis):
+    admin, api_url = acl_redis
+    client, host = emulator
+    make_bucket(client)
+    # The API's user may write batches, but not into the light workers' queue (a publish that fails).
+    admin.acl_setuser("worker", enabled=True, reset_keys=True, keys=["gnosis:*", "_kombu.*", "unacked*"])
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api(REDIS_URL=api_url)
+    r = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"})
+    assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+    # Told 503, the client may send it again: the refused batch must not also run later.
+    assert not list(admin.scan_iter(keys.batch("*"))) and not admin.zcard(keys.BATCHES_UNLISTED)

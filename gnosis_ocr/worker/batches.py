@@ -133,8 +133,9 @@ def _make_job(rt: Runtime, app, batch, bucket: str, name: str, rel: str, opts: o
             raise  # not the document's fault: the listing is interrupted and runs again
         # Deleted since it was listed, or refused: this document fails, not the batch.
         raise UnreadableDocument(f"gs://{bucket}/{name} could not be read: {exc}", code="source_unreadable") from None
-    # The page workers read the generation counted here: a document replaced in between fails its
-    # job (input_missing) instead of being read as pages of another.
+    # The page workers read the generation counted here: a document replaced in between is read as
+    # counted where the bucket keeps older generations, and otherwise fails its job (input_missing),
+    # never read as pages of another.
     uri = f"gs://{bucket}/{name}#{stream.generation}"
     page_map = options.select(wanted, info.pages) if wanted else ()
     job_opts = options.Options(pages=opts.pages, page_map=page_map, language=opts.language, source=uri)

@@ -1,5 +1,6 @@
 """The `celery -A gnosis_ocr.worker.celery_app` target."""
 
+import billiard.pool
 from celery import Celery
 
 from ..broker import celery_config
@@ -11,3 +12,11 @@ app.conf.update(celery_config(settings))
 app.conf.imports = ("gnosis_ocr.worker.tasks",)
 # The model loads in each pool child after the fork, which can take minutes on a cold cache.
 app.conf.worker_proc_alive_timeout = settings.lease_wait + 600
+
+# A prefork child that finishes its page during a warm shutdown waits until the main process has read
+# its result, up to 300 x 0.1 s. Celery 5.7's shutdown sometimes stops reading first (the pool's result
+# handler leaves while a page still runs), and the worker then exits 30 s after SIGTERM, past most
+# grace periods. Nothing is lost by waiting less: the page is recorded in Redis by the child itself, and
+# the message the main process did not acknowledge is restored to the queue, where the next delivery
+# finds the page done. Read by the children at run time; they inherit it across the fork.
+billiard.pool.GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT = 30

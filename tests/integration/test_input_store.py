@@ -10,7 +10,7 @@ import redis
 import requests
 
 from gnosis_ocr.inputstore import ORPHAN_GRACE, DirectoryInputs
-from harness.stack import poll_job
+from harness.stack import poll_job, wait_until
 from harness.docs import pdf_of_pages, text_image, words
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,8 @@ def test_documents_in_a_shared_directory_never_enter_redis(stack, tmp_path):
     assert final["status"] == "succeeded", final
     text = requests.get(f"{url}/v1/jobs/{job['id']}/result").json()["text"]
     assert {"bucket", "page", "one", "two", "three"} <= set(words(text))
-    assert stored(root) == []  # deleted with its job
+    # Deleted with its job, by the worker just after the record that ends it.
+    wait_until(lambda: stored(root) == [], timeout=10, message="the input to be deleted with its job")
 
 
 def test_cancelled_and_deleted_jobs_take_their_files_with_them(stack, tmp_path):

@@ -9,6 +9,7 @@ batch makes it final. Failed documents are kept in a list, paged by the API.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass
@@ -18,18 +19,18 @@ import redis
 from . import keys
 from .job import JobStatus, now_rfc3339
 
-# Counts one document. Returns the batch's status after the count ('' when the batch is gone); a job
-# counted before (by its worker, or by the housekeeper after that worker died), or a document counted
-# by an earlier run of the listing, is not counted again.
+# Counts one document. Returns the batch's status after the count ('' when the batch is gone) and 1 if
+# this call counted it: a job counted before (by its worker, or by the housekeeper after that worker
+# died), or a document counted by an earlier run of the listing, is not counted again (0).
 _END_DOCUMENT = """
 local record, failed, batch_ends, made = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 -- done|failed|skipped, the failure's JSON or '', now, '1' for a document that never became a job
 -- (failed or skipped while listing: not yet in the total), its job id ('' for those), its name
 local outcome, failure, now, listing, job_id, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = redis.call('HGET', record, 'status')
-if not st then return '' end
-if job_id ~= '' and redis.call('ZREM', batch_ends, job_id) == 0 then return st end
-if listing == '1' and redis.call('SADD', made, name) == 0 then return st end  -- a listing run again
+if not st then return {'', 0} end
+if job_id ~= '' and redis.call('ZREM', batch_ends, job_id) == 0 then return {st, 0} end
+if listing == '1' and redis.call('SADD', made, name) == 0 then return {st, 0} end  -- a listing run again
 if listing == '1' then redis.call('HINCRBY', record, 'documents_total', 1) end
 if outcome == 'failed' then
   redis.call('HINCRBY', record, 'documents_failed', 1)
@@ -39,7 +40,7 @@ elseif outcome == 'skipped' then
 else
   redis.call('HINCRBY', record, 'documents_done', 1)
 end
-return redis.call('HGET', record, 'status')
+return {redis.call('HGET', record, 'status'), 1}
 """
 
 # A listed batch whose every job has ended becomes final. Returns the status, 'final:succeeded' for the
@@ -129,6 +130,8 @@ class Settlement:
     """Its status ('' once the batch is gone)."""
     ended_now: bool
     """This call made it final: announcing it (its webhook) is this caller's to do."""
+    counted: bool = False
+    """A document's count only: this call counted it (not a repeat of one counted before)."""
 
 
 class BatchStore:
@@ -182,10 +185,12 @@ class BatchStore:
         """Count one document of the batch: `done`, `failed` or `skipped`; `listing` for one that never
         became a job (every object listed counts in documents_total), counted once by its `name`."""
         failure = json.dumps({"name": name, "code": code, "message": message}) if outcome == "failed" else ""
-        status = self._end(keys=[keys.batch(batch_id), keys.batch_failed(batch_id), keys.BATCH_ENDS,
-                                 keys.batch_made(batch_id)],
-                           args=[outcome, failure, now_rfc3339(), "1" if listing else "0", job_id, name]).decode()
-        return self.settle(batch_id) if status else Settlement("", ended_now=False)
+        status, counted = self._end(
+            keys=[keys.batch(batch_id), keys.batch_failed(batch_id), keys.BATCH_ENDS, keys.batch_made(batch_id)],
+            args=[outcome, failure, now_rfc3339(), "1" if listing else "0", job_id, name])
+        if not status:
+            return Settlement("", ended_now=False)
+        return dataclasses.replace(self.settle(batch_id), counted=bool(counted))
 
     def listed(self, batch_id: str) -> Settlement:
         pipe = self.redis.pipeline()

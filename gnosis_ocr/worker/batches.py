@@ -80,8 +80,10 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
 
 
 def _ended(rt: Runtime, batches: BatchStore, batch_id: str, outcome: str, **fields) -> Settlement:
-    _count(rt, outcome)
-    return batches.end_document(batch_id, outcome, **fields)
+    settlement = batches.end_document(batch_id, outcome, **fields)
+    if settlement.counted:  # a repeat (a listing run again, a job counted twice) is no document more
+        _count(rt, outcome)
+    return settlement
 
 
 def _count(rt: Runtime, outcome: str) -> None:

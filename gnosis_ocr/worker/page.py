@@ -255,15 +255,19 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def crashed(rt: Runtime, job_id: str, page: int) -> None:
+def crashed(rt: Runtime, job_id: str, page: int, exc: BaseException) -> None:
     """Called when running the page raised what nothing here expects: the job fails now, its reason in
     the log, rather than staying "running" with no message left to run it."""
-    log.exception("job %s page %d: unexpected error", job_id, page)
     try:
+        if isinstance(exc, SoftTimeLimitExceeded):  # while its document was still being fetched
+            _fail(rt, job_id, page, "timeout",
+                  f"Page {page + 1} took longer than {rt.settings.page_soft_timeout} seconds.")
+            return
+        log.error("job %s page %d: unexpected error", job_id, page, exc_info=exc)
         _fail(rt, job_id, page, "internal_error", f"Page {page + 1} could not be processed because of an "
               "internal error; it is in the worker's log.")
-    except Exception as exc:  # Redis failing too: the max-age sweep ends the job
-        log.error("could not fail job %s: %s", job_id, exc)
+    except Exception as error:  # Redis failing too: the max-age sweep ends the job
+        log.error("could not fail job %s: %s", job_id, error)
 
 
 def hard_timeout(rt: Runtime, job_id: str, page: int) -> None:

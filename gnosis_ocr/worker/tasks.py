@@ -41,9 +41,10 @@ def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
         log.warning("%s; returning the page to the queue", exc)
         time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
         raise Reject(str(exc), requeue=True) from None
-    except Exception:
-        # A bug: the message is acknowledged all the same, and the job would wait out GNOSIS_JOB_MAX_AGE.
-        page.crashed(runtime.get(), job_id, page_index)
+    except Exception as exc:
+        # Raised where nothing expects it (a bug, or the soft time limit outside the engine's call): the
+        # message is acknowledged all the same, and the job would wait out GNOSIS_JOB_MAX_AGE.
+        page.crashed(runtime.get(), job_id, page_index, exc)
         raise
     return verdicts[-1]
 

@@ -129,3 +129,18 @@ def test_a_batch_whose_listing_cannot_be_sent_is_refused_and_leaves_nothing(stac
     assert r.status_code == 503 and "Retry-After" in r.headers, r.text
     # Told 503, the client may send it again: the refused batch must not also run later.
     assert not list(admin.scan_iter(keys.batch("*"))) and not admin.zcard(keys.BATCHES_UNLISTED)
+
+
+def test_a_document_counted_again_is_neither_counted_nor_measured_twice(redis_url):
+    import redis as redis_client
+
+    from gnosis_ocr.batch import BatchStore
+
+    batches = BatchStore(redis_client.Redis.from_url(redis_url), ttl=60)
+    batch = batches.create(source="gs://scans/in/", destination="gs://scans/out/", owner="", overwrite=False,
+                           callback_url="", options="")
+    first = batches.end_document(batch.id, "skipped", name="notes.txt", listing=True)
+    again = batches.end_document(batch.id, "skipped", name="notes.txt", listing=True)  # the listing ran again
+    assert (first.counted, again.counted) == (True, False)  # the metric counts only the first
+    now = batches.get(batch.id)
+    assert (now.documents_total, now.documents_skipped) == (1, 1)

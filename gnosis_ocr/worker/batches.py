@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import threading
 
 import redis
 
@@ -26,7 +26,13 @@ WAIT_FOR_ROOM = 2.0
 
 
 class ListingInterrupted(Exception):
-    """Redis or the bucket failed while a batch was listed: its task goes back to the queue."""
+    """Redis or the bucket failed while a batch was listed, or the worker is stopping: its task goes back
+    to the queue."""
+
+
+stopping = threading.Event()
+"""Set when this worker begins its warm shutdown (tasks.py): a listing, which can wait hours under its
+key's page bound, hands its batch back to the queue rather than hold the worker's exit up."""
 
 
 def store(rt: Runtime) -> BatchStore:
@@ -45,6 +51,8 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
     taken = 0
     try:
         for n, (name, size) in enumerate(gcs.iter_names(source)):
+            if stopping.is_set():
+                raise ListingInterrupted(f"batch {batch_id}: this worker is stopping")
             if n % CHECK_EVERY == 0 and ((now := batches.get(batch_id)) is None or now.final):
                 return "stopped"
             rel = gcs.relative_name(name, source)
@@ -64,6 +72,8 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
                 _make_job(rt, app, batch, source.bucket, name, rel, opts, wanted)
             except GnosisError as exc:
                 _ended(rt, batches, batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
+    except ListingInterrupted:
+        raise
     except Exception as exc:
         if isinstance(exc, redis.RedisError) or gcs.transient(exc):
             # Redis or the bucket failing for now: the listing runs again later, from the start; what
@@ -115,7 +125,8 @@ def _wait_for_room(rt: Runtime, batch_id: str, owner: str, pages: int) -> bool:
         batch = store(rt).get(batch_id)
         if batch is None or batch.final:
             return False
-        time.sleep(WAIT_FOR_ROOM)  # the backlog drains page by page; nothing to be woken by
+        if stopping.wait(WAIT_FOR_ROOM):  # the backlog drains page by page; nothing else to be woken by
+            raise ListingInterrupted(f"batch {batch_id}: this worker is stopping")
     return True
 
 

@@ -129,6 +129,11 @@ def _start_heartbeat(sender=None, **_) -> None:
         _probe.start()
 
 
+@signals.worker_shutting_down.connect
+def _hand_back_listings(**_) -> None:
+    batches.stopping.set()
+
+
 @signals.worker_shutdown.connect
 def _stop_heartbeat(**_) -> None:
     if _heartbeat is not None:

@@ -144,3 +144,30 @@ def test_a_document_counted_again_is_neither_counted_nor_measured_twice(redis_ur
     assert (first.counted, again.counted) == (True, False)  # the metric counts only the first
     now = batches.get(batch.id)
     assert (now.documents_total, now.documents_skipped) == (1, 1)
+
+
+def test_a_light_worker_told_to_stop_hands_back_a_listing_that_waits_for_room(stack, emulator):
+    import signal
+    import subprocess
+
+    client, host = emulator
+    scans = make_bucket(client)
+    for n in range(6):
+        scans.blob(f"in/page{n}.png").upload_from_string(text_image([f"Waiting page {n}"]))
+    stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/",
+                     GNOSIS_API_KEYS="batch-key", GNOSIS_MAX_KEY_PAGES="2")
+    url = stack.api()
+    lister = light_worker(stack)
+    batch = start_batch(url, headers={"Authorization": "Bearer batch-key"})
+    # No page worker: with two of its pages waiting, the listing waits for room, for as long as it takes.
+    wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == 2, timeout=60,
+               message="the listing to wait under the key's bound")
+    lister.popen.send_signal(signal.SIGTERM)
+    try:
+        code = lister.popen.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the light worker was still running 20 s after SIGTERM:\n{lister.log()[-3000:]}")
+    assert code == 0 and "returning the listing to the queue" in lister.log(), lister.log()[-3000:]
+    stack.worker(OCR_ENGINE="null")  # with a light worker of its own, which lists the rest
+    done = final(url, batch["id"], stack, headers={"Authorization": "Bearer batch-key"})
+    assert (done["status"], done["documents_total"], done["documents_done"]) == ("succeeded", 6, 6), done

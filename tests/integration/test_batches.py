@@ -79,21 +79,21 @@ def start_batch(url: str, **kwargs) -> dict:
     return r.json()
 
 
-def batch_now(url: str, batch_id: str) -> dict:
-    r = requests.get(f"{url}/v1/batches/{batch_id}")
+def batch_now(url: str, batch_id: str, headers: dict | None = None) -> dict:
+    r = requests.get(f"{url}/v1/batches/{batch_id}", headers=headers)
     assert r.status_code == 200, (r.status_code, r.text)
     return r.json()
 
 
-def final(url: str, batch_id: str, stack=None) -> dict:
+def final(url: str, batch_id: str, stack=None, headers: dict | None = None) -> dict:
     try:
-        return wait_until(lambda: (b := batch_now(url, batch_id))["status"] in ("succeeded", "failed", "cancelled")
-                          and b, timeout=120, message="the batch to end")
+        return wait_until(lambda: (b := batch_now(url, batch_id, headers))["status"]
+                          in ("succeeded", "failed", "cancelled") and b, timeout=120, message="the batch to end")
     except AssertionError:
         if stack is not None:  # what the batch and its jobs were stuck at
             jobs = [j.decode() for j in stack.redis.smembers(f"gnosis:batch:{batch_id}:jobs")]
-            states = {j: requests.get(f"{url}/v1/jobs/{j}").json()["status"] for j in jobs}
-            raise AssertionError((requests.get(f"{url}/v1/batches/{batch_id}").json(), states,
+            states = {j: requests.get(f"{url}/v1/jobs/{j}", headers=headers).json().get("status") for j in jobs}
+            raise AssertionError((requests.get(f"{url}/v1/batches/{batch_id}", headers=headers).json(), states,
                                   stack.redis.hgetall(f"gnosis:batch:{batch_id}"))) from None
         raise
 

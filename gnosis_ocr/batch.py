@@ -23,13 +23,16 @@ from .job import JobStatus, now_rfc3339
 # this call counted it: a job counted before (by its worker, or by the housekeeper after that worker
 # died), or a document counted by an earlier run of the listing, is not counted again (0).
 _END_DOCUMENT = """
-local record, failed, batch_ends, made = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local record, failed, batch_ends, made, jobs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 -- done|failed|skipped, the failure's JSON or '', now, '1' for a document that never became a job
 -- (failed or skipped while listing: not yet in the total), its job id ('' for those), its name
 local outcome, failure, now, listing, job_id, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = redis.call('HGET', record, 'status')
 if not st then return {'', 0} end
 if job_id ~= '' and redis.call('ZREM', batch_ends, job_id) == 0 then return {st, 0} end
+-- A job its listing made but never added (the listing failed in between, and made another): not the
+-- batch's, so not in its total, and not counted either.
+if job_id ~= '' and redis.call('SISMEMBER', jobs, job_id) == 0 then return {st, 0} end
 if listing == '1' and redis.call('SADD', made, name) == 0 then return {st, 0} end  -- a listing run again
 if listing == '1' then redis.call('HINCRBY', record, 'documents_total', 1) end
 if outcome == 'failed' then
@@ -186,7 +189,8 @@ class BatchStore:
         became a job (every object listed counts in documents_total), counted once by its `name`."""
         failure = json.dumps({"name": name, "code": code, "message": message}) if outcome == "failed" else ""
         status, counted = self._end(
-            keys=[keys.batch(batch_id), keys.batch_failed(batch_id), keys.BATCH_ENDS, keys.batch_made(batch_id)],
+            keys=[keys.batch(batch_id), keys.batch_failed(batch_id), keys.BATCH_ENDS, keys.batch_made(batch_id),
+                  keys.batch_jobs(batch_id)],
             args=[outcome, failure, now_rfc3339(), "1" if listing else "0", job_id, name])
         if not status:
             return Settlement("", ended_now=False)

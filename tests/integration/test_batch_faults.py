@@ -131,7 +131,7 @@ def test_a_batch_whose_listing_cannot_be_sent_is_refused_and_leaves_nothing(stac
     assert not list(admin.scan_iter(keys.batch("*"))) and not admin.zcard(keys.BATCHES_UNLISTED)
 
 
-def test_a_document_counted_again_is_neither_counted_nor_measured_twice(redis_url):
+def test_a_document_is_counted_once_and_only_by_its_own_batch(redis_url):
     import redis as redis_client
 
     from gnosis_ocr.batch import BatchStore
@@ -142,8 +142,13 @@ def test_a_document_counted_again_is_neither_counted_nor_measured_twice(redis_ur
     first = batches.end_document(batch.id, "skipped", name="notes.txt", listing=True)
     again = batches.end_document(batch.id, "skipped", name="notes.txt", listing=True)  # the listing ran again
     assert (first.counted, again.counted) == (True, False)  # the metric counts only the first
+    # A job the listing made but never added to the batch (it failed in between and made another): its
+    # end is not the batch's.
+    batches.redis.zadd(keys.BATCH_ENDS, {"orphan-job": 1})
+    assert not batches.end_document(batch.id, "done", job_id="orphan-job").counted
     now = batches.get(batch.id)
-    assert (now.documents_total, now.documents_skipped) == (1, 1)
+    assert (now.documents_total, now.documents_skipped, now.documents_done) == (1, 1, 0)
+    assert not batches.redis.zscore(keys.BATCH_ENDS, "orphan-job")  # and the housekeeper will not count it either
 
 
 def test_a_light_worker_told_to_stop_hands_back_a_listing_that_waits_for_room(stack, emulator):

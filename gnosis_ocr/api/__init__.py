@@ -48,11 +48,12 @@ class ApiContext:
     _depth: tuple[float, int] = (0.0, 0)
     _depth_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def queue_depth(self, *, adding: int = 0) -> int:
+    def queue_depth(self) -> int:
         """Pages waiting, read from Redis at most every DEPTH_TTL seconds per process.
 
         A round trip per submission would cost a fifth of the API's throughput; between reads this
-        process counts what it adds itself, so the bound stays conservative for its own traffic.
+        process counts what it adds itself (`enqueued`), so the bound stays conservative for its own
+        traffic.
         """
         now = time.monotonic()
         if now - self._depth[0] > DEPTH_TTL:
@@ -60,9 +61,16 @@ class ApiContext:
             with self._depth_lock:
                 self._depth = (now, fresh)
         with self._depth_lock:
+            return self._depth[1]
+
+    def enqueued(self, pages: int, *, since: float) -> None:
+        """`pages` were published, starting at `since` (monotonic): added to the last reading unless that
+        reading was taken since, when it may count them already (adding them twice refused submissions
+        to a queue that had room)."""
+        with self._depth_lock:
             fetched_at, depth = self._depth
-            self._depth = (fetched_at, depth + adding)
-            return depth
+            if fetched_at <= since:
+                self._depth = (fetched_at, depth + pages)
 
 
 def queue_length(client: redis.Redis, queue: str) -> int:

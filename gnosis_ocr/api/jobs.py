@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import re
 import unicodedata
 
@@ -70,8 +71,9 @@ def submit():
                             extra={"idem_key": idem_name, "callback_url": callback_url,
                                    "options": opts.to_record()}, idem_claim=claim)
         try:
+            publishing = time.monotonic()
             _enqueue(job, page_priority(backlog))
-            c.queue_depth(adding=job.pages_total)
+            c.enqueued(job.pages_total, since=publishing)
         except Exception:
             # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
             c.jobs.discard(job.id)

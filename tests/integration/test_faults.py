@@ -181,6 +181,28 @@ def test_bounded_queue_answers_429(stack):
     assert len(list(stack.redis.scan_iter("gnosis:job:*:input"))) == 3  # the refused one left nothing
 
 
+def test_the_queue_bound_counts_a_job_published_across_a_reading_once(redis_url, monkeypatch):
+    # The API reads the queue's length at most every DEPTH_TTL seconds and counts its own pages between
+    # readings. A job whose publish outlasted the reading's lifetime was counted twice (in the fresh
+    # reading and again as added): a queue with room answered 429 (seen in CI, under load).
+    import gnosis_ocr.api as api
+    from gnosis_ocr.api import create_app
+
+    clock = [100.0]
+    monkeypatch.setattr(api.time, "monotonic", lambda: clock[0])
+    c = create_app(Settings.from_env({"REDIS_URL": redis_url})).extensions["gnosis"]
+    assert c.queue_depth() == 0  # a reading at t = 100.0
+    clock[0] += 0.1
+    published = clock[0]
+    redis.Redis.from_url(redis_url).lpush(c.settings.queue, b"a page")  # the job's one message
+    clock[0] += api.DEPTH_TTL  # a slow publish: the reading has expired by its end
+    c.enqueued(1, since=published)
+    assert c.queue_depth() == 1  # the next submission's check: one page waiting, not two
+    clock[0] += 0.01
+    c.enqueued(1, since=clock[0] - 0.005)  # a job published after that reading is added to it
+    assert c.queue_depth() == 2
+
+
 def test_hard_time_limit_fails_the_job_instead_of_leaving_it_running(redis_url, monkeypatch):
     # Celery calls the task's on_failure in the worker's main process after killing a pool process
     # stuck past the hard limit (a C extension ignoring the soft signal); this drives that hook.

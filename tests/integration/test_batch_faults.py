@@ -1,5 +1,6 @@
-"""A batch through faults between its listing and its pages: the listing's message lost, Redis refusing
-the light worker mid-listing, and a document replaced after its pages were counted, on buckets with and
+"""A batch through faults between its listing and its pages: the listing's message lost or never sent,
+Redis refusing the light worker mid-listing, the light worker stopped while its listing waits for room,
+documents counted again, and a document replaced after its pages were counted, on buckets with and
 without object versioning (fake-gcs-server's in-memory backend keeps older generations)."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from gnosis_ocr import keys
-from gnosis_ocr.broker import CACHE_QUEUE_SUFFIX, queue_keys
+from gnosis_ocr.broker import cache_queue, queue_keys
 from gnosis_ocr.settings import Settings
 from harness.docs import text_image, words
 from harness.gcsemulator import start_emulator
@@ -107,7 +108,7 @@ def test_a_batch_whose_listing_message_was_lost_is_listed_all_the_same(stack, em
     batch = start_batch(url)  # no worker yet: the listing's message waits in the light workers' queue
     # What BRPOP followed by a refused unacked write leaves (or an API killed before its publish): no
     # message, no worker, and nothing else would ever list the batch.
-    queued = [(key, raw) for key in queue_keys(f"{Settings().queue}{CACHE_QUEUE_SUFFIX}")
+    queued = [(key, raw) for key in queue_keys(cache_queue(Settings()))
               for raw in stack.redis.lrange(key, 0, -1) if batch["id"].encode() in raw]
     assert len(queued) == 1 and stack.redis.lrem(*queued[0][:1], 1, queued[0][1]) == 1
     stack.worker(OCR_ENGINE="null")

@@ -12,6 +12,14 @@ import redis
 from harness.stack import free_port, wait_until
 
 
+def deny_job_keys(admin, denied: bool) -> None:
+    """The `worker` ACL user (tests' `acl_redis`) refused, or given back, the job records (`gnosis:job:*`,
+    `gnosis:jobs:*`), as an out-of-memory or read-only Redis would refuse them; the broker and the
+    heartbeats go on."""
+    keys = ["[^g]*", "gnosis-*", "gnosis:[^j]*"] if denied else ["*"]
+    admin.acl_setuser("worker", enabled=True, reset_keys=True, keys=keys)
+
+
 class PrivateRedis:
     def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
         self.dir = workdir

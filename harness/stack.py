@@ -69,6 +69,15 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def sigterm(self, *, timeout: float) -> int:
+        """SIGTERM to the process alone, as a scale-in sends it; its exit code once it has left, or an
+        AssertionError with its log's tail if it is still running after `timeout` seconds."""
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {timeout:.0f} s after SIGTERM:\n{self.log()[-4000:]}") from None
+
     def kill_tree(self, sig: int = signal.SIGKILL) -> None:
         try:
             os.killpg(self.popen.pid, sig)

@@ -41,6 +41,20 @@ def stack(tmp_path, redis_url):
     s.stop()
 
 
+@pytest.fixture
+def acl_redis(stack, tmp_path):
+    """A private Redis whose `worker` user can be refused keys (`harness.redisproc.deny_job_keys`) while
+    the admin keeps them: (admin client, the worker user's URL). The stack's processes use the admin's."""
+    from harness.redisproc import PrivateRedis
+
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    admin = redis.Redis.from_url(private.url)
+    admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"])
+    stack.env["REDIS_URL"] = private.url
+    yield admin, f"redis://worker:pw@127.0.0.1:{private.port}/0"
+    private.stop()
+
+
 @pytest.fixture(params=["redis", "directory"])
 def both_stores(request, stack, tmp_path):
     """Runs a test with inputs in Redis and again with inputs in a shared directory (GNOSIS_INPUT_STORE)."""

@@ -15,9 +15,9 @@ from gnosis_ocr.broker import cache_queue, queue_keys
 from gnosis_ocr.settings import Settings
 from harness.docs import text_image, words
 from harness.gcsemulator import start_emulator
+from harness.redisproc import deny_job_keys
 from harness.stack import wait_until
 from tests.integration.test_batches import final, start_batch
-from tests.integration.test_lifetimes import acl_redis, deny_job_keys  # noqa: F401 - a fixture, used by name
 
 pytestmark = pytest.mark.slow
 
@@ -153,9 +153,6 @@ def test_a_document_is_counted_once_and_only_by_its_own_batch(redis_url):
 
 
 def test_a_light_worker_told_to_stop_hands_back_a_listing_that_waits_for_room(stack, emulator):
-    import signal
-    import subprocess
-
     client, host = emulator
     scans = make_bucket(client)
     for n in range(6):
@@ -168,11 +165,7 @@ def test_a_light_worker_told_to_stop_hands_back_a_listing_that_waits_for_room(st
     # No page worker: with two of its pages waiting, the listing waits for room, for as long as it takes.
     wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == 2, timeout=60,
                message="the listing to wait under the key's bound")
-    lister.popen.send_signal(signal.SIGTERM)
-    try:
-        code = lister.popen.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the light worker was still running 20 s after SIGTERM:\n{lister.log()[-3000:]}")
+    code = lister.sigterm(timeout=20)
     assert code == 0 and "returning the listing to the queue" in lister.log(), lister.log()[-3000:]
     stack.worker(OCR_ENGINE="null")  # with a light worker of its own, which lists the rest
     done = final(url, batch["id"], stack, headers={"Authorization": "Bearer batch-key"})

@@ -275,8 +275,6 @@ def test_a_batch_waits_under_its_keys_page_bound_and_other_keys_go_first(stack, 
 
 
 def test_a_worker_told_to_stop_finishes_its_pages_and_another_finishes_the_batch(stack, bucket):
-    import signal
-
     scans, host = bucket
     upload_pages(scans, 12, "doc", "Drained page")
     stack.env.update(STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
@@ -286,11 +284,7 @@ def test_a_worker_told_to_stop_finishes_its_pages_and_another_finishes_the_batch
     wait_until(lambda: requests.get(f"{url}/v1/batches/{batch['id']}").json()["documents_done"] >= 2, timeout=60,
                message="the batch to be under way")
     # What a scale-in sends: SIGTERM to the container's first process alone, then a grace period.
-    leaving.popen.send_signal(signal.SIGTERM)
-    try:
-        code = leaving.popen.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the worker was still running 30 s after SIGTERM:\n{leaving.log()[-4000:]}")
+    code = leaving.sigterm(timeout=30)
     assert code == 0, leaving.log()[-3000:]  # it finished its pages and left
     stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.2", concurrency=2)
     done = final(url, batch["id"], stack)

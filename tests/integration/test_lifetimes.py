@@ -25,7 +25,7 @@ from PIL import Image
 from gnosis_ocr import keys
 from harness.stack import ROOT, Proc, free_port, poll_job, wait_until
 from harness.docs import text_image
-from harness.redisproc import PrivateRedis
+from harness.redisproc import deny_job_keys
 
 pytestmark = pytest.mark.slow
 
@@ -49,24 +49,6 @@ def no_inflight(client: redis.Redis) -> bool:
 
 
 # ---- Redis errors while claiming or recording a page --------------------------------------------------
-
-
-@pytest.fixture
-def acl_redis(stack, tmp_path):
-    """A private Redis whose `worker` user can be denied the job keys while the API's user keeps them."""
-    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
-    admin = redis.Redis.from_url(private.url)
-    admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"])
-    stack.env["REDIS_URL"] = private.url
-    worker_url = f"redis://worker:pw@127.0.0.1:{private.port}/0"
-    yield admin, worker_url
-    private.stop()
-
-
-def deny_job_keys(admin: redis.Redis, denied: bool) -> None:
-    """Every key but the job records (`gnosis:job:*`, `gnosis:jobs:*`): the broker and heartbeats go on."""
-    keys = ["[^g]*", "gnosis-*", "gnosis:[^j]*"] if denied else ["*"]
-    admin.acl_setuser("worker", enabled=True, reset_keys=True, keys=keys)
 
 
 def test_a_page_whose_claim_fails_comes_back_when_redis_does(stack, acl_redis):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import time
 import re
+import time
 import unicodedata
 
 from flask import Blueprint, Response, jsonify, request

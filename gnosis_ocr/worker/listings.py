@@ -14,14 +14,13 @@ at once must not happen, a late one is only late.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import redis
 
 from .. import keys
-from ..broker import EXPAND_BATCH_TASK, queue_keys, task_args
-from .reconcile import SCAN_CHUNK, UNACKED_KEY
+from ..broker import EXPAND_BATCH_TASK, task_args
+from .reconcile import in_flight_entries, queued_messages, unacked_messages
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +72,7 @@ class Listings:
 
     def _held(self) -> set[str]:
         """Batches whose listing a message or a worker has: queued, unacknowledged, or running."""
-        held: set[str] = set()
-        for key in queue_keys(self.queue):
-            start = 0
-            while chunk := self.redis.lrange(key, start, start + SCAN_CHUNK - 1):
-                held |= {args[0] for raw in chunk if (args := task_args(raw, EXPAND_BATCH_TASK))}
-                start += SCAN_CHUNK
-        for _, raw in self.redis.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
-            try:
-                args = task_args(json.dumps(json.loads(raw)[0]).encode(), EXPAND_BATCH_TASK)
-            except (ValueError, IndexError, TypeError):
-                continue
-            if args:
-                held.add(args[0])
-        for key in self.redis.scan_iter(keys.WORKER_INFLIGHTS, count=SCAN_CHUNK):
-            for field in self.redis.hkeys(key):
-                name = field.decode().rpartition(":")[0]
-                if name.startswith(IN_FLIGHT_PREFIX):
-                    held.add(name[len(IN_FLIGHT_PREFIX):])
-        return held
+        messages = [*queued_messages(self.redis, self.queue), *(raw for _, raw in unacked_messages(self.redis))]
+        held = {str(args[0]) for raw in messages if (args := task_args(raw, EXPAND_BATCH_TASK))}
+        return held | {name[len(IN_FLIGHT_PREFIX):] for name, _ in in_flight_entries(self.redis)
+                       if name.startswith(IN_FLIGHT_PREFIX)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 
 import redis
 
@@ -90,27 +91,45 @@ class Reconciler:
         seconds, _ = self.redis.time()
         stale_tags = set(self.redis.zrangebyscore(UNACKED_INDEX_KEY, 0, seconds - self.grace))
         held: dict[tuple[str, int], str] = {}
-        for key in queue_keys(self.queue):
-            start = 0
-            while chunk := self.redis.lrange(key, start, start + SCAN_CHUNK - 1):
-                for raw in chunk:
-                    found |= _pages_of(raw)
-                start += SCAN_CHUNK
-        for tag, raw in self.redis.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
-            try:
-                pages = _pages_of(json.dumps(json.loads(raw)[0]).encode())
-            except (ValueError, IndexError, TypeError):
-                continue
+        for raw in queued_messages(self.redis, self.queue):
+            found |= _pages_of(raw)
+        for tag, raw in unacked_messages(self.redis):
+            pages = _pages_of(raw)
             if tag not in stale_tags:
                 found |= pages
             else:
                 held.update({page: tag.decode() for page in pages})
-        for key in self.redis.scan_iter(keys.WORKER_INFLIGHTS, count=SCAN_CHUNK):
-            for field in self.redis.hkeys(key):
-                job_id, _, page = field.decode().rpartition(":")
-                if page.isdigit():
-                    found.add((job_id, int(page)))
+        found |= {(name, int(page)) for name, page in in_flight_entries(self.redis) if page.isdigit()}
         return found, {page: tag for page, tag in held.items() if page not in found}
+
+
+def queued_messages(client: redis.Redis, queue: str) -> Iterator[bytes]:
+    """Every message waiting in a queue's lists, read a page at a time (a long queue is never held whole)."""
+    for key in queue_keys(queue):
+        start = 0
+        while chunk := client.lrange(key, start, start + SCAN_CHUNK - 1):
+            yield from chunk
+            start += SCAN_CHUNK
+
+
+def unacked_messages(client: redis.Redis) -> Iterator[tuple[bytes, bytes]]:
+    """(delivery tag, message as a queue's list holds it) of every unacknowledged message; entries that
+    do not parse are left out."""
+    for tag, raw in client.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
+        try:
+            message = json.dumps(json.loads(raw)[0]).encode()
+        except (ValueError, IndexError, TypeError):
+            continue
+        yield tag, message
+
+
+def in_flight_entries(client: redis.Redis) -> Iterator[tuple[str, str]]:
+    """(name, page) of every worker's in-flight entry: a job id and its page, or a listing's
+    `batch-<id>` and 0."""
+    for key in client.scan_iter(keys.WORKER_INFLIGHTS, count=SCAN_CHUNK):
+        for field in client.hkeys(key):
+            name, _, page = field.decode().rpartition(":")
+            yield name, page
 
 
 def _pages_of(raw: bytes) -> set[tuple[str, int]]:

@@ -54,7 +54,7 @@ class Listings:
 
     def _unlisted(self) -> set[str]:
         """Live batches created more than the grace ago whose listing has not finished; the index's other
-        entries (a batch gone, or listed by a release that did not keep the index) are dropped."""
+        entries (a batch gone or ended, whose entry outlived it) are dropped."""
         now, _ = self.redis.time()
         ids = [raw.decode() for raw in self.redis.zrangebyscore(keys.BATCHES_UNLISTED, 0, now - self.grace)]
         pipe = self.redis.pipeline(transaction=False)

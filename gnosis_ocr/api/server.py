@@ -22,7 +22,7 @@ class ApiServer(BaseApplication):
         self.settings = settings
         check_listen(host, port)
         self.options = {
-            "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            "bind": _address(host, port),
             "workers": workers,
             # gevent: connections per process, each a greenlet. gthread (behind a buffering proxy
             # only): `threads` requests at once per process, a slow client holding one.
@@ -60,7 +60,7 @@ def check_listen(host: str, port: int) -> None:
     """ConfigError, in one line, when the API could not listen on host:port (an address this machine
     does not have, a port another process holds), instead of gunicorn retrying for seconds and leaving
     with its own log lines and exit 1. Bound the way gunicorn binds (SO_REUSEADDR), then closed."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = _address(host, port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -75,6 +75,11 @@ def check_listen(host: str, port: int) -> None:
                 raise ConfigError(f"cannot listen on {where}: another process holds the port "
                                   "(PORT / --port)") from None
             raise ConfigError(f"cannot listen on {where}: {exc.strerror}") from None
+
+
+def _address(host: str, port: int) -> str:
+    """host:port as gunicorn's bind reads it: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _access_log() -> str | None:

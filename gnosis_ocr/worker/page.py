@@ -6,7 +6,6 @@ batch; rendering and preprocessing happen here, on the thread, while the device 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import sys
@@ -46,8 +45,7 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
     except redis.RedisError as exc:
         raise RequeuePage(f"could not claim job {job_id} page {page}: {exc}") from exc
     except SourceUnavailable as exc:  # claimed, then the bucket failed for now: the page runs later
-        with contextlib.suppress(redis.RedisError):
-            registry.clear(rt.redis, job_id, page)
+        registry.clear(rt.redis, job_id, page)  # a Redis error there is logged, and harmless
         raise RequeuePage(str(exc)) from exc
     except GnosisError as exc:  # claimed, and its bucket's document can no longer be read as counted
         return _fail(rt, job_id, page, exc.code, exc.message)

@@ -189,6 +189,11 @@ DEFAULT_WEBHOOK_SECRET = ""
 DEFAULT_WEBHOOK_ALLOW_PRIVATE = False
 """Whether callback URLs may resolve to private, loopback or link-local addresses."""
 
+DEFAULT_BUCKET_TIMEOUT = 60.0
+"""Seconds one bucket call of a batch (a listing page, a read, a result write) may take, the storage
+client's own retries included, before it counts as failing for now: the listing or page goes back to
+the queue, the result write is tried again by the housekeeper."""
+
 DEFAULT_BATCH_BUCKETS = ()
 """`gs://bucket/prefix` entries batches may read and write; none: batches are off."""
 

@@ -23,8 +23,28 @@ WHOLE_BELOW = 8 * 1024 * 1024
 """Objects up to this size are read in one request: at a bucket's tens of milliseconds per request
 and hundreds of MB/s, a few ranged reads cost more time than the whole object."""
 
+REQUEST_TIMEOUT = 60.0
+"""Seconds one HTTP request to the bucket may wait for an answer (the storage client's own default)."""
+
 _clients: dict[str | None, object] = {}
 _lock = threading.Lock()
+_deadline = 120.0  # the storage client's own, until the worker's settings say otherwise (configure)
+
+
+def configure(*, timeout: float) -> None:
+    """Every bucket call gives up after `timeout` seconds, its retries included (GNOSIS_BUCKET_TIMEOUT):
+    a bucket that fails for minutes must hand the listing or page back long before a page's time
+    limit, and must let a stopping worker leave."""
+    global _deadline
+    _deadline = float(timeout)
+
+
+def _policy() -> dict:
+    """The retry and timeout arguments of one bucket call: the storage client's retry (5xx, 429, 408,
+    connection errors, with back-off), cut at the configured deadline."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return {"retry": DEFAULT_RETRY.with_timeout(_deadline), "timeout": min(REQUEST_TIMEOUT, _deadline)}
 
 
 @dataclass(frozen=True)
@@ -80,7 +100,7 @@ def relative_name(name: str, location: Location) -> str | None:
 
 def transient(exc: BaseException) -> bool:
     """Whether a bucket call's error is worth trying again later: the service failing, throttling or out
-    of reach (google-cloud-storage has already retried it for up to two minutes), not a missing object,
+    of reach (google-cloud-storage has already retried it, for up to GNOSIS_BUCKET_TIMEOUT), not a missing object,
     a refusal or a bad request, which would fail the same way again."""
     import requests
     from google.api_core import exceptions as api
@@ -111,13 +131,13 @@ def client():
 
 def iter_names(location: Location) -> Iterator[tuple[str, int]]:
     """(name, size) of every object under the prefix, listed a page at a time."""
-    for blob in client().list_blobs(location.bucket, prefix=location.prefix, page_size=LIST_PAGE):
+    for blob in client().list_blobs(location.bucket, prefix=location.prefix, page_size=LIST_PAGE, **_policy()):
         yield blob.name, int(blob.size or 0)
 
 
 def head(bucket: str, name: str, size: int = 1024) -> bytes:
     """The first `size` bytes: enough to tell a document by its content."""
-    return client().bucket(bucket).blob(name).download_as_bytes(start=0, end=size - 1)
+    return client().bucket(bucket).blob(name).download_as_bytes(start=0, end=size - 1, **_policy())
 
 
 class RangedReader(io.RawIOBase):
@@ -158,7 +178,8 @@ class RangedReader(io.RawIOBase):
             data = self._blocks.get(index)
             if data is None:
                 start = index * self._block
-                data = self._blob.download_as_bytes(start=start, end=min(start + self._block, self.size) - 1)
+                data = self._blob.download_as_bytes(start=start, end=min(start + self._block, self.size) - 1,
+                                                    **_policy())
                 self._blocks[index] = data
                 self.fetched += len(data)
             piece = data[offset:offset + end - self._position]
@@ -174,7 +195,7 @@ def open_ranged(bucket: str, name: str, *, max_bytes: int, whole_below: int = WH
     """The object as a seekable binary file that downloads only what is read, in RANGE_BYTES blocks (in
     one request up to `whole_below` bytes); TooLarge past `max_bytes`, as for uploads."""
     blob = client().bucket(bucket).blob(name)
-    blob.reload()
+    blob.reload(**_policy())
     size = int(blob.size or 0)
     if size > max_bytes:
         raise TooLarge(f"gs://{bucket}/{name} is {size} bytes; at most {max_bytes} are accepted.")
@@ -188,18 +209,18 @@ def read(uri: str, *, max_bytes: int) -> bytes:
     bucket, _, name = path.partition("/")
     pinned = int(generation) if generation else None
     blob = client().bucket(bucket).blob(name, generation=pinned)
-    blob.reload()
+    blob.reload(**_policy())
     if (blob.size or 0) > max_bytes:
         raise TooLarge(f"{uri} is {blob.size} bytes; at most {max_bytes} are accepted.")
     # Downloaded through a blob that was never reloaded: a reloaded one downloads from the mediaLink the
     # server sent, which need not name the generation (fake-gcs-server's does not), and would then
     # read whatever is live, a replacement included.
-    return client().bucket(bucket).blob(name, generation=blob.generation).download_as_bytes()
+    return client().bucket(bucket).blob(name, generation=blob.generation).download_as_bytes(**_policy())
 
 
 def exists(bucket: str, name: str) -> bool:
-    return client().bucket(bucket).blob(name).exists()
+    return client().bucket(bucket).blob(name).exists(**_policy())
 
 
 def write(bucket: str, name: str, data: bytes, content_type: str) -> None:
-    client().bucket(bucket).blob(name).upload_from_string(data, content_type=content_type)
+    client().bucket(bucket).blob(name).upload_from_string(data, content_type=content_type, **_policy())

@@ -202,6 +202,7 @@ class JobStore:
         self.inputs = inputs or RedisInputs(client)
         self._create = client.register_script(scripts.CREATE)
         self._start = client.register_script(scripts.START_PAGE)
+        self._release = client.register_script(scripts.RELEASE_PAGE)
         self._finish_page = client.register_script(scripts.FINISH_PAGE)
         self._finish_job = client.register_script(scripts.FINISH_JOB)
         self._overdue = client.register_script(scripts.OVERDUE)
@@ -290,6 +291,11 @@ class JobStore:
             return Claim(verdict)
         return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None,
                      options=Options.from_record(result[3] if len(result) > 3 else None))
+
+    def release_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], token: str) -> bool:
+        """Give back the claim `token` made of a page that did not run: its attempt, and its in-flight
+        entry. False if there was none to give back (the same call again)."""
+        return bool(self._release(keys=self._keys(job_id, inflight[0]), args=self._args(page, inflight[1], token)))
 
     def finish_page(self, job_id: str, page: int, text: str, *, model_id: str, model_revision: str,
                     inflight: tuple[str, str, str], truncated: bool = False, token: str = "") -> PageRecord:

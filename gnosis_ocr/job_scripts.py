@@ -131,6 +131,23 @@ if want_input == '1' then data = redis.call('GET', input) end
 return {'run', data, redis.call('HGET', record, 'kind'), redis.call('HGET', record, 'options')}
 """
 
+# Hands back a claimed page that did not run (its batch's bucket failed for now): the attempt its claim
+# counted is returned and the worker's in-flight entry goes, so a bucket that fails for longer than
+# GNOSIS_PAGE_MAX_ATTEMPTS deliveries fails no page `worker_lost`. Returns 1 if an attempt was returned;
+# the same call again returns none.
+RELEASE_PAGE = _KEYS + """
+local page, field, token = unpack(ARGV, 3, 5)
+redis.call('HDEL', inflight, field)
+if token == '' or redis.call('EXISTS', record) == 0 then return 0 end
+if redis.call('HGET', attempts, 'k:' .. page) ~= token then return 0 end
+redis.call('HDEL', attempts, 'k:' .. page)
+if tonumber(redis.call('HGET', attempts, page) or '0') > 0 then
+  redis.call('HINCRBY', attempts, page, -1)
+  redis.call('HINCRBY', record, 'attempts', -1)
+end
+return 1
+"""
+
 # Returns {outcome, pages done, pages total} (job.Recorded). The same call again (its reply was lost)
 # returns what the first returned, so whoever ended the job still learns it did, and counts it and
 # sends its webhook.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import datetime
 
 import redis
 
@@ -174,17 +175,18 @@ def _make_job(rt: Runtime, app, batch, bucket: str, name: str, rel: str, opts: o
                           priority=priority)
 
 
-def document_ended(rt: Runtime, job: Job) -> None:
+def document_ended(rt: Runtime, job: Job) -> bool:
     """A batch's job is final: its result into the destination, then the batch's count (once, whoever
-    calls: its worker, or the housekeeper after that worker died in between)."""
+    calls: its worker, or the housekeeper after that worker died in between). False if the bucket
+    failed for now: the document stays owed and the housekeeper writes it later (recover)."""
     batch_id = job.batch
     if not batch_id:
-        return
+        return True
     batches = store(rt)
     batch = batches.get(batch_id)
     if batch is None:
         rt.redis.zrem(keys.BATCH_ENDS, job.id)
-        return
+        return True
     rel = job.filename or job.id
     if job.status is JobStatus.SUCCEEDED:
         destination = gcs.parse(batch.destination)
@@ -195,30 +197,53 @@ def document_ended(rt: Runtime, job: Job) -> None:
             # Written last: its presence is what a resubmitted batch takes for "done".
             gcs.write(destination.bucket, destination.join(rel + ".json"),
                       json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
-        except Exception as exc:  # the bucket refused the write: the document fails, named, and the batch goes on
+        except Exception as exc:
+            if gcs.transient(exc) and not _written_too_long(rt, job):
+                log.warning("batch %s: could not write the result of %s for now; trying again later: %s",
+                            batch_id, rel, exc)
+                # Scored anew: the housekeeper's next try comes GNOSIS_RECONCILE_GRACE from now.
+                rt.redis.zadd(keys.BATCH_ENDS, {job.id: int(rt.redis.time()[0])}, xx=True)
+                return False
+            # Refused (no permission, no such bucket), or failing for so long that the text would expire
+            # first: the document fails, named, and the batch goes on.
             log.error("batch %s: could not write the result of %s: %s", batch_id, rel, exc)
             _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,
                                           code="destination_unwritable", message=str(exc)))
-            return
+            return True
         _settled(rt, batch_id, _ended(rt, batches, batch_id, "done", job_id=job.id))
     elif job.status is JobStatus.FAILED:
         _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,
                                       code=job.error_code or "", message=job.error_message or ""))
     else:  # cancelled: only with its batch, which is final already
         rt.redis.zrem(keys.BATCH_ENDS, job.id)
+    return True
+
+
+def _written_too_long(rt: Runtime, job: Job) -> bool:
+    """Whether the job's result has been waiting for its write for half its retention (GNOSIS_JOB_TTL):
+    past it, the text it would write could expire before the bucket answers again."""
+    if not job.finished_at:
+        return False
+    ended = datetime.fromisoformat(job.finished_at.replace("Z", "+00:00")).timestamp()
+    return rt.redis.time()[0] - ended > rt.settings.job_ttl / 2
 
 
 def recover(rt: Runtime, *, grace: float) -> int:
     """The housekeeper's pass: batch jobs that ended more than `grace` seconds ago and were never
-    counted (their worker died between the job's end and the count) are written and counted now."""
+    counted (their worker died between the job's end and the count, or the destination failed for
+    now) are written and counted now; the pass stops at the first write the bucket fails."""
     now, _ = rt.redis.time()
     owed = [raw.decode() for raw in rt.redis.zrangebyscore(keys.BATCH_ENDS, 0, now - grace, start=0, num=200)]
+    counted = 0
     for job_id in owed:
         job = rt.jobs.get(job_id)
         if job is None or not job.final:
             rt.redis.zrem(keys.BATCH_ENDS, job_id)
             continue
-        document_ended(rt, job)
-    if owed:
-        log.warning("counted %d batch document(s) whose worker died before counting them", len(owed))
-    return len(owed)
+        if not document_ended(rt, job):
+            break  # the bucket fails for now: each of the others would wait out GNOSIS_BUCKET_TIMEOUT too
+        counted += 1
+    if counted:
+        log.warning("counted %d batch document(s) whose worker died, or whose destination failed, before "
+                    "counting them", counted)
+    return counted

@@ -45,7 +45,7 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
     except redis.RedisError as exc:
         raise RequeuePage(f"could not claim job {job_id} page {page}: {exc}") from exc
     except SourceUnavailable as exc:  # claimed, then the bucket failed for now: the page runs later
-        registry.clear(rt.redis, job_id, page)  # a Redis error there is logged, and harmless
+        _give_back(rt, job_id, page, entry, token)
         raise RequeuePage(str(exc)) from exc
     except GnosisError as exc:  # claimed, and its bucket's document can no longer be read as counted
         return _fail(rt, job_id, page, exc.code, exc.message)
@@ -95,6 +95,16 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
             if data is not None:
                 rt.local_copies.put(job_id, data)
         return Claim(claim.verdict, data, claim.kind, claim.options)
+
+
+def _give_back(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], token: str) -> None:
+    """The page never ran, through no fault of its own: its attempt is returned with its claim, so an
+    outage of the bucket, however long, is waited out (GNOSIS_JOB_MAX_AGE bounds it), never counted
+    as a worker that keeps dying on the page."""
+    try:
+        rt.jobs.release_page(job_id, page, inflight=entry, token=token)
+    except redis.RedisError as exc:  # the attempt stays counted; the stale in-flight entry is harmless
+        log.warning("job %s page %d: could not give its attempt back: %s", job_id, page, exc)
 
 
 def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes:

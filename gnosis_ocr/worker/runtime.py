@@ -12,7 +12,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .. import backoff, inputstore
+from .. import backoff, gcs, inputstore
 from ..defaults import ENGINE_EXIT_GRACE, PDF_RENDERERS
 from ..errors import EngineCheckFailed, GnosisError
 from ..job import JobStore
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        gcs.configure(timeout=settings.bucket_timeout)
         # A page that finishes while Redis restarts must still be recorded: retry for about a minute
         # rather than fail the page (its message would come back only after the visibility timeout).
         self.redis = connect(

@@ -1,0 +1,85 @@
+"""An HTTP proxy in front of the GCS emulator that answers 503 to the requests a test names, as a bucket
+does while it is overloaded or out of reach behind a load balancer: the storage client retries them,
+then gives up with the error our code has to handle. Every other request goes through unchanged."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+Rule = Callable[[str, str], bool]
+"""(method, path with query) -> whether to refuse the request."""
+
+EVERYTHING: Rule = lambda method, path: True  # noqa: E731
+WRITES: Rule = lambda method, path: path.startswith("/upload/")  # noqa: E731
+
+
+class FlakyBucket:
+    def __init__(self, upstream: str) -> None:
+        """`upstream`: the emulator's http://host:port; `self.url` goes through the proxy."""
+        target = urlsplit(upstream)
+        self._upstream = (target.hostname, target.port)
+        self._rule: Rule | None = None
+        self._lock = threading.Lock()
+        self.refused: list[tuple[str, str]] = []
+        """(method, path) of every request answered 503, in order."""
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_) -> None:
+                pass
+
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy._refuses(self.command, self.path):
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/json")
+                    message = b'{"error": {"code": 503, "message": "Service Unavailable"}}'
+                    self.send_header("Content-Length", str(len(message)))
+                    self.end_headers()
+                    self.wfile.write(message)
+                    return
+                upstream = http.client.HTTPConnection(*proxy._upstream, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _relay
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, name="flaky-bucket", daemon=True).start()
+
+    def refuse(self, rule: Rule | None) -> None:
+        """Answer 503 to what `rule` picks from now on; None: let everything through again."""
+        with self._lock:
+            self._rule = rule
+
+    def _refuses(self, method: str, path: str) -> bool:
+        with self._lock:
+            if self._rule is None or not self._rule(method, path):
+                return False
+            self.refused.append((method, path))
+            return True
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,114 @@
+"""A batch while its bucket fails for now: a proxy in front of the GCS emulator answers 503 (what GCS
+answers while overloaded) to the listing, the page reads or the result writes, for longer than the
+storage client's retries (GNOSIS_BUCKET_TIMEOUT, 1 s here) and longer than a page's attempts allow.
+Nothing may fail for it, nothing may be counted twice, and everything finishes once the bucket answers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import requests
+
+from gnosis_ocr import keys
+from harness.docs import text_image
+from harness.flakybucket import EVERYTHING, WRITES, FlakyBucket
+from harness.stack import wait_until
+from tests.integration.test_batch_faults import emulator, light_worker, make_bucket  # noqa: F401 - a fixture
+from tests.integration.test_batches import batch_now, final, start_batch
+
+pytestmark = pytest.mark.slow
+
+NAMES = ("a-memo.png", "b-invoice.png", "c-receipt.png")
+
+
+@pytest.fixture
+def flaky(emulator):  # noqa: F811 - the fixture imported above
+    """The emulator's bucket `scans` with three documents under in/, and the proxy the stack talks to."""
+    client, host = emulator
+    scans = make_bucket(client)
+    for name in NAMES:
+        scans.blob(f"in/{name}").upload_from_string(text_image([f"Scanned {name.split('-')[0]}"]))
+    proxy = FlakyBucket(host)
+    try:
+        yield scans, proxy
+    finally:
+        proxy.stop()
+
+
+def bucket_env(stack, proxy: FlakyBucket, **env: str) -> None:
+    stack.env.update(STORAGE_EMULATOR_HOST=proxy.url, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/",
+                     GNOSIS_BUCKET_TIMEOUT="1", **env)
+
+
+def test_a_bucket_down_during_the_listing_and_the_pages_fails_nothing_and_spends_no_attempt(stack, flaky):
+    scans, proxy = flaky
+    bucket_env(stack, proxy, GNOSIS_PAGE_MAX_ATTEMPTS="2")
+    url = stack.api()
+    proxy.refuse(EVERYTHING)
+    lister = light_worker(stack)
+    batch = start_batch(url)
+    wait_until(lambda: "returning the listing to the queue" in lister.log(), timeout=60,
+               message="the listing to meet the failing bucket")
+    assert batch_now(url, batch["id"])["status"] in ("queued", "running")
+    proxy.refuse(None)
+    wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == len(NAMES), timeout=60,
+               message="every document's job to be made once the bucket answers")
+    proxy.refuse(EVERYTHING)  # down again before any page is read
+    worker = stack.worker(OCR_ENGINE="null", concurrency=2)
+    # Three pages, two attempts each: past six refused reads, some page was returned more often than its
+    # attempts allow, and it must not have failed for it.
+    returned = re.compile(r"could not read gs://scans/in/\S+ for now: .*; returning the page to the queue")
+    wait_until(lambda: len(returned.findall(worker.log())) > 2 * len(NAMES)
+               or batch_now(url, batch["id"])["documents_failed"], timeout=90,
+               message="the pages to be returned to the queue more often than their attempts allow")
+    assert batch_now(url, batch["id"])["documents_failed"] == 0, "a page failed for an outage of its bucket"
+    proxy.refuse(None)
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_total"], done["documents_done"], done["documents_failed"]) == \
+        ("succeeded", len(NAMES), len(NAMES), 0), done
+    # A page the bucket kept from running was delivered again and again, yet ran once.
+    for job_id in stack.redis.smembers(keys.batch_jobs(batch["id"])):
+        job = requests.get(f"{url}/v1/jobs/{job_id.decode()}").json()
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+    assert sorted(blob.name for blob in scans.list_blobs(prefix="out/") if blob.name.endswith(".json")) == \
+        sorted(f"out/{name}.json" for name in NAMES)
+
+
+def test_results_the_destination_refuses_for_now_are_written_once_it_answers(stack, flaky):
+    scans, proxy = flaky
+    bucket_env(stack, proxy, GNOSIS_RECONCILE_GRACE="1")
+    url = stack.api()
+    proxy.refuse(WRITES)
+    light_worker(stack)
+    worker = stack.worker(OCR_ENGINE="null", concurrency=2)
+    batch = start_batch(url)
+    owed = re.compile(r"could not write the result of (\S+) for now")
+    wait_until(lambda: set(owed.findall(worker.log())) == set(NAMES), timeout=90,
+               message="every document's result write to meet the failing bucket")
+    # The housekeeper tries again while the bucket still refuses: still owed, never failed.
+    tried = len(proxy.refused)
+    wait_until(lambda: len(proxy.refused) > tried, timeout=60, message="the housekeeper to try a write again")
+    now = batch_now(url, batch["id"])
+    assert now["status"] in ("queued", "running") and (now["documents_done"], now["documents_failed"]) == (0, 0), now
+    proxy.refuse(None)
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", len(NAMES), 0), done
+    assert sorted(blob.name for blob in scans.list_blobs(prefix="out/")) == \
+        sorted(f"out/{name}{ext}" for name in NAMES for ext in (".json", ".md"))
+
+
+def test_a_destination_that_keeps_failing_fails_its_documents_before_their_text_expires(stack, flaky):
+    _, proxy = flaky
+    # Half of a 20 s retention: the housekeeper gives up on a write 10 s after its job ended.
+    bucket_env(stack, proxy, GNOSIS_RECONCILE_GRACE="1", GNOSIS_JOB_TTL="20")
+    url = stack.api()
+    proxy.refuse(WRITES)
+    light_worker(stack)
+    stack.worker(OCR_ENGINE="null", concurrency=2)
+    batch = start_batch(url)
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", 0, len(NAMES)), done
+    failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
+    assert sorted((d["name"], d["code"]) for d in failed["documents"]) == \
+        sorted((name, "destination_unwritable") for name in NAMES), failed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import datetime
 
 import redis
@@ -30,6 +31,11 @@ class ListingInterrupted(Exception):
     """Redis or the bucket failed while a batch was listed, or the worker is stopping: its task goes back
     to the queue."""
 
+
+_failing: dict[str, float] = {}
+"""Destination buckets that failed a write for now, with when (time.monotonic) page threads may try them
+again: until then a finished job's result is left owed to the housekeeper at once, so that an outage
+never holds every page thread of a GPU worker in the storage client's retries while the GPU idles."""
 
 stopping = threading.Event()
 """Set when this worker begins its warm shutdown (tasks.py): a listing, which can wait hours under its
@@ -175,7 +181,7 @@ def _make_job(rt: Runtime, app, batch, bucket: str, name: str, rel: str, opts: o
                           priority=priority)
 
 
-def document_ended(rt: Runtime, job: Job) -> bool:
+def document_ended(rt: Runtime, job: Job, *, housekeeping: bool = False) -> bool:
     """A batch's job is final: its result into the destination, then the batch's count (once, whoever
     calls: its worker, or the housekeeper after that worker died in between). False if the bucket
     failed for now: the document stays owed and the housekeeper writes it later (recover)."""
@@ -190,6 +196,11 @@ def document_ended(rt: Runtime, job: Job) -> bool:
     rel = job.filename or job.id
     if job.status is JobStatus.SUCCEEDED:
         destination = gcs.parse(batch.destination)
+        if not housekeeping and time.monotonic() < _failing.get(destination.bucket, 0.0):
+            log.info("batch %s: %s failed a write for now; the result of %s is left for the housekeeper",
+                     batch_id, destination.uri, rel)
+            _owe(rt, job.id)
+            return False
         pages = rt.jobs.pages(job.id)
         try:
             gcs.write(destination.bucket, destination.join(rel + ".md"), result_text(pages).encode(),
@@ -201,8 +212,8 @@ def document_ended(rt: Runtime, job: Job) -> bool:
             if gcs.transient(exc) and not _written_too_long(rt, job):
                 log.warning("batch %s: could not write the result of %s for now; trying again later: %s",
                             batch_id, rel, exc)
-                # Scored anew: the housekeeper's next try comes GNOSIS_RECONCILE_GRACE from now.
-                rt.redis.zadd(keys.BATCH_ENDS, {job.id: int(rt.redis.time()[0])}, xx=True)
+                _failing[destination.bucket] = time.monotonic() + rt.settings.reconcile_grace
+                _owe(rt, job.id)
                 return False
             # Refused (no permission, no such bucket), or failing for so long that the text would expire
             # first: the document fails, named, and the batch goes on.
@@ -210,6 +221,7 @@ def document_ended(rt: Runtime, job: Job) -> bool:
             _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,
                                           code="destination_unwritable", message=str(exc)))
             return True
+        _failing.pop(destination.bucket, None)
         _settled(rt, batch_id, _ended(rt, batches, batch_id, "done", job_id=job.id))
     elif job.status is JobStatus.FAILED:
         _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,
@@ -217,6 +229,12 @@ def document_ended(rt: Runtime, job: Job) -> bool:
     else:  # cancelled: only with its batch, which is final already
         rt.redis.zrem(keys.BATCH_ENDS, job.id)
     return True
+
+
+def _owe(rt: Runtime, job_id: str) -> None:
+    """Leave the document owed, scored anew: the housekeeper's next try comes GNOSIS_RECONCILE_GRACE
+    from now."""
+    rt.redis.zadd(keys.BATCH_ENDS, {job_id: int(rt.redis.time()[0])}, xx=True)
 
 
 def _written_too_long(rt: Runtime, job: Job) -> bool:
@@ -240,7 +258,7 @@ def recover(rt: Runtime, *, grace: float) -> int:
         if job is None or not job.final:
             rt.redis.zrem(keys.BATCH_ENDS, job_id)
             continue
-        if not document_ended(rt, job):
+        if not document_ended(rt, job, housekeeping=True):
             break  # the bucket fails for now: each of the others would wait out GNOSIS_BUCKET_TIMEOUT too
         counted += 1
     if counted:

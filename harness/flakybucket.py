@@ -26,6 +26,8 @@ class FlakyBucket:
         self._lock = threading.Lock()
         self.refused: list[tuple[str, str]] = []
         """(method, path) of every request answered 503, in order."""
+        self.seen: list[tuple[str, str]] = []
+        """(method, path) of every request, in order."""
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,6 +77,7 @@ class FlakyBucket:
 
     def _refuses(self, method: str, path: str) -> bool:
         with self._lock:
+            self.seen.append((method, path))
             if self._rule is None or not self._rule(method, path):
                 return False
             self.refused.append((method, path))

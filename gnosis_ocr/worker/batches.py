@@ -69,6 +69,10 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
                 _ended(rt, batches, batch_id, "skipped", name=rel, listing=True)
                 continue
             taken += 1
+            if batches.made(batch_id, rel):
+                # Dealt with by an earlier run of this listing (interrupted, or its light worker died):
+                # not a bucket call again, which for a large batch relisted would be hours of them.
+                continue
             if not batch.overwrite and gcs.exists(destination.bucket, destination.join(rel + ".json")):
                 _ended(rt, batches, batch_id, "skipped", name=rel, listing=True)  # done by an earlier batch
                 continue
@@ -140,8 +144,6 @@ def _wait_for_room(rt: Runtime, batch_id: str, owner: str, pages: int) -> bool:
 def _make_job(rt: Runtime, app, batch, bucket: str, name: str, rel: str, opts: options.Options,
               wanted: list[int] | None) -> None:
     batches = store(rt)
-    if batches.made(batch.id, rel):
-        return  # made by an earlier run of this listing (its light worker died, the task came back)
     # Its pages counted from the ranges that hold them: the page workers download the whole object.
     try:
         with gcs.open_ranged(bucket, name, max_bytes=rt.settings.max_upload_bytes) as stream:

@@ -117,3 +117,28 @@ def test_a_destination_that_keeps_failing_fails_its_documents_before_their_text_
     failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
     assert sorted((d["name"], d["code"]) for d in failed["documents"]) == \
         sorted((name, "destination_unwritable") for name in NAMES), failed
+
+
+def test_a_listing_run_again_reads_nothing_again_of_the_documents_it_dealt_with(stack, flaky):
+    _, proxy = flaky
+    bucket_env(stack, proxy)
+    url = stack.api()
+    proxy.refuse(lambda method, path: "c-receipt" in path)  # listed after the other two, in name order
+    lister = light_worker(stack)
+    batch = start_batch(url)
+    interrupted = lambda runs: lister.log().count("; returning the listing to the queue") >= runs  # noqa: E731
+
+    def first_two() -> int:
+        return sum(1 for _, path in proxy.seen if "a-memo" in path or "b-invoice" in path)
+
+    wait_until(lambda: interrupted(1), timeout=60, message="the listing to meet the failing document")
+    after_first = first_two()
+    assert after_first > 0
+    wait_until(lambda: interrupted(3), timeout=60, message="the listing to run twice more")
+    # A 10,000-document batch relisted after its 9,000th would otherwise read 9,000 documents again.
+    assert first_two() == after_first, proxy.seen
+    proxy.refuse(None)
+    stack.worker(OCR_ENGINE="null")
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_total"], done["documents_done"]) == ("succeeded", len(NAMES),
+                                                                                  len(NAMES)), done

@@ -189,6 +189,11 @@ DEFAULT_WEBHOOK_SECRET = ""
 DEFAULT_WEBHOOK_ALLOW_PRIVATE = False
 """Whether callback URLs may resolve to private, loopback or link-local addresses."""
 
+DEFAULT_LISTING_THREADS = 8
+"""Documents one batch listing inspects at once (is its result there, what is it, how many pages): each
+costs a few bucket round trips, tens of milliseconds apiece, so one at a time a listing makes a few
+jobs a second, fewer than a few GPUs consume."""
+
 DEFAULT_BUCKET_TIMEOUT = 60.0
 """Seconds one bucket call of a batch (a listing page, a read, a result write) may take, the storage
 client's own retries included, before it counts as failing for now: the listing or page goes back to

@@ -170,18 +170,23 @@ class RangedReader(io.RawIOBase):
         self._position = max(base + offset, 0)
         return self._position
 
+    def block(self, index: int) -> bytes:
+        """Block `index` of the object, downloaded on first use."""
+        data = self._blocks.get(index)
+        if data is None:
+            start = index * self._block
+            data = self._blob.download_as_bytes(start=start, end=min(start + self._block, self.size) - 1,
+                                                **_policy())
+            self._blocks[index] = data
+            self.fetched += len(data)
+        return data
+
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
         end, done = min(self._position + len(view), self.size), 0
         while self._position < end:
             index, offset = divmod(self._position, self._block)
-            data = self._blocks.get(index)
-            if data is None:
-                start = index * self._block
-                data = self._blob.download_as_bytes(start=start, end=min(start + self._block, self.size) - 1,
-                                                    **_policy())
-                self._blocks[index] = data
-                self.fetched += len(data)
+            data = self.block(index)
             piece = data[offset:offset + end - self._position]
             if not piece:
                 break  # shorter than its metadata said
@@ -199,7 +204,12 @@ def open_ranged(bucket: str, name: str, *, max_bytes: int, whole_below: int = WH
     size = int(blob.size or 0)
     if size > max_bytes:
         raise TooLarge(f"gs://{bucket}/{name} is {size} bytes; at most {max_bytes} are accepted.")
-    return RangedReader(blob, block=size if size <= whole_below else RANGE_BYTES)
+    reader = RangedReader(blob, block=size if size <= whole_below else RANGE_BYTES)
+    if 0 < size <= whole_below:
+        # Read now, in the caller's thread: a PDF is counted under the process's one pdfium lock, and
+        # the download would otherwise happen inside it, one document at a time.
+        reader.block(0)
+    return reader
 
 
 def read(uri: str, *, max_bytes: int) -> bytes:

@@ -81,6 +81,7 @@ class Settings:
     batch_buckets: tuple[str, ...] = _setting("GNOSIS_BATCH_BUCKETS", defaults.DEFAULT_BATCH_BUCKETS)
     max_batch_documents: int = _setting("GNOSIS_MAX_BATCH_DOCUMENTS", defaults.DEFAULT_MAX_BATCH_DOCUMENTS)
     bucket_timeout: float = _setting("GNOSIS_BUCKET_TIMEOUT", defaults.DEFAULT_BUCKET_TIMEOUT)
+    listing_threads: int = _setting("GNOSIS_LISTING_THREADS", defaults.DEFAULT_LISTING_THREADS)
     api_key_hashes: frozenset[str] = field(default=frozenset(), metadata={"env": "GNOSIS_API_KEYS", "secret": True})
     """SHA-256 digests of the keys GNOSIS_API_KEYS lists: the keys themselves are never kept."""
     metrics_open: bool = _setting("GNOSIS_METRICS_OPEN", defaults.DEFAULT_METRICS_OPEN)
@@ -165,7 +166,7 @@ class Settings:
                      "page_soft_timeout", "page_max_attempts", "lease_ttl", "lease_wait",
                      "download_workers", "download_stall_timeout", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
                      "prefill_batch", "reconcile_grace", "max_batch_documents", "redis_timeout", "retry_after",
-                     "webhook_max_attempts", "webhook_timeout", "bucket_timeout"):
+                     "webhook_max_attempts", "webhook_timeout", "bucket_timeout", "listing_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_variable(name)} must be positive, got {getattr(self, name)}")
 

@@ -1,11 +1,13 @@
 """An HTTP proxy in front of the GCS emulator that answers 503 to the requests a test names, as a bucket
 does while it is overloaded or out of reach behind a load balancer: the storage client retries them,
-then gives up with the error our code has to handle. Every other request goes through unchanged."""
+then gives up with the error our code has to handle. Every other request goes through unchanged, after
+an optional latency (the emulator answers in a millisecond, a real bucket in tens)."""
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -18,11 +20,13 @@ WRITES: Rule = lambda method, path: path.startswith("/upload/")  # noqa: E731
 
 
 class FlakyBucket:
-    def __init__(self, upstream: str) -> None:
-        """`upstream`: the emulator's http://host:port; `self.url` goes through the proxy."""
+    def __init__(self, upstream: str, *, latency: float = 0.0) -> None:
+        """`upstream`: the emulator's http://host:port; `self.url` goes through the proxy, each request
+        `latency` seconds later than it would (a real bucket's tens of milliseconds per request)."""
         target = urlsplit(upstream)
         self._upstream = (target.hostname, target.port)
         self._rule: Rule | None = None
+        self._latency = latency
         self._lock = threading.Lock()
         self.refused: list[tuple[str, str]] = []
         """(method, path) of every request answered 503, in order."""
@@ -46,6 +50,8 @@ class FlakyBucket:
                     self.end_headers()
                     self.wfile.write(message)
                     return
+                if proxy._latency:
+                    time.sleep(proxy._latency)  # the bucket's round trip, not a synchronisation
                 upstream = http.client.HTTPConnection(*proxy._upstream, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}

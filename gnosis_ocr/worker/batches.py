@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime
 
 import redis
@@ -47,14 +48,17 @@ def store(rt: Runtime) -> BatchStore:
 
 
 def expand(rt: Runtime, batch_id: str, app) -> str:
-    """Make the batch's jobs, a listing page at a time; the batch's status when done."""
+    """Make the batch's jobs, a listing page at a time; the batch's status when done. Documents are
+    inspected GNOSIS_LISTING_THREADS at a time, each a few bucket round trips; their jobs are made one
+    at a time, in the listing thread's lock, so the key's page bound holds exactly."""
     batches = store(rt)
     batch = batches.get(batch_id)
     if batch is None or batch.final:
         return "gone" if batch is None else batch.status
     source, destination = gcs.parse(batch.source), gcs.parse(batch.destination)
-    opts = options.Options.from_record(batch.options)
-    wanted = options.parse_pages(opts.pages) if opts.pages else None
+    listing = _Listing(rt, app, batch, source, destination)
+    pool = ThreadPoolExecutor(rt.settings.listing_threads, thread_name_prefix=f"listing-{batch_id[:8]}")
+    pending: set[Future] = set()
     taken = 0
     try:
         for n, (name, size) in enumerate(gcs.iter_names(source)):
@@ -73,16 +77,14 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
                 # Dealt with by an earlier run of this listing (interrupted, or its light worker died):
                 # not a bucket call again, which for a large batch relisted would be hours of them.
                 continue
-            if not batch.overwrite and gcs.exists(destination.bucket, destination.join(rel + ".json")):
-                _ended(rt, batches, batch_id, "skipped", name=rel, listing=True)  # done by an earlier batch
-                continue
-            if size == 0 or document.sniff(gcs.head(source.bucket, name)) is None:
-                _ended(rt, batches, batch_id, "skipped", name=rel, listing=True)  # not a document, by content
-                continue
-            try:
-                _make_job(rt, app, batch, source.bucket, name, rel, opts, wanted)
-            except GnosisError as exc:
-                _ended(rt, batches, batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
+            pending.add(pool.submit(listing.document, name, size, rel))
+            if len(pending) >= 2 * rt.settings.listing_threads:  # the listing reads ahead this far, no further
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+        done, pending = wait(pending)
+        for future in done:
+            future.result()
     except ListingInterrupted:
         raise
     except Exception as exc:
@@ -97,6 +99,9 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
                        message=f"Listing {batch.source} failed: {exc}"):
             _announce(rt, batch_id)
         return JobStatus.FAILED.value
+    finally:
+        listing.over.set()  # a document waiting for room under the key's bound gives up too
+        pool.shutdown(wait=True, cancel_futures=True)
     return _settled(rt, batch_id, batches.listed(batch_id))
 
 
@@ -129,58 +134,91 @@ def _announce(rt: Runtime, batch_id: str) -> None:
         notify.enqueue_batch(rt, batch_id)
 
 
-def _wait_for_room(rt: Runtime, batch_id: str, owner: str, pages: int) -> bool:
-    """Hold the listing while the key's pages waiting would pass GNOSIS_MAX_KEY_PAGES, as the API would
-    refuse them: a batch queues behind its own key's bound, never past it. False if the batch ended."""
-    while owner and rt.jobs.backlog(owner)[1] + pages > rt.settings.max_key_pages:
-        batch = store(rt).get(batch_id)
-        if batch is None or batch.final:
-            return False
-        if stopping.wait(WAIT_FOR_ROOM):  # the backlog drains page by page; nothing else to be woken by
-            raise ListingInterrupted(f"batch {batch_id}: this worker is stopping")
-    return True
+class _Listing:
+    """One run of a batch's listing: what its threads share."""
 
+    def __init__(self, rt: Runtime, app, batch, source: gcs.Location, destination: gcs.Location) -> None:
+        self.rt, self.app, self.batch, self.source, self.destination = rt, app, batch, source, destination
+        self.batches = store(rt)
+        self.opts = options.Options.from_record(batch.options)
+        self.wanted = options.parse_pages(self.opts.pages) if self.opts.pages else None
+        self.making = threading.Lock()
+        self.over = threading.Event()
+        """Set when the run ends, however: a thread still waiting for room stops waiting."""
 
-def _make_job(rt: Runtime, app, batch, bucket: str, name: str, rel: str, opts: options.Options,
-              wanted: list[int] | None) -> None:
-    batches = store(rt)
-    # Its pages counted from the ranges that hold them: the page workers download the whole object.
-    try:
-        with gcs.open_ranged(bucket, name, max_bytes=rt.settings.max_upload_bytes) as stream:
-            info = document.inspect(stream, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
-    except GnosisError:
-        raise
-    except Exception as exc:
-        if gcs.transient(exc):
-            raise  # not the document's fault: the listing is interrupted and runs again
-        # Deleted since it was listed, or refused: this document fails, not the batch.
-        raise UnreadableDocument(f"gs://{bucket}/{name} could not be read: {exc}", code="source_unreadable") from None
-    # The page workers read the generation counted here: a document replaced in between is read as
-    # counted where the bucket keeps older generations, and otherwise fails its job (input_missing),
-    # never read as pages of another.
-    uri = f"gs://{bucket}/{name}#{stream.generation}"
-    page_map = options.select(wanted, info.pages) if wanted else ()
-    job_opts = options.Options(pages=opts.pages, page_map=page_map, language=opts.language, source=uri)
-    pages = len(page_map) or info.pages
-    if pages > rt.settings.max_key_pages > 0 and batch.owner:
-        raise QueueFull(f"The document has {pages} pages, more than this key may have waiting "
-                        f"({rt.settings.max_key_pages}).", code="key_queue_full")
-    if not _wait_for_room(rt, batch.id, batch.owner, pages):
-        return
-    # The bytes stay in the bucket: page workers read the object themselves, Redis carries none of it.
-    job = rt.jobs.create(data=None, kind=info.kind, pages=pages, owner=batch.owner, filename=rel,
-                         extra={"options": job_opts.to_record(), "batch": batch.id})
-    if not batches.add_job(batch.id, job.id):
-        rt.jobs.discard(job.id)  # the batch was cancelled while this document was read
-        return
-    batches.mark_made(batch.id, rel)  # after the job: a crash in between costs a duplicate, never a loss
-    # Prioritised by the key's backlog like any job: a batch's thousands of pages never starve a small
-    # interactive job of another key.
-    priority = page_priority(rt.jobs.backlog(batch.owner)[1])
-    with app.producer_or_acquire() as producer:
-        for page in range(pages):
-            app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=rt.settings.queue, producer=producer,
-                          priority=priority)
+    def document(self, name: str, size: int, rel: str) -> None:
+        """Skip, fail or make a job of one listed document (on one of the listing's threads)."""
+        rt, batch, batch_id = self.rt, self.batch, self.batch.id
+        if not batch.overwrite and gcs.exists(self.destination.bucket, self.destination.join(rel + ".json")):
+            _ended(rt, self.batches, batch_id, "skipped", name=rel, listing=True)  # done by an earlier batch
+            return
+        if size == 0 or document.sniff(gcs.head(self.source.bucket, name)) is None:
+            _ended(rt, self.batches, batch_id, "skipped", name=rel, listing=True)  # not a document, by content
+            return
+        try:
+            kind, pages, job_opts = self._count(name)
+            with self.making:  # one job at a time: the key's bound is checked against what was made
+                self._make_job(rel, kind, pages, job_opts)
+        except GnosisError as exc:
+            _ended(rt, self.batches, batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
+
+    def _count(self, name: str) -> tuple[str, int, options.Options]:
+        """The document's kind, its pages, and its job's options: from the ranges that hold its pages (the
+        page workers download the whole object)."""
+        rt, bucket = self.rt, self.source.bucket
+        try:
+            with gcs.open_ranged(bucket, name, max_bytes=rt.settings.max_upload_bytes) as stream:
+                info = document.inspect(stream, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
+        except GnosisError:
+            raise
+        except Exception as exc:
+            if gcs.transient(exc):
+                raise  # not the document's fault: the listing is interrupted and runs again
+            # Deleted since it was listed, or refused: this document fails, not the batch.
+            raise UnreadableDocument(f"gs://{bucket}/{name} could not be read: {exc}",
+                                     code="source_unreadable") from None
+        # The page workers read the generation counted here: a document replaced in between is read as
+        # counted where the bucket keeps older generations, and otherwise fails its job (input_missing),
+        # never read as pages of another.
+        uri = f"gs://{bucket}/{name}#{stream.generation}"
+        page_map = options.select(self.wanted, info.pages) if self.wanted else ()
+        job_opts = options.Options(pages=self.opts.pages, page_map=page_map, language=self.opts.language, source=uri)
+        pages = len(page_map) or info.pages
+        if pages > rt.settings.max_key_pages > 0 and self.batch.owner:
+            raise QueueFull(f"The document has {pages} pages, more than this key may have waiting "
+                            f"({rt.settings.max_key_pages}).", code="key_queue_full")
+        return info.kind, pages, job_opts
+
+    def _wait_for_room(self, pages: int) -> bool:
+        """Hold the listing while the key's pages waiting would pass GNOSIS_MAX_KEY_PAGES, as the API would
+        refuse them: a batch queues behind its own key's bound, never past it. False if the batch ended."""
+        rt, owner = self.rt, self.batch.owner
+        while owner and rt.jobs.backlog(owner)[1] + pages > rt.settings.max_key_pages:
+            batch = self.batches.get(self.batch.id)
+            if batch is None or batch.final or self.over.is_set():
+                return False
+            if stopping.wait(WAIT_FOR_ROOM):  # the backlog drains page by page; nothing else to be woken by
+                raise ListingInterrupted(f"batch {self.batch.id}: this worker is stopping")
+        return True
+
+    def _make_job(self, rel: str, kind: str, pages: int, job_opts: options.Options) -> None:
+        rt, app, batch = self.rt, self.app, self.batch
+        if not self._wait_for_room(pages):
+            return
+        # The bytes stay in the bucket: page workers read the object themselves, Redis carries none of it.
+        job = rt.jobs.create(data=None, kind=kind, pages=pages, owner=batch.owner, filename=rel,
+                             extra={"options": job_opts.to_record(), "batch": batch.id})
+        if not self.batches.add_job(batch.id, job.id):
+            rt.jobs.discard(job.id)  # the batch was cancelled while this document was read
+            return
+        self.batches.mark_made(batch.id, rel)  # after the job: a crash in between costs a duplicate, never a loss
+        # Prioritised by the key's backlog like any job: a batch's thousands of pages never starve a small
+        # interactive job of another key.
+        priority = page_priority(rt.jobs.backlog(batch.owner)[1])
+        with app.producer_or_acquire() as producer:
+            for page in range(pages):
+                app.send_task(OCR_PAGE_TASK, args=[job.id, page], queue=rt.settings.queue, producer=producer,
+                              priority=priority)
 
 
 def document_ended(rt: Runtime, job: Job, *, housekeeping: bool = False) -> bool:

@@ -18,7 +18,8 @@ from . import PageText, PageTimings
 from .decoder import StaticDecoder
 from .prompt import PagePrompt
 from .repetition import RepetitionGuard
-from .scheduler import Request, Scheduler
+from .request import Request
+from .scheduler import Scheduler
 from .vision import batch_window_attention, check_against_library
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.stack import Stack, free_port, wait_until  # noqa: E402  (the same real processes as the tests)
 from harness.redisproc import PrivateRedis  # noqa: E402
+from harness.stack import Stack, free_port, wait_until  # noqa: E402  (the same real processes as the tests)
 
 __all__ = ["Stack", "PrivateRedis", "free_port", "wait_until", "percentile", "report", "private_stack"]
 

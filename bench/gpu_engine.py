@@ -43,8 +43,7 @@ MIX = [300, 600, 900, 1100, 1400, 2200]
 def save_checkpoint(model, out: str, *, small: bool = False) -> str:
     """The model plus a processor whose tokenizer has Qwen2's special tokens at Qwen2's ids."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     from harness.tinymodel import QWEN2_VL_CHAT_TEMPLATE
 
@@ -290,8 +289,8 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool) -> dict:
     import requests
 
     from bench.common import private_stack
-    from harness.stack import Proc, wait_until
     from harness.hubstub import HubStub
+    from harness.stack import Proc, wait_until
 
     stack, redis_proc = private_stack()
     stub = HubStub("bench/nanonets-random", path).start()

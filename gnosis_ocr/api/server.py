@@ -12,7 +12,6 @@ from ..errors import ConfigError
 from ..settings import Settings
 from . import create_app
 
-
 _SINCE_25 = frozenset({"control_socket_disable"})
 """Options older gunicorn releases (the floor is 22) do not know, and do without."""
 

@@ -9,10 +9,9 @@ import time
 import pytest
 import requests
 
-from harness.stack import poll_job, wait_until
-from harness.hubstub import TINY_REPO
 from harness.docs import text_image
-from harness.hubstub import HubStub
+from harness.hubstub import TINY_REPO, HubStub
+from harness.stack import poll_job, wait_until
 from tests.integration.test_webhooks import Receiver, hooks_env
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ import sys
 import pytest
 import requests
 
-from harness.stack import ROOT, wait_until
 from harness.docs import pdf_of_pages, text_image, words
+from harness.stack import ROOT, wait_until
 
 pytestmark = pytest.mark.slow
 

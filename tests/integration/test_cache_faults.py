@@ -20,10 +20,9 @@ from gnosis_ocr.cache.state import CacheState, manifest_path
 from gnosis_ocr.cache.store import ModelCache
 from gnosis_ocr.errors import CacheUnreadable, DownloadStalled, ModelCacheError
 from gnosis_ocr.settings import Settings
-from harness.stack import ROOT
-from harness.hubstub import TINY_REPO
-from harness.hubstub import HubStub
+from harness.hubstub import TINY_REPO, HubStub
 from harness.redisproc import PrivateRedis
+from harness.stack import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from gnosis_ocr.client import ApiError, Client
-from harness.stack import ROOT
 from harness.docs import pdf_of_pages, squash, text_image
+from harness.stack import ROOT
 
 
 def run_submit(stack, url, *args, timeout=120):

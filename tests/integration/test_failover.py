@@ -8,9 +8,9 @@ import time
 import pytest
 import requests
 
-from harness.stack import poll_job, wait_until
 from harness.docs import text_image
 from harness.redisproc import SentinelGroup
+from harness.stack import poll_job, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import requests
 
 from gnosis_ocr.broker import OCR_PAGE_TASK, make_producer
 from gnosis_ocr.settings import Settings
-from harness.stack import ROOT, poll_job, wait_until
 from harness.docs import text_image
 from harness.redisproc import PrivateRedis
+from harness.stack import ROOT, poll_job, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from harness.stack import poll_job, wait_until
 from harness.docs import text_image
+from harness.stack import poll_job, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import redis
 import requests
 from PIL import Image
 
+from harness.docs import encrypted_pdf, pdf_of_pages, pdf_page_tree_loop, png_pixel_bomb, squash, text_image
 from harness.stack import TEST_REDIS_URL, Stack, poll_job
-from harness.docs import (encrypted_pdf, pdf_of_pages, pdf_page_tree_loop, png_pixel_bomb, squash, text_image)
 
 MAX_UPLOAD = 2 * 1024 * 1024
 

@@ -10,8 +10,8 @@ import redis
 import requests
 
 from gnosis_ocr.inputstore import ORPHAN_GRACE, DirectoryInputs
-from harness.stack import poll_job, wait_until
 from harness.docs import pdf_of_pages, text_image, words
+from harness.stack import poll_job, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -23,9 +23,9 @@ import requests
 from PIL import Image
 
 from gnosis_ocr import keys
-from harness.stack import ROOT, Proc, free_port, poll_job, wait_until
 from harness.docs import text_image
 from harness.redisproc import deny_job_keys
+from harness.stack import ROOT, Proc, free_port, poll_job, wait_until
 
 pytestmark = pytest.mark.slow
 

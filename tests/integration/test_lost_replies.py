@@ -10,10 +10,10 @@ import pytest
 import requests
 
 from gnosis_ocr import job_scripts
-from harness.stack import poll_job, wait_until
 from harness.docs import text_image
-from tests.redisproxy import ReplyLosingProxy
+from harness.stack import poll_job, wait_until
 from tests.integration.test_webhooks import Receiver, hooks_env
+from tests.redisproxy import ReplyLosingProxy
 
 
 @pytest.fixture

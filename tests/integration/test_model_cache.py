@@ -14,10 +14,9 @@ import requests
 
 from gnosis_ocr.cache.state import manifest_path, repo_folder
 from gnosis_ocr.settings import Settings
-from harness.stack import ROOT, poll_job, wait_until
-from harness.hubstub import TINY_REPO
 from harness.docs import text_image
-from harness.hubstub import HubStub
+from harness.hubstub import TINY_REPO, HubStub
+from harness.stack import ROOT, poll_job, wait_until
 
 REPO = TINY_REPO
 pytestmark = pytest.mark.slow

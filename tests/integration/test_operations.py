@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import requests
 
-from harness.stack import free_port, poll_job, wait_until
 from harness.docs import text_image
+from harness.stack import free_port, poll_job, wait_until
 
 
 def test_worker_probe_reports_readiness_and_its_own_metrics(stack):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import requests
 
-from harness.stack import poll_job, wait_until
 from harness.docs import pdf_of_pages, text_image, words
+from harness.stack import poll_job, wait_until
 
 PAGES = [[f"Option page {w}", f"{w} apples on the table"] for w in ("one", "two", "three", "four")]
 

@@ -10,8 +10,8 @@ import requests
 from gnosis_ocr.broker import OCR_PAGE_TASK, make_producer
 from gnosis_ocr.job import JobStore
 from gnosis_ocr.settings import Settings
-from harness.stack import poll_job, wait_until
 from harness.docs import pdf_of_pages, text_image, words
+from harness.stack import poll_job, wait_until
 
 LINES = ["Quarterly report for Gnosis", "Revenue grew by forty percent", "Signed by the treasurer"]
 

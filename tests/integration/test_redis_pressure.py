@@ -10,9 +10,9 @@ import pytest
 import redis
 import requests
 
-from harness.stack import free_port, poll_job, wait_until
 from harness.docs import text_image
 from harness.redisproc import PrivateRedis
+from harness.stack import free_port, poll_job, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from harness.stack import ROOT
 from harness.docs import squash, text_image
+from harness.stack import ROOT
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from gnosis_ocr import webhook
-from harness.stack import poll_job, wait_until
 from harness.docs import text_image
+from harness.stack import poll_job, wait_until
 
 SECRET = "whsec-test"
 

@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from harness.stack import ROOT
 from harness.docs import squash, text_image
+from harness.stack import ROOT
 
 
 def test_nanonets_engine_generates_with_a_real_qwen25vl(tiny_model):

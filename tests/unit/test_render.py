@@ -11,8 +11,8 @@ import pytest
 from gnosis_ocr import document
 from gnosis_ocr.errors import PageTimeout, UnreadableDocument
 from gnosis_ocr.worker.render import PdfRenderer
-from harness.stack import wait_until
 from harness.docs import pdf_embedding_image, pdf_of_pages, pdf_slow_page
+from harness.stack import wait_until
 
 
 def test_an_image_embedded_in_a_pdf_is_bounded_like_an_uploaded_one():

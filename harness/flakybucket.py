@@ -1,14 +1,16 @@
 """An HTTP proxy in front of the GCS emulator that answers 503 to the requests a test names, as a bucket
-does while it is overloaded or out of reach behind a load balancer: the storage client retries them,
-then gives up with the error our code has to handle. Every other request goes through unchanged, after
+does while it is overloaded or out of reach behind a load balancer (the storage client retries them,
+then gives up with the error our code has to handle), or 403, as to an account without the permission. Every other request goes through unchanged, after
 an optional latency (the emulator answers in a millisecond, a real bucket in tens)."""
 
 from __future__ import annotations
 
 import http.client
+import json
 import threading
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -26,6 +28,7 @@ class FlakyBucket:
         target = urlsplit(upstream)
         self._upstream = (target.hostname, target.port)
         self._rule: Rule | None = None
+        self._status = 503
         self._latency = latency
         self._lock = threading.Lock()
         self.refused: list[tuple[str, str]] = []
@@ -42,10 +45,11 @@ class FlakyBucket:
 
             def _relay(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy._refuses(self.command, self.path):
-                    self.send_response(503)
+                status = proxy._refuses(self.command, self.path)
+                if status:
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/json")
-                    message = b'{"error": {"code": 503, "message": "Service Unavailable"}}'
+                    message = json.dumps({"error": {"code": status, "message": HTTPStatus(status).phrase}}).encode()
                     self.send_header("Content-Length", str(len(message)))
                     self.end_headers()
                     self.wfile.write(message)
@@ -76,18 +80,20 @@ class FlakyBucket:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, name="flaky-bucket", daemon=True).start()
 
-    def refuse(self, rule: Rule | None) -> None:
-        """Answer 503 to what `rule` picks from now on; None: let everything through again."""
+    def refuse(self, rule: Rule | None, *, status: int = 503) -> None:
+        """Answer `status` to what `rule` picks from now on (503: failing for now; 403: refused for
+        good, as to a service account without the permission); None: let everything through again."""
         with self._lock:
-            self._rule = rule
+            self._rule, self._status = rule, status
 
-    def _refuses(self, method: str, path: str) -> bool:
+    def _refuses(self, method: str, path: str) -> int:
+        """The status to answer the request with instead of forwarding it; 0 to forward it."""
         with self._lock:
             self.seen.append((method, path))
             if self._rule is None or not self._rule(method, path):
-                return False
+                return 0
             self.refused.append((method, path))
-            return True
+            return self._status
 
     def stop(self) -> None:
         self._server.shutdown()

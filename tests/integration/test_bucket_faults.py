@@ -142,3 +142,32 @@ def test_a_listing_run_again_reads_nothing_again_of_the_documents_it_dealt_with(
     done = final(url, batch["id"], stack)
     assert (done["status"], done["documents_total"], done["documents_done"]) == ("succeeded", len(NAMES),
                                                                                   len(NAMES)), done
+
+
+def test_a_destination_that_refuses_fails_each_document_at_once_and_names_it(stack, flaky):
+    _, proxy = flaky
+    bucket_env(stack, proxy, GNOSIS_RECONCILE_GRACE="1")
+    url = stack.api()
+    proxy.refuse(WRITES, status=403)  # the service account may read the source but not write the results
+    light_worker(stack)
+    stack.worker(OCR_ENGINE="null", concurrency=2)
+    batch = start_batch(url)
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", 0, len(NAMES)), done
+    failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
+    assert sorted((d["name"], d["code"]) for d in failed["documents"]) == \
+        sorted((name, "destination_unwritable") for name in NAMES), failed
+    assert all("403" in d["message"] for d in failed["documents"]), failed
+
+
+def test_a_source_the_service_may_not_list_fails_the_batch_with_the_reason(stack, flaky):
+    _, proxy = flaky
+    bucket_env(stack, proxy)
+    url = stack.api()
+    proxy.refuse(EVERYTHING, status=403)
+    light_worker(stack)
+    batch = start_batch(url)
+    done = final(url, batch["id"], stack)
+    assert done["status"] == "failed" and done["error"]["code"] == "source_unreadable", done
+    assert "gs://scans/in/" in done["error"]["message"] and "403" in done["error"]["message"], done
+    assert done["documents_total"] == 0, done

@@ -35,6 +35,8 @@ COUNTERS = {
     "gnosis_webhooks_republished_total": "Owed webhooks published again from the outbox (their task was lost).",
     "gnosis_batch_listings_republished_total": "Batch listings published again because no message or worker had them.",
     "gnosis_batch_documents_total": "Documents of batches by outcome (done, failed, skipped).",
+    "gnosis_bucket_failures_total": "Bucket calls of batches that failed for now, past GNOSIS_BUCKET_TIMEOUT, "
+                                    "by operation (list, read, write); each was handed back or left owed.",
     "gnosis_output_tokens_total": "Tokens a generating engine wrote for recorded pages (rate() is tokens/s).",
     "gnosis_pages_truncated_total": "Pages whose output was cut short, by reason (max_tokens, repetition).",
 }

@@ -91,6 +91,8 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
         if isinstance(exc, redis.RedisError) or gcs.transient(exc):
             # Redis or the bucket failing for now: the listing runs again later, from the start; what
             # it made or counted already it skips (the made set).
+            if not isinstance(exc, redis.RedisError):
+                bucket_failed(rt, "list")
             raise ListingInterrupted(f"batch {batch_id}: listing {batch.source} was interrupted: "
                                      f"{type(exc).__name__}: {exc}") from exc
         # The listing itself failed for good (the bucket is gone, no permission): the batch fails.
@@ -103,6 +105,14 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
         listing.over.set()  # a document waiting for room under the key's bound gives up too
         pool.shutdown(wait=True, cancel_futures=True)
     return _settled(rt, batch_id, batches.listed(batch_id))
+
+
+def bucket_failed(rt: Runtime, operation: str) -> None:
+    """Count a bucket call that failed for now (`list`, `read`, `write`): an outage shows on /metrics."""
+    try:
+        rt.metrics.inc("gnosis_bucket_failures_total", operation=operation)
+    except Exception as exc:  # a missed count, never a stopped batch
+        log.warning("could not count a bucket failure: %s", exc)
 
 
 def _ended(rt: Runtime, batches: BatchStore, batch_id: str, outcome: str, **fields) -> Settlement:
@@ -253,6 +263,7 @@ def document_ended(rt: Runtime, job: Job, *, housekeeping: bool = False) -> bool
                 log.warning("batch %s: could not write the result of %s for now; trying again later: %s",
                             batch_id, rel, exc)
                 _failing[destination.bucket] = time.monotonic() + rt.settings.reconcile_grace
+                bucket_failed(rt, "write")
                 _owe(rt, job.id)
                 return False
             # Refused (no permission, no such bucket), or failing for so long that the text would expire

@@ -46,6 +46,9 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
         raise RequeuePage(f"could not claim job {job_id} page {page}: {exc}") from exc
     except SourceUnavailable as exc:  # claimed, then the bucket failed for now: the page runs later
         _give_back(rt, job_id, page, entry, token)
+        from . import batches
+
+        batches.bucket_failed(rt, "read")
         raise RequeuePage(str(exc)) from exc
     except GnosisError as exc:  # claimed, and its bucket's document can no longer be read as counted
         return _fail(rt, job_id, page, exc.code, exc.message)

@@ -36,6 +36,13 @@ def flaky(emulator):  # noqa: F811 - the fixture imported above
         proxy.stop()
 
 
+def bucket_failures(url: str) -> dict[str, float]:
+    """gnosis_bucket_failures_total by operation, from the API's /metrics."""
+    found = re.findall(r'^gnosis_bucket_failures_total\{operation="(\w+)"\} (\S+)$', requests.get(f"{url}/metrics").text,
+                       re.MULTILINE)
+    return {operation: float(value) for operation, value in found}
+
+
 def bucket_env(stack, proxy: FlakyBucket, **env: str) -> None:
     stack.env.update(STORAGE_EMULATOR_HOST=proxy.url, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/",
                      GNOSIS_BUCKET_TIMEOUT="1", **env)
@@ -73,6 +80,10 @@ def test_a_bucket_down_during_the_listing_and_the_pages_fails_nothing_and_spends
         assert (job["status"], job["attempts"]) == ("succeeded", 1), job
     assert sorted(blob.name for blob in scans.list_blobs(prefix="out/") if blob.name.endswith(".json")) == \
         sorted(f"out/{name}.json" for name in NAMES)
+    # What an operator sees of the outage: failed listings and reads, no failed document.
+    counted = wait_until(lambda: (c := bucket_failures(url)).get("read", 0) > 2 * len(NAMES) and c, timeout=10,
+                         message="the failed reads to be counted")
+    assert counted.get("list", 0) >= 1 and "write" not in counted, counted
 
 
 def test_results_the_destination_refuses_for_now_are_written_once_it_answers(stack, flaky):
@@ -101,6 +112,8 @@ def test_results_the_destination_refuses_for_now_are_written_once_it_answers(sta
     assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", len(NAMES), 0), done
     assert sorted(blob.name for blob in scans.list_blobs(prefix="out/")) == \
         sorted(f"out/{name}{ext}" for name in NAMES for ext in (".json", ".md"))
+    # The page thread's write, at least (the housekeeper's may have got through on a retry, once let through).
+    wait_until(lambda: bucket_failures(url).get("write", 0) >= 1, timeout=10, message="the failed write to be counted")
 
 
 def test_a_destination_that_keeps_failing_fails_its_documents_before_their_text_expires(stack, flaky):

@@ -55,6 +55,22 @@ def acl_redis(stack, tmp_path):
     private.stop()
 
 
+@pytest.fixture
+def emulator():
+    """A GCS emulator that can version buckets (fake-gcs-server's in-memory backend); yields a client for
+    it and its address."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from harness.gcsemulator import start_emulator
+
+    server = start_emulator(backend="memory")
+    try:
+        yield storage.Client(project="test", credentials=AnonymousCredentials()), server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture(params=["redis", "directory"])
 def both_stores(request, stack, tmp_path):
     """Runs a test with inputs in Redis and again with inputs in a shared directory (GNOSIS_INPUT_STORE)."""

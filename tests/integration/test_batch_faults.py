@@ -7,29 +7,17 @@ from __future__ import annotations
 
 import pytest
 import requests
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from gnosis_ocr import keys
 from gnosis_ocr.broker import cache_queue, queue_keys
 from gnosis_ocr.settings import Settings
 from harness.docs import text_image, words
-from harness.gcsemulator import start_emulator
 from harness.redisproc import deny_job_keys
 from harness.stack import wait_until
 from tests.integration.test_batches import final, start_batch
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def emulator():
-    """A GCS emulator that can version buckets; yields a client for it and its address."""
-    server = start_emulator(backend="memory")
-    try:
-        yield storage.Client(project="test", credentials=AnonymousCredentials()), server.url
-    finally:
-        server.stop()
 
 
 def make_bucket(client: storage.Client, *, versioning: bool = False) -> storage.Bucket:

@@ -1,7 +1,8 @@
-"""A batch while its bucket fails for now: a proxy in front of the GCS emulator answers 503 (what GCS
-answers while overloaded) to the listing, the page reads or the result writes, for longer than the
-storage client's retries (GNOSIS_BUCKET_TIMEOUT, 1 s here) and longer than a page's attempts allow.
-Nothing may fail for it, nothing may be counted twice, and everything finishes once the bucket answers."""
+"""A batch while its bucket fails: a proxy in front of the GCS emulator answers 503 (what GCS answers
+while overloaded) to the listing, the page reads or the result writes, for longer than the storage
+client's retries (GNOSIS_BUCKET_TIMEOUT, 1 s here) and longer than a page's attempts allow. Nothing may
+fail for that, nothing may be counted twice, and everything finishes once the bucket answers. A 403
+(refused for good) fails what it refuses at once, saying why."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from gnosis_ocr import keys
 from harness.docs import text_image
 from harness.flakybucket import EVERYTHING, WRITES, FlakyBucket
 from harness.stack import wait_until
-from tests.integration.test_batch_faults import emulator, light_worker, make_bucket  # noqa: F401 - a fixture
+from tests.integration.test_batch_faults import light_worker, make_bucket
 from tests.integration.test_batches import batch_now, final, start_batch
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ NAMES = ("a-memo.png", "b-invoice.png", "c-receipt.png")
 
 
 @pytest.fixture
-def flaky(emulator):  # noqa: F811 - the fixture imported above
+def flaky(emulator):
     """The emulator's bucket `scans` with three documents under in/, and the proxy the stack talks to."""
     client, host = emulator
     scans = make_bucket(client)

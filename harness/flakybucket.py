@@ -1,7 +1,8 @@
-"""An HTTP proxy in front of the GCS emulator that answers 503 to the requests a test names, as a bucket
-does while it is overloaded or out of reach behind a load balancer (the storage client retries them,
-then gives up with the error our code has to handle), or 403, as to an account without the permission. Every other request goes through unchanged, after
-an optional latency (the emulator answers in a millisecond, a real bucket in tens)."""
+"""An HTTP proxy in front of the GCS emulator that answers the requests a test names with 503, as a
+bucket does while overloaded or out of reach (the storage client retries, then gives up with the
+error our code has to handle), or with 403, as to an account without the permission. Every other
+request goes through unchanged, after an optional latency (the emulator answers in a millisecond, a
+real bucket in tens)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class FlakyBucket:
         self._latency = latency
         self._lock = threading.Lock()
         self.refused: list[tuple[str, str]] = []
-        """(method, path) of every request answered 503, in order."""
+        """(method, path) of every request refused, in order."""
         self.seen: list[tuple[str, str]] = []
         """(method, path) of every request, in order."""
         proxy = self

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,9 +197,10 @@ def test_the_gke_overlays_render_and_pass_strict_schema_validation(overlay):
         [VALIDATE, "--strict", "-"], input=text, capture_output=True, text=True, timeout=120, check=False
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    # Only KEDA's custom resource has no schema here; it is checked by hand below.
+    # Only KEDA's and Managed Prometheus's custom resources have no schema here; they are checked by hand below.
     warnings = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("WARN")]
-    assert len(warnings) == 1 and "ScaledObject" in warnings[0], warnings
+    assert {re.search(r"kind (\w+)", w).group(1) for w in warnings} == {"ScaledObject", "PodMonitoring", "Rules"}, \
+        warnings
 
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     assert {"Deployment", "Service", "Job", "ServiceAccount", "EndpointSlice", "ScaledObject"} <= {k for k, _ in by}
@@ -244,6 +246,14 @@ def test_the_gke_overlays_render_and_pass_strict_schema_validation(overlay):
         env["OCR_ENGINE"] == {"cpu": "tesseract", "gpu": "nanonets"}[overlay]
         and env["REDIS_URL"] == "redis://redis:6379/0"
     )
+
+    # The API's /metrics is scraped, and the alerts loaded are the ones promtool tests (tests/unit/test_alerts.py).
+    scrape = by[("PodMonitoring", "gnosis-ocr-api")]["spec"]
+    assert scrape["selector"]["matchLabels"].items() <= api["metadata"]["labels"].items()
+    assert scrape["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert any(p["name"] == "http" for p in api["spec"]["containers"][0]["ports"])
+    assert by[("Rules", "gnosis-ocr")]["spec"]["groups"] == \
+        yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())["groups"]
 
     scaled = by[("ScaledObject", "gnosis-ocr-worker")]["spec"]
     assert scaled["scaleTargetRef"]["name"] == "gnosis-ocr-worker"

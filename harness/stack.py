@@ -129,20 +129,26 @@ class Stack:
         return proc
 
     def api(self, *, workers: int = 1, threads: int = 8, **env: str) -> str:
-        port = free_port()
-        proc = self.spawn("api", ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-                                  "--threads", str(threads)], **env)
-        url = f"http://127.0.0.1:{port}"
+        for _ in range(5):
+            # free_port's port is free when it answers, not when the API binds it: another test process
+            # may take it in between, and the API then exits with that one line (check_listen).
+            port = free_port()
+            proc = self.spawn("api", ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                                      "--threads", str(threads)], **env)
+            url = f"http://127.0.0.1:{port}"
 
-        def up():
-            assert proc.alive(), proc.log()
-            try:
-                return requests.get(url + "/healthz", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
+            def up(proc=proc, url=url):
+                assert proc.alive() or "another process holds the port" in proc.log(), proc.log()
+                if not proc.alive():
+                    return "taken"
+                try:
+                    return requests.get(url + "/healthz", timeout=1).status_code == 200
+                except requests.RequestException:
+                    return False
 
-        wait_until(up, timeout=30, message="the API to answer")
-        return url
+            if wait_until(up, timeout=30, message="the API to answer") is True:
+                return url
+        raise AssertionError("every port free_port gave was taken before the API could listen on it")
 
     def worker(self, *, concurrency: int = 1, wait_ready: bool = True, **env: str) -> Proc:
         proc = self.spawn("worker", ["worker", f"--concurrency={concurrency}"], **env)

@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a Celery worker consuming OCR pages")
     p.add_argument("--concurrency", type=_positive("--concurrency"), default=1,
                    help="pool processes for CPU engines; a GPU engine runs one batch per GPU and sizes its own pool")
-    p.add_argument("--pool", choices=["prefork", "solo", "threads"], default=None)
+    p.add_argument("--pool", choices=["prefork", "solo", "threads"], default=None,
+                   help="Celery's pool (default: prefork for CPU engines, threads for a GPU one); on threads a "
+                        "CPU engine is shared by the threads and recognises one page at a time")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--light", action="store_true",
                    help="consume only cache warm-ups and webhooks (a batched GPU worker starts one itself)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime
 
@@ -17,6 +16,7 @@ from ..batch import BatchStore, Settlement
 from ..broker import OCR_PAGE_TASK, page_priority
 from ..errors import GnosisError, QueueFull, UnreadableDocument
 from ..job import Job, JobStatus, result_object, result_text
+from . import breaker
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,6 @@ class ListingInterrupted(Exception):
     """Redis or the bucket failed while a batch was listed, or the worker is stopping: its task goes back
     to the queue."""
 
-
-_failing: dict[str, float] = {}
-"""Destination buckets that failed a write for now, with when (time.monotonic) page threads may try them
-again: until then a finished job's result is left owed to the housekeeper at once, so that an outage
-never holds every page thread of a GPU worker in the storage client's retries while the GPU idles."""
 
 stopping = threading.Event()
 """Set when this worker begins its warm shutdown (tasks.py): a listing, which can wait hours under its
@@ -162,23 +157,29 @@ class _Listing:
         if not batch.overwrite and gcs.exists(self.destination.bucket, self.destination.join(rel + ".json")):
             _ended(rt, self.batches, batch_id, "skipped", name=rel, listing=True)  # done by an earlier batch
             return
-        if size == 0 or document.sniff(gcs.head(self.source.bucket, name)) is None:
+        kind = document.sniff(gcs.head(self.source.bucket, name)) if size else None
+        if kind is None:
             _ended(rt, self.batches, batch_id, "skipped", name=rel, listing=True)  # not a document, by content
             return
         try:
-            kind, pages, job_opts = self._count(name)
+            kind, pages, job_opts = self._count(name, kind)
             with self.making:  # one job at a time: the key's bound is checked against what was made
                 self._make_job(rel, kind, pages, job_opts)
         except GnosisError as exc:
             _ended(rt, self.batches, batch_id, "failed", name=rel, code=exc.code, message=exc.message, listing=True)
 
-    def _count(self, name: str) -> tuple[str, int, options.Options]:
+    def _count(self, name: str, kind: str) -> tuple[str, int, options.Options]:
         """The document's kind, its pages, and its job's options: from the ranges that hold its pages (the
         page workers download the whole object)."""
         rt, bucket = self.rt, self.source.bucket
+
+        def inspect(stream) -> document.DocumentInfo:
+            return document.inspect(stream, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
+
         try:
             with gcs.open_ranged(bucket, name, max_bytes=rt.settings.max_upload_bytes) as stream:
-                info = document.inspect(stream, max_pages=rt.settings.max_pages, max_pixels=rt.settings.max_pixels)
+                # A PDF is counted under pdfium's one lock: its ranges are fetched ahead, outside it.
+                info = stream.fetch_ahead(inspect) if kind == "pdf" else inspect(stream)
         except GnosisError:
             raise
         except Exception as exc:
@@ -246,23 +247,25 @@ def document_ended(rt: Runtime, job: Job, *, housekeeping: bool = False) -> bool
     rel = job.filename or job.id
     if job.status is JobStatus.SUCCEEDED:
         destination = gcs.parse(batch.destination)
-        if not housekeeping and time.monotonic() < _failing.get(destination.bucket, 0.0):
+        pages = rt.jobs.pages(job.id)
+        try:
+            # A page thread writes only while the bucket answers, or as its one probe since it failed;
+            # the housekeeper (`housekeeping`) always tries.
+            with rt.result_writes.call(destination.bucket, hold=2 * rt.settings.bucket_timeout, force=housekeeping):
+                gcs.write(destination.bucket, destination.join(rel + ".md"), result_text(pages).encode(),
+                          "text/markdown; charset=utf-8")
+                # Written last: its presence is what a resubmitted batch takes for "done".
+                gcs.write(destination.bucket, destination.join(rel + ".json"),
+                          json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
+        except breaker.Open:
             log.info("batch %s: %s failed a write for now; the result of %s is left for the housekeeper",
                      batch_id, destination.uri, rel)
             _owe(rt, job.id)
             return False
-        pages = rt.jobs.pages(job.id)
-        try:
-            gcs.write(destination.bucket, destination.join(rel + ".md"), result_text(pages).encode(),
-                      "text/markdown; charset=utf-8")
-            # Written last: its presence is what a resubmitted batch takes for "done".
-            gcs.write(destination.bucket, destination.join(rel + ".json"),
-                      json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
         except Exception as exc:
             if gcs.transient(exc) and not _written_too_long(rt, job):
                 log.warning("batch %s: could not write the result of %s for now; trying again later: %s",
                             batch_id, rel, exc)
-                _failing[destination.bucket] = time.monotonic() + rt.settings.reconcile_grace
                 bucket_failed(rt, "write")
                 _owe(rt, job.id)
                 return False
@@ -272,7 +275,6 @@ def document_ended(rt: Runtime, job: Job, *, housekeeping: bool = False) -> bool
             _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,
                                           code="destination_unwritable", message=str(exc)))
             return True
-        _failing.pop(destination.bucket, None)
         _settled(rt, batch_id, _ended(rt, batches, batch_id, "done", job_id=job.id))
     elif job.status is JobStatus.FAILED:
         _settled(rt, batch_id, _ended(rt, batches, batch_id, "failed", name=rel, job_id=job.id,

@@ -6,6 +6,7 @@ batch; rendering and preprocessing happen here, on the thread, while the device 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import sys
@@ -20,6 +21,7 @@ from .. import backoff, document
 from ..errors import EngineDead, GnosisError, UnreadableDocument
 from ..job import Claim, Ending, JobStatus, Verdict
 from . import notify, registry, telemetry
+from .breaker import Open
 from .engines import Cancelled, PageText
 from .runtime import Runtime
 
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 
 class RequeuePage(Exception):
     """Redis failed while claiming or recording a page: the task returns its message to the queue."""
+
+
+class StepAside(RequeuePage):
+    """The page cannot run for now through no fault of its own or of Redis (its bucket fails): it goes
+    behind every other page, so that pages handed back again and again never starve the rest."""
 
 
 class SourceUnavailable(Exception):
@@ -46,10 +53,7 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
         raise RequeuePage(f"could not claim job {job_id} page {page}: {exc}") from exc
     except SourceUnavailable as exc:  # claimed, then the bucket failed for now: the page runs later
         _give_back(rt, job_id, page, entry, token)
-        from . import batches
-
-        batches.bucket_failed(rt, "read")
-        raise RequeuePage(str(exc)) from exc
+        raise StepAside(str(exc)) from exc
     except GnosisError as exc:  # claimed, and its bucket's document can no longer be read as counted
         return _fail(rt, job_id, page, exc.code, exc.message)
     if claim.verdict is Verdict.EXHAUSTED:
@@ -112,17 +116,25 @@ def _give_back(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str],
 
 def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes:
     """The generation of the object that the batch counted; GnosisError if it can no longer be read
-    (the job fails), SourceUnavailable while the bucket fails for now (the page goes back)."""
+    (the job fails), SourceUnavailable while the bucket fails for now (the page goes back): at once,
+    without a call, while another thread of this process probes it (worker/breaker.py)."""
     from google.api_core.exceptions import NotFound
 
     from .. import gcs
+    from . import batches
 
+    bucket = uri[len("gs://"):].partition("/")[0]
     try:
-        return gcs.read(uri, max_bytes=rt.settings.max_upload_bytes)
+        with rt.source_reads.call(bucket, hold=2 * rt.settings.bucket_timeout):
+            return gcs.read(uri, max_bytes=rt.settings.max_upload_bytes)
+    except Open:
+        raise SourceUnavailable(f"job {job_id}: gs://{bucket} failed a read for now and another page is "
+                                "trying it") from None
     except GnosisError:
         raise  # larger than an upload may be, since it was counted
     except Exception as exc:
         if gcs.transient(exc):
+            batches.bucket_failed(rt, "read")
             raise SourceUnavailable(f"job {job_id}: could not read {uri} for now: {exc}") from exc
         log.error("job %s: could not read %s: %s", job_id, uri, exc)
         name = uri.partition("#")[0]
@@ -156,8 +168,9 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim
             image = document.render_page(data, kind, source, max_side=rt.settings.page_max_side,
                                          max_pixels=rt.settings.max_pixels, **how)
         extra = {"language": options.language} if options.language else {}
-        result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id),
-                                  **extra)
+        with contextlib.nullcontext() if engine.batched else rt.serial:
+            result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id),
+                                      **extra)
     except Cancelled:
         registry.clear(rt.redis, job_id, page)
         rt.local_copies.drop(job_id)

@@ -84,6 +84,10 @@ def run(plan: WorkerPlan, settings: Settings) -> int:
         rt = runtime.get()
         rt.preload(retry=True)
         concurrency += rt.engine().slots
+    elif plan.pool == "threads" and not plan.light:  # a CPU engine on threads: no pool process loads it
+        from . import runtime
+
+        runtime.get().preload()
     if plan.sidecar:
         from . import sidecar
 

@@ -20,6 +20,7 @@ from ..metrics import Metrics
 from ..redisconn import connect
 from ..settings import Settings
 from . import plan, telemetry
+from .breaker import Breaker
 from .engines import Engine, load_engine
 from .local_copies import LocalCopies
 from .render import PdfRenderer
@@ -48,9 +49,16 @@ class Runtime:
                              inputs=inputstore.from_setting(settings.input_store, self.redis))
         self.local_copies = LocalCopies(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)
         self.metrics = Metrics(self.redis, background=True)
+        # Buckets failing for now: a page's source is probed by one thread at a time; a result's
+        # destination no sooner than the housekeeper's next pass, which writes what was left owed.
+        self.source_reads = Breaker(gcs.transient)
+        self.result_writes = Breaker(gcs.transient, rest=settings.reconcile_grace)
         self._engine: Engine | None = None
         self._renderer: PdfRenderer | None = None
         self._lock = threading.Lock()
+        self.serial = threading.Lock()
+        """Held around an engine that is not batched while it recognises a page: on a threads pool its
+        threads share it, and Tesseract's and onnxruntime's sessions are not safe to call at once."""
         self.engine_dead: BaseException | None = None
         self.on_engine_dead = None  # how the process stops when its engine dies; tests replace it
 
@@ -96,11 +104,14 @@ class Runtime:
         (self.on_engine_dead or _stop_this_process)(error)
 
     def expected_engines(self, pool_limit: int) -> int:
-        """Engines this worker loads before it is ready: none for the light (webhook, cache) worker,
-        one for a batched engine serving a threads pool, else one per pool process."""
-        if (current := plan.current()) is not None and current.light:
+        """Engines this worker loads before it is ready: none for the light (webhook, cache) worker, one
+        for a threads or solo pool (its threads share one engine: a batched one, or any other serially),
+        else one per pool process."""
+        current = plan.current()
+        if current is not None and current.light:
             return 0
-        if self._engine is not None and self._engine.batched:
+        if (self._engine is not None and self._engine.batched) or (current is not None and
+                                                                   current.pool in ("threads", "solo")):
             return 1
         return pool_limit
 

@@ -11,7 +11,14 @@ from celery import signals
 from celery.exceptions import Reject
 
 from .. import redismemory
-from ..broker import DELIVER_BATCH_WEBHOOK_TASK, DELIVER_WEBHOOK_TASK, EXPAND_BATCH_TASK, OCR_PAGE_TASK, WARM_CACHE_TASK
+from ..broker import (
+    DELIVER_BATCH_WEBHOOK_TASK,
+    DELIVER_WEBHOOK_TASK,
+    EXPAND_BATCH_TASK,
+    OCR_PAGE_TASK,
+    PRIORITY_STEPS,
+    WARM_CACHE_TASK,
+)
 from . import batches, heartbeat, listings, notify, outbox, page, plan, probe, registry, runtime
 from .celery_app import app
 
@@ -37,6 +44,12 @@ def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
     try:
         # `count` > 1 only in messages queued by releases that grouped pages per task.
         verdicts = [page.run_page(runtime.get(), job_id, p, tag=tag) for p in range(page_index, page_index + count)]
+    except page.StepAside as exc:
+        log.warning("%s; returning the page to the queue, behind the others", exc)
+        time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
+        if _step_aside(job_id, page_index, count):
+            return "deferred"
+        raise Reject(str(exc), requeue=True) from None
     except page.RequeuePage as exc:
         log.warning("%s; returning the page to the queue", exc)
         time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
@@ -47,6 +60,19 @@ def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
         page.crashed(runtime.get(), job_id, page_index, exc)
         raise
     return verdicts[-1]
+
+
+def _step_aside(job_id: str, page_index: int, count: int) -> bool:
+    """Publish the page anew at the lowest priority, this message to be acknowledged: a page requeued
+    as it is keeps its priority, and a small key's batch whose bucket fails for hours would come back
+    ahead of every other key's pages each time. False if it could not be published (then requeue)."""
+    args = [job_id, page_index] if count == 1 else [job_id, page_index, count]
+    try:
+        app.send_task(OCR_PAGE_TASK, args=args, queue=runtime.get().settings.queue, priority=PRIORITY_STEPS[-1])
+    except Exception as exc:  # the broker failing too: the message goes back as it is
+        log.warning("could not publish job %s page %d anew (%s); requeueing its message", job_id, page_index, exc)
+        return False
+    return True
 
 
 @app.task(name=DELIVER_WEBHOOK_TASK, bind=True, ignore_result=True, max_retries=None)

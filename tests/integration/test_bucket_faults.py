@@ -24,11 +24,12 @@ NAMES = ("a-memo.png", "b-invoice.png", "c-receipt.png")
 
 
 @pytest.fixture
-def flaky(emulator):
-    """The emulator's bucket `scans` with three documents under in/, and the proxy the stack talks to."""
+def flaky(emulator, request):
+    """The emulator's bucket `scans` with documents under in/ (NAMES, or those a test names with
+    indirect parametrisation), and the proxy the stack talks to."""
     client, host = emulator
     scans = make_bucket(client)
-    for name in NAMES:
+    for name in getattr(request, "param", NAMES):
         scans.blob(f"in/{name}").upload_from_string(text_image([f"Scanned {name.split('-')[0]}"]))
     proxy = FlakyBucket(host)
     try:
@@ -39,14 +40,14 @@ def flaky(emulator):
 
 def bucket_failures(url: str) -> dict[str, float]:
     """gnosis_bucket_failures_total by operation, from the API's /metrics."""
-    found = re.findall(r'^gnosis_bucket_failures_total\{operation="(\w+)"\} (\S+)$', requests.get(f"{url}/metrics").text,
-                       re.MULTILINE)
+    metrics = requests.get(f"{url}/metrics").text
+    found = re.findall(r'^gnosis_bucket_failures_total\{operation="(\w+)"\} (\S+)$', metrics, re.MULTILINE)
     return {operation: float(value) for operation, value in found}
 
 
 def bucket_env(stack, proxy: FlakyBucket, **env: str) -> None:
-    stack.env.update(STORAGE_EMULATOR_HOST=proxy.url, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/",
-                     GNOSIS_BUCKET_TIMEOUT="1", **env)
+    stack.env.update({"STORAGE_EMULATOR_HOST": proxy.url, "GOOGLE_CLOUD_PROJECT": "test",
+                      "GNOSIS_BATCH_BUCKETS": "gs://scans/", "GNOSIS_BUCKET_TIMEOUT": "1", **env})
 
 
 def test_a_bucket_down_during_the_listing_and_the_pages_fails_nothing_and_spends_no_attempt(stack, flaky):
@@ -174,3 +175,40 @@ def test_a_source_the_service_may_not_list_fails_the_batch_with_the_reason(stack
     assert done["status"] == "failed" and done["error"]["code"] == "source_unreadable", done
     assert "gs://scans/in/" in done["error"]["message"] and "403" in done["error"]["message"], done
     assert done["documents_total"] == 0, done
+
+
+SCANS = tuple(f"{i:02d}-scan.png" for i in range(12))
+
+
+@pytest.mark.parametrize("flaky", [SCANS], indirect=True)
+def test_while_a_source_fails_one_page_thread_tries_it_and_an_upload_behind_its_pages_is_not_held_up(stack, flaky):
+    _, proxy = flaky
+    bucket_env(stack, proxy, GNOSIS_BUCKET_TIMEOUT="3")
+    url = stack.api()
+    light_worker(stack)
+    batch = start_batch(url)
+    wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == len(SCANS), timeout=60,
+               message="every document's job to be made")
+    proxy.refuse(lambda method, path: "/o/in%2F" in path)  # the documents' reads, not the results' writes
+    upload = requests.post(f"{url}/v1/jobs", files={"file": ("memo.png", text_image(["Upload memo"]))})
+    assert upload.status_code == 202, upload.text
+    # A GPU worker's page threads, three here.
+    worker = stack.spawn("worker", ["worker", "--pool=threads", "--concurrency=3"], OCR_ENGINE="null")
+    stack.wait_worker_ready(worker)
+    # The upload is queued behind the batch's first ten pages (a smaller backlog, a higher priority):
+    # requeued as they were, pages of a bucket that fails for hours would come back ahead of it each time.
+    job = wait_until(lambda: (j := requests.get(f"{url}/v1/jobs/{upload.json()['id']}").json())["status"]
+                     in ("succeeded", "failed") and j, timeout=60, message="the upload to end")
+    assert job["status"] == "succeeded", job
+    # Each page ahead of the upload was taken and given back, but once the bucket had failed one thread
+    # at a time called it, and the others gave their page back at once (here: 3 reads begun together,
+    # then one every 4 s; 9 pages given back without a call). Without that, every page ahead would
+    # have held a thread for GNOSIS_BUCKET_TIMEOUT, and none would be given back without a read.
+    log = worker.log()
+    reads = len(re.findall(r"could not read gs://scans/in/\S+ for now", log))
+    skipped = log.count("failed a read for now and another page is trying it")
+    assert 1 <= reads < skipped, (reads, skipped)
+    assert batch_now(url, batch["id"])["documents_done"] == 0  # the source still fails
+    proxy.refuse(None)
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", len(SCANS), 0), done

@@ -2,9 +2,11 @@
 documents one listing inspects at once (GNOSIS_LISTING_THREADS).
 
   python -m bench.batch_listing --documents 300 --latency 0.03 --threads 1,8
+  python -m bench.batch_listing --documents 40 --scanned 8 --latency 0.03 --threads 1,8
 
-One-page PDFs in a GCS API emulator behind a proxy that adds `--latency` seconds to every request (the
-emulator answers in about a millisecond; GCS in tens). A light worker alone lists the batch: each
+One-page PDFs (or, with `--scanned N`, scan-like PDFs of N pages of 1.2 MB each, read by ranges as
+every PDF over gcs.WHOLE_BELOW is) in a GCS API emulator behind a proxy that adds `--latency` seconds
+to every request (the emulator answers in about a millisecond; GCS in tens). A light worker alone lists the batch: each
 document costs a few requests (is its result there, what is it, how many pages), then a job. Documents
 per second from the batch's submission until every job is made, one fresh batch per thread count, in
 one command, so the ratio to `--threads 1` is the measure.
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=300)
     parser.add_argument("--latency", type=float, default=0.03)
     parser.add_argument("--threads", default="1,8")
+    parser.add_argument("--scanned", type=int, default=0, help="pages of noise per document (about 1.2 MB each)")
     args = parser.parse_args()
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
@@ -38,7 +41,7 @@ def main() -> None:
 
     server = start_emulator()
     bucket = storage.Client(project="bench", credentials=AnonymousCredentials()).create_bucket("bench")
-    data = pdf_of_pages([["Listed document", "one page of a larger batch"]])
+    data = scanned_pdf(args.scanned) if args.scanned else pdf_of_pages([["Listed document", "one page of a batch"]])
     for n in range(args.documents):
         bucket.blob(f"in/d{n:05}.pdf").upload_from_string(data)
     proxy = FlakyBucket(os.environ["STORAGE_EMULATOR_HOST"], latency=args.latency)
@@ -68,7 +71,22 @@ def main() -> None:
     table = [["listing threads", "documents/s", "seconds", "requests/document", "× threads=1"]]
     table += [[t, r["documents_per_s"], r["seconds"], r["requests_per_document"], round(r["documents_per_s"] / base, 2)]
               for t, r in results.items()]
-    report("batch_listing", {"documents": args.documents, "latency_s": args.latency, "results": results}, table)
+    report("batch_listing_scanned" if args.scanned else "batch_listing",
+           {"documents": args.documents, "document_bytes": len(data), "latency_s": args.latency, "results": results},
+           table)
+
+
+def scanned_pdf(pages: int) -> bytes:
+    """A scan-like PDF: a 1275 x 1650 image of noise per page (150 dpi letter), its page objects spread
+    through the file between the images, as in a scanner's output."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.frombytes("RGB", (1275, 1650), os.urandom(1275 * 1650 * 3)) for _ in range(pages)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="PDF", save_all=True, append_images=images[1:], resolution=150.0)
+    return buf.getvalue()
 
 
 if __name__ == "__main__":

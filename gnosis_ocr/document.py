@@ -173,6 +173,8 @@ def _pdf_pages(data: bytes | BinaryIO, *, max_pages: int) -> int:
                 try:
                     pdf.get_page_size(index)  # reads the page's dictionary, never its content
                 except pdfium.PdfiumError:
+                    if getattr(data, "incomplete", False):
+                        continue  # a read ahead (gcs.RangedReader): learn every page's blocks, then they come
                     raise UnreadableDocument(
                         f"The PDF says it has {pages} pages but page {index + 1} does not exist.") from None
             return pages

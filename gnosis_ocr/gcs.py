@@ -8,8 +8,10 @@ import io
 import os
 import posixpath
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .errors import BadRequest, Forbidden, TooLarge
 
@@ -23,8 +25,15 @@ WHOLE_BELOW = 8 * 1024 * 1024
 """Objects up to this size are read in one request: at a bucket's tens of milliseconds per request
 and hundreds of MB/s, a few ranged reads cost more time than the whole object."""
 
+FETCH_THREADS = 8
+"""Blocks of one object downloaded at once by RangedReader.fetch."""
+READ_AHEAD_ROUNDS = 8
+"""Passes of RangedReader.fetch_ahead before it downloads the object whole."""
+
 REQUEST_TIMEOUT = 60.0
 """Seconds one HTTP request to the bucket may wait for an answer (the storage client's own default)."""
+
+T = TypeVar("T")
 
 _clients: dict[str | None, object] = {}
 _lock = threading.Lock()
@@ -140,6 +149,10 @@ def head(bucket: str, name: str, size: int = 1024) -> bytes:
     return client().bucket(bucket).blob(name).download_as_bytes(start=0, end=size - 1, **_policy())
 
 
+class _Unfetched(Exception):
+    """A block a read-ahead pass needed and did not have (RangedReader.fetch_ahead)."""
+
+
 class RangedReader(io.RawIOBase):
     """An object read in blocks as it is sought and read, each block fetched once, every one from the
     generation that was opened (a replaced object raises NotFound rather than mixing two documents):
@@ -152,6 +165,8 @@ class RangedReader(io.RawIOBase):
         self._blob = blob.bucket.blob(blob.name, generation=blob.generation)
         self._block = max(block, 1)
         self._blocks: dict[int, bytes] = {}
+        self._missing: set[int] | None = None
+        """During a read-ahead pass, the blocks it wanted and did not have; None: fetch them as read."""
         self._position = 0
         self.fetched = 0
         """Bytes downloaded so far."""
@@ -170,23 +185,38 @@ class RangedReader(io.RawIOBase):
         self._position = max(base + offset, 0)
         return self._position
 
+    @property
+    def incomplete(self) -> bool:
+        """Whether a read of this read-ahead pass fell short for want of a block: what was read from
+        it is not to be trusted, and a reader may carry on only to learn what else it needs."""
+        return bool(self._missing)
+
     def block(self, index: int) -> bytes:
         """Block `index` of the object, downloaded on first use."""
         data = self._blocks.get(index)
         if data is None:
-            start = index * self._block
-            data = self._blob.download_as_bytes(start=start, end=min(start + self._block, self.size) - 1,
-                                                **_policy())
-            self._blocks[index] = data
+            if self._missing is not None:
+                self._missing.add(index)
+                raise _Unfetched(index)
+            data = self._blocks[index] = self._download(index)
             self.fetched += len(data)
         return data
+
+    def _download(self, index: int) -> bytes:
+        start = index * self._block
+        # A blob of its own per request: fetch_ahead downloads blocks on several threads at once.
+        blob = self._blob.bucket.blob(self._blob.name, generation=self.generation)
+        return blob.download_as_bytes(start=start, end=min(start + self._block, self.size) - 1, **_policy())
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
         end, done = min(self._position + len(view), self.size), 0
         while self._position < end:
             index, offset = divmod(self._position, self._block)
-            data = self.block(index)
+            try:
+                data = self.block(index)
+            except _Unfetched:
+                break  # a short read: pdfium, PIL and the rest take it for a failed read
             piece = data[offset:offset + end - self._position]
             if not piece:
                 break  # shorter than its metadata said
@@ -194,6 +224,41 @@ class RangedReader(io.RawIOBase):
             done += len(piece)
             self._position += len(piece)
         return done
+
+    def fetch(self, indices: Iterable[int]) -> None:
+        """Download these blocks now, at once (each its own request), where not downloaded already."""
+        wanted = sorted({i for i in indices if i not in self._blocks and 0 <= i * self._block < self.size})
+        if len(wanted) == 1:
+            self._blocks[wanted[0]] = data = self._download(wanted[0])
+            self.fetched += len(data)
+        elif wanted:
+            with ThreadPoolExecutor(max_workers=min(len(wanted), FETCH_THREADS)) as pool:
+                for index, data in zip(wanted, pool.map(self._download, wanted), strict=True):
+                    self._blocks[index] = data
+                    self.fetched += len(data)
+
+    def fetch_ahead(self, use: Callable[[RangedReader], T], *, rounds: int = READ_AHEAD_ROUNDS) -> T:
+        """`use(self)`, each block it reads downloaded before the call rather than during it. A PDF is
+        counted under the process's one pdfium lock: fetched as pdfium asks, every ranged read of a
+        large PDF would be a round trip inside it, one document at a time. So `use` runs on what is
+        here; the blocks it lacked are fetched together, outside it, and it runs again, until it lacks
+        none. A file that keeps asking for more (an xref being rebuilt by a scan of the whole file) is
+        downloaded whole after `rounds`."""
+        for _ in range(rounds):
+            self._missing = set()
+            try:
+                result = use(self)
+            except Exception:
+                if not self._missing:
+                    raise
+            else:
+                if not self._missing:
+                    return result
+            finally:
+                missing, self._missing = self._missing, None
+            self.fetch(missing)
+        self.fetch(range(-(-self.size // self._block)))
+        return use(self)
 
 
 def open_ranged(bucket: str, name: str, *, max_bytes: int, whole_below: int = WHOLE_BELOW) -> RangedReader:
@@ -205,10 +270,10 @@ def open_ranged(bucket: str, name: str, *, max_bytes: int, whole_below: int = WH
     if size > max_bytes:
         raise TooLarge(f"gs://{bucket}/{name} is {size} bytes; at most {max_bytes} are accepted.")
     reader = RangedReader(blob, block=size if size <= whole_below else RANGE_BYTES)
-    if 0 < size <= whole_below:
-        # Read now, in the caller's thread: a PDF is counted under the process's one pdfium lock, and
-        # the download would otherwise happen inside it, one document at a time.
-        reader.block(0)
+    if size > 0:
+        # Now, in the caller's thread: the whole of a small object; a large one's first and last
+        # blocks, which every reader wants (a PDF's header and trailer). See fetch_ahead for why.
+        reader.fetch({0, (size - 1) // reader._block})
     return reader
 
 

@@ -306,22 +306,58 @@ def noise_pdf(pages: int, side: int) -> bytes:
     return buf.getvalue()
 
 
-def test_counting_a_large_pdfs_pages_downloads_a_small_part_of_it(bucket):
+def count_ranged(name: str, *, ahead: bool = True):
+    """The pages of gs://scans/`name` as a batch's listing counts them, and the reader it used."""
+    from gnosis_ocr import document, gcs
+
+    def inspect(stream):
+        return document.inspect(stream, max_pages=100, max_pixels=10**8)
+
+    with gcs.open_ranged("scans", name, max_bytes=10**9) as stream:
+        return (stream.fetch_ahead(inspect) if ahead else inspect(stream)), stream
+
+
+def test_counting_a_large_pdfs_pages_downloads_a_small_part_of_it(bucket, monkeypatch):
     from gnosis_ocr import document, gcs
 
     scans, _ = bucket
     data = noise_pdf(4, 2000)
     assert len(data) > gcs.WHOLE_BELOW, "the document must be large enough to be read by ranges"
     scans.blob("in/scan.pdf").upload_from_string(data)
-    with gcs.open_ranged("scans", "in/scan.pdf", max_bytes=10**9) as stream:
-        info = document.inspect(stream, max_pages=100, max_pixels=10**8)
-    assert (info.kind, info.pages) == ("pdf", 4)
-    assert stream.fetched < len(data) / 10, f"{stream.fetched} of {len(data)} bytes downloaded to count pages"
+    # pdfium has one lock per process: a download inside it would hold every other document's count up.
+    held = []
+    download = gcs.RangedReader._download
+    monkeypatch.setattr(gcs.RangedReader, "_download",
+                        lambda reader, index: held.append(document._PDFIUM_LOCK.locked()) or download(reader, index))
+    for ahead in (True, False):
+        held.clear()
+        info, stream = count_ranged("in/scan.pdf", ahead=ahead)
+        assert (info.kind, info.pages) == ("pdf", 4)
+        assert stream.fetched < len(data) / 10, f"{stream.fetched} of {len(data)} bytes downloaded to count pages"
+        assert any(held) is not ahead, held  # read ahead, no request is made under the lock
     # A small document is read in one request, whole, and inspected the same.
     scans.blob("in/letter.pdf").upload_from_string(small := pdf_of_pages([["one"], ["two"]]))
     with gcs.open_ranged("scans", "in/letter.pdf", max_bytes=10**9) as stream:
         assert document.inspect(stream, max_pages=100, max_pixels=10**8).pages == 2
     assert stream.fetched == len(small)
+
+
+def test_a_large_pdf_read_ahead_is_refused_for_a_missing_page_and_counted_through_a_broken_xref(bucket):
+    from gnosis_ocr.errors import UnreadableDocument
+
+    scans, _ = bucket
+    data = noise_pdf(4, 2000)
+    # Its page tree claims a fifth page: refused as any upload is, once every block it needs is there.
+    scans.blob("in/claims.pdf").upload_from_string(data.replace(b"/Count 4", b"/Count 5", 1))
+    with pytest.raises(UnreadableDocument, match="says it has 5 pages but page 5 does not exist"):
+        count_ranged("in/claims.pdf")
+    # Its startxref points nowhere: pdfium rebuilds the cross-reference table by reading the whole file,
+    # a block more each pass, so after a few passes the object is downloaded whole and counted.
+    at = data.rindex(b"startxref")
+    broken = data[:at] + b"startxref\n1\n%%EOF\n"
+    scans.blob("in/broken.pdf").upload_from_string(broken)
+    info, stream = count_ranged("in/broken.pdf")
+    assert info.pages == 4 and stream.fetched == len(broken)
 
 
 def test_a_document_replaced_after_its_pages_were_counted_is_not_read_as_its_replacement(bucket):

@@ -7,6 +7,7 @@
 #   NETWORK=default SUBNET=default ./deploy/cloudrun.sh
 #
 # AUTOSCALE=1 also deploys CREMA, which scales the worker pool on the pages waiting (deploy/crema.yaml).
+# ALERTS=0 leaves out the alert policies (Cloud Monitoring, made once from deploy/prometheus/alerts.yml).
 #
 # Needs a gcloud whose `beta run worker-pools deploy` has --gpu, --gpu-type and --instances: Google Cloud
 # SDK 528.0.0 has none of them (it has --scaling and no GPU). The script checks before it changes anything.
@@ -24,6 +25,9 @@ OCR_MODEL_REVISION="${OCR_MODEL_REVISION:-main}"
 GPU_TYPE="${GPU_TYPE:-nvidia-l4}"
 WORKERS="${WORKERS:-2}"
 AUTOSCALE="${AUTOSCALE:-0}"
+ALERTS="${ALERTS:-1}"
+# Google's collector for Managed Service for Prometheus on Cloud Run (GoogleCloudPlatform/run-gmp-sidecar).
+GMP_SIDECAR="${GMP_SIDECAR:-us-docker.pkg.dev/cloud-ops-agents-artifacts/cloud-run-gmp-sidecar/cloud-run-gmp-sidecar:1.2.0}"
 
 # One clear line and nothing deployed when this gcloud cannot create a worker pool with a GPU.
 check_gcloud() {
@@ -75,13 +79,31 @@ gcloud run jobs deploy gnosis-ocr-cache-verify --project "$PROJECT" --region "$R
 gcloud run jobs execute gnosis-ocr-cache-verify --project "$PROJECT" --region "$REGION" --wait
 
 echo "== API service (no GPU; the bucket is mounted for the documents it accepts)"
-gcloud run deploy gnosis-ocr-api --project "$PROJECT" --region "$REGION" --image "$REPO/api:$TAG" \
+# Its /metrics are the whole fleet's (every worker records into Redis), scraped by Managed Service for
+# Prometheus's collector beside it: the sidecar's default scrapes :8080/metrics every 30 s. CPU stays
+# allocated between requests, or a scrape on an idle instance can fail.
+gcloud run deploy gnosis-ocr-api --project "$PROJECT" --region "$REGION" \
+  --concurrency 500 --timeout 120 --no-cpu-throttling \
+  --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only --add-volume "$VOLUME" \
+  --container api --image "$REPO/api:$TAG" --port 8080 \
   --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_API_WORKERS=2,GNOSIS_MAX_UPLOAD_BYTES=32000000" \
-  --set-secrets "GNOSIS_API_KEYS=gnosis-api-keys:latest" \
-  --cpu 2 --memory 1Gi --concurrency 500 --timeout 120 --port 8080 \
-  --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
-  --add-volume "$VOLUME" --add-volume-mount volume=models,mount-path=/cache \
-  --startup-probe httpGet.path=/healthz --liveness-probe httpGet.path=/healthz
+  --set-secrets "GNOSIS_API_KEYS=gnosis-api-keys:latest" --cpu 2 --memory 1Gi \
+  --add-volume-mount volume=models,mount-path=/cache \
+  --startup-probe httpGet.path=/healthz --liveness-probe httpGet.path=/healthz \
+  --container collector --image "$GMP_SIDECAR" --cpu 1 --memory 512Mi --depends-on api
+
+if [ "$ALERTS" = 1 ]; then
+  echo "== alert policies (Cloud Monitoring, from deploy/prometheus/alerts.yml), unless made already"
+  # `migrate` creates new policies each time it runs: a second deploy would page twice.
+  made=$(gcloud alpha monitoring policies list --project "$PROJECT" --format 'value(name)' \
+    --filter 'displayName:"gnosis_ocr/"')
+  if [ -z "$made" ]; then
+    gcloud alpha monitoring policies migrate --project "$PROJECT" \
+      --policies-from-prometheus-alert-rules-yaml deploy/prometheus/alerts.yml
+  else
+    echo "alert policies gnosis_ocr/* exist already; delete them to make them anew from alerts.yml"
+  fi
+fi
 
 echo "== GPU workers (worker pool; one Celery process per GPU)"
 # Cloud Run sends SIGTERM and kills 10 s later: a page that cannot finish by then is handed back and run

@@ -133,8 +133,18 @@ def test_every_gcloud_call_of_the_cloudrun_script_parses(tmp_path):
         "parametermanager parameters create",
         "parametermanager parameters versions create",
         "run deploy gnosis-ocr-autoscaler",
+        "alpha monitoring policies list",
+        "alpha monitoring policies migrate",
     ):
         assert any(c.startswith(expected) for c in commands), (expected, commands)
+    # The API's fleet-wide /metrics are scraped by Managed Prometheus's collector, a container beside it.
+    api = next(c["args"] for c in made if c["args"][:3] == ["run", "deploy", "gnosis-ocr-api"])
+    containers = [api[i + 1] for i, a in enumerate(api) if a == "--container"]
+    assert containers == ["api", "collector"] and "--no-cpu-throttling" in api, api
+    collector = api[api.index("collector"):]
+    assert "cloud-run-gmp-sidecar" in collector[collector.index("--image") + 1], collector
+    migrate = next(c["args"] for c in made if c["args"][:4] == ["alpha", "monitoring", "policies", "migrate"])
+    assert "deploy/prometheus/alerts.yml" in migrate, migrate
     # The model is in the bucket, and checked, before any worker is rolled out to load it.
     assert commands.index(
         next(c for c in commands if c.startswith("run jobs execute gnosis-ocr-cache-verify"))
@@ -146,6 +156,38 @@ def test_every_gcloud_call_of_the_cloudrun_script_parses(tmp_path):
         warnings.warn(
             f"this gcloud lacks {', '.join(unchecked)}: the worker-pool call was checked without them", stacklevel=1
         )
+
+
+@needs_gcloud
+def test_the_alert_rules_become_cloud_monitoring_policies_with_their_queries_and_documentation():
+    # The conversion `gcloud alpha monitoring policies migrate` makes before it calls the API, run here
+    # with gcloud's own code and Python (it needs no account): what Cloud Run's alerting will hold.
+    sdk = os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(GCLOUD)), ".."))
+    python = next((p for p in (os.path.join(sdk, "platform/bundledpythonunix/bin/python3"),) if os.path.exists(p)),
+                  shutil.which("python3"))
+    script = textwrap.dedent("""\
+        import json, sys
+        from apitools.base.py import encoding
+        from googlecloudsdk.api_lib.util import apis
+        from googlecloudsdk.command_lib.monitoring import util
+        messages = apis.GetMessagesModule("monitoring", "v3")
+        policies = util.PrometheusMessageFromString(open(sys.argv[1]).read(), messages, None)
+        print(json.dumps([json.loads(encoding.MessageToJson(p)) for p in policies]))
+    """)
+    rules_file = ROOT / "deploy" / "prometheus" / "alerts.yml"
+    done = subprocess.run([python, "-c", script, str(rules_file)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": f"{sdk}/lib:{sdk}/lib/third_party"}, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    policies = {p["displayName"]: p for p in json.loads(done.stdout)}
+    rules = yaml.safe_load(rules_file.read_text())["groups"][0]["rules"]
+    assert sorted(policies) == sorted(f"gnosis_ocr/{rule['alert']}" for rule in rules)
+    for rule in rules:
+        policy = policies[f"gnosis_ocr/{rule['alert']}"]
+        condition = policy["conditions"][0]["conditionPrometheusQueryLanguage"]
+        assert condition["query"] == rule["expr"] and condition["labels"] == rule["labels"], policy
+        assert condition.get("duration") == (f"{int(rule['for'][:-1]) * 60}s" if "for" in rule else None), policy
+        # What the on-call reads in the notification: the rule's description (Cloud Monitoring drops `summary`).
+        assert policy["documentation"]["content"] == rule["annotations"]["description"], policy
 
 
 @needs_gcloud

@@ -4,6 +4,7 @@ processes against a Redis), and waiting on conditions with a deadline instead of
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -45,9 +46,30 @@ def wait_until(predicate, *, timeout: float = 30, interval: float = 0.05, messag
 
 
 def free_port() -> int:
+    """A port nothing holds now, below the kernel's range of ephemeral ports. A port the kernel picks
+    (a bind to 0) comes from the range it also gives every outgoing connection, and the tests open
+    thousands (Redis clients, HTTP), so one could take the port before the process meant to listen on
+    it binds it: seen in CI. Below the range no connection is given one; test processes pick at random
+    and check with a bind, so two rarely pick the same."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # a service's, or a test's that is listening or in TIME_WAIT
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: IANA's dynamic range begins here
+        return 49152
 
 
 class Proc:

@@ -72,13 +72,15 @@ def main() -> None:
     from harness.gcsemulator import start_emulator
 
     server = start_emulator()
-    documents = [pdf_of_pages([[f"Benchmark document {n}", "one page of a larger batch"]]) for n in range(args.documents)]
+    documents = [pdf_of_pages([[f"Benchmark document {n}", "one page of a larger batch"]])
+                 for n in range(args.documents)]
     bucket = storage.Client(project="bench", credentials=AnonymousCredentials()).create_bucket("bench")
     for n, data in enumerate(documents):
         bucket.blob(f"in/d{n:05}.pdf").upload_from_string(data)
     stack, redis_proc = private_stack()
-    stack.env.update(OCR_ENGINE="tesseract", OMP_THREAD_LIMIT="1", STORAGE_EMULATOR_HOST=os.environ["STORAGE_EMULATOR_HOST"],
-                     GOOGLE_CLOUD_PROJECT="bench", GNOSIS_BATCH_BUCKETS="gs://bench/")
+    stack.env.update(OCR_ENGINE="tesseract", OMP_THREAD_LIMIT="1",
+                     STORAGE_EMULATOR_HOST=os.environ["STORAGE_EMULATOR_HOST"], GOOGLE_CLOUD_PROJECT="bench",
+                     GNOSIS_BATCH_BUCKETS="gs://bench/")
     results = {}
     try:
         url = stack.api()

@@ -91,8 +91,8 @@ def run_batch(torch, model, processor, page, batch: int, gen_kwargs: dict, varia
     new = (out.shape[1] - inputs["input_ids"].shape[1]) * batch
     return {"variant": variant, "batch": batch, "image_tokens": n_image, "prompt_tokens": inputs["input_ids"].shape[1],
             "seconds": round(seconds, 2), "prefill_s": round(prefill, 3), "pages_per_s": round(batch / seconds, 3),
-            "tokens_per_s": round(new / seconds, 1), "decode_ms_per_step": round(1000 * (seconds - prefill) /
-                                                                                 max(gen_kwargs["max_new_tokens"] - 1, 1), 1),
+            "tokens_per_s": round(new / seconds, 1),
+            "decode_ms_per_step": round(1000 * (seconds - prefill) / max(gen_kwargs["max_new_tokens"] - 1, 1), 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}
 
 

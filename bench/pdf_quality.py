@@ -113,7 +113,8 @@ def main() -> None:
             "check": {path: others for path, (_, others) in picked.items()}}
     tmp = Path(tempfile.mkdtemp(prefix="gnosis-pdf-quality-"))
     results: dict[str, dict[str, dict]] = {name: {} for name in sets}
-    for name, options in (("Tesseract 5 CLI at 1,280 px", {"max_side": 1280}), ("Tesseract 5 CLI at 300 dpi", {"dpi": 300})):
+    for name, options in (("Tesseract 5 CLI at 1,280 px", {"max_side": 1280}),
+                          ("Tesseract 5 CLI at 300 dpi", {"dpi": 300})):
         for which, manuals in sets.items():
             results[which][name] = summary(*through_cli(manuals, tmp, **options))
     stack, redis_proc = private_stack()

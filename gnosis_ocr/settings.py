@@ -164,7 +164,8 @@ class Settings:
         for name in ("max_upload_bytes", "max_pages", "max_pixels", "page_max_side", "job_ttl", "job_max_age",
                      "max_queued_bytes", "api_connections", "header_timeout", "max_key_pages",
                      "page_soft_timeout", "page_max_attempts", "lease_ttl", "lease_wait",
-                     "download_workers", "download_stall_timeout", "max_new_tokens", "heartbeat_interval", "max_queue_depth",
+                     "download_workers", "download_stall_timeout", "max_new_tokens", "heartbeat_interval",
+                     "max_queue_depth",
                      "prefill_batch", "reconcile_grace", "max_batch_documents", "redis_timeout", "retry_after",
                      "webhook_max_attempts", "webhook_timeout", "bucket_timeout", "listing_threads"):
             if getattr(self, name) <= 0:

@@ -120,8 +120,8 @@ def spec() -> dict:
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Prometheus text.", "content": {"text/plain": {"schema": {"type": "string"}}}},
                 "401": _error("No valid key.")}}},
-            "/openapi.json": {"get": {"summary": "This description", "responses": {
-                "200": {"description": "OpenAPI 3.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This description", "responses": {"200": {
+                "description": "OpenAPI 3.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         },
         "components": {"schemas": _schemas()},
     }

@@ -226,8 +226,8 @@ class ModelCache:
         watchdog.stop()
         if watchdog.fired:
             raise DownloadStalled(f"Downloading {self.settings.model_id} made no progress for "
-                                  f"{self.settings.download_stall_timeout:.0f}s (GNOSIS_DOWNLOAD_STALL_TIMEOUT); it was "
-                                  "stopped and will be started again.")
+                                  f"{self.settings.download_stall_timeout:.0f}s (GNOSIS_DOWNLOAD_STALL_TIMEOUT); "
+                                  "it was stopped and will be started again.")
         if self.lease.lost.is_set():
             raise LeaseLost("The download lease was lost; another worker will finish the download.")
         if code != 0 or result is None:

@@ -23,8 +23,8 @@ assert c.post("/v1/jobs", data={"file": (io.BytesIO(pdf_of_pages([["y"]])), "a.p
 for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/cache"):
     assert c.get(path).status_code == 200, path
 c.post("/v1/cache/warm")
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "rapidocr_onnxruntime",
-                                                             "onnxruntime", "huggingface_hub", "torchvision", "tesserocr"))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in (
+    "torch", "transformers", "rapidocr_onnxruntime", "onnxruntime", "huggingface_hub", "torchvision", "tesserocr"))
 print("HEAVY", heavy)
 sys.exit(1 if heavy else 0)
 """

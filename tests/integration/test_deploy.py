@@ -101,8 +101,8 @@ def test_the_wheel_the_images_install_holds_every_package_and_the_web_page(tmp_p
 
 
 def test_worker_image_targets_cpu_without_torch_and_gpu_with_the_tested_pair():
-    stages = {chunk.split()[2]: chunk for chunk in re.split(r"^FROM ", (ROOT / "Dockerfile.worker").read_text(), flags=re.M)
-              if " AS " in chunk.splitlines()[0]}
+    chunks = re.split(r"^FROM ", (ROOT / "Dockerfile.worker").read_text(), flags=re.M)
+    stages = {chunk.split()[2]: chunk for chunk in chunks if " AS " in chunk.splitlines()[0]}
     assert "torch" not in stages["cpu"] and "cuda" not in stages["cpu"].lower()
     assert "tesseract-ocr-eng" in stages["cpu"]
     tested = re.search(r"torch==\S+ torchvision==\S+", (ROOT / ".ci/run").read_text()).group()

@@ -18,7 +18,8 @@ RULES = ROOT / "deploy" / "prometheus"
 GAUGES = {"gnosis_queue_depth", "gnosis_pages_in_flight", "gnosis_key_pages_pending"}
 """Gauges the API computes at scrape time (api/ops.py), beside the recorded counters and histograms."""
 
-promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) is not installed")
+promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                              reason="promtool (Debian's prometheus) is not installed")
 
 
 @promtool

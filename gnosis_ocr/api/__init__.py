@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         memory=redismemory.MemoryGauge(client),
         languages=WorkerLanguages(client),
     )
-    redismemory.warn_if_evicting(client, "api")
+    redismemory.warn_if_unsafe(client, "api")
     if settings.api_key_hashes:
         log.info("api: API keys are on (%d key(s)); requests without one get 401", len(settings.api_key_hashes))
     else:

@@ -24,7 +24,8 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     try:
-        memory = redismemory.read(ctx().redis)  # a fresh round trip: readiness is about Redis answering now
+        # Fresh round trips: readiness is about Redis answering now.
+        memory = redismemory.read(ctx().redis, persistence=True)
     except redis.RedisError as exc:
         return error_response(503, "redis_unavailable", f"Redis does not answer: {exc}",
                               retry_after=ctx().settings.retry_after)

@@ -57,7 +57,7 @@ class Probe:
             try:
                 record = self.redis.get(keys.worker(self.worker))
                 loaded = json.loads(record)["engines_loaded"] if record else 0
-                memory = redismemory.read(self.redis)
+                memory = redismemory.read(self.redis, persistence=True)
             except redis.RedisError as exc:
                 return self._send(h, 503, {"status": "redis_unavailable", "detail": str(exc)})
             body = {"engines_loaded": loaded, "concurrency": self.concurrency, "redis": memory.describe()}

@@ -142,7 +142,7 @@ def _name_worker(**_) -> None:
 def _start_heartbeat(sender=None, **_) -> None:
     global _heartbeat
     rt = runtime.get()
-    redismemory.warn_if_evicting(rt.redis, f"worker {registry.worker_id()}")
+    redismemory.warn_if_unsafe(rt.redis, f"worker {registry.worker_id()}")
     # Readiness counts loaded engines: one per pool process, or the one batched engine of a threads pool.
     concurrency = rt.expected_engines(getattr(getattr(sender, "pool", None), "limit", 0) or 0)
     _heartbeat = heartbeat.Heartbeat(rt, app, concurrency=concurrency)

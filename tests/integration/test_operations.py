@@ -46,7 +46,9 @@ def test_readyz_tracks_redis(stack):
     url = stack.api()
     ready = requests.get(url + "/readyz").json()
     assert ready["status"] == "ready" and ready["redis"]["maxmemory_policy"] == "noeviction"
-    assert "warning" not in ready["redis"]
+    # The tests' Redis may run without an AOF (this machine's does): only that is to be said of it.
+    assert "maxmemory-policy" not in ready["redis"].get("warning", "")
+    assert ("warning" in ready["redis"]) is (ready["redis"]["aof_enabled"] is False), ready
     dead = stack.api(REDIS_URL="redis://127.0.0.1:1/0", GNOSIS_REDIS_TIMEOUT="0.5")
     r = requests.get(dead + "/readyz")
     assert r.status_code == 503 and r.headers["Retry-After"]

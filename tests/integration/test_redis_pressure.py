@@ -62,8 +62,9 @@ def test_a_nearly_full_redis_refuses_new_jobs_cleanly_and_every_accepted_job_fin
         private.stop()
 
 
-def test_an_evicting_redis_is_named_in_the_logs_and_in_readiness(stack, tmp_path):
+def test_an_evicting_redis_without_an_aof_is_named_in_the_logs_and_in_readiness(stack, tmp_path):
     private = PrivateRedis(tmp_path / "redis", appendonly=False).start(["--maxmemory-policy", "allkeys-lru"])
+    safe = PrivateRedis(tmp_path / "safe").start()  # AOF on, noeviction: nothing to say
     try:
         stack.env["REDIS_URL"] = private.url
         url = stack.api()
@@ -71,13 +72,18 @@ def test_an_evicting_redis_is_named_in_the_logs_and_in_readiness(stack, tmp_path
         worker = stack.worker(OCR_ENGINE="null", GNOSIS_WORKER_PORT=str(port))
         api_ready = requests.get(f"{url}/readyz", timeout=10).json()
         assert api_ready["redis"]["maxmemory_policy"] == "allkeys-lru" and "noeviction" in api_ready["redis"]["warning"]
+        assert api_ready["redis"]["aof_enabled"] is False and "appendonly yes" in api_ready["redis"]["warning"]
         worker_ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()
-        assert "noeviction" in worker_ready["redis"]["warning"]
+        assert "noeviction" in worker_ready["redis"]["warning"] and "no AOF" in worker_ready["redis"]["warning"]
         api_log = next(p for p in stack.procs if "api" in p.log_path.name).log()
-        assert "maxmemory-policy is allkeys-lru" in api_log
-        wait_until(lambda: "maxmemory-policy is allkeys-lru" in worker.log(), timeout=10, message="the worker's line")
+        assert "maxmemory-policy is allkeys-lru" in api_log and "Redis writes no AOF" in api_log
+        wait_until(lambda: "maxmemory-policy is allkeys-lru" in worker.log() and "no AOF" in worker.log(),
+                   timeout=10, message="the worker's lines")
+        safe_ready = requests.get(f"{stack.api(REDIS_URL=safe.url)}/readyz", timeout=10).json()
+        assert safe_ready["redis"]["aof_enabled"] is True and "warning" not in safe_ready["redis"], safe_ready
     finally:
         private.stop()
+        safe.stop()
 
 
 def test_the_api_says_at_start_whether_api_keys_are_on(stack):

@@ -257,8 +257,15 @@ class RangedReader(io.RawIOBase):
             finally:
                 missing, self._missing = self._missing, None
             self.fetch(missing)
-        self.fetch(range(-(-self.size // self._block)))
+        self._fetch_whole()
         return use(self)
+
+    def _fetch_whole(self) -> None:
+        """The object in one request, as blocks: what else a reader wants is then here already."""
+        blob = self._blob.bucket.blob(self._blob.name, generation=self.generation)
+        data = blob.download_as_bytes(**_policy())
+        self._blocks = {i: data[start:start + self._block] for i, start in enumerate(range(0, len(data), self._block))}
+        self.fetched += len(data)
 
 
 def open_ranged(bucket: str, name: str, *, max_bytes: int, whole_below: int = WHOLE_BELOW) -> RangedReader:

@@ -358,7 +358,7 @@ def test_a_large_pdf_read_ahead_is_refused_for_a_missing_page_and_counted_throug
     broken = data[:at] + b"startxref\n1\n%%EOF\n"
     scans.blob("in/broken.pdf").upload_from_string(broken)
     info, stream = count_ranged("in/broken.pdf")
-    assert info.pages == 4 and stream.fetched == len(broken)
+    assert info.pages == 4 and stream.fetched >= len(broken)
 
 
 def test_a_document_replaced_after_its_pages_were_counted_is_not_read_as_its_replacement(bucket):

@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from datetime import datetime
+from datetime import datetime, timezone
 
 import redis
 
@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY = 20
 """Documents listed between two looks at whether the batch was cancelled."""
+
+BATCH_MARK = "_gnosis_batch.json"
+"""Written into a batch's destination when its listing begins: which batch writes there, from which
+source, and proof that it may."""
 
 WAIT_FOR_ROOM = 2.0
 """Seconds between two looks at the key's backlog while a batch waits for room under its bound."""
@@ -51,6 +55,13 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
     if batch is None or batch.final:
         return "gone" if batch is None else batch.status
     source, destination = gcs.parse(batch.source), gcs.parse(batch.destination)
+    refused = _mark_destination(rt, batch, destination)
+    if refused is not None:
+        # Before a single page runs: otherwise every document would be read, recognised and then fail.
+        log.error("batch %s: %s", batch_id, refused)
+        if batches.end(batch_id, JobStatus.FAILED.value, code="destination_unwritable", message=refused):
+            _announce(rt, batch_id)
+        return JobStatus.FAILED.value
     listing = _Listing(rt, app, batch, source, destination)
     pool = ThreadPoolExecutor(rt.settings.listing_threads, thread_name_prefix=f"listing-{batch_id[:8]}")
     pending: set[Future] = set()
@@ -100,6 +111,25 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
         listing.over.set()  # a document waiting for room under the key's bound gives up too
         pool.shutdown(wait=True, cancel_futures=True)
     return _settled(rt, batch_id, batches.listed(batch_id))
+
+
+def _mark_destination(rt: Runtime, batch, destination: gcs.Location) -> str | None:
+    """Write BATCH_MARK into the destination (which batch writes there, from where): a destination the
+    service may not write to is found before the listing, not after every document was recognised.
+    The reason if it is refused; None if written, or if the bucket only fails for now (its results
+    then wait owed, as any result's would)."""
+    mark = {"batch": batch.id, "source": batch.source, "destination": batch.destination,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
+    try:
+        gcs.write(destination.bucket, destination.join(BATCH_MARK), json.dumps(mark).encode(), "application/json")
+    except Exception as exc:
+        if gcs.transient(exc):
+            bucket_failed(rt, "write")
+            log.warning("batch %s: could not write %s for now (%s); listing it all the same", batch.id,
+                        destination.join(BATCH_MARK), exc)
+            return None
+        return f"Writing to {batch.destination} failed, so no result could be written there: {exc}"
+    return None
 
 
 def bucket_failed(rt: Runtime, operation: str) -> None:

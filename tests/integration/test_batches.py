@@ -72,6 +72,12 @@ def upload_pages(scans, n: int, name: str, text: str) -> None:
         scans.blob(f"in/{name}{i:02}.png").upload_from_string(text_image([f"{text} {i}"]))
 
 
+def result_objects(bucket, ext: str = "") -> list[str]:
+    """The names of the result objects under out/ ending in `ext`: not the batch's mark."""
+    return sorted(b.name for b in bucket.list_blobs(prefix="out/")
+                  if b.name.endswith(ext) and not b.name.endswith("/_gnosis_batch.json"))
+
+
 def start_batch(url: str, **kwargs) -> dict:
     r = requests.post(f"{url}/v1/batches", json={"source": "gs://scans/in/", "destination": "gs://scans/out/"},
                       **kwargs)
@@ -135,7 +141,11 @@ def test_a_batch_reads_every_document_and_writes_each_result_beside_the_others(s
     assert "november" in words(scans.blob("out/deep/er/scan05.jpg.md").download_as_bytes().decode())
     assert "quebec" in words(scans.blob("out/deep/photo-without-extension.md").download_as_bytes().decode())
     written = sorted(b.name for b in scans.list_blobs(prefix="out/"))
-    assert written == sorted(f"out/{n[3:]}{ext}" for n in READABLE for ext in (".json", ".md"))
+    assert written == sorted([f"out/{n[3:]}{ext}" for n in READABLE for ext in (".json", ".md")] +
+                             ["out/_gnosis_batch.json"])
+    # Written before the listing, to learn that results may be written there: which batch writes there.
+    mark = json.loads(scans.blob("out/_gnosis_batch.json").download_as_bytes())
+    assert (mark["batch"], mark["source"], mark["destination"]) == (batch["id"], "gs://scans/in/", "gs://scans/out/")
     # No document passed through Redis: the workers read each from the bucket.
     assert not [k for k in stack.redis.scan_iter("gnosis:job:*:input")]
 
@@ -181,8 +191,7 @@ def test_a_cancelled_batch_stops_listing_and_its_jobs(stack, bucket):
     wait_until(lambda: all(requests.get(f"{url}/v1/jobs/{j}").json()["status"] in ("succeeded", "cancelled")
                            for j in jobs), timeout=30, message="its jobs to stop")
     assert any(requests.get(f"{url}/v1/jobs/{j}").json()["status"] == "cancelled" for j in jobs)
-    written = [b.name for b in scans.list_blobs(prefix="out/") if b.name.endswith(".json")]
-    assert 1 <= len(written) < 40
+    assert 1 <= len(result_objects(scans, ".json")) < 40
 
 
 def test_a_worker_killed_mid_batch_loses_no_document(stack, bucket):
@@ -203,7 +212,7 @@ def test_a_worker_killed_mid_batch_loses_no_document(stack, bucket):
     done = final(url, batch["id"], stack)
     assert (done["status"], done["documents_total"], done["documents_done"], done["documents_failed"]) == \
         ("succeeded", 12, 12, 0), done
-    assert len([b for b in scans.list_blobs(prefix="out/") if b.name.endswith(".json")]) == 12
+    assert len(result_objects(scans, ".json")) == 12
 
 
 def test_a_worker_killed_between_a_documents_end_and_its_count_loses_nothing(stack, bucket, redis_url):
@@ -294,7 +303,7 @@ def test_a_worker_told_to_stop_finishes_its_pages_and_another_finishes_the_batch
     # Every page ran once: the leaving worker finished what it had started and handed back what it had
     # only taken, so no page was cut off and run again.
     assert [int(stack.redis.hget(f"gnosis:job:{j}", "attempts")) for j in jobs] == [1] * 12
-    assert len([b for b in scans.list_blobs(prefix="out/") if b.name.endswith(".json")]) == 12
+    assert len(result_objects(scans, ".json")) == 12
 
 
 def noise_pdf(pages: int, side: int) -> bytes:

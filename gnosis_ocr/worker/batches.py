@@ -184,7 +184,9 @@ class _Listing:
     def document(self, name: str, size: int, rel: str) -> None:
         """Skip, fail or make a job of one listed document (on one of the listing's threads)."""
         rt, batch, batch_id = self.rt, self.batch, self.batch.id
-        if not batch.overwrite and gcs.exists(self.destination.bucket, self.destination.join(rel + ".json")):
+        result = rel + ".json"  # a document named _gnosis_batch would find the batch's mark there, not its result
+        if not batch.overwrite and result != BATCH_MARK and gcs.exists(self.destination.bucket,
+                                                                        self.destination.join(result)):
             _ended(rt, self.batches, batch_id, "skipped", name=rel, listing=True)  # done by an earlier batch
             return
         kind = document.sniff(gcs.head(self.source.bucket, name)) if size else None

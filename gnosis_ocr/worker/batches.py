@@ -134,10 +134,7 @@ def _mark_destination(rt: Runtime, batch, destination: gcs.Location) -> str | No
 
 def bucket_failed(rt: Runtime, operation: str) -> None:
     """Count a bucket call that failed for now (`list`, `read`, `write`): an outage shows on /metrics."""
-    try:
-        rt.metrics.inc("gnosis_bucket_failures_total", operation=operation)
-    except Exception as exc:  # a missed count, never a stopped batch
-        log.warning("could not count a bucket failure: %s", exc)
+    _inc(rt, "gnosis_bucket_failures_total", operation=operation)
 
 
 def _ended(rt: Runtime, batches: BatchStore, batch_id: str, outcome: str, **fields) -> Settlement:
@@ -148,10 +145,14 @@ def _ended(rt: Runtime, batches: BatchStore, batch_id: str, outcome: str, **fiel
 
 
 def _count(rt: Runtime, outcome: str) -> None:
+    _inc(rt, "gnosis_batch_documents_total", outcome=outcome)
+
+
+def _inc(rt: Runtime, metric: str, **labels: str) -> None:
     try:
-        rt.metrics.inc("gnosis_batch_documents_total", outcome=outcome)
+        rt.metrics.inc(metric, **labels)
     except Exception as exc:  # a missed count, never a stopped batch
-        log.warning("could not count a batch document: %s", exc)
+        log.warning("could not count %s: %s", metric, exc)
 
 
 def _settled(rt: Runtime, batch_id: str, settlement: Settlement) -> str:

@@ -8,6 +8,7 @@
 #
 # AUTOSCALE=1 also deploys CREMA, which scales the worker pool on the pages waiting (deploy/crema.yaml).
 # ALERTS=0 leaves out the alert policies (Cloud Monitoring, made once from deploy/prometheus/alerts.yml).
+# WORKER_METRICS=1 runs a collector beside each GPU worker for its own metrics (deploy/rungmp-worker.yaml).
 #
 # Needs a gcloud whose `beta run worker-pools deploy` has --gpu, --gpu-type and --instances: Google Cloud
 # SDK 528.0.0 has none of them (it has --scaling and no GPU). The script checks before it changes anything.
@@ -26,6 +27,7 @@ GPU_TYPE="${GPU_TYPE:-nvidia-l4}"
 WORKERS="${WORKERS:-2}"
 AUTOSCALE="${AUTOSCALE:-0}"
 ALERTS="${ALERTS:-1}"
+WORKER_METRICS="${WORKER_METRICS:-0}"
 # Google's collector for Managed Service for Prometheus on Cloud Run (GoogleCloudPlatform/run-gmp-sidecar).
 GMP_SIDECAR="${GMP_SIDECAR:-us-docker.pkg.dev/cloud-ops-agents-artifacts/cloud-run-gmp-sidecar/cloud-run-gmp-sidecar:1.2.0}"
 
@@ -108,13 +110,25 @@ fi
 echo "== GPU workers (worker pool; one Celery process per GPU)"
 # Cloud Run sends SIGTERM and kills 10 s later: a page that cannot finish by then is handed back and run
 # again elsewhere (its attempt counted), so scale-in costs time, never a page.
-gcloud beta run worker-pools deploy gnosis-ocr-worker --project "$PROJECT" --region "$REGION" \
+pool=(--gpu-type "$GPU_TYPE" --no-gpu-zonal-redundancy --instances "$WORKERS"
+  --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only --add-volume "$VOLUME")
+cpu=8 memory=32Gi collector=()
+if [ "$WORKER_METRICS" = 1 ]; then
+  echo "== the workers' own metrics: a collector beside each, scraping GNOSIS_WORKER_PORT (deploy/rungmp-worker.yaml)"
+  gcloud secrets describe gnosis-ocr-rungmp --project "$PROJECT" >/dev/null 2>&1 ||
+    gcloud secrets create gnosis-ocr-rungmp --project "$PROJECT" --replication-policy automatic
+  gcloud secrets versions add gnosis-ocr-rungmp --project "$PROJECT" --data-file deploy/rungmp-worker.yaml
+  # Both containers share the instance's 8 CPUs and 32 GiB (over 24 GiB wants all 8), so the worker gives
+  # up two CPUs and 9 GiB. As for services, the GPU's type is the pool's and its count the worker's.
+  cpu=6 memory=23Gi
+  collector=(--container collector --image "$GMP_SIDECAR" --cpu 1 --memory 512Mi --depends-on worker
+    --set-secrets /etc/rungmp/config.yaml=gnosis-ocr-rungmp:latest)
+fi
+gcloud beta run worker-pools deploy gnosis-ocr-worker --project "$PROJECT" --region "$REGION" "${pool[@]}" \
+  ${collector[0]:+--container worker} \
   --image "$REPO/worker:$TAG" --command gnosis-ocr --args worker,--concurrency,1 \
   --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_WORKER_PORT=9808,GNOSIS_PAGE_SOFT_TIMEOUT=600" \
-  --gpu 1 --gpu-type "$GPU_TYPE" --no-gpu-zonal-redundancy --cpu 8 --memory 32Gi \
-  --instances "$WORKERS" \
-  --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only \
-  --add-volume "$VOLUME" --add-volume-mount volume=models,mount-path=/cache
+  --gpu 1 --cpu "$cpu" --memory "$memory" --add-volume-mount volume=models,mount-path=/cache "${collector[@]}"
 
 if [ "$AUTOSCALE" = 1 ]; then
   echo "== autoscaler: CREMA scales the worker pool on the pages waiting in Redis (deploy/crema.yaml)"

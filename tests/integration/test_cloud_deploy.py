@@ -115,9 +115,10 @@ needs_gcloud = pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI i
 
 
 @needs_gcloud
-def test_every_gcloud_call_of_the_cloudrun_script_parses(tmp_path):
+@pytest.mark.parametrize("worker_metrics", ["0", "1"], ids=["one-container-workers", "workers-with-collector"])
+def test_every_gcloud_call_of_the_cloudrun_script_parses(tmp_path, worker_metrics):
     newer = not gcloud_has_gpu_worker_pools()
-    r, calls = run_script(tmp_path, newer=newer, AUTOSCALE="1")
+    r, calls = run_script(tmp_path, newer=newer, AUTOSCALE="1", WORKER_METRICS=worker_metrics)
     assert r.returncode == 0, r.stderr[-3000:]
     made = [c for c in calls if not c.get("passthrough")]
     refused = [(c["args"][:3], c["stderr"]) for c in made if not c["parsed"]]
@@ -145,6 +146,17 @@ def test_every_gcloud_call_of_the_cloudrun_script_parses(tmp_path):
     assert "cloud-run-gmp-sidecar" in collector[collector.index("--image") + 1], collector
     migrate = next(c["args"] for c in made if c["args"][:4] == ["alpha", "monitoring", "policies", "migrate"])
     assert "deploy/prometheus/alerts.yml" in migrate, migrate
+    pool = next(c["args"] for c in made if c["args"][:4] == ["beta", "run", "worker-pools", "deploy"])
+    if worker_metrics == "1":  # its own collector, configured from the RunMonitoring in Secret Manager
+        assert [pool[i + 1] for i, a in enumerate(pool) if a == "--container"] == ["worker", "collector"], pool
+        assert "/etc/rungmp/config.yaml=gnosis-ocr-rungmp:latest" in pool, pool
+        stored = next(c["args"] for c in made if c["args"][:3] == ["secrets", "versions", "add"])
+        assert "deploy/rungmp-worker.yaml" in stored, stored
+        scrape = yaml.safe_load((ROOT / "deploy" / "rungmp-worker.yaml").read_text())["spec"]["endpoints"]
+        port = re.search(r"GNOSIS_WORKER_PORT=(\d+)", pool[pool.index("--set-env-vars") + 1]).group(1)
+        assert scrape == [{"port": int(port), "path": "/metrics", "interval": "30s"}], scrape
+    else:
+        assert "--container" not in pool, pool
     # The model is in the bucket, and checked, before any worker is rolled out to load it.
     assert commands.index(
         next(c for c in commands if c.startswith("run jobs execute gnosis-ocr-cache-verify"))

@@ -44,15 +44,12 @@ def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
     try:
         # `count` > 1 only in messages queued by releases that grouped pages per task.
         verdicts = [page.run_page(runtime.get(), job_id, p, tag=tag) for p in range(page_index, page_index + count)]
-    except page.StepAside as exc:
-        log.warning("%s; returning the page to the queue, behind the others", exc)
-        time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
-        if _step_aside(job_id, page_index, count):
-            return "deferred"
-        raise Reject(str(exc), requeue=True) from None
     except page.RequeuePage as exc:
-        log.warning("%s; returning the page to the queue", exc)
+        aside = isinstance(exc, page.StepAside)  # its bucket fails: behind every other page, not at its priority
+        log.warning("%s; returning the page to the queue%s", exc, ", behind the others" if aside else "")
         time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
+        if aside and _step_aside(job_id, page_index, count):
+            return "deferred"
         raise Reject(str(exc), requeue=True) from None
     except Exception as exc:
         # Raised where nothing expects it (a bug, or the soft time limit outside the engine's call): the

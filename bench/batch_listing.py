@@ -21,7 +21,7 @@ import time
 import requests
 
 from bench.common import private_stack, report
-from harness.docs import pdf_of_pages
+from harness.docs import noise_pdf, pdf_of_pages
 from harness.flakybucket import FlakyBucket
 from harness.stack import wait_until
 
@@ -41,7 +41,10 @@ def main() -> None:
 
     server = start_emulator()
     bucket = storage.Client(project="bench", credentials=AnonymousCredentials()).create_bucket("bench")
-    data = scanned_pdf(args.scanned) if args.scanned else pdf_of_pages([["Listed document", "one page of a batch"]])
+    if args.scanned:  # a 150 dpi letter page of noise each: 1.2 MB a page
+        data = noise_pdf(args.scanned, (1275, 1650), resolution=150.0)
+    else:
+        data = pdf_of_pages([["Listed document", "one page of a batch"]])
     for n in range(args.documents):
         bucket.blob(f"in/d{n:05}.pdf").upload_from_string(data)
     proxy = FlakyBucket(os.environ["STORAGE_EMULATOR_HOST"], latency=args.latency)
@@ -74,19 +77,6 @@ def main() -> None:
     report("batch_listing_scanned" if args.scanned else "batch_listing",
            {"documents": args.documents, "document_bytes": len(data), "latency_s": args.latency, "results": results},
            table)
-
-
-def scanned_pdf(pages: int) -> bytes:
-    """A scan-like PDF: a 1275 x 1650 image of noise per page (150 dpi letter), its page objects spread
-    through the file between the images, as in a scanner's output."""
-    import io
-
-    from PIL import Image
-
-    images = [Image.frombytes("RGB", (1275, 1650), os.urandom(1275 * 1650 * 3)) for _ in range(pages)]
-    buf = io.BytesIO()
-    images[0].save(buf, format="PDF", save_all=True, append_images=images[1:], resolution=150.0)
-    return buf.getvalue()
 
 
 if __name__ == "__main__":

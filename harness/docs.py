@@ -29,6 +29,17 @@ def pdf_of_pages(pages: list[list[str]]) -> bytes:
     return buf.getvalue()
 
 
+def noise_pdf(pages: int, size: tuple[int, int], *, resolution: float = 72.0) -> bytes:
+    """A scan-like PDF: each page one incompressible image of `size` pixels, so nearly all its bytes are
+    page content, and each page's object sits between two images, as in a scanner's output."""
+    import os
+
+    images = [Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)) for _ in range(pages)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="PDF", save_all=True, append_images=images[1:], resolution=resolution)
+    return buf.getvalue()
+
+
 def words(text: str) -> set[str]:
     """Normalised words: OCR layout and case differ, the words should not."""
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2}

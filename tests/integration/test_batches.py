@@ -5,7 +5,6 @@ is done, and prefixes outside GNOSIS_BATCH_BUCKETS refused."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import sys
 import pytest
 import requests
 
-from harness.docs import pdf_of_pages, text_image, words
+from harness.docs import noise_pdf, pdf_of_pages, text_image, words
 from harness.stack import ROOT, wait_until
 
 pytestmark = pytest.mark.slow
@@ -306,16 +305,6 @@ def test_a_worker_told_to_stop_finishes_its_pages_and_another_finishes_the_batch
     assert len(result_objects(scans, ".json")) == 12
 
 
-def noise_pdf(pages: int, side: int) -> bytes:
-    """A scan-like PDF: each page one incompressible image, so nearly all its bytes are page content."""
-    from PIL import Image
-
-    images = [Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)) for _ in range(pages)]
-    buf = io.BytesIO()
-    images[0].save(buf, format="PDF", save_all=True, append_images=images[1:])
-    return buf.getvalue()
-
-
 def count_ranged(name: str, *, ahead: bool = True):
     """The pages of gs://scans/`name` as a batch's listing counts them, and the reader it used."""
     from gnosis_ocr import document, gcs
@@ -331,7 +320,7 @@ def test_counting_a_large_pdfs_pages_downloads_a_small_part_of_it(bucket, monkey
     from gnosis_ocr import document, gcs
 
     scans, _ = bucket
-    data = noise_pdf(4, 2000)
+    data = noise_pdf(4, (2000, 2000))
     assert len(data) > gcs.WHOLE_BELOW, "the document must be large enough to be read by ranges"
     scans.blob("in/scan.pdf").upload_from_string(data)
     # pdfium has one lock per process: a download inside it would hold every other document's count up.
@@ -356,7 +345,7 @@ def test_a_large_pdf_read_ahead_is_refused_for_a_missing_page_and_counted_throug
     from gnosis_ocr.errors import UnreadableDocument
 
     scans, _ = bucket
-    data = noise_pdf(4, 2000)
+    data = noise_pdf(4, (2000, 2000))
     # Its page tree claims a fifth page: refused as any upload is, once every block it needs is there.
     scans.blob("in/claims.pdf").upload_from_string(data.replace(b"/Count 4", b"/Count 5", 1))
     with pytest.raises(UnreadableDocument, match="says it has 5 pages but page 5 does not exist"):

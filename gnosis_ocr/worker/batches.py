@@ -280,21 +280,20 @@ def document_ended(rt: Runtime, job: Job, *, housekeeping: bool = False) -> bool
     rel = job.filename or job.id
     if job.status is JobStatus.SUCCEEDED:
         destination = gcs.parse(batch.destination)
+        # A page thread writes only while the bucket answers, or as its one probe since it failed; the
+        # housekeeper (`housekeeping`) always tries. One that would be refused reads no text from Redis.
+        if not housekeeping and rt.result_writes.refusing(destination.bucket):
+            return _left_owed(rt, job, destination, rel)
         pages = rt.jobs.pages(job.id)
         try:
-            # A page thread writes only while the bucket answers, or as its one probe since it failed;
-            # the housekeeper (`housekeeping`) always tries.
             with rt.result_writes.call(destination.bucket, hold=2 * rt.settings.bucket_timeout, force=housekeeping):
                 gcs.write(destination.bucket, destination.join(rel + ".md"), result_text(pages).encode(),
                           "text/markdown; charset=utf-8")
                 # Written last: its presence is what a resubmitted batch takes for "done".
                 gcs.write(destination.bucket, destination.join(rel + ".json"),
                           json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
-        except breaker.Open:
-            log.info("batch %s: %s failed a write for now; the result of %s is left for the housekeeper",
-                     batch_id, destination.uri, rel)
-            _owe(rt, job.id)
-            return False
+        except breaker.Open:  # the probe was taken in between
+            return _left_owed(rt, job, destination, rel)
         except Exception as exc:
             if gcs.transient(exc) and not _written_too_long(rt, job):
                 log.warning("batch %s: could not write the result of %s for now; trying again later: %s",
@@ -315,6 +314,13 @@ def document_ended(rt: Runtime, job: Job, *, housekeeping: bool = False) -> bool
     else:  # cancelled: only with its batch, which is final already
         rt.redis.zrem(keys.BATCH_ENDS, job.id)
     return True
+
+
+def _left_owed(rt: Runtime, job: Job, destination: gcs.Location, rel: str) -> bool:
+    log.info("batch %s: %s failed a write for now; the result of %s is left for the housekeeper", job.batch,
+             destination.uri, rel)
+    _owe(rt, job.id)
+    return False
 
 
 def _owe(rt: Runtime, job_id: str) -> None:

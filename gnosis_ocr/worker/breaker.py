@@ -38,6 +38,12 @@ class Breaker:
         with self._lock:
             return key in self._failing
 
+    def refusing(self, key: str) -> bool:
+        """Whether a call to `key` would be refused now: for a caller with work to do before the call
+        (reading what it would write) that it can skip. The call itself still decides."""
+        with self._lock:
+            return self._refused(key, time.monotonic())
+
     @contextlib.contextmanager
     def call(self, key: str, *, hold: float, force: bool = False) -> Iterator[None]:
         """Run the block as a call to `key`, or raise Open. `hold` bounds how long one probe keeps the
@@ -62,13 +68,16 @@ class Breaker:
         """Whether this call is the failing key's probe; raises Open while another one is."""
         now = time.monotonic()
         with self._lock:
-            again = self._failing.get(key)
-            if again is None:
+            if key not in self._failing:
                 return False
-            if now < again or now < self._probing.get(key, 0.0):
+            if self._refused(key, now):
                 raise Open(key)
             self._probing[key] = now + hold
             return True
+
+    def _refused(self, key: str, now: float) -> bool:
+        again = self._failing.get(key)
+        return again is not None and (now < again or now < self._probing.get(key, 0.0))
 
     def _failed(self, key: str, probe: bool) -> None:
         with self._lock:

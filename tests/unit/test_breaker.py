@@ -53,8 +53,8 @@ def test_while_a_bucket_fails_one_thread_probes_it_and_the_others_are_refused_at
     b = make()
     fail(b)
     with b.call("scans", hold=60):  # the probe
-        assert refused(b)
-        assert not refused(b, "other")  # another bucket is not held up
+        assert refused(b) and b.refusing("scans")  # a caller can tell before it does any work for the call
+        assert not refused(b, "other") and not b.refusing("other")  # another bucket is not held up
     assert not b.failing("scans")  # the probe got an answer: everyone calls again
     with b.call("scans", hold=60), b.call("scans", hold=60):
         pass

@@ -204,10 +204,10 @@ class Stack:
             proc.stop()
 
 
-def poll_job(url: str, job_id: str, *, timeout: float = 60) -> dict:
+def poll_job(url: str, job_id: str, *, timeout: float = 60, headers: dict | None = None) -> dict:
     """Long-poll until final: the API holds the request, the test does not sleep."""
     deadline = time.monotonic() + timeout
     while True:
-        job = requests.get(f"{url}/v1/jobs/{job_id}", params={"wait": 5}, timeout=15).json()
+        job = requests.get(f"{url}/v1/jobs/{job_id}", params={"wait": 5}, timeout=15, headers=headers).json()
         if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
             return job

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import redis
 
 from .. import keys
-from ..broker import OCR_PAGE_TASK, queue_keys, task_args
+from ..broker import OCR_PAGE_TASK, page_priority, queue_keys, task_args
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Reconciler:
         self.queue = queue
         self.grace = grace
         self._suspects: set[tuple[str, int]] = set()
+        self._owners: dict[str, str] = {}
 
     def run(self) -> int:
         """One pass; the number of pages published again."""
@@ -54,13 +55,15 @@ class Reconciler:
         lost = unrecorded - accounted
         again = lost & self._suspects
         self._suspects = lost - again
+        priorities = self._priorities({job_id for job_id, page in again if (job_id, page) not in stale})
         for job_id, page in sorted(again):
             tag = stale.get((job_id, page))
             if tag is not None:  # the original, back from a consumer that died holding it: no copy is made
                 with self.app.connection_for_write() as conn:
                     conn.default_channel.qos.restore_by_tag(tag)
-            else:
-                self.app.send_task(OCR_PAGE_TASK, args=[job_id, page], queue=self.queue)
+            else:  # at its submitter's priority now: a copy without one would go ahead of every key's pages
+                self.app.send_task(OCR_PAGE_TASK, args=[job_id, page], queue=self.queue,
+                                   priority=priorities[job_id])
         if again:
             log.warning("published %d lost page(s) again (no message or worker had them): %s", len(again),
                         ", ".join(f"{j}:{p}" for j, p in sorted(again)[:10]))
@@ -73,15 +76,24 @@ class Reconciler:
         job_ids = [raw.decode() for raw in self.redis.zrangebyscore(keys.LIVE_JOBS, 0, cutoff_ms)]
         pipe = self.redis.pipeline(transaction=False)  # two reads a job, one round trip for all
         for job_id in job_ids:
-            pipe.hmget(keys.job(job_id), "status", "pages_total")
+            pipe.hmget(keys.job(job_id), "status", "pages_total", "owner")
             pipe.hkeys(keys.job_pages(job_id))
         replies = pipe.execute() if job_ids else []
         out: set[tuple[str, int]] = set()
-        for job_id, (status, total), done in zip(job_ids, replies[::2], replies[1::2], strict=True):
+        self._owners = {}
+        for job_id, (status, total, owner), done in zip(job_ids, replies[::2], replies[1::2], strict=True):
             if status in (b"queued", b"running") and total is not None:
+                self._owners[job_id] = (owner or b"").decode()
                 recorded = {int(p) for p in done}
                 out |= {(job_id, page) for page in range(int(total)) if page not in recorded}
         return out
+
+    def _priorities(self, job_ids: set[str]) -> dict[str, int]:
+        """Each job's page priority from its owner's backlog now, as the API and the lister give it."""
+        owners = sorted({self._owners.get(job_id, "") for job_id in job_ids})
+        backlogs = dict(zip(owners, self.redis.mget([keys.owner_pages(o) for o in owners]), strict=True)) \
+            if owners else {}
+        return {job_id: page_priority(int(backlogs[self._owners.get(job_id, "")] or 0)) for job_id in job_ids}
 
     def _accounted_for(self) -> tuple[set[tuple[str, int]], dict[tuple[str, int], str]]:
         """Every page some message or worker still has: queued, in flight, or unacknowledged for less

@@ -156,6 +156,38 @@ def test_a_page_whose_message_was_lost_is_published_again_and_runs_once(stack):
     assert "published 1 lost page(s) again" in worker.log()
 
 
+def test_a_lost_page_of_a_busy_key_is_published_again_at_that_keys_priority(stack):
+    """A copy published without a priority would run ahead of every key's pages, a small key's too."""
+    from celery import Celery
+
+    from gnosis_ocr.broker import PRIORITY_SEP, celery_config
+    from gnosis_ocr.settings import Settings
+    from gnosis_ocr.worker.reconcile import Reconciler
+
+    stack.env["GNOSIS_API_KEYS"] = "big-key"
+    url = stack.api()
+    big = {"Authorization": "Bearer big-key"}
+    jobs = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"big {n}"]))},
+                          headers=big).json()["id"] for n in range(12)]
+    last = jobs[-1]  # submitted with 11 of the key's pages waiting: priority step 3
+    key, raw = next((k, r) for k, r in _page_messages(stack.redis) if last in r.decode())
+    assert key == f"ocr{PRIORITY_SEP}3"
+    assert stack.redis.lrem(key, 1, raw) == 1
+
+    app = Celery("reconcile-test")
+    app.conf.update(celery_config(Settings.from_env({"REDIS_URL": stack.redis_url})))
+    reconciler = Reconciler(stack.redis, app, queue="ocr", grace=0)
+    assert reconciler.run() == 0, "a page missing on one pass only is not yet lost"
+    assert reconciler.run() == 1
+    again = [k for k, r in _page_messages(stack.redis) if last in r.decode()]
+    assert again == [f"ocr{PRIORITY_SEP}3"], "published again behind the small keys' pages, as it was"
+
+    stack.worker(OCR_ENGINE="null")
+    finals = [poll_job(url, job_id, timeout=90, headers=big) for job_id in jobs]
+    assert [f["status"] for f in finals] == ["succeeded"] * len(jobs)
+    assert finals[-1]["attempts"] == 1, "the page ran once"
+
+
 def test_pages_popped_while_redis_is_out_of_memory_all_finish(stack, tmp_path):
     private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
     try:

@@ -34,15 +34,26 @@ class RequeuePage(Exception):
 
 class StepAside(RequeuePage):
     """The page cannot run for now through no fault of its own or of Redis (its bucket fails): it goes
-    behind every other page, so that pages handed back again and again never starve the rest."""
+    behind every other page, so that pages handed back again and again never starve the rest. `since`:
+    when its bucket first failed it (unix seconds), carried by the page's next message."""
+
+    def __init__(self, message: str, *, since: float) -> None:
+        super().__init__(message)
+        self.since = since
 
 
 class SourceUnavailable(Exception):
     """The bucket holding a batch's document failed for now (after the storage client's own retries)."""
 
+    def __init__(self, message: str, *, bucket: str) -> None:
+        super().__init__(message)
+        self.bucket = bucket
 
-def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> str:
-    """Claim, run and record one page; the verdict as a string. Raises RequeuePage on Redis errors."""
+
+def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None,
+             aside_since: float | None = None) -> str:
+    """Claim, run and record one page; the verdict as a string. Raises RequeuePage on Redis errors.
+    `aside_since`: when the page's bucket first failed it, if it was handed back for that."""
     if rt.engine_dead is not None:  # this worker is on its way out: leave the page, attempts untouched
         raise RequeuePage(f"job {job_id} page {page}: the engine is dead ({rt.engine_dead})")
     entry = registry.entry(job_id, page, tag)
@@ -52,8 +63,14 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None) -> 
     except redis.RedisError as exc:
         raise RequeuePage(f"could not claim job {job_id} page {page}: {exc}") from exc
     except SourceUnavailable as exc:  # claimed, then the bucket failed for now: the page runs later
+        now = time.time()
+        since = now if aside_since is None else aside_since
+        if now - since > rt.settings.job_ttl / 2:  # as long as a result waits for its destination
+            return _fail(rt, job_id, page, "source_unreadable",
+                         f"gs://{exc.bucket} failed every read of this document for {_hours(now - since)}, "
+                         "longer than half of GNOSIS_JOB_TTL; submit the batch again once it answers.")
         _give_back(rt, job_id, page, entry, token)
-        raise StepAside(str(exc)) from exc
+        raise StepAside(str(exc), since=since) from exc
     except GnosisError as exc:  # claimed, and its bucket's document can no longer be read as counted
         return _fail(rt, job_id, page, exc.code, exc.message)
     if claim.verdict is Verdict.EXHAUSTED:
@@ -129,13 +146,13 @@ def _read_bucket(rt: Runtime, job_id: str, uri: str) -> bytes:
             return gcs.read(uri, max_bytes=rt.settings.max_upload_bytes)
     except Open:
         raise SourceUnavailable(f"job {job_id}: gs://{bucket} failed a read for now and another page is "
-                                "trying it") from None
+                                "trying it", bucket=bucket) from None
     except GnosisError:
         raise  # larger than an upload may be, since it was counted
     except Exception as exc:
         if gcs.transient(exc):
             batches.bucket_failed(rt, "read")
-            raise SourceUnavailable(f"job {job_id}: could not read {uri} for now: {exc}") from exc
+            raise SourceUnavailable(f"job {job_id}: could not read {uri} for now: {exc}", bucket=bucket) from exc
         log.error("job %s: could not read %s: %s", job_id, uri, exc)
         name = uri.partition("#")[0]
         if isinstance(exc, NotFound):
@@ -249,6 +266,10 @@ def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:
     if verdict is Ending.ENDED:
         _safely(count_final, rt, job_id)
     return "failed"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 
 def count_final(rt: Runtime, job_id: str) -> None:

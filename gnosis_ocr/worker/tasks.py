@@ -38,17 +38,18 @@ class PageTask(app.Task):
 
 
 @app.task(name=OCR_PAGE_TASK, base=PageTask, bind=True)
-def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
+def ocr_page(self, job_id: str, page_index: int, count: int = 1, aside_since: float | None = None) -> str:
     # The broker's tag lets the reaper return this very message if the whole worker dies.
     tag = (getattr(self.request, "properties", None) or {}).get("delivery_tag")
     try:
         # `count` > 1 only in messages queued by releases that grouped pages per task.
-        verdicts = [page.run_page(runtime.get(), job_id, p, tag=tag) for p in range(page_index, page_index + count)]
+        verdicts = [page.run_page(runtime.get(), job_id, p, tag=tag, aside_since=aside_since)
+                    for p in range(page_index, page_index + count)]
     except page.RequeuePage as exc:
         aside = isinstance(exc, page.StepAside)  # its bucket fails: behind every other page, not at its priority
         log.warning("%s; returning the page to the queue%s", exc, ", behind the others" if aside else "")
         time.sleep(REQUEUE_DELAY)  # back-off before the redelivery, not a synchronisation
-        if aside and _step_aside(job_id, page_index, count):
+        if aside and _step_aside(job_id, page_index, count, since=exc.since):
             return "deferred"
         raise Reject(str(exc), requeue=True) from None
     except Exception as exc:
@@ -59,13 +60,15 @@ def ocr_page(self, job_id: str, page_index: int, count: int = 1) -> str:
     return verdicts[-1]
 
 
-def _step_aside(job_id: str, page_index: int, count: int) -> bool:
+def _step_aside(job_id: str, page_index: int, count: int, *, since: float) -> bool:
     """Publish the page anew at the lowest priority, this message to be acknowledged: a page requeued
     as it is keeps its priority, and a small key's batch whose bucket fails for hours would come back
-    ahead of every other key's pages each time. False if it could not be published (then requeue)."""
+    ahead of every other key's pages each time. The new message carries when its bucket first failed
+    it, which bounds how long it is handed back. False if it could not be published (then requeue)."""
     args = [job_id, page_index] if count == 1 else [job_id, page_index, count]
     try:
-        app.send_task(OCR_PAGE_TASK, args=args, queue=runtime.get().settings.queue, priority=PRIORITY_STEPS[-1])
+        app.send_task(OCR_PAGE_TASK, args=args, kwargs={"aside_since": since}, queue=runtime.get().settings.queue,
+                      priority=PRIORITY_STEPS[-1])
     except Exception as exc:  # the broker failing too: the message goes back as it is
         log.warning("could not publish job %s page %d anew (%s); requeueing its message", job_id, page_index, exc)
         return False

@@ -133,6 +133,28 @@ def test_a_destination_that_keeps_failing_fails_each_document_named_before_its_t
     assert all("503" in d["message"] for d in failed["documents"]), failed
 
 
+def test_a_source_that_keeps_failing_fails_each_document_named_and_the_batch_ends(stack, flaky):
+    _, proxy = flaky
+    # Reads are given up on after as long as writes are: half the retention (10 s of 20 s) since the
+    # page's bucket first failed it, however often it was handed back in between.
+    bucket_env(stack, proxy, GNOSIS_JOB_TTL="20")
+    url = stack.api()
+    light_worker(stack)
+    batch = start_batch(url)
+    wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == len(NAMES), timeout=60,
+               message="every document's job to be made")
+    proxy.refuse(lambda method, path: "/o/in%2F" in path)  # the documents' reads, not the results' writes
+    worker = stack.worker(OCR_ENGINE="null", concurrency=2)
+    done = final(url, batch["id"], stack)
+    assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", 0, len(NAMES)), done
+    failed = requests.get(f"{url}/v1/batches/{batch['id']}/documents", params={"status": "failed"}).json()
+    assert sorted((d["name"], d["code"]) for d in failed["documents"]) == \
+        sorted((name, "source_unreadable") for name in NAMES), failed
+    assert all("gs://scans failed every read of this document for" in d["message"] for d in failed["documents"])
+    assert worker.log().count("returning the page to the queue, behind the others") >= len(NAMES), \
+        "each page was handed back before it failed"
+
+
 def test_a_destination_the_service_may_not_write_to_fails_the_batch_before_any_page_runs(stack, flaky):
     _, proxy = flaky
     # The service account may read the source but not write the results: found out by the batch's mark,

@@ -70,6 +70,12 @@ return 'final:succeeded'
 
 # Counts a new job in a live batch; 0 (nothing written) when the batch has ended meanwhile (cancelled
 # while its listing ran): the caller then cancels that job.
+# A field of a batch that still exists: a record deleted meanwhile is not brought back as a stub.
+_NOTE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+"""
+
 _ADD_JOB = """
 local record, jobs = KEYS[1], KEYS[2]
 local job_id = ARGV[1]
@@ -99,6 +105,8 @@ class Batch:
     callback_url: str | None
     options: str
     listed: bool
+    marked: bool
+    """Its destination's mark (worker/batches.BATCH_MARK) is written: a listing run again skips it."""
     error: dict | None
 
     @classmethod
@@ -109,7 +117,7 @@ class Batch:
                    documents_skipped=int(h.get("documents_skipped", 0)), created_at=h["created_at"],
                    finished_at=h.get("finished_at") or None, owner=h.get("owner", ""),
                    overwrite=h.get("overwrite") == "1", callback_url=h.get("callback_url") or None,
-                   options=h.get("options", ""), listed=h.get("listed") == "1",
+                   options=h.get("options", ""), listed=h.get("listed") == "1", marked=h.get("marked") == "1",
                    error={"code": h["error_code"], "message": h.get("error_message", "")} if h.get("error_code")
                    else None)
 
@@ -144,6 +152,7 @@ class BatchStore:
         self._end = client.register_script(_END_DOCUMENT)
         self._add = client.register_script(_ADD_JOB)
         self._settle = client.register_script(_SETTLE)
+        self._note = client.register_script(_NOTE)
 
     def create(self, *, source: str, destination: str, owner: str, overwrite: bool, callback_url: str,
                options: str) -> Batch:
@@ -227,6 +236,9 @@ class BatchStore:
         pipe.execute()
         self._expire(batch_id)
         return True
+
+    def note_marked(self, batch_id: str) -> None:
+        self._note(keys=[keys.batch(batch_id)], args=["marked", "1"])
 
     def note_webhook(self, batch_id: str, status: str, attempts: int) -> None:
         self.redis.hset(keys.batch(batch_id), mapping={"webhook_status": status, "webhook_attempts": attempts})

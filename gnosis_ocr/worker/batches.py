@@ -55,7 +55,7 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
     if batch is None or batch.final:
         return "gone" if batch is None else batch.status
     source, destination = gcs.parse(batch.source), gcs.parse(batch.destination)
-    refused = _mark_destination(rt, batch, destination)
+    refused = _mark_destination(rt, batches, batch, destination)
     if refused is not None:
         # Before a single page runs: otherwise every document would be read, recognised and then fail.
         log.error("batch %s: %s", batch_id, refused)
@@ -113,11 +113,13 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
     return _settled(rt, batch_id, batches.listed(batch_id))
 
 
-def _mark_destination(rt: Runtime, batch, destination: gcs.Location) -> str | None:
+def _mark_destination(rt: Runtime, batches: BatchStore, batch, destination: gcs.Location) -> str | None:
     """Write BATCH_MARK into the destination (which batch writes there, from where): a destination the
     service may not write to is found before the listing, not after every document was recognised.
-    The reason if it is refused; None if written, or if the bucket only fails for now (its results
-    then wait owed, as any result's would)."""
+    The reason if it is refused; None if written (once a batch: a listing run again skips it), or if
+    the bucket only fails for now (its results then wait owed, as any result's would)."""
+    if batch.marked:
+        return None
     mark = {"batch": batch.id, "source": batch.source, "destination": batch.destination,
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")}
     try:
@@ -129,6 +131,7 @@ def _mark_destination(rt: Runtime, batch, destination: gcs.Location) -> str | No
                         destination.join(BATCH_MARK), exc)
             return None
         return f"Writing to {batch.destination} failed, so no result could be written there: {exc}"
+    batches.note_marked(batch.id)  # a Redis error here sends the listing back, as any in the listing would
     return None
 
 

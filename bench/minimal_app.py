@@ -4,13 +4,19 @@ served by exactly the API's gunicorn configuration."""
 from __future__ import annotations
 
 import os
-import uuid
 
-import redis
-from flask import Flask, jsonify, request
+if os.environ.get("GNOSIS_API_WORKER_CLASS", "gevent") == "gevent":  # as `gnosis-ocr api` does, before imports
+    from gevent import monkey
 
-from gnosis_ocr.api.server import ApiServer
-from gnosis_ocr.settings import Settings
+    monkey.patch_all()
+
+import uuid  # noqa: E402
+
+import redis  # noqa: E402
+from flask import Flask, jsonify, request  # noqa: E402
+
+from gnosis_ocr.api.server import ApiServer  # noqa: E402
+from gnosis_ocr.settings import Settings  # noqa: E402
 
 
 def create_minimal_app(redis_url: str) -> Flask:

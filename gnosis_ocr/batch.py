@@ -68,14 +68,14 @@ return 'final:succeeded'
 """
 
 
-# Counts a new job in a live batch; 0 (nothing written) when the batch has ended meanwhile (cancelled
-# while its listing ran): the caller then cancels that job.
 # A field of a batch that still exists: a record deleted meanwhile is not brought back as a stub.
 _NOTE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 """
 
+# Counts a new job in a live batch; 0 (nothing written) when the batch has ended meanwhile (cancelled
+# while its listing ran): the caller then cancels that job.
 _ADD_JOB = """
 local record, jobs = KEYS[1], KEYS[2]
 local job_id = ARGV[1]

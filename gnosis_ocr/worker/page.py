@@ -67,7 +67,7 @@ def run_page(rt: Runtime, job_id: str, page: int, *, tag: str | None = None,
         since = now if aside_since is None else aside_since
         if now - since > rt.settings.job_ttl / 2:  # as long as a result waits for its destination
             return _fail(rt, job_id, page, "source_unreadable",
-                         f"gs://{exc.bucket} failed every read of this document for {_hours(now - since)}, "
+                         f"gs://{exc.bucket} failed every read of this document for {_duration(now - since)}, "
                          "longer than half of GNOSIS_JOB_TTL; submit the batch again once it answers.")
         _give_back(rt, job_id, page, entry, token)
         raise StepAside(str(exc), since=since) from exc
@@ -268,7 +268,7 @@ def _fail(rt: Runtime, job_id: str, page: int, code: str, message: str) -> str:
     return "failed"
 
 
-def _hours(seconds: float) -> str:
+def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
 
 

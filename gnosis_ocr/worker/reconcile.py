@@ -43,11 +43,10 @@ class Reconciler:
         self.queue = queue
         self.grace = grace
         self._suspects: set[tuple[str, int]] = set()
-        self._owners: dict[str, str] = {}
 
     def run(self) -> int:
         """One pass; the number of pages published again."""
-        unrecorded = self._unrecorded()
+        unrecorded, owners = self._unrecorded()
         if not unrecorded:
             self._suspects.clear()
             return 0
@@ -55,7 +54,7 @@ class Reconciler:
         lost = unrecorded - accounted
         again = lost & self._suspects
         self._suspects = lost - again
-        priorities = self._priorities({job_id for job_id, page in again if (job_id, page) not in stale})
+        priorities = self._priorities({job_id: owners[job_id] for job_id, page in again if (job_id, page) not in stale})
         for job_id, page in sorted(again):
             tag = stale.get((job_id, page))
             if tag is not None:  # the original, back from a consumer that died holding it: no copy is made
@@ -69,8 +68,8 @@ class Reconciler:
                         ", ".join(f"{j}:{p}" for j, p in sorted(again)[:10]))
         return len(again)
 
-    def _unrecorded(self) -> set[tuple[str, int]]:
-        """Pages not yet recorded of live jobs older than the grace."""
+    def _unrecorded(self) -> tuple[set[tuple[str, int]], dict[str, str]]:
+        """Pages not yet recorded of live jobs older than the grace, and those jobs' owners."""
         seconds, micros = self.redis.time()
         cutoff_ms = int(seconds * 1000 + micros // 1000 - self.grace * 1000)
         job_ids = [raw.decode() for raw in self.redis.zrangebyscore(keys.LIVE_JOBS, 0, cutoff_ms)]
@@ -80,20 +79,19 @@ class Reconciler:
             pipe.hkeys(keys.job_pages(job_id))
         replies = pipe.execute() if job_ids else []
         out: set[tuple[str, int]] = set()
-        self._owners = {}
+        owners: dict[str, str] = {}
         for job_id, (status, total, owner), done in zip(job_ids, replies[::2], replies[1::2], strict=True):
             if status in (b"queued", b"running") and total is not None:
-                self._owners[job_id] = (owner or b"").decode()
+                owners[job_id] = (owner or b"").decode()
                 recorded = {int(p) for p in done}
                 out |= {(job_id, page) for page in range(int(total)) if page not in recorded}
-        return out
+        return out, owners
 
-    def _priorities(self, job_ids: set[str]) -> dict[str, int]:
+    def _priorities(self, owners: dict[str, str]) -> dict[str, int]:
         """Each job's page priority from its owner's backlog now, as the API and the lister give it."""
-        owners = sorted({self._owners.get(job_id, "") for job_id in job_ids})
-        backlogs = dict(zip(owners, self.redis.mget([keys.owner_pages(o) for o in owners]), strict=True)) \
-            if owners else {}
-        return {job_id: page_priority(int(backlogs[self._owners.get(job_id, "")] or 0)) for job_id in job_ids}
+        names = sorted(set(owners.values()))
+        backlogs = dict(zip(names, self.redis.mget([keys.owner_pages(o) for o in names]), strict=True)) if names else {}
+        return {job_id: page_priority(int(backlogs[owner] or 0)) for job_id, owner in owners.items()}
 
     def _accounted_for(self) -> tuple[set[tuple[str, int]], dict[tuple[str, int], str]]:
         """Every page some message or worker still has: queued, in flight, or unacknowledged for less

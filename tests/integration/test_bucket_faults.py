@@ -50,6 +50,17 @@ def bucket_env(stack, proxy: FlakyBucket, **env: str) -> None:
                       "GNOSIS_BATCH_BUCKETS": "gs://scans/", "GNOSIS_BUCKET_TIMEOUT": "1", **env})
 
 
+def listed_then_reads_fail(stack, url: str, proxy: FlakyBucket, documents: int) -> dict:
+    """A batch started and its jobs made; from then on the bucket refuses the documents' reads (not the
+    results' writes)."""
+    light_worker(stack)
+    batch = start_batch(url)
+    wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == documents, timeout=60,
+               message="every document's job to be made")
+    proxy.refuse(lambda method, path: "/o/in%2F" in path)
+    return batch
+
+
 def test_a_bucket_down_during_the_listing_and_the_pages_fails_nothing_and_spends_no_attempt(stack, flaky):
     scans, proxy = flaky
     bucket_env(stack, proxy, GNOSIS_PAGE_MAX_ATTEMPTS="2")
@@ -140,11 +151,7 @@ def test_a_source_that_keeps_failing_fails_each_document_named_and_the_batch_end
     # page's bucket first failed it, however often it was handed back in between.
     bucket_env(stack, proxy, GNOSIS_JOB_TTL="20")
     url = stack.api()
-    light_worker(stack)
-    batch = start_batch(url)
-    wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == len(NAMES), timeout=60,
-               message="every document's job to be made")
-    proxy.refuse(lambda method, path: "/o/in%2F" in path)  # the documents' reads, not the results' writes
+    batch = listed_then_reads_fail(stack, url, proxy, len(NAMES))
     worker = stack.worker(OCR_ENGINE="null", concurrency=2)
     done = final(url, batch["id"], stack)
     assert (done["status"], done["documents_done"], done["documents_failed"]) == ("succeeded", 0, len(NAMES)), done
@@ -220,11 +227,7 @@ def test_while_a_source_fails_one_page_thread_tries_it_and_an_upload_behind_its_
     _, proxy = flaky
     bucket_env(stack, proxy, GNOSIS_BUCKET_TIMEOUT="3")
     url = stack.api()
-    light_worker(stack)
-    batch = start_batch(url)
-    wait_until(lambda: stack.redis.scard(keys.batch_jobs(batch["id"])) == len(SCANS), timeout=60,
-               message="every document's job to be made")
-    proxy.refuse(lambda method, path: "/o/in%2F" in path)  # the documents' reads, not the results' writes
+    batch = listed_then_reads_fail(stack, url, proxy, len(SCANS))
     upload = requests.post(f"{url}/v1/jobs", files={"file": ("memo.png", text_image(["Upload memo"]))})
     assert upload.status_code == 202, upload.text
     # A GPU worker's page threads, three here.

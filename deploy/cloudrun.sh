@@ -7,6 +7,7 @@
 #   NETWORK=default SUBNET=default ./deploy/cloudrun.sh
 #
 # AUTOSCALE=1 also deploys CREMA, which scales the worker pool on the pages waiting (deploy/crema.yaml).
+# ACCEPT_REPLICAS=0 for a Memorystore Basic tier (no replica to confirm submissions).
 # ALERTS=0 leaves out the alert policies (Cloud Monitoring, made once from deploy/prometheus/alerts.yml).
 # WORKER_METRICS=1 runs a collector beside each GPU worker for its own metrics (deploy/rungmp-worker.yaml).
 #
@@ -28,6 +29,9 @@ WORKERS="${WORKERS:-2}"
 AUTOSCALE="${AUTOSCALE:-0}"
 ALERTS="${ALERTS:-1}"
 WORKER_METRICS="${WORKER_METRICS:-0}"
+# Memorystore's Standard tier keeps one replica: the API answers 202 only once it has the job, so a
+# failover loses nothing accepted. ACCEPT_REPLICAS=0 on the Basic tier, which has no replica.
+ACCEPT_REPLICAS="${ACCEPT_REPLICAS:-1}"
 # Google's collector for Managed Service for Prometheus on Cloud Run (GoogleCloudPlatform/run-gmp-sidecar).
 GMP_SIDECAR="${GMP_SIDECAR:-us-docker.pkg.dev/cloud-ops-agents-artifacts/cloud-run-gmp-sidecar/cloud-run-gmp-sidecar:1.2.0}"
 
@@ -88,7 +92,7 @@ gcloud run deploy gnosis-ocr-api --project "$PROJECT" --region "$REGION" \
   --concurrency 500 --timeout 120 --no-cpu-throttling \
   --network "$NETWORK" --subnet "$SUBNET" --vpc-egress private-ranges-only --add-volume "$VOLUME" \
   --container api --image "$REPO/api:$TAG" --port 8080 \
-  --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_API_WORKERS=2,GNOSIS_MAX_UPLOAD_BYTES=32000000" \
+  --set-env-vars "$COMMON_ENV,OCR_ENGINE=nanonets,GNOSIS_API_WORKERS=2,GNOSIS_MAX_UPLOAD_BYTES=32000000,GNOSIS_ACCEPT_REPLICAS=$ACCEPT_REPLICAS" \
   --set-secrets "GNOSIS_API_KEYS=gnosis-api-keys:latest" --cpu 2 --memory 1Gi \
   --add-volume-mount volume=models,mount-path=/cache \
   --startup-probe httpGet.path=/healthz --liveness-probe httpGet.path=/healthz \

@@ -83,6 +83,14 @@ DEFAULT_WAIT_MAX = 30
 DEFAULT_REDIS_TIMEOUT = 5.0
 """Seconds a Redis call may take before the API answers 503 instead of hanging."""
 
+DEFAULT_ACCEPT_REPLICAS = 0
+"""Redis replicas that must confirm a job or batch before the API answers 202 (Redis's WAIT); 0: answer
+once the primary has it, which a failover in the next moment can lose (docs/operations.md)."""
+
+DEFAULT_ACCEPT_REPLICAS_WAIT = 1.0
+"""Seconds a submission waits for GNOSIS_ACCEPT_REPLICAS replicas before it is refused (503
+`redis_unreplicated`, nothing kept); shorter than GNOSIS_REDIS_TIMEOUT."""
+
 DEFAULT_RETRY_AFTER = 5
 """Seconds clients are told to wait (Retry-After) when the queue is unreachable or full."""
 

@@ -1,6 +1,11 @@
-"""A TCP proxy in front of Redis that loses the reply to one script call: the command reaches Redis and
-runs, then the connection drops before its answer gets back (a network blip, a failover's reset, a
-load balancer's idle cut). The client sees a connection error and retries the very same call."""
+"""TCP proxies in front of Redis.
+
+ReplyLosingProxy loses the reply to one script call: the command reaches Redis and runs, then the
+connection drops before its answer gets back (a network blip, a failover's reset, a load balancer's
+idle cut). The client sees a connection error and retries the very same call.
+
+HoldingProxy carries a replica's link to its primary and can hold back what the primary sends: the
+replica falls behind (a slow link, a busy replica) while the primary goes on taking writes."""
 
 from __future__ import annotations
 
@@ -73,6 +78,59 @@ class ReplyLosingProxy:
 
     def stop(self) -> None:
         self.server.close()
+
+
+class HoldingProxy:
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._socks: list[socket.socket] = []
+        self._cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        """From now on nothing the primary sends reaches the replica (its acknowledgements still go up)."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    def cut(self) -> None:
+        """Close the link and the port for good: what was held back is never delivered."""
+        self._cut = True
+        self.server.close()
+        _close(*self._socks)
+        self._flowing.set()  # wakes a held pump, which drops what it holds
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the primary is gone: the replica finds its link down, and retries
+                _close(client)
+                continue
+            self._socks += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self._flowing), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, gate: threading.Event | None) -> None:
+        while data := _recv(source):
+            if gate is not None:
+                gate.wait()  # held: what arrived waits here for release, and is dropped by cut
+                if self._cut:
+                    break
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        _close(source, sink)
 
 
 def _recv(sock: socket.socket) -> bytes:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import redis
 from flask import Flask, current_app
 
-from .. import inputstore, redismemory
+from .. import inputstore, redismemory, replication
 from ..broker import make_producer, queue_keys
+from ..errors import Unavailable
 from ..job import JobStore
 from ..metrics import Metrics
 from ..options import WorkerLanguages
@@ -63,6 +64,16 @@ class ApiContext:
         with self._depth_lock:
             return self._depth[1]
 
+    def confirm_accepted(self, what: str) -> None:
+        """Before a 202: every write so far is on GNOSIS_ACCEPT_REPLICAS replicas, or Unavailable
+        (`redis_unreplicated`), counted, for the caller to remove what it wrote."""
+        settings = self.settings
+        try:
+            replication.require(self.redis, settings.accept_replicas, settings.accept_replicas_wait, what=what)
+        except Unavailable:  # replicas fell short (a Redis that does not answer raises RedisError instead)
+            self.metrics.inc("gnosis_submissions_unreplicated_total", kind=what)
+            raise
+
     def enqueued(self, pages: int, *, since: float) -> None:
         """`pages` were published, starting at `since` (monotonic): added to the last reading unless that
         reading was taken since, when it may count them already (adding them twice refused submissions
@@ -109,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         languages=WorkerLanguages(client),
     )
     redismemory.warn_if_unsafe(client, "api")
+    replication.warn_if_short(client, settings.accept_replicas, "api")
     if settings.api_key_hashes:
         log.info("api: API keys are on (%d key(s)); requests without one get 401", len(settings.api_key_hashes))
     else:

@@ -66,9 +66,10 @@ def create():
                            options=options.Options(pages=pages, language=language).to_record())
     try:
         c.producer.send_task(EXPAND_BATCH_TASK, args=[batch.id], queue=cache_queue(c.settings))
+        c.confirm_accepted("batch")
     except Exception:
-        # An accepted batch must be a listed one: if its listing cannot be sent, it never existed (and
-        # the client, told 503, may send it again). Left behind only if Redis fails this too: the
+        # An accepted batch must be a listed one that outlives a failover: if its listing cannot be sent,
+        # or replicas do not confirm it, it never existed (and the client, told 503, may send it again). Left behind only if Redis fails this too: the
         # housekeeper then lists it (worker/listings.py).
         with contextlib.suppress(redis.RedisError):
             store().discard(batch.id)

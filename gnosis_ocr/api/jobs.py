@@ -74,8 +74,10 @@ def submit():
             publishing = time.monotonic()
             _enqueue(job, page_priority(backlog))
             c.enqueued(job.pages_total, since=publishing)
+            c.confirm_accepted("job")
         except Exception:
-            # An accepted job must be a queued job: if its pages cannot be sent, it never existed.
+            # An accepted job must be a queued job that outlives a failover: if its pages cannot be sent,
+            # or replicas do not confirm it, it never existed (a worker given a page of it drops the page).
             c.jobs.discard(job.id)
             raise
     except ClaimLost:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, Response, jsonify
 
-from .. import redismemory
+from .. import redismemory, replication
 from ..broker import CACHE_QUEUE_SUFFIX
 from ..job import owner_backlogs
 from ..metrics import RedisCollector
@@ -26,11 +26,17 @@ def readyz():
     try:
         # Fresh round trips: readiness is about Redis answering now.
         memory = redismemory.read(ctx().redis, persistence=True)
+        replicas = ctx().settings.accept_replicas
+        replicated = replication.describe(ctx().redis, replicas) if replicas else None
     except redis.RedisError as exc:
         return error_response(503, "redis_unavailable", f"Redis does not answer: {exc}",
                               retry_after=ctx().settings.retry_after)
-    # An evicting Redis still serves, so the API stays ready; the body says what is wrong, loudly.
-    return jsonify({"status": "ready", "redis": memory.describe()})
+    # An evicting Redis, or one short of the replicas acceptance needs, still serves polls and results,
+    # so the API stays ready; the body says what is wrong, loudly.
+    body = {"status": "ready", "redis": memory.describe()}
+    if replicated is not None:
+        body["redis"]["replication"] = replicated
+    return jsonify(body)
 
 
 @bp.get("/metrics")

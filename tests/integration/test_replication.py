@@ -1,0 +1,111 @@
+"""GNOSIS_ACCEPT_REPLICAS: a 202 means the job is on a replica, so losing the primary the next moment
+loses nothing; a job no replica confirms is refused (503) and kept nowhere.
+
+The replica follows its primary through a proxy that can hold the replication stream back: the
+replica falls behind while the primary goes on taking writes, as a slow link or a busy replica would.
+Then the primary dies and the replica is promoted, as Sentinel or Memorystore's failover would do.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import redis
+import requests
+
+from gnosis_ocr import keys, replication
+from harness.docs import text_image
+from harness.redisproc import PrivateRedis
+from harness.stack import poll_job, wait_until
+from tests.redisproxy import HoldingProxy
+
+
+@pytest.fixture
+def pair(tmp_path):
+    primary = PrivateRedis(tmp_path / "primary").start()
+    link = HoldingProxy(primary.port)
+    replica = PrivateRedis(tmp_path / "replica").start(extra=["--replicaof", "127.0.0.1", str(link.port)])
+    admin = redis.Redis(port=replica.port)
+    wait_until(lambda: admin.info("replication").get("master_link_status") == "up", timeout=15,
+               message="the replica to sync")
+    yield primary, link, replica
+    link.cut()
+    primary.stop()
+    replica.stop()
+
+
+def submit(url: str, name: str) -> requests.Response:
+    return requests.post(f"{url}/v1/jobs", files={"file": (name, text_image([f"replicated {name}"]))}, timeout=10)
+
+
+def fail_over(primary: PrivateRedis, link: HoldingProxy, replica: PrivateRedis) -> None:
+    """The primary dies with what it had not sent; the replica becomes the primary."""
+    primary.stop(signal.SIGKILL)
+    link.cut()
+    redis.Redis(port=replica.port).replicaof("NO", "ONE")
+
+
+def test_a_confirmation_covers_writes_other_connections_made(pair):
+    """WAIT alone counts only its own connection's writes: a pooled connection that wrote nothing since
+    it connected is told at once that every replica is in sync."""
+    primary, link, _ = pair
+    writer, bystander, checker = (redis.Redis(port=primary.port) for _ in range(3))
+    bystander.ping()  # connected before the write, as pooled connections are
+    checker.ping()
+    link.hold()
+    writer.set("written-elsewhere", "1")
+    assert replication.confirm(checker, 1, 0.2) == 0
+    assert bystander.execute_command("WAIT", 1, 200) == 1  # the trap the confirmation avoids
+    link.release()
+    assert replication.confirm(checker, 1, 2.0) == 1
+
+
+def test_without_accept_replicas_a_job_answered_202_is_lost_when_the_primary_dies_before_its_replica_had_it(
+        stack, pair):
+    """The risk the setting removes (docs/operations.md): the default answers once the primary has the job."""
+    primary, link, replica = pair
+    stack.env["REDIS_URL"] = primary.url
+    url = stack.api()
+    link.hold()
+    accepted = submit(url, "unconfirmed.png")
+    assert accepted.status_code == 202, accepted.text
+    fail_over(primary, link, replica)
+    stack.env["REDIS_URL"] = replica.url
+    after = stack.api()
+    assert requests.get(f"{after}/v1/jobs/{accepted.json()['id']}", timeout=10).status_code == 404
+
+
+def test_with_accept_replicas_a_job_no_replica_confirms_is_refused_and_one_answered_202_survives_the_failover(
+        stack, pair):
+    primary, link, replica = pair
+    stack.env["REDIS_URL"] = primary.url
+    url = stack.api(GNOSIS_ACCEPT_REPLICAS="1", GNOSIS_ACCEPT_REPLICAS_WAIT="0.5", GNOSIS_BATCH_BUCKETS="gs://in/,gs://out/")
+    ready = requests.get(f"{url}/readyz", timeout=10).json()
+    assert ready["redis"]["replication"] == {"accept_replicas": 1, "connected_replicas": 1}
+
+    link.hold()
+    refused = submit(url, "unconfirmed.png")
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "redis_unreplicated" and int(refused.headers["Retry-After"]) > 0
+    # Nothing of it was kept: no record, no live job, no queued bytes counted against the bound.
+    on_primary = redis.Redis(port=primary.port)
+    assert not list(on_primary.scan_iter(keys.job("*")))
+    assert on_primary.zcard(keys.LIVE_JOBS) == 0 and int(on_primary.get(keys.QUEUED_BYTES) or 0) == 0
+    batch = requests.post(f"{url}/v1/batches", json={"source": "gs://in/docs/", "destination": "gs://out/md/"},
+                          timeout=10)
+    assert batch.status_code == 503 and batch.json()["error"]["code"] == "redis_unreplicated", batch.text
+    assert not list(on_primary.scan_iter(keys.batch("*"))) and on_primary.zcard(keys.BATCHES_UNLISTED) == 0
+    wait_until(lambda: 'gnosis_submissions_unreplicated_total{kind="job"} 1.0' in
+               requests.get(f"{url}/metrics", timeout=10).text, timeout=15, message="the refusal to be counted")
+
+    link.release()
+    accepted = submit(url, "confirmed.png")
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    fail_over(primary, link, replica)  # at once: no time for anything to catch up after the 202
+
+    stack.env["REDIS_URL"] = replica.url
+    after = stack.api()
+    stack.worker(OCR_ENGINE="null")
+    assert poll_job(after, job_id, timeout=60)["status"] == "succeeded"

@@ -7,7 +7,7 @@
 #   NETWORK=default SUBNET=default ./deploy/cloudrun.sh
 #
 # AUTOSCALE=1 also deploys CREMA, which scales the worker pool on the pages waiting (deploy/crema.yaml).
-# ACCEPT_REPLICAS=0 for a Memorystore Basic tier (no replica to confirm submissions).
+# ACCEPT_REPLICAS=0 answers 202 on the primary alone, without waiting for Memorystore's replica.
 # ALERTS=0 leaves out the alert policies (Cloud Monitoring, made once from deploy/prometheus/alerts.yml).
 # WORKER_METRICS=1 runs a collector beside each GPU worker for its own metrics (deploy/rungmp-worker.yaml).
 #
@@ -30,8 +30,8 @@ AUTOSCALE="${AUTOSCALE:-0}"
 ALERTS="${ALERTS:-1}"
 WORKER_METRICS="${WORKER_METRICS:-0}"
 # Memorystore's Standard tier keeps one replica: the API answers 202 only once it has the job, so a
-# failover loses nothing accepted. ACCEPT_REPLICAS=0 on the Basic tier, which has no replica.
-ACCEPT_REPLICAS="${ACCEPT_REPLICAS:-1}"
+# failover loses nothing accepted; while it is rebuilt after one, the new primary accepts on its own.
+ACCEPT_REPLICAS="${ACCEPT_REPLICAS:-connected}"
 # Google's collector for Managed Service for Prometheus on Cloud Run (GoogleCloudPlatform/run-gmp-sidecar).
 GMP_SIDECAR="${GMP_SIDECAR:-us-docker.pkg.dev/cloud-ops-agents-artifacts/cloud-run-gmp-sidecar/cloud-run-gmp-sidecar:1.2.0}"
 

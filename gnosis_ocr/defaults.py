@@ -83,8 +83,9 @@ DEFAULT_WAIT_MAX = 30
 DEFAULT_REDIS_TIMEOUT = 5.0
 """Seconds a Redis call may take before the API answers 503 instead of hanging."""
 
-DEFAULT_ACCEPT_REPLICAS = 0
-"""Redis replicas that must confirm a job or batch before the API answers 202 (Redis's WAIT); 0: answer
+DEFAULT_ACCEPT_REPLICAS = "0"
+"""Redis replicas that must hold a job or batch before the API answers 202 (Redis's WAIT): a number, or
+`connected` (every replica connected at that moment; the primary alone while none is); "0": answer
 once the primary has it, which a failover in the next moment can lose (docs/operations.md)."""
 
 DEFAULT_ACCEPT_REPLICAS_WAIT = 1.0

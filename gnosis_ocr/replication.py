@@ -2,21 +2,30 @@
 
 Redis replicates asynchronously. A job written to the primary and answered 202 is gone with that
 primary if no replica had it yet: after the failover its id is 404, and the client that was told
-"accepted" has nothing to poll and no reason to resubmit. With GNOSIS_ACCEPT_REPLICAS=N the API
-answers 202 only once N replicas have acknowledged every write made so far (Redis's WAIT). When they
-do not within GNOSIS_ACCEPT_REPLICAS_WAIT, the job or batch is removed and the client gets 503
-`redis_unreplicated` + Retry-After: nothing was accepted, so a retry is safe.
+"accepted" has nothing to poll and no reason to resubmit. So the API can answer 202 only once replicas
+have acknowledged every write made so far (Redis's WAIT). When they do not within
+GNOSIS_ACCEPT_REPLICAS_WAIT, the job or batch is removed and the client gets 503 `redis_unreplicated`
++ Retry-After: nothing was accepted, so a retry is safe. Two policies:
+
+- `connected`: every replica connected at that moment, and the primary alone while none is. A single
+  failure loses nothing accepted, and after a failover (or a Memorystore maintenance) the new primary,
+  whose replica is still being rebuilt, goes on accepting.
+- a number N: exactly that many, or refuse. Also safe when the primary is cut off from its replicas
+  but not from the API (the writes a promoted replica never sees), at the price of refusing every
+  submission while fewer than N replicas are up.
 
 WAIT counts only the writes of the connection it is sent on, and a pooled connection may have written
-nothing, when WAIT answers at once that every replica is in sync. So a PUBLISH goes first on the same
-connection: it is replicated, writes no key, is allowed while Redis is full, and its offset in the
-replication stream lies past every write any connection made before it, the job's record and its
-pages' messages included.
+nothing since it connected, when WAIT answers at once that every replica is in sync. So a PUBLISH goes
+first on the same connection: it is replicated, writes no key, is allowed while Redis is full, and its
+offset in the replication stream lies past every write any connection made before it, the job's record
+and its pages' messages included.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import redis
 
@@ -29,6 +38,21 @@ CHANNEL = "gnosis:accepted"
 
 CODE = "redis_unreplicated"
 
+CONNECTED = "connected"
+
+READ_EVERY = 1.0
+"""Seconds a process trusts its last count of connected replicas (`connected` policy)."""
+
+
+def parse(policy: str) -> int | None:
+    """The replicas a policy names: N, or None for `connected`. ValueError for anything else."""
+    if policy == CONNECTED:
+        return None
+    count = int(policy)
+    if count < 0:
+        raise ValueError(policy)
+    return count
+
 
 def confirm(client: redis.Redis, replicas: int, timeout: float) -> int:
     """How many replicas hold every write Redis took before this call, waiting at most `timeout` seconds
@@ -39,45 +63,81 @@ def confirm(client: redis.Redis, replicas: int, timeout: float) -> int:
     return int(pipe.execute()[-1])
 
 
-def require(client: redis.Redis, replicas: int, timeout: float, *, what: str) -> None:
-    """Raise Unavailable (`redis_unreplicated`) unless `replicas` replicas confirm every write so far; a no-op for 0."""
-    if replicas <= 0:
-        return
-    try:
-        confirmed = confirm(client, replicas, timeout)
-    except redis.ResponseError as exc:  # a replica as REDIS_URL, or a Redis that refuses WAIT
-        raise Unavailable(f"Redis cannot confirm writes on replicas ({exc}); nothing was accepted. "
-                          "Retry later.", code=CODE) from exc
-    if confirmed < replicas:
-        raise Unavailable(f"Redis confirmed the {what} on {confirmed} of {replicas} replica(s) within {timeout:g}s; "
-                          "nothing was accepted. Retry later.", code=CODE)
-
-
 def connected(client: redis.Redis) -> int:
     """Replicas connected to the primary now (`INFO replication`)."""
     return int(client.info("replication").get("connected_slaves", 0))
 
 
-def describe(client: redis.Redis, replicas: int) -> dict:
-    """For /readyz: what acceptance requires and what Redis has, with a warning while it falls short."""
-    have = connected(client)
-    out: dict = {"accept_replicas": replicas, "connected_replicas": have}
-    if have < replicas:
-        out["warning"] = (f"GNOSIS_ACCEPT_REPLICAS is {replicas} but Redis has {have} replica(s) connected: "
-                          "every submission is refused with 503 redis_unreplicated.")
-    return out
+class Acceptance:
+    """One process's acceptance policy: `require` before each 202."""
 
+    def __init__(self, client: redis.Redis, policy: str, timeout: float) -> None:
+        self.client = client
+        self.policy = policy
+        self.replicas = parse(policy)
+        self.timeout = timeout
+        self._count: tuple[float, int] | None = None
+        self._lock = threading.Lock()
 
-def warn_if_short(client: redis.Redis, replicas: int, who: str) -> None:
-    """At start-up: one loud line if submissions would all be refused. Silent when Redis is not up yet."""
-    if replicas <= 0:
-        return
-    try:
-        warning = describe(client, replicas).get("warning")
-    except redis.RedisError as exc:
-        log.warning("%s: could not read Redis's replicas yet: %s", who, exc)
-        return
-    if warning:
-        log.error("%s: %s", who, warning)
-    else:
-        log.info("%s: a job is accepted once %d replica(s) confirm it (GNOSIS_ACCEPT_REPLICAS)", who, replicas)
+    @property
+    def enabled(self) -> bool:
+        return self.replicas != 0
+
+    def wanted(self) -> int:
+        """Replicas the next submission waits for."""
+        if self.replicas is not None:
+            return self.replicas
+        now = time.monotonic()
+        last = self._count
+        if last is None or now - last[0] > READ_EVERY:
+            count = connected(self.client)
+            with self._lock:
+                if last is not None and (last[1] > 0) != (count > 0):
+                    log.warning("Redis has %d replica(s) connected: %s", count,
+                                "submissions wait for them again" if count else "accepting on the primary alone")
+                self._count = (now, count)
+            return count
+        return last[1]
+
+    def require(self, *, what: str) -> None:
+        """Raise Unavailable (`redis_unreplicated`) unless the replicas the policy wants hold every write so
+        far; a no-op when it wants none."""
+        wanted = self.wanted() if self.enabled else 0
+        if wanted <= 0:
+            return
+        try:
+            confirmed = confirm(self.client, wanted, self.timeout)
+        except redis.ResponseError as exc:  # a replica as REDIS_URL, or a Redis that refuses WAIT
+            raise Unavailable(f"Redis cannot confirm writes on replicas ({exc}); nothing was accepted. "
+                              "Retry later.", code=CODE) from exc
+        if confirmed < wanted:
+            raise Unavailable(f"Redis confirmed the {what} on {confirmed} of {wanted} replica(s) within "
+                              f"{self.timeout:g}s; nothing was accepted. Retry later.", code=CODE)
+
+    def describe(self) -> dict:
+        """For /readyz: what acceptance requires and what Redis has, with a warning while it falls short."""
+        have = connected(self.client)
+        out: dict = {"accept_replicas": self.policy, "connected_replicas": have}
+        if self.replicas is not None and have < self.replicas:
+            out["warning"] = (f"GNOSIS_ACCEPT_REPLICAS is {self.replicas} but Redis has {have} replica(s) connected: "
+                              "every submission is refused with 503 redis_unreplicated.")
+        elif self.replicas is None and have == 0:
+            out["warning"] = ("Redis has no replica connected: submissions are accepted on the primary alone, and "
+                              "a failover now would lose the latest of them.")
+        return out
+
+    def warn_if_short(self, who: str) -> None:
+        """At start-up: one loud line if submissions would be refused or unconfirmed. Silent when Redis is
+        not up yet."""
+        if not self.enabled:
+            return
+        try:
+            warning = self.describe().get("warning")
+        except redis.RedisError as exc:
+            log.warning("%s: could not read Redis's replicas yet: %s", who, exc)
+            return
+        if warning:
+            log.error("%s: %s", who, warning)
+        else:
+            log.info("%s: a submission is accepted once Redis replicas confirm it (GNOSIS_ACCEPT_REPLICAS=%s)", who,
+                     self.policy)

@@ -63,7 +63,7 @@ class Settings:
     queue: str = _setting("GNOSIS_QUEUE", defaults.DEFAULT_QUEUE)
     redis_timeout: float = _setting("GNOSIS_REDIS_TIMEOUT", defaults.DEFAULT_REDIS_TIMEOUT)
     retry_after: int = _setting("GNOSIS_RETRY_AFTER", defaults.DEFAULT_RETRY_AFTER)
-    accept_replicas: int = _setting("GNOSIS_ACCEPT_REPLICAS", defaults.DEFAULT_ACCEPT_REPLICAS)
+    accept_replicas: str = _setting("GNOSIS_ACCEPT_REPLICAS", defaults.DEFAULT_ACCEPT_REPLICAS)
     accept_replicas_wait: float = _setting("GNOSIS_ACCEPT_REPLICAS_WAIT", defaults.DEFAULT_ACCEPT_REPLICAS_WAIT)
     lease_ttl: int = _setting("GNOSIS_LEASE_TTL", defaults.DEFAULT_LEASE_TTL)
     lease_wait: int = _setting("GNOSIS_LEASE_WAIT", defaults.DEFAULT_LEASE_WAIT)
@@ -141,7 +141,7 @@ class Settings:
             if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
                 raise ConfigError(f"OCR_DEVICE {device!r} is not auto, cpu, cuda or cuda:N (or a comma-separated list)")
         for name in ("batch_size", "repetition_window", "prefetch_pages", "input_cache_bytes", "redis_retry", "threads",
-                     "cache_visibility_wait", "null_engine_delay", "webhook_backoff", "worker_port", "accept_replicas"):
+                     "cache_visibility_wait", "null_engine_delay", "webhook_backoff", "worker_port"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_variable(name)} must not be negative, got {getattr(self, name)}")
         if not 0 < self.redis_memory_limit <= 1:
@@ -172,7 +172,14 @@ class Settings:
                      "webhook_max_attempts", "webhook_timeout", "bucket_timeout", "listing_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_variable(name)} must be positive, got {getattr(self, name)}")
-        if self.accept_replicas and not 0 < self.accept_replicas_wait < self.redis_timeout:
+        from .replication import parse
+
+        try:
+            replicas = parse(self.accept_replicas)
+        except ValueError:
+            raise ConfigError(f"GNOSIS_ACCEPT_REPLICAS {self.accept_replicas!r} is not a number of replicas "
+                              "(0 for none) or `connected`") from None
+        if replicas != 0 and not 0 < self.accept_replicas_wait < self.redis_timeout:
             # WAIT holds the connection: past the socket's timeout the client would give up on it first.
             raise ConfigError(f"GNOSIS_ACCEPT_REPLICAS_WAIT must be positive and shorter than GNOSIS_REDIS_TIMEOUT "
                               f"({self.redis_timeout:g}), got {self.accept_replicas_wait:g}")

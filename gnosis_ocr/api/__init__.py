@@ -46,6 +46,7 @@ class ApiContext:
     metrics: Metrics
     memory: redismemory.MemoryGauge
     languages: WorkerLanguages
+    acceptance: replication.Acceptance
     _depth: tuple[float, int] = (0.0, 0)
     _depth_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -65,11 +66,10 @@ class ApiContext:
             return self._depth[1]
 
     def confirm_accepted(self, what: str) -> None:
-        """Before a 202: every write so far is on GNOSIS_ACCEPT_REPLICAS replicas, or Unavailable
+        """Before a 202: every write so far is on the replicas GNOSIS_ACCEPT_REPLICAS wants, or Unavailable
         (`redis_unreplicated`), counted, for the caller to remove what it wrote."""
-        settings = self.settings
         try:
-            replication.require(self.redis, settings.accept_replicas, settings.accept_replicas_wait, what=what)
+            self.acceptance.require(what=what)
         except Unavailable:  # replicas fell short (a Redis that does not answer raises RedisError instead)
             self.metrics.inc("gnosis_submissions_unreplicated_total", kind=what)
             raise
@@ -118,9 +118,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics=Metrics(client, background=True),
         memory=redismemory.MemoryGauge(client),
         languages=WorkerLanguages(client),
+        acceptance=replication.Acceptance(client, settings.accept_replicas, settings.accept_replicas_wait),
     )
     redismemory.warn_if_unsafe(client, "api")
-    replication.warn_if_short(client, settings.accept_replicas, "api")
+    app.extensions["gnosis"].acceptance.warn_if_short("api")
     if settings.api_key_hashes:
         log.info("api: API keys are on (%d key(s)); requests without one get 401", len(settings.api_key_hashes))
     else:

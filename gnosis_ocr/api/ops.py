@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from flask import Blueprint, Response, jsonify
 
-from .. import redismemory, replication
+from .. import redismemory
 from ..broker import CACHE_QUEUE_SUFFIX
 from ..job import owner_backlogs
 from ..metrics import RedisCollector
@@ -26,8 +26,8 @@ def readyz():
     try:
         # Fresh round trips: readiness is about Redis answering now.
         memory = redismemory.read(ctx().redis, persistence=True)
-        replicas = ctx().settings.accept_replicas
-        replicated = replication.describe(ctx().redis, replicas) if replicas else None
+        acceptance = ctx().acceptance
+        replicated = acceptance.describe() if acceptance.enabled else None
     except redis.RedisError as exc:
         return error_response(503, "redis_unavailable", f"Redis does not answer: {exc}",
                               retry_after=ctx().settings.retry_after)

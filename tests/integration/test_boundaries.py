@@ -46,7 +46,8 @@ def test_api_process_never_imports_torch_or_engines(redis_url, tmp_path):
     ({"OCR_BATCH_SIZE": "-1"}, "OCR_BATCH_SIZE must not be negative"),
     ({"OCR_MODEL_ID": "no-slash"}, "OCR_MODEL_ID"),
     ({"GNOSIS_PAGE_SOFT_TIMEOUT": "100", "GNOSIS_PAGE_HARD_TIMEOUT": "50"}, "HARD_TIMEOUT"),
-    ({"GNOSIS_ACCEPT_REPLICAS": "-1"}, "GNOSIS_ACCEPT_REPLICAS must not be negative"),
+    ({"GNOSIS_ACCEPT_REPLICAS": "-1"}, "GNOSIS_ACCEPT_REPLICAS '-1' is not a number of replicas"),
+    ({"GNOSIS_ACCEPT_REPLICAS": "all"}, "or `connected`"),
     ({"GNOSIS_ACCEPT_REPLICAS": "1", "GNOSIS_ACCEPT_REPLICAS_WAIT": "5"}, "shorter than GNOSIS_REDIS_TIMEOUT"),
 ])
 def test_invalid_configuration_rejected(env, fragment):

@@ -76,15 +76,16 @@ def test_without_accept_replicas_a_job_answered_202_is_lost_when_the_primary_die
     assert requests.get(f"{after}/v1/jobs/{accepted.json()['id']}", timeout=10).status_code == 404
 
 
+@pytest.mark.parametrize("policy", ["1", "connected"])
 def test_with_accept_replicas_a_job_no_replica_confirms_is_refused_and_one_answered_202_survives_the_failover(
-        stack, pair):
+        stack, pair, policy):
     primary, link, replica = pair
-    stack.env["REDIS_URL"] = primary.url
-    url = stack.api(GNOSIS_ACCEPT_REPLICAS="1", GNOSIS_ACCEPT_REPLICAS_WAIT="0.5", GNOSIS_BATCH_BUCKETS="gs://in/,gs://out/")
+    stack.env.update(REDIS_URL=primary.url, GNOSIS_ACCEPT_REPLICAS=policy, GNOSIS_ACCEPT_REPLICAS_WAIT="0.5")
+    url = stack.api(GNOSIS_BATCH_BUCKETS="gs://in/,gs://out/")
     ready = requests.get(f"{url}/readyz", timeout=10).json()
-    assert ready["redis"]["replication"] == {"accept_replicas": 1, "connected_replicas": 1}
+    assert ready["redis"]["replication"] == {"accept_replicas": policy, "connected_replicas": 1}
 
-    link.hold()
+    link.hold()  # the replica stays connected and falls behind
     refused = submit(url, "unconfirmed.png")
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "redis_unreplicated" and int(refused.headers["Retry-After"]) > 0
@@ -109,3 +110,14 @@ def test_with_accept_replicas_a_job_no_replica_confirms_is_refused_and_one_answe
     after = stack.api()
     stack.worker(OCR_ENGINE="null")
     assert poll_job(after, job_id, timeout=60)["status"] == "succeeded"
+
+    # The promoted replica has no replica of its own yet: `connected` goes on accepting on it alone,
+    # a number refuses until one is back; /readyz says which.
+    now = requests.get(f"{after}/readyz", timeout=10).json()["redis"]["replication"]
+    assert now["connected_replicas"] == 0 and "warning" in now
+    next_one = submit(after, "after-failover.png")
+    if policy == "connected":
+        assert next_one.status_code == 202, next_one.text
+        assert poll_job(after, next_one.json()["id"], timeout=60)["status"] == "succeeded"
+    else:
+        assert next_one.status_code == 503 and next_one.json()["error"]["code"] == "redis_unreplicated"

@@ -102,12 +102,12 @@ class Acceptance:
     def require(self, *, what: str) -> None:
         """Raise Unavailable (`redis_unreplicated`) unless the replicas the policy wants hold every write so
         far; a no-op when it wants none."""
-        wanted = self.wanted() if self.enabled else 0
-        if wanted <= 0:
+        if not self.enabled:
             return
         try:
-            confirmed = confirm(self.client, wanted, self.timeout)
-        except redis.ResponseError as exc:  # a replica as REDIS_URL, or a Redis that refuses WAIT
+            wanted = self.wanted()
+            confirmed = confirm(self.client, wanted, self.timeout) if wanted > 0 else 0
+        except redis.ResponseError as exc:  # a replica as REDIS_URL, or a Redis that refuses WAIT or INFO
             raise Unavailable(f"Redis cannot confirm writes on replicas ({exc}); nothing was accepted. "
                               "Retry later.", code=CODE) from exc
         if confirmed < wanted:

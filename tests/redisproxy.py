@@ -37,12 +37,7 @@ class ReplyLosingProxy:
         self._on_lost = then
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        for client, upstream in _pairs(self.server, self.upstream_port):
             armed = threading.Event()
             threading.Thread(target=self._up, args=(client, upstream, armed), daemon=True).start()
             threading.Thread(target=self._down, args=(upstream, client, armed), daemon=True).start()
@@ -106,16 +101,7 @@ class HoldingProxy:
         self._flowing.set()  # wakes a held pump, which drops what it holds
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:  # the primary is gone: the replica finds its link down, and retries
-                _close(client)
-                continue
+        for client, upstream in _pairs(self.server, self.upstream_port):
             self._socks += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, self._flowing), daemon=True).start()
@@ -131,6 +117,22 @@ class HoldingProxy:
             except OSError:
                 break
         _close(source, sink)
+
+
+def _pairs(server: socket.socket, upstream_port: int):
+    """Each connection accepted, with one of its own to Redis, until the server is closed. One that Redis
+    refuses (it is down) is closed at once: the client finds its link down and tries again."""
+    while True:
+        try:
+            client, _ = server.accept()
+        except OSError:
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", upstream_port))
+        except OSError:
+            _close(client)
+            continue
+        yield client, upstream
 
 
 def _recv(sock: socket.socket) -> bytes:

@@ -282,21 +282,25 @@ def float32_mismatches(torch, path: str, pages, new_tokens: int) -> dict:
             torch.cuda.empty_cache()
 
 
-def service(path: str, *, jobs: int, clients: int, tiny: bool) -> dict:
-    """API + Redis + a real worker loading the model through the cache code, `jobs` one-page jobs at once."""
+def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0) -> dict:
+    """API + Redis + a real worker loading the model through the cache code, `jobs` one-page jobs at once;
+    `batch` slots per GPU (0: the engine sizes it). Also where the GPU's time went, from the worker's own
+    metrics: prefill against decode, and the batch's mean occupancy."""
     import io
 
     import requests
 
     from bench.common import private_stack
     from harness.hubstub import HubStub
-    from harness.stack import Proc, wait_until
+    from harness.stack import Proc, free_port, wait_until
 
     stack, redis_proc = private_stack()
     stub = HubStub("bench/nanonets-random", path).start()
+    worker_port = free_port()
     try:
         env = {"OCR_ENGINE": "nanonets", "OCR_MODEL_ID": "bench/nanonets-random", "HF_ENDPOINT": stub.url,
-               "OCR_MAX_NEW_TOKENS": str(max(MIX)), "OCR_REPETITION_WINDOW": "0",
+               "OCR_MAX_NEW_TOKENS": str(max(MIX)), "OCR_REPETITION_WINDOW": "0", "OCR_BATCH_SIZE": str(batch),
+               "GNOSIS_WORKER_PORT": str(worker_port),
                "GNOSIS_BENCH_LENGTHS": ",".join(map(str, MIX)), "GNOSIS_LOG_LEVEL": "INFO"}
         url = stack.api(workers=2, threads=16)
         started = time.perf_counter()
@@ -339,15 +343,34 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool) -> dict:
         metrics = requests.get(f"{url}/metrics", timeout=10).text
         tokens = sum(float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith("gnosis_output_tokens_total"))
+        device = worker_totals(requests.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=10).text)
+        steps = device.get("gnosis_worker_decode_steps_total", 0)
         return {"jobs": len(ids), "clients": clients, "succeeded": ok, "seconds": round(seconds, 2),
                 "pages_per_s": round(ok / seconds, 3), "steady_pages_per_s": steady,
                 "tokens_per_s": round(tokens / seconds, 1),
                 "submit_s": round(submitted_s, 2), "worker_ready_s": round(ready_s, 1),
+                "slots": int(device.get("gnosis_worker_batch_slots", 0)),
+                "mean_batch": round(device.get("gnosis_worker_decode_tokens_total", 0) / max(steps, 1), 1),
+                "decode_s": round(device.get("gnosis_worker_decode_seconds_total", 0), 1),
+                "ms_per_step": round(1000 * device.get("gnosis_worker_decode_seconds_total", 0) / max(steps, 1), 2),
+                "prefill_s": round(device.get("gnosis_worker_prefill_seconds_total", 0), 1),
+                "prefill_ms_per_page": round(1000 * device.get("gnosis_worker_prefill_seconds_total", 0)
+                                             / max(device.get("gnosis_worker_prefill_pages_total", 0), 1), 1),
                 "failed": [r.get("error") for r in results if r["status"] != "succeeded"][:3]}
     finally:
         stack.stop()
         stub.stop()
         redis_proc.stop()
+
+
+def worker_totals(text: str) -> dict[str, float]:
+    """A worker's /metrics summed over labels (its GPUs), by metric name."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{")[0].split(" ")[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def steady_state(finished_at: list[str]) -> float | None:
@@ -374,6 +397,8 @@ def main() -> None:
     parser.add_argument("--fp32-tokens", type=int, default=256)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--skip-service", action="store_true")
+    parser.add_argument("--service-batches", default="0",
+                        help="slots per GPU for the service section, one run each (0: the engine sizes it)")
     parser.add_argument("--sections", default="vision,single_page,engine_alone,mismatches,float32_mismatches,service",
                         help="which sections to run: a whole run takes longer than one 10-minute device call")
     parser.add_argument("--out", default=None)
@@ -438,7 +463,9 @@ def main() -> None:
         report.section("float32_mismatches", float32_mismatches, torch, path, compare[:args.fp32_pages],
                        args.fp32_tokens)
     if not args.skip_service and "service" in wanted:
-        report.section("service", service, path, jobs=args.jobs, clients=args.clients, tiny=args.tiny)
+        for n, batch in enumerate(int(b) for b in args.service_batches.split(",")):
+            report.section("service" if n == 0 else f"service_b{batch}", service, path, jobs=args.jobs,
+                           clients=args.clients, tiny=args.tiny, batch=batch)
     print(json.dumps(report.data))
     summary(report.data)
 
@@ -473,7 +500,8 @@ def summary(data: dict) -> None:
           [r.get("margin_at_first_mismatch") for r in data.get("mismatches", {}).get("rows", [])])
     print("mismatches (float32, TF32 off):",
           {k: v for k, v in data.get("float32_mismatches", {}).items() if k not in ("rows", "checks")})
-    print("service:", data.get("service"))
+    for name in [k for k in data if k == "service" or k.startswith("service_b")]:
+        print(f"{name}:", data[name])
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ def create():
         c.confirm_accepted("batch")
     except Exception:
         # An accepted batch must be a listed one that outlives a failover: if its listing cannot be sent,
-        # or replicas do not confirm it, it never existed (and the client, told 503, may send it again). Left behind only if Redis fails this too: the
-        # housekeeper then lists it (worker/listings.py).
+        # or replicas do not confirm it, it never existed (and the client, told 503, may send it again).
+        # Left behind only if Redis fails this too: the housekeeper then lists it (worker/listings.py).
         with contextlib.suppress(redis.RedisError):
             store().discard(batch.id)
         raise

@@ -68,7 +68,7 @@ class Runtime:
             if self._engine is None:
                 started = time.monotonic()
                 self._engine = load_engine(self.settings, redis_client=self.redis, metrics=self.metrics,
-                                           on_step=_record_step, on_dead=self._engine_died)
+                                           on_work=_record_work, on_dead=self._engine_died)
                 seconds = time.monotonic() - started
                 self.metrics.observe("gnosis_model_load_seconds", seconds, engine=self.settings.engine)
                 telemetry.get().model_load.set(seconds)
@@ -158,11 +158,16 @@ def _stop_this_process(error: BaseException) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _record_step(device: str, active: int) -> None:
+def _record_work(device: str, phase: str, pages: int, seconds: float) -> None:
     local = telemetry.get()
-    local.batch_active.labels(device=device).set(active)
+    if phase == "prefill":
+        local.prefill_pages.labels(device=device).inc(pages)
+        local.prefill_seconds.labels(device=device).inc(seconds)
+        return
+    local.batch_active.labels(device=device).set(pages)
     local.decode_steps.labels(device=device).inc()
-    local.decode_tokens.labels(device=device).inc(active)
+    local.decode_tokens.labels(device=device).inc(pages)
+    local.decode_seconds.labels(device=device).inc(seconds)
 
 
 _runtime: Runtime | None = None

@@ -24,6 +24,11 @@ class Telemetry:
     batch_slots: Any
     decode_steps: Any
     decode_tokens: Any
+    decode_seconds: Any
+    prefill_pages: Any
+    prefill_seconds: Any
+    """With decode_seconds: where a device's time goes, prefills (the vision tower and the prompt) against
+    decode steps; the two run one after the other on the device's loop."""
 
 
 _telemetry: Telemetry | None = None
@@ -53,5 +58,11 @@ def get() -> Telemetry:
                 decode_steps=Counter("gnosis_worker_decode_steps_total", "Decode steps run.", ["device"]),
                 decode_tokens=Counter("gnosis_worker_decode_tokens_total", "Tokens decoded (one per page per step).",
                                       ["device"]),
+                decode_seconds=Counter("gnosis_worker_decode_seconds_total", "Seconds the device spent in decode "
+                                       "steps.", ["device"]),
+                prefill_pages=Counter("gnosis_worker_prefill_pages_total", "Pages prefilled (vision tower and "
+                                      "prompt) into the device's batch.", ["device"]),
+                prefill_seconds=Counter("gnosis_worker_prefill_seconds_total", "Seconds the device spent "
+                                        "prefilling, during which no page of its batch decodes.", ["device"]),
             )
         return _telemetry

@@ -64,6 +64,9 @@ def test_pages_of_many_jobs_are_decoded_together(stack, hub):
     # More tokens than steps: several pages advanced in each step, from different jobs.
     assert metrics["gnosis_worker_decode_tokens_total"] > 1.5 * metrics["gnosis_worker_decode_steps_total"]
     assert metrics["gnosis_worker_batch_slots"] == 4
+    # Where the device's time went: every page prefilled once, and both phases timed.
+    assert metrics["gnosis_worker_prefill_pages_total"] == 8
+    assert metrics["gnosis_worker_prefill_seconds_total"] > 0 and metrics["gnosis_worker_decode_seconds_total"] > 0
     # Cluster metrics are flushed in the background, a moment after the pages are recorded.
     cluster = wait_until(lambda: (t := requests.get(f"{url}/metrics").text).count(
         'gnosis_pages_truncated_total{reason="max_tokens"} 8.0') and t, timeout=10, message="the truncated count")

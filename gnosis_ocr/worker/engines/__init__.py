@@ -76,9 +76,11 @@ class Engine(Protocol):
 
 
 def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metrics,
-                on_step: Callable[[str, int], None] | None = None,
+                on_work: Callable[[str, str, int, float], None] | None = None,
                 on_dead: Callable[[BaseException], None] | None = None) -> Engine:
-    """The configured engine, loaded. `on_dead` is called once if a batched engine can no longer serve."""
+    """The configured engine, loaded. A batched engine reports each prefill chunk and decode step to
+    `on_work` (device, "prefill" or "decode", pages, seconds), and calls `on_dead` once if it can no
+    longer serve."""
     if settings.engine == "nanonets":
         from ...cache.store import ModelCache
         from .nanonets import NanonetsEngine
@@ -89,7 +91,7 @@ def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metri
                               max_new_tokens=settings.max_new_tokens, threads=settings.threads,
                               batch_size=settings.batch_size, max_side=settings.page_max_side,
                               prefill_batch=settings.prefill_batch, repetition_window=settings.repetition_window,
-                              vision_attention=settings.vision_attention, on_step=on_step, on_dead=on_dead)
+                              vision_attention=settings.vision_attention, on_work=on_work, on_dead=on_dead)
     if settings.engine == "tesseract":
         from .tesseract import TesseractEngine
 

@@ -42,13 +42,13 @@ class Scheduler:
     """The engine loop for one device. `submit` is thread-safe; everything else runs on the loop thread."""
 
     def __init__(self, decoder, *, eos_ids: set[int], prefill_batch: int = 4, guard: RepetitionGuard | None = None,
-                 on_step: Callable[[int], None] | None = None,
+                 on_work: Callable[[str, int, float], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None, name: str = "engine") -> None:
         self.decoder = decoder
         self.eos_ids = eos_ids
         self.prefill_batch = max(1, prefill_batch)
         self.guard = guard if guard is not None and guard.enabled else None
-        self.on_step = on_step
+        self.on_work = on_work  # ("prefill" or "decode", pages, seconds) after each prefill chunk and step
         self.on_dead = on_dead
         self.slots: list[Request | None] = [None] * decoder.slots
         self._pending: deque[Request] = deque()
@@ -86,19 +86,23 @@ class Scheduler:
         """Before `start`: capture every decode graph, run `request` through on the caller's thread, and
         check its first step as replayed against the same step run eagerly (EngineCheckFailed if not
         bit-identical: a worker that would serve wrong text refuses to start)."""
-        with self.decoder.device_context():
-            graphs = self.decoder.warm_up()
-            self._limbo.append(request)
-            self._prefill([0], [request])
-            if self.slots[0] is not None:
-                self.check = self.decoder.self_check(1, request.length + len(request.tokens))
-                if not self.check["identical"]:
-                    raise EngineCheckFailed(
-                        f"the decode graph on {self.decoder.device} does not reproduce the eager step "
-                        f"(largest difference {self.check['max_abs_diff']:.3g}); refusing to serve wrong text")
-                self._advance(0, request, int(self.decoder.next_tokens[0]))
-            while any(self.slots):
-                self._decode()
+        on_work, self.on_work = self.on_work, None  # the warm-up page is nobody's: its work is not reported
+        try:
+            with self.decoder.device_context():
+                graphs = self.decoder.warm_up()
+                self._limbo.append(request)
+                self._prefill([0], [request])
+                if self.slots[0] is not None:
+                    self.check = self.decoder.self_check(1, request.length + len(request.tokens))
+                    if not self.check["identical"]:
+                        raise EngineCheckFailed(
+                            f"the decode graph on {self.decoder.device} does not reproduce the eager step (largest "
+                            f"difference {self.check['max_abs_diff']:.3g}); refusing to serve wrong text")
+                    self._advance(0, request, int(self.decoder.next_tokens[0]))
+                while any(self.slots):
+                    self._decode()
+        finally:
+            self.on_work = on_work
         if request.error is not None:
             raise request.error
         return graphs
@@ -247,7 +251,9 @@ class Scheduler:
             self._prefill(slots[:mid], chunk[:mid])
             self._prefill(slots[mid:], chunk[mid:])
             return
-        self.prefill_seconds += time.monotonic() - now
+        elapsed = time.monotonic() - now
+        self.prefill_seconds += elapsed
+        self._report("prefill", len(chunk), elapsed)
         now = time.monotonic()
         for slot, request, token in zip(slots, chunk, firsts, strict=True):
             self._limbo.remove(request)
@@ -314,15 +320,23 @@ class Scheduler:
             longest = max(self.slots[s].length + len(self.slots[s].tokens) for s in slots)
             started = time.monotonic()
             nxt = self.decoder.step(top + 1, longest).tolist()
-            self.step_seconds += time.monotonic() - started
+            elapsed = time.monotonic() - started
+            self.step_seconds += elapsed
         finally:
             if paused:
                 self.decoder.resume(paused)
         self.steps += 1
         self.tokens += len(slots)
-        if self.on_step is not None:
-            self.on_step(len(slots))
+        self._report("decode", len(slots), elapsed)
         return nxt
+
+    def _report(self, phase: str, pages: int, seconds: float) -> None:
+        # Telemetry must never look like a failed step or prefill: its errors stay here.
+        if self.on_work is not None:
+            try:
+                self.on_work(phase, pages, seconds)
+            except Exception:
+                log.exception("recording the engine's %s work failed", phase)
 
     def _check_device(self, exc: BaseException) -> None:
         """After a failure: raise EngineDead if the device itself is no longer usable."""

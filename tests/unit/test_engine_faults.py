@@ -109,6 +109,17 @@ def test_a_transient_step_failure_costs_no_page(engine, loop):
     assert loop.failed_steps == 1 and loop.alive
 
 
+def test_a_failing_metrics_recorder_costs_no_page_and_no_step(engine, loop):
+    def broken(phase, pages, seconds):
+        raise ValueError("the metrics directory is gone")
+
+    loop.on_work = broken
+    requests = settle([submit(engine, loop, i) for i in range(3)])
+    assert [r.error for r in requests] == [None] * 3
+    assert all(r.tokens == reference(engine, page(i), 24) for i, r in enumerate(requests))
+    assert loop.failed_steps == loop.failed_prefills == 0 and loop.alive
+
+
 def test_a_prefill_that_fails_for_one_page_of_a_chunk_fails_that_page_alone(engine, loop):
     twins = [engine._request(page(0), max_new_tokens=24) for _ in range(2)]  # one length: one chunk
     poison_pixels = twins[1].inputs["pixel_values"] = twins[1].inputs["pixel_values"] * 0.5

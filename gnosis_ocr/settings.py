@@ -172,7 +172,7 @@ class Settings:
                      "webhook_max_attempts", "webhook_timeout", "bucket_timeout", "listing_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_variable(name)} must be positive, got {getattr(self, name)}")
-        from .replication import parse
+        from .replication import parse  # here: it imports redis, which the API imports only after gevent patches
 
         try:
             replicas = parse(self.accept_replicas)

@@ -292,7 +292,7 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0) -
 
     from bench.common import private_stack
     from harness.hubstub import HubStub
-    from harness.stack import Proc, free_port, wait_until
+    from harness.stack import Proc, free_port, metric_totals, wait_until
 
     stack, redis_proc = private_stack()
     stub = HubStub("bench/nanonets-random", path).start()
@@ -343,7 +343,7 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0) -
         metrics = requests.get(f"{url}/metrics", timeout=10).text
         tokens = sum(float(line.split()[-1]) for line in metrics.splitlines()
                      if line.startswith("gnosis_output_tokens_total"))
-        device = worker_totals(requests.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=10).text)
+        device = metric_totals(requests.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=10).text)
         steps = device.get("gnosis_worker_decode_steps_total", 0)
         return {"jobs": len(ids), "clients": clients, "succeeded": ok, "seconds": round(seconds, 2),
                 "pages_per_s": round(ok / seconds, 3), "steady_pages_per_s": steady,
@@ -361,16 +361,6 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0) -
         stack.stop()
         stub.stop()
         redis_proc.stop()
-
-
-def worker_totals(text: str) -> dict[str, float]:
-    """A worker's /metrics summed over labels (its GPUs), by metric name."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name = line.split("{")[0].split(" ")[0]
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
 
 
 def steady_state(finished_at: list[str]) -> float | None:

@@ -211,3 +211,13 @@ def poll_job(url: str, job_id: str, *, timeout: float = 60, headers: dict | None
         job = requests.get(f"{url}/v1/jobs/{job_id}", params={"wait": 5}, timeout=15, headers=headers).json()
         if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
             return job
+
+
+def metric_totals(text: str) -> dict[str, float]:
+    """Prometheus text summed over each metric's labels (a worker's GPUs, say), by metric name."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{")[0].split(" ")[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out

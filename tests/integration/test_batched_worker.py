@@ -11,7 +11,7 @@ import requests
 
 from harness.docs import text_image
 from harness.hubstub import TINY_REPO, HubStub
-from harness.stack import poll_job, wait_until
+from harness.stack import metric_totals, poll_job, wait_until
 from tests.integration.test_webhooks import Receiver, hooks_env
 
 pytestmark = pytest.mark.slow
@@ -37,13 +37,7 @@ def in_flight(stack, worker) -> dict[str, dict]:
 
 
 def worker_metrics(port: int) -> dict[str, float]:
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name = line.split("{")[0].split(" ")[0]
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
+    return metric_totals(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
 
 
 def test_pages_of_many_jobs_are_decoded_together(stack, hub):

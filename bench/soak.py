@@ -42,11 +42,13 @@ class Soak:
         self.stack = Stack(tmp, self.redis.url)
         self.stack.env.update(OCR_ENGINE=args.engine, GNOSIS_INPUT_STORE=str(tmp / "inputs"),
                               GNOSIS_HEARTBEAT_INTERVAL="2", GNOSIS_REDIS_TIMEOUT="2",
-                              GNOSIS_RECONCILE_GRACE=str(args.reconcile_grace))
+                              GNOSIS_RECONCILE_GRACE=str(args.reconcile_grace),
+                              GNOSIS_ACCEPT_REPLICAS=args.accept_replicas, GNOSIS_ACCEPT_REPLICAS_WAIT="1")
         self.accepted: dict[str, float] = {}
         self.deleted: set[str] = set()
         self.cancelled: set[str] = set()
         self.refused = {"429": 0, "503": 0, "other": 0}
+        self.refused_503: dict[str, int] = {}  # by error code: Redis away, full, or replicas short
         self.events: list[str] = []
         self.peak_memory = 0
         self.ready_again: list[float] = []  # seconds after each Redis episode until every worker was ready
@@ -78,6 +80,9 @@ class Soak:
                             self.deleted.add(job_id)
                 else:
                     self.refused[str(r.status_code) if r.status_code in (429, 503) else "other"] += 1
+                    if r.status_code == 503:
+                        code = r.json().get("error", {}).get("code", "?")
+                        self.refused_503[code] = self.refused_503.get(code, 0) + 1
             except requests.RequestException:
                 self.refused["other"] += 1
             self.stop.wait(1 / self.args.rate)
@@ -222,7 +227,9 @@ class Soak:
         extra = sum(max(j["attempts"] - j["pages_total"], 0) for j in finals.values() if j["status"] == "succeeded")
         return {
             "minutes": self.args.minutes, "redis": self.args.redis, "accepted": len(self.accepted),
+            "accept_replicas": self.args.accept_replicas,
             "refused_429": self.refused["429"], "refused_503": self.refused["503"], "errors": self.refused["other"],
+            "refused_503_by_code": self.refused_503,
             "succeeded": counts.get("succeeded", 0), "cancelled": counts.get("cancelled", 0),
             "deleted": len(self.deleted),
             "failed": {k: v for k, v in counts.items() if k.startswith("failed")},
@@ -257,6 +264,8 @@ def main() -> None:
     parser.add_argument("--outage-seconds", type=float, default=20,
                         help="Redis stopped this long (--redis restart only; 0: never)")
     parser.add_argument("--reconcile-grace", type=float, default=30, help="GNOSIS_RECONCILE_GRACE of the workers")
+    parser.add_argument("--accept-replicas", default="0",
+                        help="GNOSIS_ACCEPT_REPLICAS of the API (connected: a 202 once the replica has the job)")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     soak = Soak(args, Path(tempfile.mkdtemp(prefix="gnosis-soak-")))

@@ -155,6 +155,10 @@ ENGINE_EXIT_GRACE = 30.0
 """Seconds a worker whose engine died waits for its pages to go back to the queue (a warm shutdown)
 before it exits regardless."""
 
+WRITE_WAIT_MAX = 5.0
+"""Longest pause, in seconds, between a starting worker's probes of a Redis that refuses writes (the wait
+doubles from half a second)."""
+
 DEFAULT_PREFETCH_PAGES = 4
 """Pages a batched worker holds beyond its batch, prepared and waiting, so a freed slot refills at once."""
 

@@ -110,6 +110,9 @@ WORKERS = f"{PREFIX}workers"
 
 REAPER_LOCK = f"{PREFIX}reaper"
 
+WRITE_PROBE = f"{PREFIX}write-probe"
+"""A key a starting worker writes (and lets expire at once) to learn whether Redis takes writes."""
+
 
 def worker(worker_id: str) -> str:
     """The worker's heartbeat record (JSON), expiring when it stops beating."""

@@ -92,6 +92,7 @@ def run(plan: WorkerPlan, settings: Settings) -> int:
         from . import sidecar
 
         sidecar.start_light_worker(loglevel=plan.loglevel)
+    wait_for_writes(settings)
     from .celery_app import app
 
     argv = ["worker", f"--concurrency={concurrency}", f"--queues={','.join(plan.queues)}", "--optimization=fair",
@@ -99,10 +100,57 @@ def run(plan: WorkerPlan, settings: Settings) -> int:
             "--task-events"]
     if plan.pool:
         argv.append(f"--pool={plan.pool}")
+    # Celery's worker_main drops the worker's exit code. A worker that Celery stopped for an "Unrecoverable
+    # error" must not exit 0, or a supervisor that restarts only on failure leaves it down.
+    exits: list[int] = []
+
+    def _record_exit(sender=None, **_) -> None:
+        exits.append(getattr(sender, "exitcode", 0) or 0)
+
+    from celery import signals
+
+    signals.worker_shutdown.connect(_record_exit, weak=False)
     app.worker_main(argv)
     from . import runtime
 
-    return runtime.EXIT_ENGINE_DEAD if runtime.engine_died() else 0
+    return runtime.EXIT_ENGINE_DEAD if runtime.engine_died() else (exits[-1] if exits else 0)
+
+
+def wait_for_writes(settings: Settings) -> None:
+    """Return once Redis takes a write. Celery's Redis transport writes a mutex as it starts consuming and
+    takes a refusal (out of memory under noeviction, a replica's READONLY, MISCONF) for an unrecoverable
+    error: the worker would stop at once, and a supervisor would restart it into the same refusal, backing
+    off further each time. Waiting here, it starts consuming as soon as Redis has room again. A Redis that
+    does not answer at all is left to Celery's own reconnection."""
+    import time
+
+    import redis
+
+    from .. import defaults, keys
+    from ..redisconn import connect
+
+    client = connect(settings.redis_url, socket_timeout=settings.redis_timeout,
+                     socket_connect_timeout=settings.redis_timeout)
+    pause, refused = 0.5, None
+    while True:
+        try:
+            client.set(keys.WRITE_PROBE, "1", px=1000)
+        except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:
+            refused = refused or exc
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("MISCONF"):
+                return  # not pressure (an ACL without this key, say): Celery says what it finds
+            refused = refused or exc
+        except redis.RedisError:
+            return
+        else:
+            if refused is not None:
+                log.warning("Redis takes writes again; consuming")
+            return
+        if pause == 0.5:
+            log.warning("Redis refuses writes (%s); waiting for room before consuming", refused)
+        time.sleep(pause)  # a back-off between probes, at most WRITE_WAIT_MAX
+        pause = min(pause * 2, defaults.WRITE_WAIT_MAX)
 
 
 def _remove_at_exit(path: str) -> None:

@@ -209,3 +209,49 @@ def test_pages_popped_while_redis_is_out_of_memory_all_finish(stack, tmp_path):
         assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
     finally:
         private.stop()
+
+
+def refuse_writes(client: redis.Redis) -> None:
+    """Out of memory under noeviction: every write that could grow the data set is refused; reads go on."""
+    client.config_set("maxmemory", max(client.info("memory")["used_memory"] - 2**16, 2**16))
+
+
+def test_a_worker_started_while_redis_refuses_writes_waits_and_consumes_once_it_has_room(stack, tmp_path):
+    """Celery's Redis transport writes a mutex as it starts consuming and calls a refusal unrecoverable:
+    a worker (re)started during an out-of-memory episode stopped at once, and its supervisor restarted it
+    into the same refusal, backing off longer each time."""
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(private.url)
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api()
+        job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["waits for room"]))}, timeout=30)
+        assert job.status_code == 202, job.text
+        refuse_writes(client)
+        worker = stack.worker(OCR_ENGINE="null", wait_ready=False)
+        wait_until(lambda: worker.log().count("waiting for room before consuming") >= 2, timeout=60,
+                   message="the worker and its light worker to wait for Redis")  # the page worker and its sidecar
+        assert worker.alive()
+        client.config_set("maxmemory", 0)
+        stack.wait_worker_ready(worker)
+        assert poll_job(url, job.json()["id"], timeout=60)["status"] == "succeeded"
+        assert "Unrecoverable error" not in worker.log() and worker.alive()
+    finally:
+        private.stop()
+
+
+def test_a_worker_that_celery_stops_for_a_refused_write_exits_non_zero_for_its_supervisor(stack, tmp_path):
+    """Mid-life, a reconnection into a Redis that refuses writes still stops Celery's worker; it leaves with
+    a failure code (it left with 0, which a restart-on-failure supervisor takes for a finished job)."""
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(private.url)
+        stack.env["REDIS_URL"] = private.url
+        worker = stack.worker(OCR_ENGINE="null")
+        refuse_writes(client)
+        client.client_kill_filter(_type="normal")  # every connection drops; Celery's consumer reconnects
+        wait_until(lambda: not worker.alive(), timeout=60, message="the worker to stop")
+        assert "Unrecoverable error" in worker.log()
+        assert worker.popen.returncode == 1, worker.log()[-2000:]
+    finally:
+        private.stop()

@@ -131,7 +131,8 @@ def wait_for_writes(settings: Settings) -> None:
 
     client = connect(settings.redis_url, socket_timeout=settings.redis_timeout,
                      socket_connect_timeout=settings.redis_timeout)
-    pause, refused = 0.5, None
+    pause, refused, say_at = 0.5, None, 0.0
+    started = time.monotonic()
     while True:
         try:
             client.set(keys.WRITE_PROBE, "1", px=1000)
@@ -147,8 +148,11 @@ def wait_for_writes(settings: Settings) -> None:
             if refused is not None:
                 log.warning("Redis takes writes again; consuming")
             return
-        if pause == 0.5:
-            log.warning("Redis refuses writes (%s); waiting for room before consuming", refused)
+        waited = time.monotonic() - started
+        if waited >= say_at:  # at once, then a minute apart: a REDIS_URL that names a replica waits here too
+            log.warning("Redis refuses writes (%s); waiting for room before consuming (%.0f s so far)", refused,
+                        waited)
+            say_at = waited + 60
         time.sleep(pause)  # a back-off between probes, at most WRITE_WAIT_MAX
         pause = min(pause * 2, defaults.WRITE_WAIT_MAX)
 

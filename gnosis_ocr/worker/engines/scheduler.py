@@ -50,6 +50,7 @@ class Scheduler:
         self.guard = guard if guard is not None and guard.enabled else None
         self.on_work = on_work  # ("prefill" or "decode", pages, seconds) after each prefill chunk and step
         self.on_dead = on_dead
+        self._report_failed = False
         self.slots: list[Request | None] = [None] * decoder.slots
         self._pending: deque[Request] = deque()
         self._limbo: list[Request] = []  # taken from the queue, not yet seated in a slot
@@ -331,12 +332,15 @@ class Scheduler:
         return nxt
 
     def _report(self, phase: str, pages: int, seconds: float) -> None:
-        # Telemetry must never look like a failed step or prefill: its errors stay here.
+        # Telemetry must never look like a failed step or prefill: its errors stay here, logged once (a
+        # recorder that fails, fails at every step).
         if self.on_work is not None:
             try:
                 self.on_work(phase, pages, seconds)
             except Exception:
-                log.exception("recording the engine's %s work failed", phase)
+                if not self._report_failed:
+                    log.exception("recording the engine's %s work failed; the engine goes on", phase)
+                self._report_failed = True
 
     def _check_device(self, exc: BaseException) -> None:
         """After a failure: raise EngineDead if the device itself is no longer usable."""

@@ -340,22 +340,21 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0) -
         seconds = time.perf_counter() - first_submit
         ok = sum(r["status"] == "succeeded" for r in results)
         steady = steady_state([r["finished_at"] for r in results if r.get("finished_at")])
-        metrics = requests.get(f"{url}/metrics", timeout=10).text
-        tokens = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                     if line.startswith("gnosis_output_tokens_total"))
+        tokens = metric_totals(requests.get(f"{url}/metrics", timeout=10).text).get("gnosis_output_tokens_total", 0)
         device = metric_totals(requests.get(f"http://127.0.0.1:{worker_port}/metrics", timeout=10).text)
         steps = device.get("gnosis_worker_decode_steps_total", 0)
+        decode_s = device.get("gnosis_worker_decode_seconds_total", 0)
+        prefill_s = device.get("gnosis_worker_prefill_seconds_total", 0)
         return {"jobs": len(ids), "clients": clients, "succeeded": ok, "seconds": round(seconds, 2),
                 "pages_per_s": round(ok / seconds, 3), "steady_pages_per_s": steady,
                 "tokens_per_s": round(tokens / seconds, 1),
                 "submit_s": round(submitted_s, 2), "worker_ready_s": round(ready_s, 1),
                 "slots": int(device.get("gnosis_worker_batch_slots", 0)),
                 "mean_batch": round(device.get("gnosis_worker_decode_tokens_total", 0) / max(steps, 1), 1),
-                "decode_s": round(device.get("gnosis_worker_decode_seconds_total", 0), 1),
-                "ms_per_step": round(1000 * device.get("gnosis_worker_decode_seconds_total", 0) / max(steps, 1), 2),
-                "prefill_s": round(device.get("gnosis_worker_prefill_seconds_total", 0), 1),
-                "prefill_ms_per_page": round(1000 * device.get("gnosis_worker_prefill_seconds_total", 0)
-                                             / max(device.get("gnosis_worker_prefill_pages_total", 0), 1), 1),
+                "decode_s": round(decode_s, 1), "ms_per_step": round(1000 * decode_s / max(steps, 1), 2),
+                "prefill_s": round(prefill_s, 1),
+                "prefill_ms_per_page": round(1000 * prefill_s / max(device.get("gnosis_worker_prefill_pages_total", 0),
+                                                                     1), 1),
                 "failed": [r.get("error") for r in results if r["status"] != "succeeded"][:3]}
     finally:
         stack.stop()

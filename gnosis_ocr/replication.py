@@ -24,7 +24,6 @@ and its pages' messages included.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import redis
@@ -76,8 +75,7 @@ class Acceptance:
         self.policy = policy
         self.replicas = parse(policy)
         self.timeout = timeout
-        self._count: tuple[float, int] | None = None
-        self._lock = threading.Lock()
+        self._count: tuple[float, int] | None = None  # (when read, replicas): one tuple, replaced whole
 
     @property
     def enabled(self) -> bool:
@@ -89,15 +87,14 @@ class Acceptance:
             return self.replicas
         now = time.monotonic()
         last = self._count
-        if last is None or now - last[0] > READ_EVERY:
-            count = connected(self.client)
-            with self._lock:
-                if last is not None and (last[1] > 0) != (count > 0):
-                    log.warning("Redis has %d replica(s) connected: %s", count,
-                                "submissions wait for them again" if count else "accepting on the primary alone")
-                self._count = (now, count)
-            return count
-        return last[1]
+        if last is not None and now - last[0] <= READ_EVERY:
+            return last[1]
+        count = connected(self.client)
+        if last is not None and (last[1] > 0) != (count > 0):
+            log.warning("Redis has %d replica(s) connected: %s", count,
+                        "submissions wait for them again" if count else "accepting on the primary alone")
+        self._count = (now, count)
+        return count
 
     def require(self, *, what: str) -> None:
         """Raise Unavailable (`redis_unreplicated`) unless the replicas the policy wants hold every write so

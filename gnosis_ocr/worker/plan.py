@@ -122,15 +122,23 @@ def wait_for_writes(settings: Settings) -> None:
     error: the worker would stop at once, and a supervisor would restart it into the same refusal, backing
     off further each time. Waiting here, it starts consuming as soon as Redis has room again. A Redis that
     does not answer at all is left to Celery's own reconnection."""
+    from ..redisconn import connect
+
+    client = connect(settings.redis_url, socket_timeout=settings.redis_timeout,
+                     socket_connect_timeout=settings.redis_timeout)
+    try:
+        _probe_until_written(client)
+    finally:
+        client.close()
+
+
+def _probe_until_written(client) -> None:
     import time
 
     import redis
 
     from .. import defaults, keys
-    from ..redisconn import connect
 
-    client = connect(settings.redis_url, socket_timeout=settings.redis_timeout,
-                     socket_connect_timeout=settings.redis_timeout)
     pause, refused, say_at = 0.5, None, 0.0
     started = time.monotonic()
     while True:

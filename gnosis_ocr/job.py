@@ -207,6 +207,7 @@ class JobStore:
         self._finish_job = client.register_script(scripts.FINISH_JOB)
         self._overdue = client.register_script(scripts.OVERDUE)
         self._discard = client.register_script(scripts.DISCARD)
+        self._vouch = client.register_script(scripts.VOUCH)
 
     @staticmethod
     def _keys(job_id: str, *more: str) -> list[str]:
@@ -344,7 +345,21 @@ class JobStore:
     def discard(self, job_id: str) -> bool:
         """Remove the record, input, results and idempotency key, with no state change on the way."""
         self.inputs.delete(job_id)
-        return bool(self._discard(keys=self._keys(job_id), args=self._args()))
+        return bool(self._discard(keys=self._keys(job_id), args=self._args("")))
+
+    def abandon(self, job_id: str) -> bool:
+        """A submission that failed after CREATE takes its job back: discarded, unless a retry with its
+        Idempotency-Key has already answered with it (`vouch`), when it stays and False is returned.
+        Without that rule the retry's client would hold the id of a job that no longer exists."""
+        if int(self._discard(keys=self._keys(job_id), args=self._args("1"))) == -1:
+            return False
+        self.inputs.delete(job_id)  # after the record: a worker finds the job gone, never the input
+        return True
+
+    def vouch(self, job_id: str) -> bool:
+        """Before a retry answers with the job its Idempotency-Key names: False when the first request
+        abandoned it first (the key is then free to take over)."""
+        return bool(self._vouch(keys=[keys.job(job_id)]))
 
     def pages(self, job_id: str) -> list[PageResult]:
         raw = {field.decode(): value for field, value in self.redis.hgetall(keys.job_pages(job_id)).items()}

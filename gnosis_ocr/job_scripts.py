@@ -200,8 +200,10 @@ local max_age, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 return redis.call('ZRANGEBYSCORE', live, '-inf', now_ms() - max_age, 'LIMIT', 0, limit)
 """
 
-# Removes a job, releasing what it counted. Returns how many of its keys existed.
+# Removes a job, releasing what it counted. Returns how many of its keys existed, or -1, removing nothing,
+# when ARGV[3] is '1' and a retry with the job's Idempotency-Key has vouched for it (VOUCH below).
 DISCARD = _KEYS + _OWNER + """
+if ARGV[3] == '1' and redis.call('HGET', record, 'vouched') == '1' then return -1 end
 local idem = redis.call('HGET', record, 'idem_key')
 uncount()
 local id = redis.call('HGET', record, 'id')
@@ -212,4 +214,12 @@ end
 local n = redis.call('DEL', record, input, pages, attempts)
 if idem and idem ~= '' then redis.call('DEL', idem) end
 return n
+"""
+
+# A retry with the job's Idempotency-Key is about to answer with this job: from now on the request that
+# made it may not abandon it. KEYS: the record. Returns 1, or 0 when the record is gone (abandoned first).
+VOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'vouched', '1')
+return 1
 """

@@ -78,8 +78,10 @@ def submit():
         except Exception:
             # An accepted job must be a queued job that outlives a failover: if its pages cannot be sent,
             # or replicas do not confirm it, it never existed (a worker given a page of it drops the page).
-            c.jobs.discard(job.id)
-            raise
+            # Unless a retry with its Idempotency-Key has answered with it meanwhile: then it stays, and
+            # so does this answer (a page it never sent is published again by the workers' housekeeper).
+            if c.jobs.abandon(job.id):
+                raise
     except ClaimLost:
         # This request was slow enough that a retry took its key over and made the job: that job is
         # the answer, and nothing of this request was written.
@@ -107,10 +109,19 @@ def _callback_url() -> str:
 
 
 def _replay(job_id: str):
-    """The first request's job, once its record exists; None if it never appeared."""
+    """The first request's job, once its record exists; None if it never appeared, or if the first
+    request abandoned it (either way the caller may take the key over).
+
+    The first request may still be waiting for its pages to be sent and its replicas to confirm, and
+    it removes the job if either fails. So this answer confirms on its own (503 `redis_unreplicated`
+    if the replicas fall short, removing nothing), then vouches for the job, after which the first
+    request can no longer remove it."""
     c = ctx()
     job = idempotency.wait_for_record(lambda: c.jobs.get(job_id), timeout=DEFAULT_IDEMPOTENCY_WAIT)
     if job is None:
+        return None
+    c.confirm_accepted("job")
+    if not c.jobs.vouch(job_id):
         return None
     response = jsonify(job.to_api())
     response.headers["Location"] = f"/v1/jobs/{job_id}"

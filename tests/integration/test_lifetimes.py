@@ -266,6 +266,50 @@ def test_a_slow_first_request_whose_key_was_taken_over_creates_no_second_job(sta
     assert again.status_code == 200 and again.json()["id"] == retry.json()["id"]
 
 
+def test_a_job_a_retry_answered_with_stays_when_its_first_request_fails_after_all(stack):
+    """The first request wrote its job, then failed to send its pages or to have replicas confirm it,
+    and takes the job back. A retry with the same key that answered with the job in between must not
+    be left holding a 404: the job stays, and it is run."""
+    import hashlib
+
+    from gnosis_ocr.job import JobStore
+
+    url = stack.api()
+    key, document = "order-90", text_image(["vouched for"])
+    sha = hashlib.sha256(document).hexdigest()
+    name = keys.idempotency("", key)
+    first_job = "b" * 32
+    stack.redis.set(name, f"{first_job}:{sha}", ex=3600)  # the first request's claim and job, no pages sent
+    jobs = JobStore(stack.redis, ttl=3600, max_attempts=3)
+    jobs.create(data=document, kind="png", pages=1, job_id=first_job, extra={"idem_key": name},
+                idem_claim=f"{first_job}:{sha}")
+    retry = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})
+    assert retry.status_code == 200 and retry.json()["id"] == first_job, retry.text
+    assert jobs.abandon(first_job) is False  # the first request's failure, at last: the job is kept
+    stack.worker(OCR_ENGINE="null", GNOSIS_RECONCILE_GRACE="1")  # finds the page no message was sent for
+    assert poll_job(url, first_job, timeout=60)["status"] == "succeeded"
+
+
+def test_a_retry_after_the_first_request_took_its_job_back_makes_the_job(stack):
+    import hashlib
+
+    from gnosis_ocr.job import JobStore
+
+    url = stack.api()
+    key, document = "order-91", text_image(["abandoned first"])
+    sha = hashlib.sha256(document).hexdigest()
+    name = keys.idempotency("", key)
+    first_job = "c" * 32
+    stack.redis.set(name, f"{first_job}:{sha}", ex=3600)
+    jobs = JobStore(stack.redis, ttl=3600, max_attempts=3)
+    jobs.create(data=document, kind="png", pages=1, job_id=first_job, extra={"idem_key": name},
+                idem_claim=f"{first_job}:{sha}")
+    assert jobs.abandon(first_job) is True and jobs.get(first_job) is None and stack.redis.get(name) is None
+    retry = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers={"Idempotency-Key": key})
+    assert retry.status_code == 202 and retry.json()["id"] != first_job, retry.text
+    assert jobs.vouch(first_job) is False  # a retry that read the record just before it went finds it gone
+
+
 # ---- the fresh machine --------------------------------------------------------------------------------
 
 

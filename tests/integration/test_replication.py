@@ -121,3 +121,37 @@ def test_with_accept_replicas_a_job_no_replica_confirms_is_refused_and_one_answe
         assert poll_job(after, next_one.json()["id"], timeout=60)["status"] == "succeeded"
     else:
         assert next_one.status_code == 503 and next_one.json()["error"]["code"] == "redis_unreplicated"
+
+
+def test_a_retry_during_the_first_requests_confirmation_is_never_answered_with_a_job_that_is_then_removed(
+        stack, pair):
+    """A client whose first request is slow (its replicas have not confirmed yet) retries with the same
+    Idempotency-Key. Answering the retry at once with the job would hand out an id that the first
+    request removes a moment later, when its confirmation runs out: the retry waits for its own."""
+    import threading
+
+    primary, link, _ = pair
+    stack.env.update(REDIS_URL=primary.url, GNOSIS_ACCEPT_REPLICAS="1", GNOSIS_ACCEPT_REPLICAS_WAIT="2")
+    url = stack.api()
+    document = text_image(["retried while unconfirmed"])
+    headers = {"Idempotency-Key": "order-5150"}
+
+    def post() -> requests.Response:
+        return requests.post(f"{url}/v1/jobs", files={"file": ("a.png", document)}, headers=headers, timeout=15)
+
+    link.hold()
+    answers: list[requests.Response] = []
+    first = threading.Thread(target=lambda: answers.append(post()))
+    first.start()
+    on_primary = redis.Redis(port=primary.port)
+    wait_until(lambda: on_primary.zcard(keys.LIVE_JOBS) == 1, timeout=10, message="the first request's job")
+    answers.append(post())  # the retry, while the first request waits for its replica
+    first.join(timeout=15)
+    assert sorted(a.status_code for a in answers) == [503, 503], [a.text for a in answers]
+    assert all(a.json()["error"]["code"] == "redis_unreplicated" for a in answers)
+    assert on_primary.zcard(keys.LIVE_JOBS) == 0  # nothing accepted, so nothing kept
+
+    link.release()
+    accepted = post()  # the client's next retry, once the replica keeps up
+    assert accepted.status_code == 202, accepted.text
+    assert requests.get(f"{url}/v1/jobs/{accepted.json()['id']}", timeout=10).status_code == 200

@@ -8,7 +8,9 @@ injector SIGKILLs a random worker (its whole process tree) every minute and star
 over the Sentinel primary (or restarts a Redis with AOF) once at half time, takes Redis out of memory
 (`maxmemory` lowered below what it uses) for `--oom-seconds` at a quarter of the time, takes it away
 altogether for `--outage-seconds` at three quarters (with `--redis restart`), and cancels or deletes
-some jobs. After each Redis episode it times how long until every worker's `/readyz` says 200 again.
+some jobs. With `--client-timeout S` the clients are `gnosis_ocr.client.Client` (an Idempotency-Key on
+every submission, retried through timeouts and 503s as a real client retries): an answer lost to the
+timeout is then asked for again with the same key. After each Redis episode it times how long until every worker's `/readyz` says 200 again.
 At the end it waits for the backlog to drain and prints one table. "lost" is a job that was accepted
 (202) and then neither reached a final state nor was deleted by the client.
 """
@@ -49,6 +51,8 @@ class Soak:
         self.cancelled: set[str] = set()
         self.refused = {"429": 0, "503": 0, "other": 0}
         self.refused_503: dict[str, int] = {}  # by error code: Redis away, full, or replicas short
+        self.retried_out: dict[str, int] = {}  # --client-timeout: what the client gave up on, by code
+        self.duplicates = 0
         self.events: list[str] = []
         self.peak_memory = 0
         self.ready_again: list[float] = []  # seconds after each Redis episode until every worker was ready
@@ -61,15 +65,33 @@ class Soak:
             return f"doc{n}.pdf", pdf_of_pages([[f"Soak document {n} page {p}"] for p in range(pages)])
         return f"img{n}.png", text_image([f"Soak image {n}", "steady traffic"])
 
+    def post(self, url: str, name: str, data: bytes) -> requests.Response | str:
+        """One submission: the response, or with `--client-timeout` the job id the retrying client got."""
+        if not self.args.client_timeout:
+            return requests.post(f"{url}/v1/jobs", files={"file": (name, data)}, timeout=15)
+        from gnosis_ocr.client import ApiError, Client
+
+        path = self.tmp / "uploads" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        client = Client(url, timeout=self.args.client_timeout, retries=8, backoff=0.5)
+        try:
+            return client.submit(path)["id"]
+        except ApiError as exc:  # what is left after its retries: answered like a plain response
+            self.retried_out[exc.code or "?"] = self.retried_out.get(exc.code or "?", 0) + 1
+            raise requests.RequestException(str(exc)) from exc
+
     def submit_loop(self, url: str) -> None:
         n = 0
         while not self.stop.is_set():
             name, data = self.document(n)
             n += 1
             try:
-                r = requests.post(f"{url}/v1/jobs", files={"file": (name, data)}, timeout=15)
-                if r.status_code == 202:
-                    job_id = r.json()["id"]
+                r = self.post(url, name, data)
+                if isinstance(r, str) or r.status_code == 202:
+                    job_id = r if isinstance(r, str) else r.json()["id"]
+                    if job_id in self.accepted:
+                        self.duplicates += 1  # one id answered to two submissions: never expected
                     self.accepted[job_id] = time.time()
                     roll = self.rng.random()
                     if roll < 0.05:
@@ -230,6 +252,8 @@ class Soak:
             "accept_replicas": self.args.accept_replicas,
             "refused_429": self.refused["429"], "refused_503": self.refused["503"], "errors": self.refused["other"],
             "refused_503_by_code": self.refused_503,
+            "client_timeout": self.args.client_timeout, "client_gave_up_by_code": self.retried_out,
+            "ids_answered_twice": self.duplicates,
             "succeeded": counts.get("succeeded", 0), "cancelled": counts.get("cancelled", 0),
             "deleted": len(self.deleted),
             "failed": {k: v for k, v in counts.items() if k.startswith("failed")},
@@ -256,6 +280,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--drain", type=float, default=5, help="minutes to wait for the backlog at the end")
     parser.add_argument("--rate", type=float, default=0.5, help="submissions per second")
+    parser.add_argument("--client-timeout", type=float, default=0,
+                        help="submit with the retrying client, this many seconds per try (0: plain requests)")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--kill-every", type=float, default=60, help="seconds between worker kills")
     parser.add_argument("--redis", choices=["sentinel", "restart"], default="sentinel")

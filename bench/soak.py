@@ -10,7 +10,8 @@ over the Sentinel primary (or restarts a Redis with AOF) once at half time, take
 altogether for `--outage-seconds` at three quarters (with `--redis restart`), and cancels or deletes
 some jobs. With `--client-timeout S` the clients are `gnosis_ocr.client.Client` (an Idempotency-Key on
 every submission, retried through timeouts and 503s as a real client retries): an answer lost to the
-timeout is then asked for again with the same key. After each Redis episode it times how long until every worker's `/readyz` says 200 again.
+timeout is then asked for again with the same key. After each Redis episode it times how long until
+every worker's `/readyz` says 200 again.
 At the end it waits for the backlog to drain and prints one table. "lost" is a job that was accepted
 (202) and then neither reached a final state nor was deleted by the client.
 """

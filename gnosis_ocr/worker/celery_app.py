@@ -5,6 +5,9 @@ from celery import Celery
 
 from ..broker import celery_config
 from ..settings import Settings
+from . import refusals
+
+refusals.install()  # a Redis refusing writes pauses consumption instead of stopping the worker
 
 settings = Settings.from_env()
 app = Celery("gnosis-ocr")

@@ -188,7 +188,11 @@ def test_a_lost_page_of_a_busy_key_is_published_again_at_that_keys_priority(stac
     assert finals[-1]["attempts"] == 1, "the page ran once"
 
 
-def test_pages_popped_while_redis_is_out_of_memory_all_finish(stack, tmp_path):
+def test_a_consuming_worker_rides_out_redis_refusing_writes_and_every_page_finishes(stack, tmp_path):
+    """kombu's Redis transport acknowledges in a MULTI, which Redis refuses whole while it is out of
+    memory (even the ZREM and HDEL that would free some), and records every message it takes with a
+    write Redis refuses then: either escaped into Celery's loop as an "Unrecoverable error", and every
+    worker finishing or taking a page during the episode stopped (three of three within 2 s here)."""
     private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
     try:
         client = redis.Redis.from_url(private.url)
@@ -199,12 +203,39 @@ def test_pages_popped_while_redis_is_out_of_memory_all_finish(stack, tmp_path):
         worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", concurrency=2)
         wait_until(lambda: client.hlen("unacked") or client.exists("gnosis:job:" + jobs[0]["id"] + ":pages"),
                    timeout=30, message="the worker to consume")
-        used = client.info("memory")["used_memory"]
-        client.config_set("maxmemory", max(used - 2**20, 2**20))  # past the limit: every growing write refused
-        wait_until(lambda: "OOM" in worker.log() or not worker.alive(), timeout=60, message="the OOM replies")
+        refuse_writes(client)  # pages finish and the next ones are taken while Redis is full
+        wait_until(lambda: "Redis refuses writes" in worker.log() or not worker.alive(), timeout=60,
+                   message="the worker to meet the refusal")
+        assert worker.alive(), worker.log()[-3000:]
         client.config_set("maxmemory", 0)
-        if not worker.alive():  # Celery may exit on an unrecoverable broker error: its supervisor starts it again
-            stack.worker(OCR_ENGINE="null", concurrency=2)
+        finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
+        assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
+        assert worker.alive() and "Unrecoverable error" not in worker.log()
+        assert "Redis takes writes again" in worker.log()
+    finally:
+        private.stop()
+
+
+def test_a_worker_waiting_for_redis_to_take_writes_still_stops_on_sigterm(stack, tmp_path):
+    """The wait holds Celery's loop; a supervisor's SIGTERM must still end the worker, and nothing it held
+    is lost."""
+    import signal
+
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(private.url)
+        stack.env.update(REDIS_URL=private.url, GNOSIS_RECONCILE_GRACE="1")
+        url = stack.api()
+        jobs = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"term {n}"]))}).json()
+                for n in range(8)]
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3")
+        wait_until(lambda: client.hlen("unacked"), timeout=30, message="the worker to consume")
+        refuse_writes(client)
+        wait_until(lambda: "Redis refuses writes" in worker.log(), timeout=60, message="the worker to wait")
+        worker.popen.send_signal(signal.SIGTERM)
+        wait_until(lambda: not worker.alive(), timeout=30, message="the worker to stop on SIGTERM")
+        client.config_set("maxmemory", 0)
+        stack.worker(OCR_ENGINE="null")
         finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
         assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
     finally:

@@ -1,0 +1,122 @@
+"""kombu's Redis bookkeeping that lives through a Redis refusing writes, instead of stopping the worker.
+
+A consuming worker writes to Redis outside any task: it records each message it takes as unacknowledged,
+removes it when the page is done, and restores old ones under a mutex. kombu's Redis transport lets a
+refusal of any of these writes escape into Celery's event loop, which calls it an "Unrecoverable error"
+and stops the worker. Under `noeviction` Redis refuses them whenever it is full, and it refuses *every*
+command queued in a MULTI, even the ZREM and HDEL of an acknowledgement that would free memory: one
+page finishing during an out-of-memory episode stopped its worker (three of three in a soak's 30 s
+episode), and a supervisor restarted them all at once.
+
+So, in the worker only (`install`, from the Celery app module):
+- an acknowledgement is sent without MULTI (HDEL, then ZREM, in one round trip), which Redis takes
+  while full. Order, not a transaction, keeps it safe: an index entry whose message is gone is dropped
+  by kombu's own restore, never redelivered;
+- taking a message and requeueing one wait while Redis refuses them for memory or MISCONF (a failed
+  save), and go on when it takes writes again. The event loop waits with them, so the worker takes no
+  more messages meanwhile (it could not record them). A line is logged at once and every minute; a
+  warm or cold shutdown stops the waiting;
+- the periodic restore of old unacknowledged messages is skipped while refused: the next sweep does it;
+- a READONLY reply means the node this connection reached is a replica now (a graceful failover): no
+  wait there ends it, so it is raised as a lost connection, and Celery reconnects (through Sentinel, to
+  the new primary) as it does when a primary dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+log = logging.getLogger(__name__)
+
+PAUSE_MAX = 2.0
+"""Seconds between tries, at most, while Redis refuses writes."""
+
+SAY_EVERY = 60.0
+"""Seconds between log lines while the wait goes on."""
+
+
+def refused(exc: BaseException) -> bool:
+    """A write refused for a state this Redis leaves by itself: out of memory, or a failed save."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.ResponseError) and "MISCONF" in str(exc)
+
+
+@contextmanager
+def _replica_is_a_lost_connection():
+    try:
+        yield
+    except redis.exceptions.ReadOnlyError as exc:
+        raise redis.exceptions.ConnectionError(f"Redis answered as a replica ({exc}); reconnecting") from exc
+
+
+def _stopping() -> bool:
+    from celery.worker import state
+
+    return bool(state.should_stop or state.should_terminate)
+
+
+def until_written(what: str, call, *args, **kwargs):
+    """`call(*args, **kwargs)`, tried again while Redis refuses it (see the module's text)."""
+    pause, started, said = 0.1, 0.0, 0.0
+    while True:
+        try:
+            result = call(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if not refused(exc) or _stopping():
+                raise
+            now = time.monotonic()
+            if not started:
+                started = now
+            if now - said >= SAY_EVERY:
+                said = now
+                log.warning("Redis refuses writes (%s): %s waits for it (%.0fs so far); no message is taken meanwhile",
+                            exc, what, now - started)
+            time.sleep(pause)  # waiting for Redis to have room again; nothing to wake on
+            pause = min(pause * 2, PAUSE_MAX)
+            continue
+        if started:
+            log.warning("Redis takes writes again after %.1fs: %s done", time.monotonic() - started, what)
+        return result
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, riding out write refusals."""
+
+    def append(self, message, delivery_tag):
+        with _replica_is_a_lost_connection():
+            until_written("recording a message as taken", super().append, message, delivery_tag)
+
+    def ack(self, delivery_tag):
+        with _replica_is_a_lost_connection(), self.channel.conn_or_acquire() as client:
+            client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
+                .zrem(self.unacked_index_key, delivery_tag).execute()
+        virtual.QoS.ack(self, delivery_tag)  # kombu's own bookkeeping in this process
+
+    def reject(self, delivery_tag, requeue=False):
+        if not requeue:
+            self.ack(delivery_tag)
+            return
+        with _replica_is_a_lost_connection():
+            until_written("requeueing a message", self.restore_by_tag, delivery_tag, leftmost=True)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_visible(self, start=0, num=10, interval=10):
+        try:
+            with _replica_is_a_lost_connection():
+                super().restore_visible(start, num, interval)
+        except redis.ResponseError as exc:  # a periodic sweep: the next one does what this one could not
+            if not refused(exc):
+                raise
+            log.debug("restoring unacknowledged messages skipped: Redis refuses writes (%s)", exc)
+
+
+def install() -> None:
+    """Every Redis channel of this process (Sentinel's too: it subclasses the plain one) uses QoS above."""
+    kombu_redis.Channel.QoS = QoS

@@ -1,0 +1,66 @@
+"""kombu's Redis bookkeeping against a Redis that refuses writes (gnosis_ocr.worker.refusals), on real
+Redis servers: what Celery's loop would otherwise meet as an "Unrecoverable error" and stop the worker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from kombu import Connection
+from kombu.transport import redis as kombu_redis
+
+from gnosis_ocr.worker import refusals
+from harness.redisproc import PrivateRedis
+from harness.stack import wait_until
+
+
+def taken(client: redis.Redis, tag: str) -> None:
+    """A message as kombu records it once a consumer has taken it."""
+    client.hset("unacked", tag, json.dumps([{"body": "x"}, "ocr", "ocr"]))
+    client.zadd("unacked_index", {tag: 1.0})
+
+
+@pytest.fixture
+def full_redis(tmp_path):
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    client = redis.Redis.from_url(private.url)
+    taken(client, "page-1")
+    client.config_set("maxmemory", max(client.info("memory")["used_memory"] - 2**16, 2**16))
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("anything", "1")
+    yield private, client
+    private.stop()
+
+
+def test_an_acknowledgement_goes_through_while_redis_is_out_of_memory(full_redis):
+    private, client = full_redis
+    with Connection(private.url) as conn:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):  # kombu's: a MULTI, refused whole
+            kombu_redis.QoS(conn.default_channel).ack("page-1")
+        refusals.QoS(conn.default_channel).ack("page-1")
+    assert not client.hexists("unacked", "page-1") and client.zscore("unacked_index", "page-1") is None
+
+
+def test_a_periodic_restore_is_skipped_while_redis_is_out_of_memory(full_redis):
+    private, _ = full_redis
+    with Connection(private.url) as conn:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):  # kombu's: its mutex is a write
+            kombu_redis.QoS(conn.default_channel).restore_visible(interval=1)
+        refusals.QoS(conn.default_channel).restore_visible(interval=1)  # skipped; the next sweep restores
+
+
+def test_a_write_refused_by_a_node_that_became_a_replica_is_a_lost_connection(tmp_path):
+    primary = PrivateRedis(tmp_path / "primary").start()
+    replica = PrivateRedis(tmp_path / "replica").start(extra=["--replicaof", "127.0.0.1", str(primary.port)])
+    try:
+        wait_until(lambda: redis.Redis(port=replica.port).info("replication").get("master_link_status") == "up",
+                   timeout=15, message="the replica to sync")
+        with Connection(replica.url) as conn:
+            with pytest.raises(redis.exceptions.ReadOnlyError):  # kombu's: Celery calls it unrecoverable
+                kombu_redis.QoS(conn.default_channel).ack("page-1")
+            with pytest.raises(conn.connection_errors):  # ours: Celery reconnects, as after a primary's death
+                refusals.QoS(conn.default_channel).ack("page-1")
+    finally:
+        replica.stop()
+        primary.stop()

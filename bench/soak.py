@@ -11,7 +11,9 @@ altogether for `--outage-seconds` at three quarters (with `--redis restart`), an
 some jobs. With `--client-timeout S` the clients are `gnosis_ocr.client.Client` (an Idempotency-Key on
 every submission, retried through timeouts and 503s as a real client retries): an answer lost to the
 timeout is then asked for again with the same key. After each Redis episode it times how long until
-every worker's `/readyz` says 200 again.
+every worker's `/readyz` says 200 again. With `--batch-every S` a batch of `--batch-documents`
+one-page images goes from a GCS emulator's bucket to another prefix every S seconds, and each must end
+with every document counted once and a result object for each document done.
 At the end it waits for the backlog to drain and prints one table. "lost" is a job that was accepted
 (202) and then neither reached a final state nor was deleted by the client.
 """
@@ -19,6 +21,7 @@ At the end it waits for the backlog to drain and prints one table. "lost" is a j
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import signal
 import tempfile
@@ -54,6 +57,8 @@ class Soak:
         self.refused_503: dict[str, int] = {}  # by error code: Redis away, full, or replicas short
         self.retried_out: dict[str, int] = {}  # --client-timeout: what the client gave up on, by code
         self.duplicates = 0
+        self.batches: dict[str, str] = {}  # batch id -> its destination prefix
+        self.bucket = None
         self.events: list[str] = []
         self.peak_memory = 0
         self.ready_again: list[float] = []  # seconds after each Redis episode until every worker was ready
@@ -109,6 +114,63 @@ class Soak:
             except requests.RequestException:
                 self.refused["other"] += 1
             self.stop.wait(1 / self.args.rate)
+
+    def start_bucket(self) -> None:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        from harness.gcsemulator import start_emulator
+
+        self.emulator = start_emulator()
+        client = storage.Client(project="soak", credentials=AnonymousCredentials())
+        self.bucket = client.create_bucket("soak")
+        self.stack.env.update(STORAGE_EMULATOR_HOST=os.environ["STORAGE_EMULATOR_HOST"], GOOGLE_CLOUD_PROJECT="soak",
+                              GNOSIS_BATCH_BUCKETS="gs://soak/")
+
+    def batch_loop(self, url: str) -> None:
+        n = 0
+        while not self.stop.wait(self.args.batch_every):
+            prefix = f"in/b{n:03}/"
+            for d in range(self.args.batch_documents):
+                self.bucket.blob(f"{prefix}d{d:02}.png").upload_from_string(text_image([f"Soak batch {n} doc {d}"]))
+            try:
+                r = requests.post(f"{url}/v1/batches", json={"source": f"gs://soak/{prefix}",
+                                                              "destination": f"gs://soak/out/b{n:03}/"}, timeout=15)
+                if r.status_code == 202:
+                    self.batches[r.json()["id"]] = f"out/b{n:03}/"
+                else:
+                    self.refused[str(r.status_code) if r.status_code in (429, 503) else "other"] += 1
+            except requests.RequestException:
+                self.refused["other"] += 1
+            n += 1
+
+    def tally_batches(self, url: str, deadline: float) -> dict:
+        finals: dict[str, dict] = {}
+        while len(finals) < len(self.batches) and time.monotonic() < deadline:
+            for batch_id in self.batches:
+                if batch_id in finals:
+                    continue
+                r = requests.get(f"{url}/v1/batches/{batch_id}", timeout=15)
+                if r.status_code != 200:
+                    finals[batch_id] = {"status": "lost"}
+                elif r.json()["status"] in ("succeeded", "failed", "cancelled"):
+                    finals[batch_id] = r.json()
+            time.sleep(2)  # polling batches, which have no long-poll
+        miscounted = results_missing = 0
+        for batch_id, batch in finals.items():
+            if batch["status"] == "lost":
+                continue
+            counted = batch["documents_done"] + batch["documents_failed"] + batch["documents_skipped"]
+            miscounted += counted != batch["documents_total"] or batch["documents_total"] != self.args.batch_documents
+            names = {b.name for b in self.bucket.list_blobs(prefix=self.batches[batch_id]) if b.name.endswith(".json")
+                     and not b.name.endswith("_gnosis_batch.json")}
+            results_missing += max(batch["documents_done"] - len(names), 0)
+        statuses: dict[str, int] = {}
+        for batch in finals.values():
+            statuses[batch["status"]] = statuses.get(batch["status"], 0) + 1
+        return {"batches": len(self.batches), "batch_statuses": statuses,
+                "batches_not_final": len(self.batches) - len(finals),
+                "batches_miscounted": miscounted, "batch_results_missing": results_missing}
 
     def sample_memory(self) -> None:
         from gnosis_ocr.redisconn import connect
@@ -209,6 +271,8 @@ class Soak:
             self.stop.wait(1)
 
     def run(self) -> dict:
+        if self.args.batch_every:
+            self.start_bucket()
         url = self.stack.api(workers=2)
         workers = [self.worker() for _ in range(self.args.workers)]
         for proc in workers:
@@ -216,6 +280,8 @@ class Soak:
         threads = [threading.Thread(target=self.submit_loop, args=(url,), daemon=True),
                    threading.Thread(target=self.sample_memory, daemon=True),
                    threading.Thread(target=self.faults, args=(workers,), daemon=True)]
+        if self.args.batch_every:
+            threads.append(threading.Thread(target=self.batch_loop, args=(url,), daemon=True))
         for t in threads:
             t.start()
         self.stop.wait(self.args.minutes * 60)
@@ -262,12 +328,16 @@ class Soak:
             "p50_submit_to_final_s": round(percentile(seconds, 50), 1),
             "p99_submit_to_final_s": round(percentile(seconds, 99), 1),
             "peak_redis_memory_mib": round(self.peak_memory / 2**20, 1),
-            "all_workers_ready_again_s": self.ready_again, "faults": self.events,
+            "all_workers_ready_again_s": self.ready_again,
+            **(self.tally_batches(url, deadline) if self.args.batch_every else {}),
+            "faults": self.events,
         }
 
     def close(self) -> None:
         self.stack.stop()
         self.redis.stop()
+        if self.bucket is not None:
+            self.emulator.stop()
 
 
 def _stamp(text: str) -> float:
@@ -283,6 +353,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.5, help="submissions per second")
     parser.add_argument("--client-timeout", type=float, default=0,
                         help="submit with the retrying client, this many seconds per try (0: plain requests)")
+    parser.add_argument("--batch-every", type=float, default=0, help="seconds between batches (0: no batches)")
+    parser.add_argument("--batch-documents", type=int, default=10)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--kill-every", type=float, default=60, help="seconds between worker kills")
     parser.add_argument("--redis", choices=["sentinel", "restart"], default="sentinel")

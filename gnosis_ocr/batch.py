@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis
 
 from . import keys
-from .job import JobStatus, now_rfc3339
+from .job import ClaimLost, JobStatus, now_rfc3339
 
 # Counts one document. Returns the batch's status after the count ('' when the batch is gone) and 1 if
 # this call counted it: a job counted before (by its worker, or by the housekeeper after that worker
@@ -68,10 +68,32 @@ return 'final:succeeded'
 """
 
 
+# A new batch, with its entry in the unlisted index. KEYS: record, unlisted index, Idempotency-Key claim
+# (or ''). ARGV: the claim this request holds, now (unix s), then field/value pairs. 0, writing nothing,
+# when a retry took the key over while this request was slow: one key, one batch.
+_CREATE = """
+if KEYS[3] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[2], redis.call('HGET', KEYS[1], 'id'))
+return 1
+"""
+
+# Removes a batch that never started, and its key. ARGV[1] '1': unless a retry with its Idempotency-Key
+# has answered with it (`vouched`), when nothing is removed and 0 is returned.
+_DISCARD = """
+if ARGV[1] == '1' and redis.call('HGET', KEYS[1], 'vouched') == '1' then return 0 end
+local idem = redis.call('HGET', KEYS[1], 'idem_key')
+if idem and idem ~= '' then redis.call('DEL', idem) end
+redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], 'id') or '')
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # A field of a batch that still exists: a record deleted meanwhile is not brought back as a stub.
 _NOTE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
 """
 
 # Counts a new job in a live batch; 0 (nothing written) when the batch has ended meanwhile (cancelled
@@ -153,26 +175,35 @@ class BatchStore:
         self._add = client.register_script(_ADD_JOB)
         self._settle = client.register_script(_SETTLE)
         self._note = client.register_script(_NOTE)
+        self._create = client.register_script(_CREATE)
+        self._discard = client.register_script(_DISCARD)
 
     def create(self, *, source: str, destination: str, owner: str, overwrite: bool, callback_url: str,
-               options: str) -> Batch:
-        batch_id = uuid.uuid4().hex
+               options: str, batch_id: str | None = None, idem_name: str = "", idem_claim: str = "") -> Batch:
+        """A new batch. With an Idempotency-Key claim (`idem_name`), only while the key still holds
+        `idem_claim`: else ClaimLost, and nothing is written."""
+        batch_id = batch_id or uuid.uuid4().hex
         record = {"id": batch_id, "status": JobStatus.QUEUED.value, "source": source, "destination": destination,
                   "owner": owner, "overwrite": "1" if overwrite else "0", "callback_url": callback_url,
                   "options": options, "created_at": now_rfc3339(), "documents_total": 0, "documents_done": 0,
-                  "documents_failed": 0, "documents_skipped": 0, "listed": "0"}
-        pipe = self.redis.pipeline()  # MULTI: no batch without its entry in the unlisted index
-        pipe.hset(keys.batch(batch_id), mapping=record)
-        pipe.zadd(keys.BATCHES_UNLISTED, {batch_id: int(self.redis.time()[0])})
-        pipe.execute()
+                  "documents_failed": 0, "documents_skipped": 0, "listed": "0", "idem_key": idem_name}
+        pairs = [str(item) for pair in record.items() for item in pair]
+        if not self._create(keys=[keys.batch(batch_id), keys.BATCHES_UNLISTED, idem_name],
+                            args=[idem_claim, int(self.redis.time()[0]), *pairs]):
+            raise ClaimLost(f"the Idempotency-Key of batch {batch_id} was taken over before the batch was written")
         return Batch.from_hash({k: str(v) for k, v in record.items()})
 
     def discard(self, batch_id: str) -> None:
         """Remove a batch that never started (its listing could not be published): it never existed."""
-        pipe = self.redis.pipeline()
-        pipe.delete(keys.batch(batch_id))
-        pipe.zrem(keys.BATCHES_UNLISTED, batch_id)
-        pipe.execute()
+        self._discard(keys=[keys.batch(batch_id), keys.BATCHES_UNLISTED], args=[""])
+
+    def abandon(self, batch_id: str) -> bool:
+        """`discard`, unless a retry with the batch's Idempotency-Key has answered with it (False: kept)."""
+        return bool(self._discard(keys=[keys.batch(batch_id), keys.BATCHES_UNLISTED], args=["1"]))
+
+    def vouch(self, batch_id: str) -> bool:
+        """Before a retry answers with this batch; False when the first request abandoned it first."""
+        return bool(self._note(keys=[keys.batch(batch_id)], args=["vouched", "1"]))
 
     def get(self, batch_id: str) -> Batch | None:
         h = self.redis.hgetall(keys.batch(batch_id))

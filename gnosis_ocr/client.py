@@ -95,12 +95,13 @@ class Client:
     def delete(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
-    def submit_batch(self, source: str, destination: str, **fields) -> dict:
+    def submit_batch(self, source: str, destination: str, *, idempotency_key: str | None = None, **fields) -> dict:
         """A batch from `source` to `destination` (gs:// prefixes); `fields`: pages, language, overwrite,
-        callback_url."""
+        callback_url. Retried with one Idempotency-Key, so a lost answer never lists the documents twice."""
         body = {"source": source, "destination": destination,
                 **{k: v for k, v in fields.items() if v is not None}}
-        return self._request("POST", "/v1/batches", json=body).json()
+        headers = {"Idempotency-Key": idempotency_key or f"gnosis-client-{uuid.uuid4().hex}"}
+        return self._request("POST", "/v1/batches", json=body, headers=headers).json()
 
     def batch(self, batch_id: str) -> dict:
         return self._request("GET", f"/v1/batches/{batch_id}").json()

@@ -67,6 +67,11 @@ def idempotency(owner: str, key: str) -> str:
     return f"{PREFIX}idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def batch_idempotency(owner: str, key: str) -> str:
+    """The same for POST /v1/batches: a key names a job or a batch, never one for the other."""
+    return f"{PREFIX}idem-batch:{owner}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
 # Batches (batch.py)
 
 

@@ -4,16 +4,20 @@ worker; no document passes through it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import re
+import uuid
 
 import redis
 from flask import Blueprint, jsonify, request
 
-from .. import gcs, options, webhook
+from .. import gcs, keys, options, webhook
 from ..batch import BatchStore
 from ..broker import EXPAND_BATCH_TASK, cache_queue
 from ..errors import BadRequest, NotFound
-from . import ctx
+from ..job import ClaimLost
+from . import ctx, idempotency
 from .auth import current_owner, require_key
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
@@ -31,6 +35,9 @@ def store() -> BatchStore:
 @bp.post("")
 def create():
     c = ctx()
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        idempotency.validate(key)
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise BadRequest("Send the batch as a JSON object.", code="invalid_parameter")
@@ -61,22 +68,62 @@ def create():
             raise BadRequest("Webhooks are not enabled on this server (GNOSIS_WEBHOOK_SECRET is unset).",
                              code="webhooks_disabled")
         callback_url = webhook.check_url(callback_url, allow_private=c.settings.webhook_allow_private)
-    batch = store().create(source=source.uri, destination=destination.uri, owner=current_owner(),
-                           overwrite=overwrite, callback_url=callback_url,
-                           options=options.Options(pages=pages, language=language).to_record())
+    batch_id = uuid.uuid4().hex
+    idem_name = claim = ""
+    if key is not None:
+        # The same request again (a client retrying a lost answer) gets the same batch, never a second
+        # listing of the same documents.
+        idem_name = keys.batch_idempotency(current_owner(), key)
+        fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        claim = idempotency.claim_value(batch_id, fingerprint)
+        answer = idempotency.take_key(c.redis, idem_name, new_id=batch_id, fingerprint=fingerprint,
+                                      ttl=c.settings.job_ttl, replay=_replay)
+        if answer is not None:
+            return answer
+    try:
+        batch = store().create(source=source.uri, destination=destination.uri, owner=current_owner(),
+                               overwrite=overwrite, callback_url=callback_url,
+                               options=options.Options(pages=pages, language=language).to_record(),
+                               batch_id=batch_id, idem_name=idem_name, idem_claim=claim)
+    except ClaimLost:  # a retry took the key over and made the batch while this request was slow
+        return _replay(idempotency.holder(c.redis, idem_name) or batch_id) or idempotency.still_in_use()
+    except Exception:
+        if idem_name:
+            idempotency.release(c.redis, idem_name, claim)  # nothing was written: the key is free again
+        raise
     try:
         c.producer.send_task(EXPAND_BATCH_TASK, args=[batch.id], queue=cache_queue(c.settings))
         c.confirm_accepted("batch")
     except Exception:
         # An accepted batch must be a listed one that outlives a failover: if its listing cannot be sent,
-        # or replicas do not confirm it, it never existed (and the client, told 503, may send it again).
-        # Left behind only if Redis fails this too: the housekeeper then lists it (worker/listings.py).
+        # or replicas do not confirm it, it never existed (and the client, told 503, may send it again),
+        # unless a retry with its Idempotency-Key has answered with it meanwhile (then it stays and is
+        # listed by the housekeeper). Left behind too if Redis fails this: the housekeeper lists it.
         with contextlib.suppress(redis.RedisError):
-            store().discard(batch.id)
+            if not store().abandon(batch.id):
+                return _accepted(batch)
+            if idem_name:
+                idempotency.release(c.redis, idem_name, claim)
         raise
+    return _accepted(batch)
+
+
+def _accepted(batch):
     response = jsonify(batch.to_api())
     response.status_code = 202
     response.headers["Location"] = f"/v1/batches/{batch.id}"
+    return response
+
+
+def _replay(batch_id: str):
+    """The answer for a retry: the first request's batch (idempotency.replay), or None."""
+    batches = store()
+    batch = idempotency.replay(lambda: batches.get(batch_id), confirm=lambda: ctx().confirm_accepted("batch"),
+                               vouch=lambda: batches.vouch(batch_id))
+    if batch is None:
+        return None
+    response = jsonify(batch.to_api())
+    response.headers["Location"] = f"/v1/batches/{batch_id}"
     return response
 
 

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from .. import document, keys, options, webhook
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue, page_priority
-from ..defaults import DEFAULT_IDEMPOTENCY_WAIT, DEFAULT_WAIT_MAX
+from ..defaults import DEFAULT_WAIT_MAX
 from ..errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
 from ..job import ClaimLost, Ending, Job, JobStatus, new_job_id, result_object, result_text
 from . import ctx, idempotency
@@ -50,17 +50,10 @@ def submit():
         idem_name = keys.idempotency(current_owner(), key)
         sha = hashlib.sha256(data).hexdigest()
         claim = idempotency.claim_value(job_id, sha)
-        first = idempotency.claim(c.redis, idem_name, job_id=job_id, document_sha=sha, ttl=c.settings.job_ttl)
-        if first is not None:
-            replay = _replay(first)
-            if replay is not None:
-                return replay
-            # The request that claimed the key never wrote its job (its API process died in between):
-            # this one takes the key over, unless another retry took it first.
-            first = idempotency.take_over(c.redis, idem_name, stale_job=first, job_id=job_id, document_sha=sha,
-                                          ttl=c.settings.job_ttl)
-            if first is not None:
-                return _replay(first) or _still_in_use()
+        answer = idempotency.take_key(c.redis, idem_name, new_id=job_id, fingerprint=sha, ttl=c.settings.job_ttl,
+                                      replay=_replay)
+        if answer is not None:
+            return answer
     try:
         backlog = _check_queue_room(pages, len(data))
         # What the job costs Redis until it ends: its document (when kept there), its record and messages.
@@ -85,7 +78,7 @@ def submit():
     except ClaimLost:
         # This request was slow enough that a retry took its key over and made the job: that job is
         # the answer, and nothing of this request was written.
-        return _replay(idempotency.holder(c.redis, idem_name) or job_id) or _still_in_use()
+        return _replay(idempotency.holder(c.redis, idem_name) or job_id) or idempotency.still_in_use()
     except Exception:
         if idem_name:
             idempotency.release(c.redis, idem_name, claim)  # also when the record was never written
@@ -109,28 +102,15 @@ def _callback_url() -> str:
 
 
 def _replay(job_id: str):
-    """The first request's job, once its record exists; None if it never appeared, or if the first
-    request abandoned it (either way the caller may take the key over).
-
-    The first request may still be waiting for its pages to be sent and its replicas to confirm, and
-    it removes the job if either fails. So this answer confirms on its own (503 `redis_unreplicated`
-    if the replicas fall short, removing nothing), then vouches for the job, after which the first
-    request can no longer remove it."""
+    """The answer for a retry: the first request's job (idempotency.replay), or None."""
     c = ctx()
-    job = idempotency.wait_for_record(lambda: c.jobs.get(job_id), timeout=DEFAULT_IDEMPOTENCY_WAIT)
+    job = idempotency.replay(lambda: c.jobs.get(job_id), confirm=lambda: c.confirm_accepted("job"),
+                             vouch=lambda: c.jobs.vouch(job_id))
     if job is None:
-        return None
-    c.confirm_accepted("job")
-    if not c.jobs.vouch(job_id):
         return None
     response = jsonify(job.to_api())
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return response
-
-
-def _still_in_use():
-    raise Conflict("A request with this Idempotency-Key is still being processed; retry shortly.",
-                   code="idempotency_key_in_use")
 
 
 def _check_queue_room(pages: int, size: int) -> int:

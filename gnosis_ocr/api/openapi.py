@@ -15,6 +15,9 @@ def spec() -> dict:
     batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
     batch = {"description": "The batch.", "content": {"application/json": {"schema": {
         "$ref": "#/components/schemas/Batch"}}}}
+    idempotency_key = {"name": "Idempotency-Key", "in": "header", "required": False,
+                       "schema": {"type": "string", "minLength": 1, "maxLength": 200,
+                                  "pattern": "^[^\\x00-\\x1f\\x7f]+$"}}
     accepted = {**job, "links": {
         "GetJob": {"operationId": "getJob", "parameters": by_id},
         "GetResult": {"operationId": "getResult", "parameters": by_id},
@@ -26,9 +29,7 @@ def spec() -> dict:
         "paths": {
             "/v1/jobs": {"post": {
                 "operationId": "submitJob", "summary": "Submit a document",
-                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                "schema": {"type": "string", "minLength": 1, "maxLength": 200,
-                                           "pattern": "^[^\\x00-\\x1f\\x7f]+$"}}],
+                "parameters": [idempotency_key],
                 "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                     "type": "object", "required": ["file"],
                     "properties": {"file": {"type": "string", "format": "binary"},
@@ -71,12 +72,15 @@ def spec() -> dict:
                               "503": _error("Queue unreachable.")}}},
             "/v1/batches": {"post": {
                 "operationId": "submitBatch", "summary": "Read every document under a gs:// prefix into another",
+                "parameters": [idempotency_key],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["source", "destination"], "properties": {
                         "source": {"type": "string"}, "destination": {"type": "string"},
                         "callback_url": {"type": "string"}, "pages": {"type": "string"},
                         "language": {"type": "string"}, "overwrite": {"type": "boolean"}}}}}},
-                "responses": {"202": batch, "400": _error("A bad URI or option."), "401": _error("No valid key."),
+                "responses": {"202": batch, "200": batch, "400": _error("A bad URI or option."),
+                              "401": _error("No valid key."),
+                              "409": _error("Idempotency key reused with another request."),
                               "403": _error("Batches are off (batches_disabled), or a prefix is outside "
                                             "GNOSIS_BATCH_BUCKETS (forbidden_source)."),
                               "503": _error("Queue unreachable.")}}},

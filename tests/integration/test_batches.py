@@ -175,6 +175,61 @@ def test_batches_stay_inside_the_allowed_prefixes(stack, bucket):
     assert (r.status_code, r.json()["error"]["code"]) == (403, "batches_disabled")
 
 
+def test_a_batch_sent_again_with_its_idempotency_key_is_the_same_batch_and_lists_its_documents_once(stack,
+                                                                                                      bucket):
+    """A client whose answer was lost sends the batch again: without a key that was a second batch
+    reading every document again (the first one's results did not exist yet to be skipped)."""
+    from gnosis_ocr.client import Client
+
+    scans, host = bucket
+    upload_pages(scans, 6, "page", "Idempotent batch page")
+    url = batch_stack(stack, host)
+    body = {"source": "gs://scans/in/", "destination": "gs://scans/out/"}
+    first = requests.post(f"{url}/v1/batches", json=body, headers={"Idempotency-Key": "nightly-2026-12-06"})
+    again = requests.post(f"{url}/v1/batches", json=body, headers={"Idempotency-Key": "nightly-2026-12-06"})
+    assert first.status_code == 202 and again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"] and again.headers["Location"] == first.headers["Location"]
+    other = requests.post(f"{url}/v1/batches", json={**body, "overwrite": True},
+                          headers={"Idempotency-Key": "nightly-2026-12-06"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    # A job's key and a batch's never answer for each other.
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["a job"]))},
+                        headers={"Idempotency-Key": "nightly-2026-12-06"})
+    assert job.status_code == 202, job.text
+    client = Client(url)  # the client sends one key for all its tries
+    made = client.submit_batch("gs://scans/in/", "gs://scans/out/", idempotency_key="nightly-2026-12-06")
+    assert made["id"] == first.json()["id"]
+    batch = final(url, first.json()["id"], stack)
+    assert (batch["status"], batch["documents_total"], batch["documents_done"]) == ("succeeded", 6, 6), batch
+    assert len(stack.redis.smembers(f"gnosis:batch:{batch['id']}:jobs")) == 6
+    assert sorted(k.decode() for k in stack.redis.scan_iter("gnosis:batch:*") if k.count(b":") == 2) == \
+        [f"gnosis:batch:{batch['id']}"]
+
+
+def test_a_batch_keeps_to_its_idempotency_claim_and_stays_once_a_retry_has_answered_with_it(stack):
+    """The store's side of the key: a batch is written only while the key holds this request's claim,
+    and the first request's failure removes it only while no retry has answered with it."""
+    from gnosis_ocr import keys
+    from gnosis_ocr.batch import BatchStore
+    from gnosis_ocr.job import ClaimLost
+
+    store = BatchStore(stack.redis, ttl=3600)
+    name = keys.batch_idempotency("", "retried")
+    fields = {"source": "gs://scans/in/", "destination": "gs://scans/out/", "owner": "", "overwrite": False,
+              "callback_url": "", "options": ""}
+    stack.redis.set(name, f"{'b' * 32}:fp")  # a retry took the key over
+    with pytest.raises(ClaimLost):
+        store.create(**fields, batch_id="a" * 32, idem_name=name, idem_claim=f"{'a' * 32}:fp")
+    assert store.get("a" * 32) is None
+    store.create(**fields, batch_id="b" * 32, idem_name=name, idem_claim=f"{'b' * 32}:fp")
+    assert store.vouch("b" * 32) and store.vouch("b" * 32)  # every retry may vouch
+    assert store.abandon("b" * 32) is False and store.get("b" * 32) is not None
+    stack.redis.set(name, f"{'c' * 32}:fp")
+    store.create(**fields, batch_id="c" * 32, idem_name=name, idem_claim=f"{'c' * 32}:fp")
+    assert store.abandon("c" * 32) is True and store.get("c" * 32) is None and stack.redis.get(name) is None
+    assert store.vouch("c" * 32) is False
+
+
 def test_a_cancelled_batch_stops_listing_and_its_jobs(stack, bucket):
     scans, host = bucket
     upload_pages(scans, 40, "page", "Cancelled batch page")

@@ -4,6 +4,7 @@ named loudly. Real Redis (a private one, so its limits can be set), real API and
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -188,32 +189,39 @@ def test_a_lost_page_of_a_busy_key_is_published_again_at_that_keys_priority(stac
     assert finals[-1]["attempts"] == 1, "the page ran once"
 
 
-def test_a_consuming_worker_rides_out_redis_refusing_writes_and_every_page_finishes(stack, tmp_path):
-    """kombu's Redis transport acknowledges in a MULTI, which Redis refuses whole while it is out of
-    memory (even the ZREM and HDEL that would free some), and records every message it takes with a
-    write Redis refuses then: either escaped into Celery's loop as an "Unrecoverable error", and every
-    worker finishing or taking a page during the episode stopped (three of three within 2 s here)."""
+@contextlib.contextmanager
+def full_while_consuming(stack, tmp_path, jobs: int, **worker_env: str):
+    """A worker consuming `jobs` one-page jobs from a private Redis, which then refuses writes: yields
+    (client, api url, job ids, worker)."""
     private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
     try:
         client = redis.Redis.from_url(private.url)
         stack.env.update(REDIS_URL=private.url, GNOSIS_RECONCILE_GRACE="1")
         url = stack.api()
-        jobs = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"oom {n}"]))}).json()
-                for n in range(12)]
-        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", concurrency=2)
-        wait_until(lambda: client.hlen("unacked") or client.exists("gnosis:job:" + jobs[0]["id"] + ":pages"),
-                   timeout=30, message="the worker to consume")
+        ids = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"full {n}"]))}).json()["id"]
+               for n in range(jobs)]
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", **worker_env)
+        wait_until(lambda: client.hlen("unacked"), timeout=30, message="the worker to consume")
         refuse_writes(client)  # pages finish and the next ones are taken while Redis is full
         wait_until(lambda: "Redis refuses writes" in worker.log() or not worker.alive(), timeout=60,
                    message="the worker to meet the refusal")
+        yield client, url, ids, worker
+    finally:
+        private.stop()
+
+
+def test_a_consuming_worker_rides_out_redis_refusing_writes_and_every_page_finishes(stack, tmp_path):
+    """kombu's Redis transport acknowledges in a MULTI, which Redis refuses whole while it is out of
+    memory (even the ZREM and HDEL that would free some), and records every message it takes with a
+    write Redis refuses then: either escaped into Celery's loop as an "Unrecoverable error", and every
+    worker finishing or taking a page during the episode stopped (three of three within 2 s here)."""
+    with full_while_consuming(stack, tmp_path, 12, concurrency=2) as (client, url, jobs, worker):
         assert worker.alive(), worker.log()[-3000:]
         client.config_set("maxmemory", 0)
-        finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
+        finals = [poll_job(url, job_id, timeout=120) for job_id in jobs]
         assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
         assert worker.alive() and "Unrecoverable error" not in worker.log()
         assert "Redis takes writes again" in worker.log()
-    finally:
-        private.stop()
 
 
 def test_a_worker_waiting_for_redis_to_take_writes_still_stops_on_sigterm(stack, tmp_path):
@@ -221,25 +229,13 @@ def test_a_worker_waiting_for_redis_to_take_writes_still_stops_on_sigterm(stack,
     is lost."""
     import signal
 
-    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
-    try:
-        client = redis.Redis.from_url(private.url)
-        stack.env.update(REDIS_URL=private.url, GNOSIS_RECONCILE_GRACE="1")
-        url = stack.api()
-        jobs = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"term {n}"]))}).json()
-                for n in range(8)]
-        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3")
-        wait_until(lambda: client.hlen("unacked"), timeout=30, message="the worker to consume")
-        refuse_writes(client)
-        wait_until(lambda: "Redis refuses writes" in worker.log(), timeout=60, message="the worker to wait")
+    with full_while_consuming(stack, tmp_path, 8) as (client, url, jobs, worker):
         worker.popen.send_signal(signal.SIGTERM)
         wait_until(lambda: not worker.alive(), timeout=30, message="the worker to stop on SIGTERM")
         client.config_set("maxmemory", 0)
         stack.worker(OCR_ENGINE="null")
-        finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
+        finals = [poll_job(url, job_id, timeout=120) for job_id in jobs]
         assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
-    finally:
-        private.stop()
 
 
 def refuse_writes(client: redis.Redis) -> None:

@@ -74,6 +74,13 @@ def connect(url: str, **kwargs) -> redis.Redis:
     return sentinel.master_for(target.master, db=target.db, password=target.password, **kwargs)
 
 
+def sentinels(url: str, *, timeout: float) -> tuple[str, list[redis.Redis]]:
+    """With a Sentinel REDIS_URL: the master's name and a client for each sentinel."""
+    target = parse_sentinel(url)
+    return target.master, [redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
+                           for host, port in target.sentinels]
+
+
 def celery_broker(url: str) -> tuple[str, dict]:
     """Celery's broker URL and extra transport options for REDIS_URL."""
     if not is_sentinel(url):

@@ -14,6 +14,14 @@ GNOSIS_ACCEPT_REPLICAS_WAIT, the job or batch is removed and the client gets 503
   but not from the API (the writes a promoted replica never sees), at the price of refusing every
   submission while fewer than N replicas are up.
 
+A graceful Sentinel failover (SENTINEL FAILOVER, as for maintenance) promotes the replica while the old
+primary, not yet told, goes on taking writes for up to ten seconds, then resynchronises from the new
+one and drops them. The old primary has no replica then, so `connected` would accept on it alone: 34 of
+110 jobs answered 202 in such a failover were 404 afterwards. So under `connected`, with a Sentinel
+REDIS_URL, a primary with no replica is trusted only if every sentinel that answers names it (by run
+id) and none has a failover under way; otherwise the submission is refused and the pool reconnects,
+asking the sentinels again.
+
 WAIT counts only the writes of the connection it is sent on, and a pooled connection may have written
 nothing since it connected, when WAIT answers at once that every replica is in sync. So a PUBLISH goes
 first on the same connection: it is replicated, writes no key, is allowed while Redis is full, and its
@@ -62,6 +70,36 @@ def confirm(client: redis.Redis, replicas: int, timeout: float) -> int:
     return int(pipe.execute()[-1])
 
 
+class SentinelCheck:
+    """Whether the node a client writes to is the primary every reachable sentinel names, with no
+    failover under way: None if so, else why not. Sentinels that do not answer say nothing."""
+
+    def __init__(self, client: redis.Redis, master: str, sentinels: list[redis.Redis]) -> None:
+        self.client = client
+        self.master = master
+        self.sentinels = sentinels
+
+    def __call__(self) -> str | None:
+        ours = self.client.info("server")["run_id"]
+        for sentinel in self.sentinels:
+            try:
+                state = sentinel.execute_command("SENTINEL", "MASTER", self.master)
+            except redis.RedisError:
+                continue
+            if isinstance(state, list):  # RESP2 without redis-py's parsing: a flat list of pairs
+                state = dict(zip(state[::2], state[1::2]))
+            state = {_text(k): _text(v) for k, v in state.items()}
+            if state.get("runid") != ours:
+                return "the sentinels name another primary"
+            if "failover_in_progress" in state.get("flags", ""):
+                return "a failover is under way"
+        return None
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def connected(client: redis.Redis) -> int:
     """Replicas connected to the primary now (`INFO replication`)."""
     return int(client.info("replication").get("connected_slaves", 0))
@@ -70,11 +108,13 @@ def connected(client: redis.Redis) -> int:
 class Acceptance:
     """One process's acceptance policy: `require` before each 202."""
 
-    def __init__(self, client: redis.Redis, policy: str, timeout: float) -> None:
+    def __init__(self, client: redis.Redis, policy: str, timeout: float,
+                 primary_check: SentinelCheck | None = None) -> None:
         self.client = client
         self.policy = policy
         self.replicas = parse(policy)
         self.timeout = timeout
+        self.primary_check = primary_check  # Sentinel only: is a primary with no replica still the primary?
         self._count: tuple[float, int] | None = None  # (when read, replicas): one tuple, replaced whole
 
     @property
@@ -104,9 +144,14 @@ class Acceptance:
         try:
             wanted = self.wanted()
             confirmed = confirm(self.client, wanted, self.timeout) if wanted > 0 else 0
+            stale = self.primary_check() if wanted == 0 and self.primary_check is not None else None
         except redis.ResponseError as exc:  # a replica as REDIS_URL, or a Redis that refuses WAIT or INFO
             raise Unavailable(f"Redis cannot confirm writes on replicas ({exc}); nothing was accepted. "
                               "Retry later.", code=CODE) from exc
+        if stale is not None:
+            self._count = None
+            self.client.connection_pool.disconnect()  # the next connection asks the sentinels again
+            raise Unavailable(f"Redis is failing over ({stale}); nothing was accepted. Retry later.", code=CODE)
         if confirmed < wanted:
             raise Unavailable(f"Redis confirmed the {what} on {confirmed} of {wanted} replica(s) within "
                               f"{self.timeout:g}s; nothing was accepted. Retry later.", code=CODE)

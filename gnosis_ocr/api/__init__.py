@@ -19,7 +19,7 @@ from ..errors import Unavailable
 from ..job import JobStore
 from ..metrics import Metrics
 from ..options import WorkerLanguages
-from ..redisconn import connect
+from ..redisconn import connect, is_sentinel, sentinels
 from ..settings import Settings
 
 __all__ = ["create_app", "ctx"]
@@ -84,6 +84,13 @@ class ApiContext:
                 self._depth = (fetched_at, depth + pages)
 
 
+def _sentinel_check(client: redis.Redis, settings: Settings) -> replication.SentinelCheck | None:
+    if not is_sentinel(settings.redis_url) or settings.accept_replicas != replication.CONNECTED:
+        return None
+    master, clients = sentinels(settings.redis_url, timeout=settings.accept_replicas_wait)
+    return replication.SentinelCheck(client, master, clients)
+
+
 def queue_length(client: redis.Redis, queue: str) -> int:
     """Messages waiting in a queue, over all its priority lists."""
     pipe = client.pipeline(transaction=False)
@@ -118,7 +125,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics=Metrics(client, background=True),
         memory=redismemory.MemoryGauge(client),
         languages=WorkerLanguages(client),
-        acceptance=replication.Acceptance(client, settings.accept_replicas, settings.accept_replicas_wait),
+        acceptance=replication.Acceptance(client, settings.accept_replicas, settings.accept_replicas_wait,
+                                          primary_check=_sentinel_check(client, settings)),
     )
     redismemory.warn_if_unsafe(client, "api")
     app.extensions["gnosis"].acceptance.warn_if_short("api")

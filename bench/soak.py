@@ -252,7 +252,13 @@ class Soak:
                 self.time_until_ready(workers, time.monotonic())
             if not failed_over and now - started >= total / 2:
                 failed_over = True
-                if isinstance(self.redis, SentinelGroup):
+                if isinstance(self.redis, SentinelGroup) and self.args.graceful:
+                    import redis as redis_py  # the sentinels' own command, as an operator's maintenance
+
+                    redis_py.Redis(port=self.redis.sentinel_ports[0]).execute_command(
+                        "SENTINEL", "FAILOVER", SentinelGroup.MASTER)
+                    self.events.append(f"{at} SENTINEL FAILOVER (graceful: the old primary lives on)")
+                elif isinstance(self.redis, SentinelGroup):
                     self.redis.primary.stop(signal.SIGKILL)
                     self.events.append(f"{at} kill the Redis primary (Sentinel failover)")
                 else:
@@ -353,6 +359,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.5, help="submissions per second")
     parser.add_argument("--client-timeout", type=float, default=0,
                         help="submit with the retrying client, this many seconds per try (0: plain requests)")
+    parser.add_argument("--graceful", action="store_true",
+                        help="with Sentinel: SENTINEL FAILOVER at half time instead of killing the primary")
     parser.add_argument("--batch-every", type=float, default=0, help="seconds between batches (0: no batches)")
     parser.add_argument("--batch-documents", type=int, default=10)
     parser.add_argument("--workers", type=int, default=3)

@@ -287,7 +287,7 @@ class JobStore:
                                              self.ttl, token))
         verdict = Verdict(result[0].decode())
         if verdict is Verdict.EXHAUSTED:
-            self.inputs.delete(job_id)
+            self._input_done(job_id)
         if verdict is not Verdict.RUN:
             return Claim(verdict)
         return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None,
@@ -307,7 +307,7 @@ class JobStore:
                             token))
         record = PageRecord(Recorded(outcome.decode()), int(done), int(total))
         if record.completed_job:
-            self.inputs.delete(job_id)
+            self._input_done(job_id)
         return record
 
     def fail(self, job_id: str, code: str, message: str) -> Ending:
@@ -320,8 +320,32 @@ class JobStore:
         ending = Ending(self._finish_job(keys=self._keys(job_id), args=self._args(
             status.value, now_rfc3339(), code, message, self.ttl, max_age_ms)).decode())
         if ending is Ending.ENDED:
-            self.inputs.delete(job_id)
+            self._input_done(job_id)
         return ending
+
+    def _input_done(self, job_id: str) -> None:
+        """The job ended. Its input in Redis went with the script that ended it; one in a shared directory
+        goes later (`delete_ended_inputs`): a failover can lose the ending (a graceful one leaves the old
+        primary writable for seconds), the page then runs again, and it must find its document. Written
+        after the ending on the same primary, the mark is never on a replica that lacks the ending."""
+        if self.inputs.in_redis:
+            self.inputs.delete(job_id)
+        else:
+            self.redis.zadd(keys.INPUTS_ENDED, {job_id: int(self.redis.time()[0])})
+
+    def delete_ended_inputs(self, grace: float, *, limit: int = 500) -> int:
+        """Delete the inputs of jobs final for `grace` seconds or more (gone ones too; a job live again
+        keeps its input). Returns how many were deleted."""
+        due = self.redis.zrangebyscore(keys.INPUTS_ENDED, "-inf", int(self.redis.time()[0]) - grace,
+                                       start=0, num=limit)
+        deleted = 0
+        for raw in due:
+            job_id = raw.decode()
+            if self.field(job_id, "status") not in ("queued", "running"):
+                self.inputs.delete(job_id)
+                deleted += 1
+            self.redis.zrem(keys.INPUTS_ENDED, job_id)
+        return deleted
 
     def expire_overdue(self, max_age: float, *, limit: int = 100) -> list[str]:
         """Fail live jobs older than `max_age` seconds with `expired`: the ids this call ended."""

@@ -57,6 +57,11 @@ def owner_pages(owner: str) -> str:
     return f"{OWNER_PAGES[0]}{owner}{OWNER_PAGES[1]}"
 
 
+INPUTS_ENDED = f"{PREFIX}inputs:ended"
+"""Jobs whose input in a shared directory (GNOSIS_INPUT_STORE) is to go, scored by the unix second their
+job ended (Redis's clock): the housekeeper deletes each once it has been final for
+GNOSIS_RECONCILE_GRACE (job.py, `delete_ended_inputs`)."""
+
 WEBHOOK_OUTBOX = f"{PREFIX}webhooks:outbox"
 """Jobs whose final webhook is owed (job ids scored by the unix second it is due): the script that
 makes a job with a callback final adds it; a settled delivery removes it (worker/outbox.py)."""

@@ -135,6 +135,7 @@ class Heartbeat:
                 self.rt.metrics.inc("gnosis_batch_listings_republished_total", relisted)
             owed = outbox.republish(self.redis, self.app, queue=events_queue(self.rt.settings),
                                     grace=self.rt.settings.reconcile_grace)
+            self.rt.jobs.delete_ended_inputs(self.rt.settings.reconcile_grace)
             if owed:
                 self.rt.metrics.inc("gnosis_webhooks_republished_total", owed)
         if time.monotonic() - self._swept > INPUT_SWEEP_INTERVAL:

@@ -35,13 +35,13 @@ def test_documents_in_a_shared_directory_never_enter_redis(stack, tmp_path):
     assert input_path(stack, root, job["id"]).read_bytes() == pdf
     assert not stack.redis.exists(f"gnosis:job:{job['id']}:input")
 
-    stack.worker()
+    stack.worker(GNOSIS_RECONCILE_GRACE="1")
     final = poll_job(url, job["id"], timeout=120)
     assert final["status"] == "succeeded", final
     text = requests.get(f"{url}/v1/jobs/{job['id']}/result").json()["text"]
     assert {"bucket", "page", "one", "two", "three"} <= set(words(text))
-    # Deleted with its job, by the worker just after the record that ends it.
-    wait_until(lambda: stored(root) == [], timeout=10, message="the input to be deleted with its job")
+    # Deleted by the housekeeper once its job has been final for GNOSIS_RECONCILE_GRACE.
+    wait_until(lambda: stored(root) == [], timeout=30, message="the input to be deleted after its job")
 
 
 def test_cancelled_and_deleted_jobs_take_their_files_with_them(stack, tmp_path):
@@ -50,9 +50,12 @@ def test_cancelled_and_deleted_jobs_take_their_files_with_them(stack, tmp_path):
     url = stack.api()
     jobs = [requests.post(f"{url}/v1/jobs", files={"file": (f"{i}.png", text_image(["x"]))}).json() for i in range(2)]
     assert len(stored(root)) == 2
-    requests.post(f"{url}/v1/jobs/{jobs[0]['id']}/cancel")
     requests.delete(f"{url}/v1/jobs/{jobs[1]['id']}")
-    assert stored(root) == []
+    assert stored(root) == [jobs[0]["id"]]  # deleted at once, on the client's word
+    requests.post(f"{url}/v1/jobs/{jobs[0]['id']}/cancel")
+    assert stored(root) == [jobs[0]["id"]]  # kept until the cancellation is past any failover
+    stack.worker(OCR_ENGINE="null", GNOSIS_RECONCILE_GRACE="1")
+    wait_until(lambda: stored(root) == [], timeout=30, message="the housekeeper to delete the cancelled job's input")
 
 
 def test_a_missing_input_fails_its_job_clearly(stack, tmp_path):

@@ -155,3 +155,26 @@ def test_a_retry_during_the_first_requests_confirmation_is_never_answered_with_a
     accepted = post()  # the client's next retry, once the replica keeps up
     assert accepted.status_code == 202, accepted.text
     assert requests.get(f"{url}/v1/jobs/{accepted.json()['id']}", timeout=10).status_code == 200
+
+
+def test_a_job_whose_ending_a_failover_lost_runs_again_and_finds_its_document(stack, pair, tmp_path):
+    """With documents in a shared directory, the worker deleted a job's document as it ended the job. A
+    failover that loses the ending (the replica had not received it yet) runs the page again, which then
+    failed with `input_missing`: the document must outlive the ending until no failover can undo it."""
+    primary, link, replica = pair
+    stack.env.update(REDIS_URL=primary.url, GNOSIS_INPUT_STORE=str(tmp_path / "inputs"))
+    url = stack.api()
+    job = submit(url, "ended.png")
+    assert job.status_code == 202, job.text
+    assert replication.confirm(redis.Redis(port=primary.port), 1, 5.0) == 1  # the replica has job and page
+    link.hold()
+    worker = stack.worker(OCR_ENGINE="null")
+    assert poll_job(url, job.json()["id"], timeout=60)["status"] == "succeeded"  # on the primary alone
+    worker.stop()
+    fail_over(primary, link, replica)
+
+    stack.env["REDIS_URL"] = replica.url
+    after = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_CACHE_VISIBILITY_WAIT="1")
+    final = poll_job(after, job.json()["id"], timeout=60)
+    assert final["status"] == "succeeded", final

@@ -156,8 +156,8 @@ ENGINE_EXIT_GRACE = 30.0
 before it exits regardless."""
 
 WRITE_WAIT_MAX = 5.0
-"""Longest pause, in seconds, between a starting worker's probes of a Redis that refuses writes (the wait
-doubles from half a second)."""
+"""Longest pause, in seconds, between a worker's tries of a write Redis refuses (worker/refusals.py: the
+start-up probe, taking and requeueing messages; the pause doubles from a tenth of a second)."""
 
 DEFAULT_PREFETCH_PAGES = 4
 """Pages a batched worker holds beyond its batch, prepared and waiting, so a freed slot refills at once."""

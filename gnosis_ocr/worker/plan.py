@@ -133,36 +133,16 @@ def wait_for_writes(settings: Settings) -> None:
 
 
 def _probe_until_written(client) -> None:
-    import time
-
     import redis
 
-    from .. import defaults, keys
+    from .. import keys
+    from . import refusals
 
-    pause, refused, say_at = 0.5, None, 0.0
-    started = time.monotonic()
-    while True:
-        try:
-            client.set(keys.WRITE_PROBE, "1", px=1000)
-        except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:
-            refused = refused or exc
-        except redis.ResponseError as exc:
-            if not str(exc).startswith("MISCONF"):
-                return  # not pressure (an ACL without this key, say): Celery says what it finds
-            refused = refused or exc
-        except redis.RedisError:
-            return
-        else:
-            if refused is not None:
-                log.warning("Redis takes writes again; consuming")
-            return
-        waited = time.monotonic() - started
-        if waited >= say_at:  # at once, then a minute apart: a REDIS_URL that names a replica waits here too
-            log.warning("Redis refuses writes (%s); waiting for room before consuming (%.0f s so far)", refused,
-                        waited)
-            say_at = waited + 60
-        time.sleep(pause)  # a back-off between probes, at most WRITE_WAIT_MAX
-        pause = min(pause * 2, defaults.WRITE_WAIT_MAX)
+    try:
+        # A REDIS_URL that names a replica waits here too, as does one out of memory.
+        refusals.until_written("consuming", client.set, keys.WRITE_PROBE, "1", px=1000, replica_waits=True)
+    except redis.RedisError:
+        return  # not pressure (an ACL without this key, say), or no answer: Celery says what it finds
 
 
 def _remove_at_exit(path: str) -> None:

@@ -32,18 +32,20 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-log = logging.getLogger(__name__)
+from .. import defaults
 
-PAUSE_MAX = 2.0
-"""Seconds between tries, at most, while Redis refuses writes."""
+log = logging.getLogger(__name__)
 
 SAY_EVERY = 60.0
 """Seconds between log lines while the wait goes on."""
 
 
-def refused(exc: BaseException) -> bool:
-    """A write refused for a state this Redis leaves by itself: out of memory, or a failed save."""
+def refused(exc: BaseException, *, replica_waits: bool = False) -> bool:
+    """A write refused for a state this Redis leaves by itself: out of memory, or a failed save (and, with
+    `replica_waits`, a replica's READONLY)."""
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    if replica_waits and isinstance(exc, redis.exceptions.ReadOnlyError):
         return True
     return isinstance(exc, redis.ResponseError) and "MISCONF" in str(exc)
 
@@ -62,27 +64,28 @@ def _stopping() -> bool:
     return bool(state.should_stop or state.should_terminate)
 
 
-def until_written(what: str, call, *args, **kwargs):
-    """`call(*args, **kwargs)`, tried again while Redis refuses it (see the module's text)."""
+def until_written(what: str, call, *args, replica_waits: bool = False, **kwargs):
+    """`call(*args, **kwargs)`, tried again while Redis refuses it (see the module's text), with a pause
+    that doubles up to WRITE_WAIT_MAX; `what` names the waiting in the log."""
     pause, started, said = 0.1, 0.0, 0.0
     while True:
         try:
             result = call(*args, **kwargs)
         except redis.ResponseError as exc:
-            if not refused(exc) or _stopping():
+            if not refused(exc, replica_waits=replica_waits) or _stopping():
                 raise
             now = time.monotonic()
             if not started:
                 started = now
             if now - said >= SAY_EVERY:
                 said = now
-                log.warning("Redis refuses writes (%s): %s waits for it (%.0fs so far); no message is taken meanwhile",
-                            exc, what, now - started)
+                log.warning("Redis refuses writes (%s): waiting for room before %s (%.0fs so far)", exc, what,
+                            now - started)
             time.sleep(pause)  # waiting for Redis to have room again; nothing to wake on
-            pause = min(pause * 2, PAUSE_MAX)
+            pause = min(pause * 2, defaults.WRITE_WAIT_MAX)
             continue
         if started:
-            log.warning("Redis takes writes again after %.1fs: %s done", time.monotonic() - started, what)
+            log.warning("Redis takes writes again after %.1fs: %s goes on", time.monotonic() - started, what)
         return result
 
 

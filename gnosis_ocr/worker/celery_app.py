@@ -5,9 +5,10 @@ from celery import Celery
 
 from ..broker import celery_config
 from ..settings import Settings
-from . import refusals
+from . import refusals, subscription
 
 refusals.install()  # a Redis refusing writes pauses consumption instead of stopping the worker
+subscription.install()  # a dropped pub/sub connection is reconnected by Celery, never read on forever
 
 settings = Settings.from_env()
 app = Celery("gnosis-ocr")

@@ -155,6 +155,42 @@ def test_redis_restart_loses_no_accepted_job(stack, tmp_path, both_stores):
         private.stop()
 
 
+def test_workers_whose_redis_connections_are_dropped_go_on_consuming(stack, tmp_path):
+    """Connections dropped under a live Redis: a proxy's idle timeout, a network blip, `CLIENT KILL`, and
+    Sentinel's graceful failover, which kills every normal and pub/sub client of the demoted primary. Each
+    worker process also holds a pub/sub subscription (Celery's remote control); redis-py reconnected it
+    inside kombu's blocking read and read on, so the worker's event loop blocked for good: it consumed
+    nothing more, while its heartbeat said it was alive, so nobody took its pages over."""
+    from tests.integration.test_webhooks import Receiver, hooks_env
+
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    hook = Receiver()
+    try:
+        client = redis.Redis.from_url(private.url)
+        stack.env["REDIS_URL"] = private.url
+        hooks_env(stack)
+        url = stack.api()
+        worker = stack.worker(OCR_ENGINE="null")
+
+        def run(n: int, tag: str) -> list[str]:
+            ids = [requests.post(f"{url}/v1/jobs", data={"callback_url": hook.url},
+                                 files={"file": (f"{tag}{i}.png", text_image([f"dropped {tag}{i}"]))}).json()["id"]
+                   for i in range(n)]
+            return [poll_job(url, job_id, timeout=60)["status"] for job_id in ids]
+
+        assert run(2, "before") == ["succeeded"] * 2
+        wait_until(lambda: len(hook.calls) >= 2, timeout=60, message="the light worker's webhooks")
+        for kind in ("pubsub", "normal"):
+            assert client.client_kill_filter(_type=kind, skipme=True) > 0
+        assert run(3, "after") == ["succeeded"] * 3, worker.log()[-3000:]
+        # The light worker (webhooks) consumes again too.
+        wait_until(lambda: len(hook.calls) >= 5, timeout=60, message="webhooks of the jobs after the drop")
+        assert worker.alive() and "light worker exited" not in worker.log()
+    finally:
+        hook.stop()
+        private.stop()
+
+
 def test_hung_redis_gets_503_not_a_hang(stack, tmp_path):
     private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
     try:

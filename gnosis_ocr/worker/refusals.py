@@ -17,6 +17,9 @@ So, in the worker only (`install`, from the Celery app module):
   more messages meanwhile (it could not record them). A line is logged at once and every minute; a
   warm or cold shutdown stops the waiting;
 - the periodic restore of old unacknowledged messages is skipped while refused: the next sweep does it;
+- declaring and binding queues, which Celery does again on every reconnect, count messages outside MULTI
+  (kombu's MULTI of LLENs is refused whole by a full Redis) and wait while the binding's write is refused:
+  a connection dropped during an episode stopped the worker, and its light worker, on the reconnect;
 - a READONLY reply means the node this connection reached is a replica now (a graceful failover): no
   wait there ends it, so it is raised as a lost connection, and Celery reconnects (through Sentinel, to
   the new primary) as it does when a primary dies.
@@ -25,6 +28,7 @@ So, in the worker only (`install`, from the Celery app module):
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from contextlib import contextmanager
 
@@ -120,6 +124,40 @@ class QoS(kombu_redis.QoS):
             log.debug("restoring unacknowledged messages skipped: Redis refuses writes (%s)", exc)
 
 
+def _size(self, queue):
+    """Messages waiting in `queue`, read outside MULTI: a full Redis refuses every command queued in one,
+    even these reads, and Celery declares (so counts) its queues each time it (re)connects."""
+    with self.conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+        for pri in self.priority_steps:
+            pipe.llen(self._q_for_pri(queue, pri))
+        return sum(size for size in pipe.execute() if isinstance(size, numbers.Integral))
+
+
+def _has_queue(self, queue, **kwargs):
+    with self.conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+        for pri in self.priority_steps:
+            pipe.exists(self._q_for_pri(queue, pri))
+        return any(pipe.execute())
+
+
+_kombu_queue_bind = kombu_redis.Channel._queue_bind
+
+
+def _queue_bind(self, exchange, routing_key, pattern, queue):
+    """kombu's binding (SADDs, or a script for an expiring queue; both idempotent), made again after
+    each reconnect: waits while Redis refuses it, as taking a message does."""
+    with _replica_is_a_lost_connection():
+        until_written("binding a queue", _kombu_queue_bind, self, exchange, routing_key, pattern, queue)
+
+
+PATCHES = {"QoS": QoS, "_size": _size, "_has_queue": _has_queue, "_queue_bind": _queue_bind}
+"""What `install` sets on kombu's Redis channel class."""
+
+
 def install() -> None:
-    """Every Redis channel of this process (Sentinel's too: it subclasses the plain one) uses QoS above."""
-    kombu_redis.Channel.QoS = QoS
+    """Every Redis channel of this process (Sentinel's too: it subclasses the plain one) rides out refusals
+    as above."""
+    for name, value in PATCHES.items():
+        setattr(kombu_redis.Channel, name, value)

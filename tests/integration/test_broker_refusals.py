@@ -64,3 +64,31 @@ def test_a_write_refused_by_a_node_that_became_a_replica_is_a_lost_connection(tm
     finally:
         replica.stop()
         primary.stop()
+
+
+def test_a_queue_is_declared_while_redis_is_out_of_memory_and_bound_once_it_has_room(full_redis, monkeypatch, caplog):
+    """Celery declares and binds its queues on every (re)connect; kombu counts the messages in a MULTI, which a
+    full Redis refuses whole, reads included."""
+    import threading
+
+    from kombu import Exchange, Queue
+
+    private, client = full_redis
+    client.config_set("maxmemory", max(client.info("memory")["used_memory"] // 2, 2**16))
+    queue = Queue("ocr", Exchange("ocr"), "ocr")
+    with Connection(private.url) as conn:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):  # kombu's: Celery calls it unrecoverable
+            queue(conn.default_channel).declare()
+    for name, value in refusals.PATCHES.items():
+        monkeypatch.setattr(kombu_redis.Channel, name, value)
+    with Connection(private.url) as conn:
+        channel = conn.default_channel
+        assert channel.queue_declare("ocr").message_count == 0  # counted at once: reads outside MULTI
+        done = threading.Event()
+        threading.Thread(target=lambda: (queue(channel).declare(), done.set()), daemon=True).start()
+        wait_until(lambda: "waiting for room before binding a queue" in caplog.text, timeout=15,
+                   message="the binding to wait for room")
+        assert not done.is_set()
+        client.config_set("maxmemory", 0)
+        wait_until(done.is_set, timeout=15, message="the binding to go through")
+    assert client.smembers("_kombu.binding.ocr") == {b"ocr\x06\x16\x06\x16ocr"}

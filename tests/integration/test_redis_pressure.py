@@ -239,6 +239,29 @@ def test_a_worker_waiting_for_redis_to_take_writes_still_stops_on_sigterm(stack,
         assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
 
 
+def test_a_worker_that_reconnects_while_redis_refuses_writes_waits_instead_of_stopping(stack, tmp_path):
+    """A connection dropped mid-life (a proxy, a network blip) makes Celery declare and bind its queues
+    again, and kombu does both in a MULTI, which a full Redis refuses whole, even its reads (LLEN): that
+    reconnect stopped the worker, and its light worker, with an "Unrecoverable error"."""
+    with full_while_consuming(stack, tmp_path, 12) as (client, url, jobs, worker):
+        before = worker.log().count("Connected to redis")
+        # Far enough under: the buffers the killed connections free must not make room again.
+        client.config_set("maxmemory", max(client.info("memory")["used_memory"] // 2, 2**16))
+        for kind in ("normal", "pubsub"):
+            client.client_kill_filter(_type=kind, skipme=True)
+        wait_until(lambda: worker.log().count("Connected to redis") > before or not worker.alive(), timeout=60,
+                   message="the worker to reconnect")
+        wait_until(lambda: "waiting for room before binding" in worker.log() or not worker.alive(), timeout=60,
+                   message="the worker to wait for room to bind its queues")
+        assert worker.alive(), worker.log()[-3000:]
+        client.config_set("maxmemory", 0)
+        finals = [poll_job(url, job_id, timeout=120) for job_id in jobs]
+        assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
+        log = worker.log()
+        assert worker.alive() and "Unrecoverable error" not in log, log[-3000:]
+        assert "light worker exited" not in log, log[-3000:]
+
+
 def refuse_writes(client: redis.Redis) -> None:
     """Out of memory under noeviction: every write that could grow the data set is refused; reads go on."""
     client.config_set("maxmemory", max(client.info("memory")["used_memory"] - 2**16, 2**16))

@@ -6,8 +6,9 @@ With a retry on the connection (the transport's `retry_on_timeout` gives one, fo
 a subscription that Redis dropped is reconnected *inside* that read by redis-py, which resubscribes and
 then blocks reading the new socket, where nothing arrives: the event loop, and so all consuming, stopped
 for good, while the heartbeat thread kept reporting the worker alive, so no other worker took over its
-pages. A connection is dropped under a live Redis by a proxy's idle timeout, a network blip,
-`CLIENT KILL`, or Sentinel's graceful failover, which kills every client of the demoted primary.
+pages. A connection is dropped under a live Redis by a proxy's or load balancer's idle timeout (the
+subscription is idle but for a PING every 25 s), a network blip, `CLIENT KILL`, or Redis's own
+`client-output-buffer-limit pubsub`. (A graceful Sentinel failover did not stall a worker here.)
 
 Here the subscription's connection never retries: the read raises, kombu hands the error to Celery,
 and Celery reconnects the whole consumer, as it does for its BRPOP connection.

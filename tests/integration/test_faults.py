@@ -156,9 +156,8 @@ def test_redis_restart_loses_no_accepted_job(stack, tmp_path, both_stores):
 
 
 def test_workers_whose_redis_connections_are_dropped_go_on_consuming(stack, tmp_path):
-    """Connections dropped under a live Redis: a proxy's idle timeout, a network blip, `CLIENT KILL`, and
-    Sentinel's graceful failover, which kills every normal and pub/sub client of the demoted primary. Each
-    worker process also holds a pub/sub subscription (Celery's remote control); redis-py reconnected it
+    """Connections dropped under a live Redis: a proxy's idle timeout, a network blip, `CLIENT KILL`, Redis's
+    pub/sub output-buffer limit. Each worker process also holds a pub/sub subscription (Celery's remote control); redis-py reconnected it
     inside kombu's blocking read and read on, so the worker's event loop blocked for good: it consumed
     nothing more, while its heartbeat said it was alive, so nobody took its pages over."""
     from tests.integration.test_webhooks import Receiver, hooks_env

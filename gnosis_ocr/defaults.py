@@ -151,6 +151,11 @@ ENGINE_STALL_GRACE = 60.0
 """Seconds past a page's deadline that a batched engine may take to answer before the page's thread
 declares the engine's loop stuck, marks the engine dead and returns the page to the queue."""
 
+DEFAULT_LOOP_STALL_TIMEOUT = 120.0
+"""Seconds a worker's event loop (where Celery takes and acknowledges messages) may go without turning
+while Redis answers before the worker exits for its supervisor to replace it (worker/loopwatch.py); 0
+turns the watch off. Longer than Celery's reconnection backoff (at most 30 s between tries)."""
+
 ENGINE_EXIT_GRACE = 30.0
 """Seconds a worker whose engine died waits for its pages to go back to the queue (a warm shutdown)
 before it exits regardless."""

@@ -72,6 +72,7 @@ class Settings:
     cache_verify: str = _setting("GNOSIS_CACHE_VERIFY", defaults.DEFAULT_CACHE_VERIFY)
     cache_visibility_wait: float = _setting("GNOSIS_CACHE_VISIBILITY_WAIT", defaults.DEFAULT_CACHE_VISIBILITY_WAIT)
     heartbeat_interval: float = _setting("GNOSIS_HEARTBEAT_INTERVAL", defaults.DEFAULT_HEARTBEAT_INTERVAL)
+    loop_stall_timeout: float = _setting("GNOSIS_LOOP_STALL_TIMEOUT", defaults.DEFAULT_LOOP_STALL_TIMEOUT)
     max_queue_depth: int = _setting("GNOSIS_MAX_QUEUE_DEPTH", defaults.DEFAULT_MAX_QUEUE_DEPTH)
     worker_port: int = _setting("GNOSIS_WORKER_PORT", defaults.DEFAULT_WORKER_PORT)
     null_engine_delay: float = _setting("GNOSIS_NULL_ENGINE_DELAY", defaults.DEFAULT_NULL_ENGINE_DELAY)
@@ -172,6 +173,8 @@ class Settings:
                      "webhook_max_attempts", "webhook_timeout", "bucket_timeout", "listing_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_variable(name)} must be positive, got {getattr(self, name)}")
+        if self.loop_stall_timeout < 0:
+            raise ConfigError(f"GNOSIS_LOOP_STALL_TIMEOUT must be 0 (off) or positive, got {self.loop_stall_timeout}")
         from .replication import parse  # here: it imports redis, which the API imports only after gevent patches
 
         try:

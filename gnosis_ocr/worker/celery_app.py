@@ -5,7 +5,7 @@ from celery import Celery
 
 from ..broker import celery_config
 from ..settings import Settings
-from . import refusals, subscription
+from . import loopwatch, refusals, subscription
 
 refusals.install()  # a Redis refusing writes pauses consumption instead of stopping the worker
 subscription.install()  # a dropped pub/sub connection is reconnected by Celery, never read on forever
@@ -14,6 +14,7 @@ settings = Settings.from_env()
 app = Celery("gnosis-ocr")
 app.conf.update(celery_config(settings))
 app.conf.imports = ("gnosis_ocr.worker.tasks",)
+app.steps["consumer"].add(loopwatch.Watch)  # a loop that stops turning stops the worker
 # The model loads in each pool child after the fork, which can take minutes on a cold cache.
 app.conf.worker_proc_alive_timeout = settings.lease_wait + 600
 

@@ -20,7 +20,7 @@ import redis
 from .. import keys
 from ..broker import cache_queue, events_queue
 from ..job import now_rfc3339
-from . import outbox, registry
+from . import loopwatch, outbox, registry
 from .listings import Listings
 from .reconcile import Reconciler
 from .runtime import Runtime
@@ -80,6 +80,7 @@ class Heartbeat:
                 if self._beating_since is None or now - self._last_beat > self.ttl:
                     self._beating_since = now
                 self._last_beat = now
+                self._check_loop()
             except redis.RedisError as exc:
                 self._beating_since = None
                 log.warning("heartbeat failed (Redis unreachable?): %s", exc)
@@ -87,6 +88,18 @@ class Heartbeat:
                 # A silent heartbeat makes the other workers requeue this one's pages: never let it die.
                 log.exception("heartbeat error")
             self._stop.wait(self.interval)
+
+    def _check_loop(self) -> None:
+        limit = self.rt.settings.loop_stall_timeout
+        if not limit or self._stop.is_set():
+            return
+        from celery.worker import state
+
+        if state.should_stop or state.should_terminate:  # a shutdown holds the loop on purpose
+            return
+        stalled = loopwatch.stalled_for(answering_since=self._beating_since)
+        if stalled > limit:
+            loopwatch.stop_stalled(stalled, lambda: registry.unregister(self.redis, self.worker))
 
     def _housekeep(self) -> None:
         while not self._stop.wait(self.interval):

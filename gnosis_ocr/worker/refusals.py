@@ -37,6 +37,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
 from .. import defaults
+from . import loopwatch
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def until_written(what: str, call, *args, replica_waits: bool = False, **kwargs)
                 said = now
                 log.warning("Redis refuses writes (%s): waiting for room before %s (%.0fs so far)", exc, what,
                             now - started)
+            loopwatch.turned()  # a wait on purpose, not a stalled loop
             time.sleep(pause)  # waiting for Redis to have room again; nothing to wake on
             pause = min(pause * 2, defaults.WRITE_WAIT_MAX)
             continue

@@ -157,9 +157,10 @@ def test_redis_restart_loses_no_accepted_job(stack, tmp_path, both_stores):
 
 def test_workers_whose_redis_connections_are_dropped_go_on_consuming(stack, tmp_path):
     """Connections dropped under a live Redis: a proxy's idle timeout, a network blip, `CLIENT KILL`, Redis's
-    pub/sub output-buffer limit. Each worker process also holds a pub/sub subscription (Celery's remote control); redis-py reconnected it
-    inside kombu's blocking read and read on, so the worker's event loop blocked for good: it consumed
-    nothing more, while its heartbeat said it was alive, so nobody took its pages over."""
+    pub/sub output-buffer limit. Each worker process also holds a pub/sub subscription (Celery's remote
+    control); redis-py reconnected it inside kombu's blocking read and read on, so the worker's event loop
+    blocked for good: it consumed nothing more, while its heartbeat said it was alive, so nobody took its
+    pages over."""
     from tests.integration.test_webhooks import Receiver, hooks_env
 
     private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
@@ -187,6 +188,37 @@ def test_workers_whose_redis_connections_are_dropped_go_on_consuming(stack, tmp_
         assert worker.alive() and "light worker exited" not in worker.log()
     finally:
         hook.stop()
+        private.stop()
+
+
+def test_a_worker_whose_event_loop_stalls_exits_for_its_supervisor_and_a_fresh_one_serves(stack, tmp_path):
+    """Behind the fix above, whatever else might block Celery's event loop for good: the heartbeat, in its
+    own thread, sees the loop stand still while Redis answers, and the worker exits 70 and removes its
+    record, instead of reporting itself alive while it takes nothing. The fix is taken out here (a
+    sitecustomize shim) so that the loop stalls as it did."""
+    shim = tmp_path / "stall"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import gnosis_ocr.worker.subscription as s\ns.install = lambda: None\n")
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(private.url)
+        # A BRPOP already sent may take the next message off the queue into a socket nobody reads any more:
+        # the reconciler publishes such a page again once it is GNOSIS_RECONCILE_GRACE old.
+        stack.env.update(REDIS_URL=private.url, GNOSIS_RECONCILE_GRACE="1")
+        url = stack.api()
+        stalling = stack.worker(OCR_ENGINE="null", GNOSIS_LOOP_STALL_TIMEOUT="3",
+                                PYTHONPATH=f"{shim}{os.pathsep}{ROOT}")
+        assert poll_job(url, submit(url, "before.png")["id"], timeout=60)["status"] == "succeeded"
+        client.client_kill_filter(_type="pubsub", skipme=True)
+        job = submit(url, "after.png")
+        wait_until(lambda: not stalling.alive(), timeout=60, message="the stalled worker to exit")
+        assert stalling.popen.returncode == 70, stalling.log()[-3000:]
+        assert "event loop has not turned" in stalling.log()
+        records = [k for k in client.scan_iter(f"gnosis:worker:gnosis-{stalling.pid}@*") if k.count(b":") == 2]
+        assert records == [], records  # gone at once: the reaper need not wait for it to lapse
+        stack.worker(OCR_ENGINE="null")  # what its supervisor does
+        assert poll_job(url, job["id"], timeout=60)["status"] == "succeeded"
+    finally:
         private.stop()
 
 

@@ -103,8 +103,9 @@ def test_after_a_redis_outage_workers_are_ready_again_and_no_page_runs_twice(sta
         stack.env["REDIS_URL"] = private.url
         url = stack.api(GNOSIS_REDIS_TIMEOUT="1")
         ports = [free_port(), free_port()]
-        workers = [stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="12", GNOSIS_WORKER_PORT=str(p))
-                   for p in ports]
+        # A loop-stall limit shorter than the outage: reconnecting through it is no stall (worker/loopwatch.py).
+        workers = [stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="12", GNOSIS_WORKER_PORT=str(p),
+                                GNOSIS_LOOP_STALL_TIMEOUT="4") for p in ports]
         job = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["across the gap"]))}).json()
         client = redis.Redis.from_url(private.url)
         wait_until(lambda: any(client.hlen(k) for k in client.scan_iter("gnosis:worker:*:inflight")), timeout=30,
@@ -130,6 +131,7 @@ def test_after_a_redis_outage_workers_are_ready_again_and_no_page_runs_twice(sta
         final = poll_job(url, job["id"], timeout=60)
         assert final["status"] == "succeeded" and final["attempts"] == 1, final
         assert not any("requeued" in w.log() for w in workers), "nobody was reaped across the gap"
+        assert all(w.alive() and "event loop has not turned" not in w.log() for w in workers)
     finally:
         private.stop()
 

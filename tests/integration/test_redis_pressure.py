@@ -201,12 +201,12 @@ def full_while_consuming(stack, tmp_path, jobs: int, **worker_env: str):
         client = redis.Redis.from_url(private.url)
         stack.env.update(REDIS_URL=private.url, GNOSIS_RECONCILE_GRACE="1")
         url = stack.api()
-        ids = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"full {n}"]))}).json()["id"]
-               for n in range(jobs)]
         worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", **worker_env)
-        wait_until(lambda: client.hlen("unacked"), timeout=30, message="the worker to consume")
         wait_until(lambda: re.search(r"gnosis-light-\S+ ready", worker.log()), timeout=60,
                    message="its light worker to consume")
+        ids = [requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.png", text_image([f"full {n}"]))}).json()["id"]
+               for n in range(jobs)]
+        wait_until(lambda: client.hlen("unacked"), timeout=30, message="the worker to consume")
         refuse_writes(client)  # pages finish and the next ones are taken while Redis is full
         wait_until(lambda: "Redis refuses writes" in worker.log() or not worker.alive(), timeout=60,
                    message="the worker to meet the refusal")

@@ -91,11 +91,7 @@ class Heartbeat:
 
     def _check_loop(self) -> None:
         limit = self.rt.settings.loop_stall_timeout
-        if not limit or self._stop.is_set():
-            return
-        from celery.worker import state
-
-        if state.should_stop or state.should_terminate:  # a shutdown holds the loop on purpose
+        if not limit or self._stop.is_set() or loopwatch.stopping():
             return
         stalled = loopwatch.stalled_for(answering_since=self._beating_since)
         if stalled > limit:

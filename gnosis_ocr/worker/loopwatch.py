@@ -44,6 +44,13 @@ def stalled_for(*, answering_since: float) -> float:
     return time.monotonic() - max(_turned, answering_since)
 
 
+def stopping() -> bool:
+    """Celery is shutting this worker down: a warm or cold shutdown holds the loop on purpose."""
+    from celery.worker import state
+
+    return bool(state.should_stop or state.should_terminate)
+
+
 def stop_stalled(seconds: float, unregister) -> None:
     """End this process: `unregister()` first, so the reaper need not wait for the record to lapse."""
     log.critical("the worker's event loop has not turned for %.0fs while Redis answered: it takes and "

@@ -63,12 +63,6 @@ def _replica_is_a_lost_connection():
         raise redis.exceptions.ConnectionError(f"Redis answered as a replica ({exc}); reconnecting") from exc
 
 
-def _stopping() -> bool:
-    from celery.worker import state
-
-    return bool(state.should_stop or state.should_terminate)
-
-
 def until_written(what: str, call, *args, replica_waits: bool = False, **kwargs):
     """`call(*args, **kwargs)`, tried again while Redis refuses it (see the module's text), with a pause
     that doubles up to WRITE_WAIT_MAX; `what` names the waiting in the log."""
@@ -77,7 +71,7 @@ def until_written(what: str, call, *args, replica_waits: bool = False, **kwargs)
         try:
             result = call(*args, **kwargs)
         except redis.ResponseError as exc:
-            if not refused(exc, replica_waits=replica_waits) or _stopping():
+            if not refused(exc, replica_waits=replica_waits) or loopwatch.stopping():
                 raise
             now = time.monotonic()
             if not started:

@@ -36,20 +36,23 @@ SHIM = textwrap.dedent("""\
     def log(**entry):
         with open(os.environ["SHIM_LOG"], "a") as f:
             f.write(json.dumps(dict(args=args, **entry)) + "\\n")
+    def answer(argv, key):
+        # The same gcloud answers the same question the same way: asked once for the module's runs (each
+        # answer starts gcloud afresh, seconds of CPU). (exit code, stdout, stderr)
+        path = os.path.join(os.environ["SHIM_CACHE"], key.hexdigest())
+        if not os.path.exists(path):
+            r = subprocess.run([REAL] + argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump([r.returncode, r.stdout, r.stderr], f)
+            os.replace(path + ".tmp", path)
+        return json.load(open(path))
     pool = args[:4] == ["beta", "run", "worker-pools", "deploy"]
     if os.environ.get("SHIM_NEWER") == "1" and pool and "--help" in args:
         print("--gpu=GPU --gpu-type=GPU_TYPE --instances=INSTANCES --[no-]gpu-zonal-redundancy")
         sys.exit(0)
     if args[:1] == ["version"] or "--help" in args:
         log(passthrough=True)
-        # What the same gcloud prints for the same question: asked once for the module's runs.
-        cached = os.path.join(os.environ["SHIM_CACHE"], "out-" + hashlib.sha256(json.dumps(args).encode()).hexdigest())
-        if not os.path.exists(cached):
-            r = subprocess.run([REAL] + args, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-            with open(cached + ".tmp", "w") as f:
-                json.dump([r.returncode, r.stdout, r.stderr], f)
-            os.replace(cached + ".tmp", cached)
-        code, out, err = json.load(open(cached))
+        code, out, err = answer(args, hashlib.sha256(json.dumps(args).encode()))
         sys.stdout.write(out)
         sys.stderr.write(err)
         sys.exit(code)
@@ -64,22 +67,13 @@ SHIM = textwrap.dedent("""\
             skip = NEWER[name] and "=" not in arg
             continue
         checked.append(arg)
-    # The same gcloud parses the same arguments and files the same way: a call both variants of the script
-    # make is parsed once (each parse starts gcloud afresh, seconds of CPU).
-    key = hashlib.sha256(json.dumps(checked).encode())
+    key = hashlib.sha256(json.dumps(checked).encode())  # and the files it names: their content is parsed too
     for arg in checked:
         for part in arg.split("=", 1)[-1].split(","):
             if os.path.isfile(part):
                 key.update(open(part, "rb").read())
-    cached = os.path.join(os.environ["SHIM_CACHE"], key.hexdigest())
-    if os.path.exists(cached):
-        parsed, stderr = json.load(open(cached))
-    else:
-        r = subprocess.run([REAL] + checked, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        parsed, stderr = "do not currently have an active account" in r.stderr, r.stderr
-        with open(cached + ".tmp", "w") as f:
-            json.dump([parsed, stderr], f)
-        os.replace(cached + ".tmp", cached)
+    stderr = answer(checked, key)[2]
+    parsed = "do not currently have an active account" in stderr
     log(parsed=parsed, unchecked=unchecked, stderr=stderr[-600:])
     if not parsed:
         sys.stderr.write(stderr)

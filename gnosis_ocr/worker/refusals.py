@@ -151,6 +151,9 @@ def _queue_bind(self, exchange, routing_key, pattern, queue):
 PATCHES = {"QoS": QoS, "_size": _size, "_has_queue": _has_queue, "_queue_bind": _queue_bind}
 """What `install` sets on kombu's Redis channel class."""
 
+KOMBU = {name: getattr(kombu_redis.Channel, name) for name in PATCHES}
+"""What kombu itself had there, read before any `install` (for the tests to compare with)."""
+
 
 def install() -> None:
     """Every Redis channel of this process (Sentinel's too: it subclasses the plain one) rides out refusals

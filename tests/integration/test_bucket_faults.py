@@ -239,13 +239,13 @@ def test_while_a_source_fails_one_page_thread_tries_it_and_an_upload_behind_its_
                      in ("succeeded", "failed") and j, timeout=60, message="the upload to end")
     assert job["status"] == "succeeded", job
     # Each page ahead of the upload was taken and given back, but once the bucket had failed one thread
-    # at a time called it, and the others gave their page back at once (here: 3 reads begun together,
-    # then one every 4 s; 9 pages given back without a call). Without that, every page ahead would
-    # have held a thread for GNOSIS_BUCKET_TIMEOUT, and none would be given back without a read.
+    # at a time called it, and the others gave their page back at once, without a call. Without that,
+    # each of the ten pages ahead would have held a thread for GNOSIS_BUCKET_TIMEOUT before the upload
+    # ran. (How many of each depends on how fast the threads cycle; breaker.py's tests pin the rule.)
     log = worker.log()
     reads = len(re.findall(r"could not read gs://scans/in/\S+ for now", log))
     skipped = log.count("failed a read for now and another page is trying it")
-    assert 1 <= reads < skipped, (reads, skipped)
+    assert 1 <= reads < 10 and skipped >= 1, (reads, skipped)
     assert batch_now(url, batch["id"])["documents_done"] == 0  # the source still fails
     proxy.refuse(None)
     done = final(url, batch["id"], stack)

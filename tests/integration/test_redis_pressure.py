@@ -235,7 +235,10 @@ def test_a_worker_waiting_for_redis_to_take_writes_still_stops_on_sigterm(stack,
     is lost."""
     import signal
 
-    with full_while_consuming(stack, tmp_path, 8) as (client, url, jobs, worker):
+    # A page whose text is in hand when Redis fills retries recording it for GNOSIS_REDIS_RETRY (60 s by
+    # default, well inside a deploy's grace period) before its message goes back: 10 s here, so that the
+    # stop within 30 s below is the loop's wait giving way, not the page's retries running out.
+    with full_while_consuming(stack, tmp_path, 8, GNOSIS_REDIS_RETRY="10") as (client, url, jobs, worker):
         worker.popen.send_signal(signal.SIGTERM)
         wait_until(lambda: not worker.alive(), timeout=30, message="the worker to stop on SIGTERM")
         client.config_set("maxmemory", 0)

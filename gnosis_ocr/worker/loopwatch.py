@@ -48,7 +48,8 @@ def stopping() -> bool:
     """Celery is shutting this worker down: a warm or cold shutdown holds the loop on purpose."""
     from celery.worker import state
 
-    return bool(state.should_stop or state.should_terminate)
+    # Set to the exit code, and a warm shutdown's is 0: Celery's own test (maybe_shutdown) is this one.
+    return any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate))
 
 
 def stop_stalled(seconds: float, unregister) -> None:

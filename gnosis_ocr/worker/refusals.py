@@ -22,7 +22,9 @@ So, in the worker only (`install`, from the Celery app module):
   a connection dropped during an episode stopped the worker, and its light worker, on the reconnect;
 - a READONLY reply means the node this connection reached is a replica now (a graceful failover): no
   wait there ends it, so it is raised as a lost connection, and Celery reconnects (through Sentinel, to
-  the new primary) as it does when a primary dies.
+  the new primary) as it does when a primary dies. So is the UNBLOCKED reply that Redis 7 gives a BRPOP
+  blocked on a primary as it is demoted by REPLICAOF alone (an operator, a Kubernetes Redis operator;
+  Sentinel also drops the clients): kombu calls both channel errors, which stopped the worker.
 """
 
 from __future__ import annotations
@@ -55,11 +57,18 @@ def refused(exc: BaseException, *, replica_waits: bool = False) -> bool:
     return isinstance(exc, redis.ResponseError) and "MISCONF" in str(exc)
 
 
+def _as_a_replica(exc: redis.ResponseError) -> bool:
+    """The node answered as a replica: READONLY to a write, UNBLOCKED to a BRPOP it held as a primary."""
+    return isinstance(exc, redis.exceptions.ReadOnlyError) or str(exc).startswith("UNBLOCKED")
+
+
 @contextmanager
 def _replica_is_a_lost_connection():
     try:
         yield
-    except redis.exceptions.ReadOnlyError as exc:
+    except redis.ResponseError as exc:
+        if not _as_a_replica(exc):
+            raise
         raise redis.exceptions.ConnectionError(f"Redis answered as a replica ({exc}); reconnecting") from exc
 
 
@@ -97,17 +106,28 @@ class QoS(kombu_redis.QoS):
             until_written("recording a message as taken", super().append, message, delivery_tag)
 
     def ack(self, delivery_tag):
-        with _replica_is_a_lost_connection(), self.channel.conn_or_acquire() as client:
-            client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
-                .zrem(self.unacked_index_key, delivery_tag).execute()
-        virtual.QoS.ack(self, delivery_tag)  # kombu's own bookkeeping in this process
+        try:
+            with _replica_is_a_lost_connection(), self.channel.conn_or_acquire() as client:
+                client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
+                    .zrem(self.unacked_index_key, delivery_tag).execute()
+        finally:
+            self._let_go(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
         if not requeue:
             self.ack(delivery_tag)
             return
-        with _replica_is_a_lost_connection():
-            until_written("requeueing a message", self.restore_by_tag, delivery_tag, leftmost=True)
+        try:
+            with _replica_is_a_lost_connection():
+                until_written("requeueing a message", self.restore_by_tag, delivery_tag, leftmost=True)
+        finally:
+            self._let_go(delivery_tag)
+
+    def _let_go(self, delivery_tag) -> None:
+        """kombu's bookkeeping in this process, even when Redis refused the acknowledgement or the requeue:
+        the message then stays among Redis's unacknowledged ones, which kombu's restore delivers again,
+        while kept here it would hold a prefetch slot for good. (With one slot, a worker whose ack met a
+        demoted primary took nothing more, while its loop turned and its heartbeat said it was alive.)"""
         virtual.QoS.ack(self, delivery_tag)
 
     def restore_visible(self, start=0, num=10, interval=10):
@@ -148,7 +168,16 @@ def _queue_bind(self, exchange, routing_key, pattern, queue):
         until_written("binding a queue", _kombu_queue_bind, self, exchange, routing_key, pattern, queue)
 
 
-PATCHES = {"QoS": QoS, "_size": _size, "_has_queue": _has_queue, "_queue_bind": _queue_bind}
+def _brpop_read(self, **options):
+    """kombu's read of the consuming BRPOP's reply."""
+    with _replica_is_a_lost_connection():
+        return _kombu_brpop_read(self, **options)
+
+
+_kombu_brpop_read = kombu_redis.Channel._brpop_read
+
+PATCHES = {"QoS": QoS, "_size": _size, "_has_queue": _has_queue, "_queue_bind": _queue_bind,
+           "_brpop_read": _brpop_read}
 """What `install` sets on kombu's Redis channel class."""
 
 KOMBU = {name: getattr(kombu_redis.Channel, name) for name in PATCHES}

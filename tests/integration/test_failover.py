@@ -1,4 +1,5 @@
-"""A Sentinel-managed Redis fails over while pages run; nothing accepted is lost."""
+"""Redis fails over while pages run, managed by Sentinel or by an operator's REPLICAOF: nothing accepted is
+lost, and no worker stops."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import requests
 
 from harness.docs import text_image
-from harness.redisproc import SentinelGroup
+from harness.redisproc import PrivateRedis, SentinelGroup
 from harness.stack import poll_job, wait_until
 
 pytestmark = pytest.mark.slow
@@ -104,3 +105,42 @@ def test_a_graceful_sentinel_failover_loses_no_job_accepted_under_connected(stac
         assert all(poll_job(url, j, timeout=120)["status"] == "succeeded" for j in jobs)
     finally:
         group.stop()
+
+
+def test_workers_on_a_primary_demoted_with_replicaof_reconnect_until_it_is_primary_again(stack, tmp_path):
+    """An operator or a Kubernetes Redis operator swaps roles with REPLICAOF alone (Sentinel also kills the
+    old primary's clients). Redis 7 then answers each blocked BRPOP with -UNBLOCKED, and each BRPOP sent to
+    it afterwards with -READONLY; kombu calls both channel errors, and Celery stopped the page worker and
+    its light worker with an "Unrecoverable error". They now reconnect until the node is primary again."""
+    import redis
+
+    a = PrivateRedis(tmp_path / "a", appendonly=False).start()
+    b = PrivateRedis(tmp_path / "b", appendonly=False).start(extra=["--replicaof", "127.0.0.1", str(a.port)])
+
+    def swap(primary: PrivateRedis, replica: PrivateRedis) -> None:
+        redis.Redis(port=primary.port).replicaof("NO", "ONE")
+        redis.Redis(port=replica.port).replicaof("127.0.0.1", primary.port)
+        wait_until(lambda: redis.Redis(port=replica.port).info("replication").get("master_link_status") == "up",
+                   timeout=15, message="the replica to sync")
+
+    try:
+        wait_until(lambda: redis.Redis(port=b.port).info("replication").get("master_link_status") == "up",
+                   timeout=15, message="the replica to sync")
+        stack.env["REDIS_URL"] = a.url
+        url = stack.api()
+        worker = stack.worker(OCR_ENGINE="null")
+        wait_until(lambda: "gnosis-light-" in worker.log() and " ready" in worker.log(), timeout=60,
+                   message="its light worker to consume")
+        assert poll_job(url, submit(url, "before.png").json()["id"])["status"] == "succeeded"
+        swap(b, a)  # the workers' node is a replica now, their BRPOPs blocked on it
+        wait_until(lambda: worker.log().count("answered as a replica") >= 2 or not worker.alive(), timeout=60,
+                   message="both workers to meet the new role")
+        swap(a, b)
+        job = submit(url, "after.png")
+        assert job.status_code == 202, job.text
+        assert poll_job(url, job.json()["id"])["status"] == "succeeded", worker.log()[-3000:]
+        log = worker.log()
+        assert worker.alive() and "Unrecoverable error" not in log and "light worker exited" not in log, log[-3000:]
+    finally:
+        b.stop()
+        a.stop()

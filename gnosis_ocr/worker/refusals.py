@@ -101,34 +101,55 @@ def until_written(what: str, call, *args, replica_waits: bool = False, **kwargs)
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS, riding out write refusals."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unsettled: set = set()
+        """Tags whose acknowledgement or requeue Redis refused. kombu kept such a message among those this
+        channel holds, so it held a prefetch slot for good: a worker of one pool process (one message at a
+        time) whose ack met a demoted primary took nothing more, while its loop turned and its heartbeat
+        said it was alive. Now it holds no slot, and stays where kombu restores from: the channel's close
+        (a reconnect, a shutdown) puts it back in the queue, or else the visibility timeout does, from
+        Redis's unacknowledged ones (a page already recorded then ends at once)."""
+
+    def can_consume(self):
+        return not self.prefetch_count or self._holding() < self.prefetch_count
+
+    def can_consume_max_estimate(self):
+        if self.prefetch_count:
+            return max(self.prefetch_count - self._holding(), 0)
+
+    def _holding(self) -> int:
+        """Messages that hold a prefetch slot: kombu's count (taken, not yet acknowledged), less the
+        unsettled ones still held."""
+        self._unsettled &= self._delivered.keys()
+        return len(self._delivered) - len(self._dirty) - len(self._unsettled)
+
     def append(self, message, delivery_tag):
         with _replica_is_a_lost_connection():
             until_written("recording a message as taken", super().append, message, delivery_tag)
 
     def ack(self, delivery_tag):
-        try:
-            with _replica_is_a_lost_connection(), self.channel.conn_or_acquire() as client:
-                client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
-                    .zrem(self.unacked_index_key, delivery_tag).execute()
-        finally:
-            self._let_go(delivery_tag)
+        with self._settling(delivery_tag), _replica_is_a_lost_connection(), \
+                self.channel.conn_or_acquire() as client:
+            client.pipeline(transaction=False).hdel(self.unacked_key, delivery_tag) \
+                .zrem(self.unacked_index_key, delivery_tag).execute()
+        virtual.QoS.ack(self, delivery_tag)  # kombu's own bookkeeping in this process
 
     def reject(self, delivery_tag, requeue=False):
         if not requeue:
             self.ack(delivery_tag)
             return
-        try:
-            with _replica_is_a_lost_connection():
-                until_written("requeueing a message", self.restore_by_tag, delivery_tag, leftmost=True)
-        finally:
-            self._let_go(delivery_tag)
-
-    def _let_go(self, delivery_tag) -> None:
-        """kombu's bookkeeping in this process, even when Redis refused the acknowledgement or the requeue:
-        the message then stays among Redis's unacknowledged ones, which kombu's restore delivers again,
-        while kept here it would hold a prefetch slot for good. (With one slot, a worker whose ack met a
-        demoted primary took nothing more, while its loop turned and its heartbeat said it was alive.)"""
+        with self._settling(delivery_tag), _replica_is_a_lost_connection():
+            until_written("requeueing a message", self.restore_by_tag, delivery_tag, leftmost=True)
         virtual.QoS.ack(self, delivery_tag)
+
+    @contextmanager
+    def _settling(self, delivery_tag):
+        try:
+            yield
+        except Exception:
+            self._unsettled.add(delivery_tag)
+            raise
 
     def restore_visible(self, start=0, num=10, interval=10):
         try:

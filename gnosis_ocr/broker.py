@@ -86,6 +86,11 @@ def celery_config(settings: Settings) -> dict:
         "task_ignore_result": True,  # the job record is ours, not Celery's PENDING
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A page running when the broker connection drops goes on and records its text (our own Redis client
+        # retries); a delivery of its message that kombu restores meanwhile finds it recorded and ends. Celery
+        # 6 turns this on by default, which would throw away every page in flight (GPU minutes each) and run
+        # it again at each connection blip.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.page_soft_timeout,
         "task_time_limit": settings.page_hard_timeout,

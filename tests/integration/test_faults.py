@@ -191,6 +191,27 @@ def test_workers_whose_redis_connections_are_dropped_go_on_consuming(stack, tmp_
         private.stop()
 
 
+def test_a_page_running_when_the_broker_connection_drops_finishes_once(stack, tmp_path):
+    """Celery can cancel the tasks running when its broker connection drops (Celery 6 will by default):
+    a GPU page would then be thrown away and run again at every connection blip."""
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(private.url)
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api()
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="3")
+        job_id = submit(url)["id"]
+        wait_until(lambda: requests.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "running", timeout=30,
+                   message="the page to run")
+        for kind in ("pubsub", "normal"):
+            client.client_kill_filter(_type=kind, skipme=True)
+        job = poll_job(url, job_id, timeout=60)
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+        assert "Connection to broker lost" in worker.log()  # the drop reached the consumer mid-page
+    finally:
+        private.stop()
+
+
 def test_a_worker_whose_event_loop_stalls_exits_for_its_supervisor_and_a_fresh_one_serves(stack, tmp_path):
     """Behind the fix above, whatever else might block Celery's event loop for good: the heartbeat, in its
     own thread, sees the loop stand still while Redis answers, and the worker exits 70 and removes its

@@ -20,6 +20,8 @@ So, in the worker only (`install`, from the Celery app module):
 - declaring and binding queues, which Celery does again on every reconnect, count messages outside MULTI
   (kombu's MULTI of LLENs is refused whole by a full Redis) and wait while the binding's write is refused:
   a connection dropped during an episode stopped the worker, and its light worker, on the reconnect;
+- a message whose acknowledgement or requeue Redis refused holds no prefetch slot any more (it stalled a
+  worker of one pool process for good) but stays where kombu restores it from;
 - a READONLY reply means the node this connection reached is a replica now (a graceful failover): no
   wait there ends it, so it is raised as a lost connection, and Celery reconnects (through Sentinel, to
   the new primary) as it does when a primary dies. So is the UNBLOCKED reply that Redis 7 gives a BRPOP
@@ -189,13 +191,14 @@ def _queue_bind(self, exchange, routing_key, pattern, queue):
         until_written("binding a queue", _kombu_queue_bind, self, exchange, routing_key, pattern, queue)
 
 
+_kombu_brpop_read = kombu_redis.Channel._brpop_read
+
+
 def _brpop_read(self, **options):
     """kombu's read of the consuming BRPOP's reply."""
     with _replica_is_a_lost_connection():
         return _kombu_brpop_read(self, **options)
 
-
-_kombu_brpop_read = kombu_redis.Channel._brpop_read
 
 PATCHES = {"QoS": QoS, "_size": _size, "_has_queue": _has_queue, "_queue_bind": _queue_bind,
            "_brpop_read": _brpop_read}

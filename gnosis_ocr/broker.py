@@ -11,6 +11,7 @@ import json
 
 from celery import Celery
 
+from . import defaults
 from .redisconn import celery_broker
 from .settings import Settings
 
@@ -68,6 +69,9 @@ def celery_config(settings: Settings) -> dict:
         # Must outlast the hard time limit, or a long page is redelivered while it still runs.
         "visibility_timeout": settings.visibility_timeout,
         "socket_connect_timeout": settings.redis_timeout,
+        # Without it a command on a connection whose path died silently (an ack, a publish) waits for ever.
+        "socket_timeout": settings.redis_timeout,
+        "health_check_interval": defaults.BROKER_HEALTH_CHECK_INTERVAL,
         "retry_on_timeout": True,
     }
     broker_url, extra = celery_broker(settings.redis_url)

@@ -83,6 +83,11 @@ DEFAULT_WAIT_MAX = 30
 DEFAULT_REDIS_TIMEOUT = 5.0
 """Seconds a Redis call may take before the API answers 503 instead of hanging."""
 
+BROKER_HEALTH_CHECK_INTERVAL = 10
+"""Seconds between kombu's checks of a worker's long-lived broker connections (its BRPOP and its pub/sub
+subscription): one whose path died without a reset (a firewall's or NAT's state dropped, a host gone) is
+dropped and made again within about 1 + 2 x this (kombu's default, 25, left such a worker idle 51 s)."""
+
 DEFAULT_ACCEPT_REPLICAS = "0"
 """Redis replicas that must hold a job or batch before the API answers 202 (Redis's WAIT): a number, or
 `connected` (every replica connected at that moment; the primary alone while none is); "0": answer

@@ -119,6 +119,56 @@ class HoldingProxy:
         _close(source, sink)
 
 
+class SilencingProxy:
+    """Carries every connection to Redis until `silence(marker)`: from then on each connection open at that
+    moment goes silent both ways once it sends a command containing `marker`: open, carrying nothing, as a
+    TCP connection does whose path died without a reset (a firewall's or NAT's state dropped, a host gone
+    without a word). Connections made afterwards go through, as a reconnect would."""
+
+    def __init__(self, upstream_url: str) -> None:
+        parts = urlsplit(upstream_url)
+        self.upstream_port = parts.port or 6379
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = urlunsplit((parts.scheme, f"127.0.0.1:{self.port}", parts.path, "", ""))
+        self._open: list[dict] = []
+        self._lock = threading.Lock()
+        self.silenced = 0
+        """Connections gone silent so far."""
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self, marker: bytes) -> None:
+        with self._lock:
+            for link in self._open:
+                link["marker"] = marker
+
+    def _accept(self) -> None:
+        for client, upstream in _pairs(self.server, self.upstream_port):
+            link = {"marker": None, "silent": False}
+            with self._lock:
+                self._open.append(link)
+            threading.Thread(target=self._pump, args=(client, upstream, link, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, link, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, link: dict, up: bool) -> None:
+        while data := _recv(source):
+            with self._lock:
+                if up and not link["silent"] and link["marker"] and link["marker"] in data.upper():
+                    link["silent"] = True
+                    self.silenced += 1
+                silent = link["silent"]
+            if silent:
+                continue  # read and dropped: the peer never hears of it, and nothing is closed
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        _close(source, sink)
+
+    def stop(self) -> None:
+        self.server.close()
+
+
 def _pairs(server: socket.socket, upstream_port: int):
     """Each connection accepted, with one of its own to Redis, until the server is closed. One that Redis
     refuses (it is down) is closed at once: the client finds its link down and tries again."""

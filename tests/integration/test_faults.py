@@ -212,6 +212,32 @@ def test_a_page_running_when_the_broker_connection_drops_finishes_once(stack, tm
         private.stop()
 
 
+def test_a_worker_whose_broker_connection_dies_without_a_reset_consumes_again(stack, tmp_path):
+    """A TCP path that dies without a reset (a firewall's or NAT's state dropped, a host gone without a
+    word) leaves a worker's BRPOP waiting for a reply that never comes, its loop turning and its heartbeat
+    beating on other connections: it took nothing more, for good with kombu before 5.7, and for up to 51 s
+    with kombu's default checks (here 21 s: defaults.BROKER_HEALTH_CHECK_INTERVAL)."""
+    from tests.redisproxy import SilencingProxy
+
+    private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
+    proxy = SilencingProxy(private.url)
+    try:
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api()
+        worker = stack.worker(OCR_ENGINE="null", REDIS_URL=proxy.url)
+        assert poll_job(url, submit(url, "before.png")["id"], timeout=60)["status"] == "succeeded"
+        proxy.silence(b"BRPOP")
+        wait_until(lambda: proxy.silenced >= 2, timeout=15, message="the page and light workers' BRPOPs to go silent")
+        silenced = time.monotonic()
+        job = poll_job(url, submit(url, "after.png")["id"], timeout=90)
+        assert job["status"] == "succeeded", worker.log()[-3000:]
+        assert "dropping stale connection" in worker.log() and worker.alive()
+        print(f"\nconsuming again {time.monotonic() - silenced:.0f} s after the path died")
+    finally:
+        proxy.stop()
+        private.stop()
+
+
 def test_a_worker_whose_event_loop_stalls_exits_for_its_supervisor_and_a_fresh_one_serves(stack, tmp_path):
     """Behind the fix above, whatever else might block Celery's event loop for good: the heartbeat, in its
     own thread, sees the loop stand still while Redis answers, and the worker exits 70 and removes its

@@ -7,7 +7,8 @@ Clients submit a steady mix of images and multi-page PDFs through the API (CPU e
 injector SIGKILLs a random worker (its whole process tree) every minute and starts a new one, fails
 over the Sentinel primary (or restarts a Redis with AOF) once at half time, takes Redis out of memory
 (`maxmemory` lowered below what it uses) for `--oom-seconds` at a quarter of the time, takes it away
-altogether for `--outage-seconds` at three quarters (with `--redis restart`), and cancels or deletes
+altogether for `--outage-seconds` at three quarters (with `--redis restart`; `--demote-seconds` makes
+it a replica with REPLICAOF at five eighths, then primary again), and cancels or deletes
 some jobs. With `--client-timeout S` the clients are `gnosis_ocr.client.Client` (an Idempotency-Key on
 every submission, retried through timeouts and 503s as a real client retries): an answer lost to the
 timeout is then asked for again with the same key. After each Redis episode it times how long until
@@ -33,7 +34,7 @@ import requests
 
 from bench.common import PrivateRedis, Stack, percentile, report
 from harness.docs import pdf_of_pages, text_image
-from harness.redisproc import SentinelGroup
+from harness.redisproc import SentinelGroup, follow
 
 
 class Soak:
@@ -224,7 +225,7 @@ class Soak:
 
     def faults(self, workers: list) -> None:
         started = time.monotonic()
-        failed_over = oomed = outaged = False
+        failed_over = oomed = outaged = demoted = False
         next_kill = started + self.args.kill_every
         total = self.args.minutes * 60
         while not self.stop.is_set():
@@ -266,6 +267,10 @@ class Soak:
                     self.redis.start()
                     self.events.append(f"{at} restart Redis (AOF)")
                     self.time_until_ready(workers, time.monotonic())
+            if (self.args.demote_seconds and not demoted and not isinstance(self.redis, SentinelGroup)
+                    and now - started >= total * 5 / 8):
+                demoted = True
+                self.demote(at, workers)
             if (self.args.outage_seconds and not outaged and not isinstance(self.redis, SentinelGroup)
                     and now - started >= total * 3 / 4):
                 outaged = True
@@ -275,6 +280,23 @@ class Soak:
                 self.redis.start()
                 self.time_until_ready(workers, time.monotonic())
             self.stop.wait(1)
+
+    def demote(self, at: str, workers: list) -> None:
+        """The primary made a replica with REPLICAOF alone for --demote-seconds, then primary again, on the
+        same address throughout (as an operator swaps roles, or a Kubernetes Redis operator does)."""
+        import redis as redis_py
+
+        other = PrivateRedis(self.tmp / "other").start()
+        try:
+            follow(other.port, self.redis.port, timeout=60)
+            follow(self.redis.port, other.port, timeout=60)
+            self.events.append(f"{at} Redis primary demoted by REPLICAOF for {self.args.demote_seconds:.0f}s")
+            self.stop.wait(self.args.demote_seconds)
+            follow(other.port, self.redis.port, timeout=60)
+        finally:
+            redis_py.Redis(port=self.redis.port).replicaof("NO", "ONE")
+            other.stop()
+        self.time_until_ready(workers, time.monotonic())
 
     def run(self) -> dict:
         if self.args.batch_every:
@@ -370,6 +392,8 @@ def main() -> None:
     parser.add_argument("--oom-seconds", type=float, default=30, help="Redis out of memory this long (0: never)")
     parser.add_argument("--outage-seconds", type=float, default=20,
                         help="Redis stopped this long (--redis restart only; 0: never)")
+    parser.add_argument("--demote-seconds", type=float, default=0,
+                        help="with --redis restart: the primary a replica (REPLICAOF) this long at 5/8 of the time")
     parser.add_argument("--reconcile-grace", type=float, default=30, help="GNOSIS_RECONCILE_GRACE of the workers")
     parser.add_argument("--accept-replicas", default="0",
                         help="GNOSIS_ACCEPT_REPLICAS of the API (connected: a 202 once the replica has the job)")

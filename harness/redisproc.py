@@ -20,6 +20,15 @@ def deny_job_keys(admin, denied: bool) -> None:
     admin.acl_setuser("worker", enabled=True, reset_keys=True, keys=keys)
 
 
+def follow(replica_port: int, leader_port: int, *, timeout: float = 15) -> None:
+    """Roles swapped with REPLICAOF alone, as an operator (or a Kubernetes Redis operator) does: the leader
+    is made a primary, the other follows it; returns once their link is up."""
+    redis.Redis(port=leader_port).replicaof("NO", "ONE")
+    redis.Redis(port=replica_port).replicaof("127.0.0.1", leader_port)
+    wait_until(lambda: redis.Redis(port=replica_port).info("replication").get("master_link_status") == "up",
+               timeout=timeout, message="the replica to sync")
+
+
 class PrivateRedis:
     def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
         self.dir = workdir

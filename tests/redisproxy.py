@@ -16,7 +16,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 
-class ReplyLosingProxy:
+class _Proxy:
     def __init__(self, upstream_url: str) -> None:
         """`upstream_url`: a redis:// URL on loopback; `self.url` is the same database through the proxy."""
         parts = urlsplit(upstream_url)
@@ -24,6 +24,14 @@ class ReplyLosingProxy:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.url = urlunsplit((parts.scheme, f"127.0.0.1:{self.port}", parts.path, "", ""))
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+class ReplyLosingProxy(_Proxy):
+    def __init__(self, upstream_url: str) -> None:
+        super().__init__(upstream_url)
         self._target: bytes | None = None
         self._on_lost: Callable[[], None] | None = None
         self.lost = threading.Event()
@@ -47,9 +55,7 @@ class ReplyLosingProxy:
             with self._lock:
                 if self._target is not None and b"EVALSHA" in data.upper() and self._target in data:
                     armed.set()
-            try:
-                upstream.sendall(data)
-            except OSError:
+            if not _send(upstream, data):
                 break
         _close(client, upstream)
 
@@ -65,14 +71,9 @@ class ReplyLosingProxy:
                         then()
                     self.lost.set()
                     break
-            try:
-                client.sendall(data)
-            except OSError:
+            if not _send(client, data):
                 break
         _close(client, upstream)
-
-    def stop(self) -> None:
-        self.server.close()
 
 
 class HoldingProxy:
@@ -112,25 +113,19 @@ class HoldingProxy:
                 gate.wait()  # held: what arrived waits here for release, and is dropped by cut
                 if self._cut:
                     break
-            try:
-                sink.sendall(data)
-            except OSError:
+            if not _send(sink, data):
                 break
         _close(source, sink)
 
 
-class SilencingProxy:
+class SilencingProxy(_Proxy):
     """Carries every connection to Redis until `silence(marker)`: from then on each connection open at that
     moment goes silent both ways once it sends a command containing `marker`: open, carrying nothing, as a
     TCP connection does whose path died without a reset (a firewall's or NAT's state dropped, a host gone
     without a word). Connections made afterwards go through, as a reconnect would."""
 
     def __init__(self, upstream_url: str) -> None:
-        parts = urlsplit(upstream_url)
-        self.upstream_port = parts.port or 6379
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.url = urlunsplit((parts.scheme, f"127.0.0.1:{self.port}", parts.path, "", ""))
+        super().__init__(upstream_url)
         self._open: list[dict] = []
         self._lock = threading.Lock()
         self.silenced = 0
@@ -159,14 +154,9 @@ class SilencingProxy:
                 silent = link["silent"]
             if silent:
                 continue  # read and dropped: the peer never hears of it, and nothing is closed
-            try:
-                sink.sendall(data)
-            except OSError:
+            if not _send(sink, data):
                 break
         _close(source, sink)
-
-    def stop(self) -> None:
-        self.server.close()
 
 
 def _pairs(server: socket.socket, upstream_port: int):
@@ -183,6 +173,15 @@ def _pairs(server: socket.socket, upstream_port: int):
             _close(client)
             continue
         yield client, upstream
+
+
+def _send(sock: socket.socket, data: bytes) -> bool:
+    """Whether `data` went out: False once the other side is gone."""
+    try:
+        sock.sendall(data)
+        return True
+    except OSError:
+        return False
 
 
 def _recv(sock: socket.socket) -> bytes:

@@ -11,7 +11,7 @@ from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
 from gnosis_ocr.worker import refusals
-from harness.redisproc import PrivateRedis
+from harness.redisproc import PrivateRedis, follow
 from harness.stack import wait_until
 
 
@@ -52,10 +52,9 @@ def test_a_periodic_restore_is_skipped_while_redis_is_out_of_memory(full_redis):
 
 def test_a_write_refused_by_a_node_that_became_a_replica_is_a_lost_connection(tmp_path):
     primary = PrivateRedis(tmp_path / "primary").start()
-    replica = PrivateRedis(tmp_path / "replica").start(extra=["--replicaof", "127.0.0.1", str(primary.port)])
+    replica = PrivateRedis(tmp_path / "replica").start()
     try:
-        wait_until(lambda: redis.Redis(port=replica.port).info("replication").get("master_link_status") == "up",
-                   timeout=15, message="the replica to sync")
+        follow(replica.port, primary.port)
         with Connection(replica.url) as conn:
             with pytest.raises(redis.exceptions.ReadOnlyError):  # kombu's: Celery calls it unrecoverable
                 kombu_redis.QoS(conn.default_channel).ack("page-1")
@@ -102,18 +101,10 @@ def test_a_message_whose_acknowledgement_failed_holds_no_prefetch_slot_and_is_de
     Redis refused (here: its node was demoted in between) as held by the channel for good, so that worker
     took nothing more while its loop turned and its heartbeat said it was alive."""
     primary = PrivateRedis(tmp_path / "primary", appendonly=False).start()
-    other = PrivateRedis(tmp_path / "other", appendonly=False).start(extra=["--replicaof", "127.0.0.1",
-                                                                           str(primary.port)])
+    other = PrivateRedis(tmp_path / "other", appendonly=False).start()
     client = redis.Redis(port=primary.port)
-
-    def follow(replica: PrivateRedis, leader: PrivateRedis) -> None:
-        redis.Redis(port=leader.port).replicaof("NO", "ONE")
-        redis.Redis(port=replica.port).replicaof("127.0.0.1", leader.port)
-        wait_until(lambda: redis.Redis(port=replica.port).info("replication").get("master_link_status") == "up",
-                   timeout=15, message="the replica to sync")
-
     try:
-        follow(other, primary)
+        follow(other.port, primary.port)
         taken = {}
         for flavour, patches in (("kombu", refusals.KOMBU), ("ours", refusals.PATCHES)):
             for name, value in patches.items():
@@ -124,7 +115,7 @@ def test_a_message_whose_acknowledgement_failed_holds_no_prefetch_slot_and_is_de
             channel.basic_publish(channel.prepare_message(flavour), "", "ocr")
             taken[flavour] = (conn, channel, channel.basic_get("ocr", no_ack=False))
             assert taken[flavour][2] is not None and not channel.qos.can_consume()
-        follow(primary, other)  # demoted under both channels
+        follow(primary.port, other.port)  # demoted under both channels
 
         _, channel, message = taken["kombu"]
         with pytest.raises(redis.ResponseError):  # a MULTI, refused whole (EXECABORT)
@@ -137,7 +128,7 @@ def test_a_message_whose_acknowledgement_failed_holds_no_prefetch_slot_and_is_de
         assert channel.qos.can_consume()
 
         # Primary again: closing each channel (as Celery's reconnect does) puts what it held back in the queue.
-        follow(other, primary)
+        follow(other.port, primary.port)
         for conn, _, _ in taken.values():
             conn.release()
         assert client.llen("ocr") == 2 and client.hlen("unacked") == 0

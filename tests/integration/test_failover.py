@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from harness.docs import text_image
-from harness.redisproc import PrivateRedis, SentinelGroup
+from harness.redisproc import PrivateRedis, SentinelGroup, follow
 from harness.stack import poll_job, wait_until
 
 pytestmark = pytest.mark.slow
@@ -112,30 +112,20 @@ def test_workers_on_a_primary_demoted_with_replicaof_reconnect_until_it_is_prima
     old primary's clients). Redis 7 then answers each blocked BRPOP with -UNBLOCKED, and each BRPOP sent to
     it afterwards with -READONLY; kombu calls both channel errors, and Celery stopped the page worker and
     its light worker with an "Unrecoverable error". They now reconnect until the node is primary again."""
-    import redis
-
     a = PrivateRedis(tmp_path / "a", appendonly=False).start()
-    b = PrivateRedis(tmp_path / "b", appendonly=False).start(extra=["--replicaof", "127.0.0.1", str(a.port)])
-
-    def swap(primary: PrivateRedis, replica: PrivateRedis) -> None:
-        redis.Redis(port=primary.port).replicaof("NO", "ONE")
-        redis.Redis(port=replica.port).replicaof("127.0.0.1", primary.port)
-        wait_until(lambda: redis.Redis(port=replica.port).info("replication").get("master_link_status") == "up",
-                   timeout=15, message="the replica to sync")
-
+    b = PrivateRedis(tmp_path / "b", appendonly=False).start()
     try:
-        wait_until(lambda: redis.Redis(port=b.port).info("replication").get("master_link_status") == "up",
-                   timeout=15, message="the replica to sync")
+        follow(b.port, a.port)
         stack.env["REDIS_URL"] = a.url
         url = stack.api()
         worker = stack.worker(OCR_ENGINE="null")
         wait_until(lambda: "gnosis-light-" in worker.log() and " ready" in worker.log(), timeout=60,
                    message="its light worker to consume")
         assert poll_job(url, submit(url, "before.png").json()["id"])["status"] == "succeeded"
-        swap(b, a)  # the workers' node is a replica now, their BRPOPs blocked on it
+        follow(a.port, b.port)  # the workers' node is a replica now, their BRPOPs blocked on it
         wait_until(lambda: worker.log().count("answered as a replica") >= 2 or not worker.alive(), timeout=60,
                    message="both workers to meet the new role")
-        swap(a, b)
+        follow(b.port, a.port)
         job = submit(url, "after.png")
         assert job.status_code == 202, job.text
         assert poll_job(url, job.json()["id"])["status"] == "succeeded", worker.log()[-3000:]

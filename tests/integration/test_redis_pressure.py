@@ -225,8 +225,8 @@ def test_a_consuming_worker_rides_out_redis_refusing_writes_and_every_page_finis
         client.config_set("maxmemory", 0)
         finals = [poll_job(url, job_id, timeout=120) for job_id in jobs]
         assert [f["status"] for f in finals] == ["succeeded"] * len(jobs), [f["status"] for f in finals]
-        # The page worker lived through it. (Its light worker, which it restarts itself, once stopped here
-        # under a loaded machine, on a write not yet identified: docs/operations.md.)
+        # The page worker lived through it. (Its light worker once stopped here under a loaded machine: a
+        # reconnect binding its queues in a MULTI, the case the reconnect test below covers.)
         assert worker.alive() and "Redis takes writes again" in worker.log()
 
 

@@ -5,7 +5,10 @@ connection drops before its answer gets back (a network blip, a failover's reset
 idle cut). The client sees a connection error and retries the very same call.
 
 HoldingProxy carries a replica's link to its primary and can hold back what the primary sends: the
-replica falls behind (a slow link, a busy replica) while the primary goes on taking writes."""
+replica falls behind (a slow link, a busy replica) while the primary goes on taking writes.
+
+SilencingProxy turns chosen connections silent without closing them, as a path that died without a
+reset leaves them."""
 
 from __future__ import annotations
 

@@ -122,27 +122,35 @@ class HoldingProxy:
 
 
 class SilencingProxy(_Proxy):
-    """Carries every connection to Redis until `silence(marker)`: from then on each connection open at that
-    moment goes silent both ways once it sends a command containing `marker`: open, carrying nothing, as a
-    TCP connection does whose path died without a reset (a firewall's or NAT's state dropped, a host gone
+    """Carries every connection to Redis until `silence()`: from then on each connection open at that moment
+    goes silent both ways once it sends a command containing `marker`: open, carrying nothing, as a TCP
+    connection does whose path died without a reset (a firewall's or NAT's state dropped, a host gone
     without a word). Connections made afterwards go through, as a reconnect would."""
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, marker: bytes) -> None:
         super().__init__(upstream_url)
+        self.marker = marker
         self._open: list[dict] = []
         self._lock = threading.Lock()
-        self.silenced = 0
-        """Connections gone silent so far."""
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def silence(self, marker: bytes) -> None:
+    def carrying(self) -> int:
+        """Connections open that have sent `marker`."""
+        with self._lock:
+            return sum(1 for link in self._open if link["sent"] and not link["closed"])
+
+    def silenced(self) -> int:
+        with self._lock:
+            return sum(1 for link in self._open if link["silent"])
+
+    def silence(self) -> None:
         with self._lock:
             for link in self._open:
-                link["marker"] = marker
+                link["doomed"] = True
 
     def _accept(self) -> None:
         for client, upstream in _pairs(self.server, self.upstream_port):
-            link = {"marker": None, "silent": False}
+            link = {"sent": False, "doomed": False, "silent": False, "closed": False}
             with self._lock:
                 self._open.append(link)
             threading.Thread(target=self._pump, args=(client, upstream, link, True), daemon=True).start()
@@ -151,14 +159,16 @@ class SilencingProxy(_Proxy):
     def _pump(self, source: socket.socket, sink: socket.socket, link: dict, up: bool) -> None:
         while data := _recv(source):
             with self._lock:
-                if up and not link["silent"] and link["marker"] and link["marker"] in data.upper():
-                    link["silent"] = True
-                    self.silenced += 1
+                if up and self.marker in data.upper():
+                    link["sent"] = True
+                    link["silent"] = link["silent"] or link["doomed"]
                 silent = link["silent"]
             if silent:
                 continue  # read and dropped: the peer never hears of it, and nothing is closed
             if not _send(sink, data):
                 break
+        with self._lock:
+            link["closed"] = True
         _close(source, sink)
 
 

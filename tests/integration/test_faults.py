@@ -220,14 +220,15 @@ def test_a_worker_whose_broker_connection_dies_without_a_reset_consumes_again(st
     from tests.redisproxy import SilencingProxy
 
     private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
-    proxy = SilencingProxy(private.url)
+    proxy = SilencingProxy(private.url, b"BRPOP")
     try:
         stack.env["REDIS_URL"] = private.url
         url = stack.api()
         worker = stack.worker(OCR_ENGINE="null", REDIS_URL=proxy.url)
         assert poll_job(url, submit(url, "before.png")["id"], timeout=60)["status"] == "succeeded"
-        proxy.silence(b"BRPOP")
-        wait_until(lambda: proxy.silenced >= 2, timeout=15, message="the page and light workers' BRPOPs to go silent")
+        wait_until(lambda: proxy.carrying() >= 2, timeout=60, message="the page and light workers to consume")
+        proxy.silence()
+        wait_until(lambda: proxy.silenced() >= 2, timeout=15, message="both workers' BRPOPs to go silent")
         silenced = time.monotonic()
         job = poll_job(url, submit(url, "after.png")["id"], timeout=90)
         assert job["status"] == "succeeded", worker.log()[-3000:]

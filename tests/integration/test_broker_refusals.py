@@ -21,6 +21,13 @@ def taken(client: redis.Redis, tag: str) -> None:
     client.zadd("unacked_index", {tag: 1.0})
 
 
+def channel_methods(monkeypatch, methods: dict) -> None:
+    """kombu's Redis channel with `methods` (refusals.KOMBU or refusals.PATCHES) for this test only: importing
+    the Celery app, as an earlier test in this process may have, installs the patches for good."""
+    for name, value in methods.items():
+        monkeypatch.setattr(kombu_redis.Channel, name, value)
+
+
 @pytest.fixture
 def full_redis(tmp_path):
     private = PrivateRedis(tmp_path / "redis", appendonly=False).start()
@@ -75,14 +82,11 @@ def test_a_queue_is_declared_while_redis_is_out_of_memory_and_bound_once_it_has_
     private, client = full_redis
     client.config_set("maxmemory", max(client.info("memory")["used_memory"] // 2, 2**16))
     queue = Queue("ocr", Exchange("ocr"), "ocr")
-    # kombu's own first, whatever an earlier test in this process installed (importing the Celery app does).
-    for name, value in refusals.KOMBU.items():
-        monkeypatch.setattr(kombu_redis.Channel, name, value)
+    channel_methods(monkeypatch, refusals.KOMBU)  # kombu's own first, whatever an earlier test installed
     with Connection(private.url) as conn:
         with pytest.raises(redis.exceptions.OutOfMemoryError):  # kombu's: Celery calls it unrecoverable
             queue(conn.default_channel).declare()
-    for name, value in refusals.PATCHES.items():
-        monkeypatch.setattr(kombu_redis.Channel, name, value)
+    channel_methods(monkeypatch, refusals.PATCHES)
     with Connection(private.url) as conn:
         channel = conn.default_channel
         assert channel.queue_declare("ocr").message_count == 0  # counted at once: reads outside MULTI
@@ -107,8 +111,7 @@ def test_a_message_whose_acknowledgement_failed_holds_no_prefetch_slot_and_is_de
         follow(other.port, primary.port)
         taken = {}
         for flavour, patches in (("kombu", refusals.KOMBU), ("ours", refusals.PATCHES)):
-            for name, value in patches.items():
-                monkeypatch.setattr(kombu_redis.Channel, name, value)
+            channel_methods(monkeypatch, patches)
             conn = Connection(primary.url)
             channel = conn.channel()
             channel.basic_qos(0, 1, False)

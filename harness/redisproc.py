@@ -22,8 +22,17 @@ def deny_job_keys(admin, denied: bool) -> None:
 
 def follow(replica_port: int, leader_port: int, *, timeout: float = 15) -> None:
     """Roles swapped with REPLICAOF alone, as an operator (or a Kubernetes Redis operator) does: the leader
-    is made a primary, the other follows it; returns once their link is up."""
-    redis.Redis(port=leader_port).replicaof("NO", "ONE")
+    is made a primary, the other follows it; returns once their link is up. A leader that was a replica
+    first catches up with its primary, as in a switchover: replication is asynchronous, and promoted a
+    moment early it would lack the last writes (a test's messages, 1 run in 10)."""
+    leader = redis.Redis(port=leader_port)
+    info = leader.info("replication")
+    if info["role"] == "slave":
+        primary = redis.Redis(port=info["master_port"])
+        wait_until(lambda: leader.info("replication").get("slave_repl_offset", -1)
+                   >= primary.info("replication")["master_repl_offset"], timeout=timeout,
+                   message="the leader to catch up with its primary")
+    leader.replicaof("NO", "ONE")
     redis.Redis(port=replica_port).replicaof("127.0.0.1", leader_port)
     wait_until(lambda: redis.Redis(port=replica_port).info("replication").get("master_link_status") == "up",
                timeout=timeout, message="the replica to sync")

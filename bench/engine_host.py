@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.gpu_engine import MIX, build_processor  # noqa: E402
 from bench.gpu_throughput import a4_page  # noqa: E402
+from gnosis_ocr.worker.engines.decoder import Launched  # noqa: E402
 
 
 class DeviceStandIn:
@@ -49,6 +50,7 @@ class DeviceStandIn:
         self.captures = 0
         self.step_ms, self.prefill_ms = step_ms, prefill_ms
         self.device_seconds = 0.0
+        self.free_at = 0.0
         self.step_device_seconds = 0.0
         self.vocab = vocab
         self._torch = torch
@@ -58,18 +60,31 @@ class DeviceStandIn:
         one, full = self.step_ms  # measured: 7.05 ms for 1 page, 8.87 ms for 64 (docs/benchmarks.md)
         return (one + (full - one) * (b - 1) / 63) / 1000
 
-    def step(self, batch: int, length: int):
-        seconds = self.step_seconds(batch)
+    def _queue(self, seconds: float) -> float:
+        """Work queued behind what the device already has, as on a CUDA stream; when it will be done."""
         self.device_seconds += seconds
+        self.free_at = max(time.monotonic(), self.free_at) + seconds
+        return self.free_at
+
+    def launch(self, batch: int, length: int) -> Launched:
+        seconds = self.step_seconds(batch)
         self.step_device_seconds += seconds
-        time.sleep(seconds)
         # A GPU hands back a tensor too: `.tolist()` on it is the loop's cost, the draw here is not.
-        return self._torch.randint(self.vocab, (batch,), generator=self._generator)
+        tokens = self._torch.randint(self.vocab, (batch,), generator=self._generator)
+        return Launched(tokens, self._queue(seconds))
+
+    @staticmethod
+    def collect(launched: Launched) -> list[int]:
+        _wait_until(launched.event)
+        return launched.tokens.tolist()
+
+    def step(self, batch: int, length: int):
+        launched = self.launch(batch, length)
+        _wait_until(launched.event)
+        return launched.tokens
 
     def prefill(self, slots, inputs) -> list[int]:
-        seconds = self.prefill_ms / 1000 * len(slots)
-        self.device_seconds += seconds
-        time.sleep(seconds)
+        _wait_until(self._queue(self.prefill_ms / 1000 * len(slots)))  # its first tokens are read at once
         return self._torch.randint(self.vocab, (len(slots),), generator=self._generator).tolist()
 
     def release(self, slot: int) -> None:
@@ -91,14 +106,34 @@ class DeviceStandIn:
         pass
 
 
+def _wait_until(when: float) -> None:
+    left = when - time.monotonic()
+    if left > 0:
+        time.sleep(left)  # without the GIL, as a CUDA sync
+
+
 def page_png(max_side: int) -> bytes:
     buf = io.BytesIO()
     a4_page(max_side).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def run_mode(name: str, *, prepare: bool, switch: float | None, slots: int, prefetch: int, seconds: float,
-             step_ms: tuple[float, float], prefill_ms: float, prompt, png: bytes, redis_url: str) -> dict:
+def _synchronous():
+    from gnosis_ocr.worker.engines.scheduler import Scheduler
+
+    class Synchronous(Scheduler):
+        """The same loop, each step read before the next is launched: the baseline."""
+
+        def _decode(self) -> None:
+            super()._decode()
+            self._settle()
+
+    return Synchronous
+
+
+def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, slots: int, prefetch: int,
+             seconds: float, step_ms: tuple[float, float], prefill_ms: float, prompt, png: bytes,
+             redis_url: str) -> dict:
     import redis
     import torch
     from PIL import Image
@@ -107,6 +142,8 @@ def run_mode(name: str, *, prepare: bool, switch: float | None, slots: int, pref
     from gnosis_ocr.worker.engines.request import Request
     from gnosis_ocr.worker.engines.scheduler import Scheduler
     from gnosis_ocr.worker.runtime import _record_work
+
+    Synchronous = _synchronous()
 
     def inputs() -> dict:
         with Image.open(io.BytesIO(png)) as img:
@@ -118,7 +155,7 @@ def run_mode(name: str, *, prepare: bool, switch: float | None, slots: int, pref
     ready = inputs()
     device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms)
     guard = RepetitionGuard(512, max_tokens=4096)
-    scheduler = Scheduler(device, eos_ids=set(), prefill_batch=4, guard=guard,
+    scheduler = (Scheduler if overlap else Synchronous)(device, eos_ids=set(), prefill_batch=4, guard=guard,
                           on_work=lambda phase, pages, secs: _record_work("cuda:0", phase, pages, secs))
     client = redis.Redis.from_url(redis_url, max_connections=1000)  # as the worker's: a thread each
     client.hset("gnosis-bench:job", "status", "running")
@@ -168,7 +205,7 @@ def run_mode(name: str, *, prepare: bool, switch: float | None, slots: int, pref
     steps, step_s, prefill_s, device_s, step_device_s, tokens, pages, wall = deltas
     host = wall - device_s
     result = {
-        "mode": name, "prepare_pages": prepare, "switch_interval_ms": (switch or previous) * 1000,
+        "mode": name, "prepare_pages": prepare, "overlap": overlap, "switch_interval_ms": (switch or previous) * 1000,
         "seconds": round(wall, 2), "steps": steps, "pages_finished": pages, "tokens": tokens,
         "mean_batch": round(tokens / max(steps, 1), 1),
         "device_busy": round(device_s / wall, 3),
@@ -193,7 +230,10 @@ def main() -> None:
     parser.add_argument("--prefill-ms", type=float, default=60, help="per page (the issue's goal; 159 measured)")
     parser.add_argument("--max-side", type=int, default=1280)
     parser.add_argument("--redis-url", default=os.environ.get("GNOSIS_REDIS_URL", "redis://127.0.0.1:6379/15"))
-    parser.add_argument("--modes", default="alone,pages,pages_switch_1ms,pages_switch_0.5ms")
+    parser.add_argument("--modes", default="alone_sync,alone,pages_sync,pages",
+                        help="alone: inputs made once; pages: made per page on the page threads; _sync: each step "
+                             "read before the next is launched (the loop before 2026-12-07)")
+    parser.add_argument("--switch-ms", type=float, help="sys.setswitchinterval for the run (default: Python's)")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -202,14 +242,13 @@ def main() -> None:
     prompt = PagePrompt(build_processor())
     png = page_png(args.max_side)
     step_ms = tuple(float(x) for x in args.step_ms.split(","))
-    modes = {"alone": (False, None), "pages": (True, None), "pages_switch_1ms": (True, 0.001),
-             "pages_switch_0.5ms": (True, 0.0005)}
     report = {"bench": "engine_host", "python": platform.python_version(), "cpus": os.cpu_count(),
               "slots": args.slots, "prefetch": args.prefetch, "step_ms": step_ms, "prefill_ms": args.prefill_ms,
               "prompt_tokens": int(prompt.inputs(a4_page(args.max_side))["input_ids"].shape[1]), "modes": []}
     for name in args.modes.split(","):
-        prepare, switch = modes[name]
-        report["modes"].append(run_mode(name, prepare=prepare, switch=switch, slots=args.slots,
+        prepare, overlap = name.startswith("pages"), not name.endswith("_sync")
+        switch = args.switch_ms / 1000 if args.switch_ms else None
+        report["modes"].append(run_mode(name, prepare=prepare, overlap=overlap, switch=switch, slots=args.slots,
                                         prefetch=args.prefetch, seconds=args.seconds, step_ms=step_ms,
                                         prefill_ms=args.prefill_ms, prompt=prompt, png=png,
                                         redis_url=args.redis_url))

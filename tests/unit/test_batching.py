@@ -81,6 +81,9 @@ def test_a_finished_page_frees_its_slot_for_a_waiting_one_at_once(engine):
     assert waiting.admitted < min(r.finished for r in long), "the waiting page waited for the longest page"
     assert all(r.tokens == reference(engine, page(i), 48) for i, r in enumerate(long))
     assert short.truncated and short.stop_reason == "max_tokens" and len(short.tokens) == 2
+    # Seated in `short`'s slot while the step after its end was already running: that step's token for the
+    # slot is `short`'s, and must reach neither page.
+    assert waiting.tokens == reference(engine, page(3), 2)
 
 
 def test_a_page_over_its_time_limit_leaves_the_batch_alone(engine):

@@ -22,7 +22,7 @@ class Faulty(StaticDecoder):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.step_fault = self.prefill_fault = self.release_fault = None
+        self.step_fault = self.prefill_fault = self.release_fault = self.collect_fault = None
         self.broken = False
 
     def step(self, batch, length):
@@ -34,6 +34,11 @@ class Faulty(StaticDecoder):
         if self.prefill_fault is not None:
             self.prefill_fault(self, slots, inputs)
         return super().prefill(slots, inputs)
+
+    def collect(self, launched):
+        if self.collect_fault is not None:
+            self.collect_fault(self)
+        return super().collect(launched)
 
     def release(self, slot):
         if self.release_fault is not None:
@@ -167,6 +172,31 @@ def test_a_device_that_stops_answering_kills_the_engine_and_returns_every_page(e
     assert len(loop.deaths) == 1 and not loop.alive
     with pytest.raises(EngineDead):
         submit(engine, loop, 0)
+
+
+def test_a_step_whose_result_cannot_be_read_kills_the_engine_and_returns_every_page(engine, loop):
+    requests = [submit(engine, loop, i, tokens=2000) for i in range(5)]  # 3 decoding, 2 waiting
+
+    def fault(decoder):  # the step ran on the device, but what it computed never reaches the host
+        if loop.steps >= 3:
+            raise RuntimeError("CUDA error: unspecified launch failure")
+
+    loop.decoder.collect_fault = fault
+    settle(requests)
+    assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
+    assert len(loop.deaths) == 1 and not loop.alive
+
+
+def test_the_next_step_is_launched_before_the_last_one_is_read(engine, loop):
+    """The host's work on a step's tokens overlaps the device's next step (bench/engine_host.py measures
+    what that saves); the pages still decode exactly as alone."""
+    events: list[str] = []
+    loop.decoder.step_fault = lambda d, b: events.append("launch")
+    loop.decoder.collect_fault = lambda d: events.append("read")
+    requests = settle([submit(engine, loop, i) for i in range(3)])
+    assert all(r.error is None and r.tokens == reference(engine, page(i), 24) for i, r in enumerate(requests))
+    assert "launch launch read" in " ".join(events), events[:12]
+    assert events.count("launch") == events.count("read"), "every launched step is read"
 
 
 def test_a_failing_write_after_a_page_ends_kills_the_engine_and_returns_the_others(engine, loop):

@@ -79,6 +79,11 @@ class StaticDecoder:
         self.batch_buckets = buckets(slots, 1, 2.0)
         self.len_buckets = sorted({-(-b // KV_ALIGN) * KV_ALIGN for b in buckets(self.max_len, 512, 1.5)})
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        # Two pinned host buffers, alternated: the tokens of the step being read and of the one launched
+        # after it, each copied off the device without a sync.
+        self._host = [torch.zeros(slots, dtype=torch.long, pin_memory=True) for _ in range(2)] \
+            if self.device.type == "cuda" else []
+        self._flip = 0
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.captures = 0  # graph captures so far: a steady state adds none
@@ -188,6 +193,28 @@ class StaticDecoder:
                     self._step(b, L)
         return self.next_tokens[:b]
 
+    def launch(self, batch: int, length: int) -> Launched:
+        """`step`, returning before the device has finished it: its next tokens are copied to the host
+        behind it on the device's queue, so the caller can queue the next step before it reads these
+        with `collect`. At most two launched steps may be unread at a time (two host buffers)."""
+        tokens = self.step(batch, length)
+        if self.device.type != "cuda":
+            return Launched(tokens.clone(), None)  # computed already; the next step overwrites the buffer
+        with self.device_context():
+            host = self._host[self._flip][: tokens.shape[0]]
+            self._flip ^= 1
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return Launched(host, event)
+
+    @staticmethod
+    def collect(launched: Launched) -> list[int]:
+        """A launched step's next tokens, once the device has computed them (waited for without the GIL)."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        return launched.tokens.tolist()
+
     def warm_up(self) -> int:
         """Capture every (batch, length) graph now, so no page ever waits for a capture."""
         if self.use_graphs:
@@ -280,6 +307,15 @@ class StaticDecoder:
         active = self.active[:b]
         self.tokens[:b].copy_(torch.where(active.bool(), nxt, self.tokens[:b]))
         self.lengths[:b].add_(active)
+
+
+class Launched:
+    """A decode step on its way: where its next tokens will be, and the event that says they are there."""
+
+    __slots__ = ("event", "tokens")
+
+    def __init__(self, tokens: torch.Tensor, event) -> None:
+        self.tokens, self.event = tokens, event
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,18 @@ the longest page of a batch. Deadlines and cancellations are checked at every st
 as well as decoding ones: a page over its time limit or of a cancelled job leaves without disturbing
 the others.
 
+Each step is launched before the previous one's tokens are read, so the host's work per step (ends,
+limits, the repetition guard, metrics: about 1-2 ms for 64-128 pages, `bench/engine_host.py`) runs
+while the device computes instead of between its steps.
+
 Failures cost as little as they can, and every request is resolved exactly once:
 - a prefill that fails is retried in halves (smaller chunks after running out of memory), down to the
   one page that fails alone, which fails;
-- a decode step that fails is re-run on halves of the batch (the others paused), down to the page that
-  fails alone; the rest go on decoding. If every page fails alone the engine is broken, not a page;
-- after any failure the device is probed; a device that no longer answers (a sticky CUDA error), or any
-  error inside the recovery itself, ends the loop: the engine is dead, every page it held is resolved
-  with EngineDead (the worker returns them to the queue), and `on_dead` tells the worker to restart.
+- a decode step that fails is narrowed down to the page that causes it (`isolation.py`);
+- after any failure the device is probed; a device that no longer answers (a sticky CUDA error), a step
+  whose result never reaches the host, or any error inside the recovery itself ends the loop: the engine
+  is dead, every page it held is resolved with EngineDead (the worker returns them to the queue), and
+  `on_dead` tells the worker to restart.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable
 
 from ...errors import EngineCheckFailed, EngineDead
 from . import StopReason
+from .isolation import Isolation
 from .repetition import RepetitionGuard
 from .request import Request
 
@@ -33,12 +38,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Request", "RepetitionGuard", "Scheduler"]
 
-MAX_SOLO_FAILURES = 3
-"""Pages in a row that fail decode steps alone, with no good step between them, before the engine is
-declared broken: a broken engine returns pages to the queue instead of failing every job it sees."""
 
-
-class Scheduler:
+class Scheduler(Isolation):
     """The engine loop for one device. `submit` is thread-safe; everything else runs on the loop thread."""
 
     def __init__(self, decoder, *, eos_ids: set[int], prefill_batch: int = 4, guard: RepetitionGuard | None = None,
@@ -63,6 +64,8 @@ class Scheduler:
         self.failed_steps = 0
         self.failed_prefills = 0
         self._solo_failures = 0
+        self._inflight: _Launched | None = None  # the step launched and not yet read
+        self._accounted = 0.0  # the loop's time up to here is counted, as prefill or as decode
         self.step_seconds = 0.0  # wall time in decode steps (read back included): ms per step for benchmarks
         self.prefill_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name=f"gnosis-{name}", daemon=True)
@@ -100,7 +103,7 @@ class Scheduler:
                             f"the decode graph on {self.decoder.device} does not reproduce the eager step (largest "
                             f"difference {self.check['max_abs_diff']:.3g}); refusing to serve wrong text")
                     self._advance(0, request, int(self.decoder.next_tokens[0]))
-                while any(self.slots):
+                while any(self.slots) or self._inflight is not None:
                     self._decode()
         finally:
             self.on_work = on_work
@@ -141,13 +144,13 @@ class Scheduler:
             self.decoder.bind_thread()
             while True:
                 with self._cond:
-                    while not self._stop and not self._pending and not any(self.slots):
+                    while not self._stop and not self._pending and not any(self.slots) and self._inflight is None:
                         self._cond.wait()
                     if self._stop or self.dead is not None:
                         break
                 self._drop_unwanted()
                 self._admit()
-                if any(self.slots):
+                if any(self.slots) or self._inflight is not None:
                     self._decode()
         except BaseException as exc:  # anything that escapes the recovery paths: the device is not trusted
             self._die(exc)
@@ -252,7 +255,8 @@ class Scheduler:
             self._prefill(slots[:mid], chunk[:mid])
             self._prefill(slots[mid:], chunk[mid:])
             return
-        elapsed = time.monotonic() - now
+        self._accounted = time.monotonic()
+        elapsed = self._accounted - now
         self.prefill_seconds += elapsed
         self._report("prefill", len(chunk), elapsed)
         now = time.monotonic()
@@ -265,72 +269,62 @@ class Scheduler:
             self._advance(slot, request, token)
 
     def _decode(self) -> None:
-        """One step for every page in flight; a failed step is narrowed down to the page that causes it."""
+        """One step for every page in flight, launched before the previous step's tokens are read: the
+        host's work on those (ends, limits, the repetition guard, metrics) then runs while the device
+        computes, instead of leaving it idle between steps. A page that ended at the previous step is
+        computed once more in the step already launched, and that token is dropped.
+
+        A step that fails to launch is narrowed down to the page that causes it, with nothing in flight."""
         active = self._occupied()
-        try:
-            nxt = self._step(active)
-        except Exception as exc:
-            self.failed_steps += 1
-            self._check_device(exc)
-            log.warning("decode step failed for %d page(s) (%s: %s); isolating the page that causes it",
-                        len(active), type(exc).__name__, exc)
-        else:
-            self._solo_failures = 0
-            return self._advance_all(active, nxt)  # outside the try: a failure here is no step's
-        suspects = self._isolate(active)
-        if len(active) > 1 and len(suspects) == len(active):
-            raise EngineDead(f"Every page fails decode steps on {self.decoder.device}, each alone: the engine is "
-                             f"broken ({type(suspects[0][1]).__name__}: {suspects[0][1]}).")
-        if suspects and len(suspects) < len(active):
-            self._solo_failures = 0  # others stepped fine: these pages are the cause
-        for slot, exc in suspects:
-            log.error("the page in slot %d fails decode steps alone (%s: %s); failing it", slot,
-                      type(exc).__name__, exc)
-            self._finish(slot, self.slots[slot], error=exc)
-        self._solo_failures += len(suspects)
-        if self._solo_failures >= MAX_SOLO_FAILURES:
-            raise EngineDead(f"{self._solo_failures} pages in a row failed decode steps on {self.decoder.device} "
-                             "with no good step between them: the engine is broken.")
-
-    def _isolate(self, slots: list[int]) -> list[tuple[int, BaseException]]:
-        """Step halves of `slots` separately (the others paused); the slots that fail even alone."""
-        halves = [slots] if len(slots) == 1 else [slots[:len(slots) // 2], slots[len(slots) // 2:]]
-        suspects = []
-        for half in halves:
+        launched = None
+        if active:
             try:
-                nxt = self._step(half)
+                launched = self._launch(active)
             except Exception as exc:
+                self.failed_steps += 1
                 self._check_device(exc)
-                suspects += self._isolate(half) if len(half) > 1 else [(half[0], exc)]
-            else:
-                self._advance_all(half, nxt)
-        return suspects
+                log.warning("decode step failed for %d page(s) (%s: %s); isolating the page that causes it",
+                            len(active), type(exc).__name__, exc)
+                self._settle()  # the step before it stands: its tokens are taken first
+                return self._recover()
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            self._collect(previous)
 
-    def _advance_all(self, slots: list[int], nxt: list[int]) -> None:
-        for slot in slots:
-            self._advance(slot, self.slots[slot], nxt[slot])
+    def _launch(self, active: list[int]) -> _Launched:
+        # A step still in flight moves every page one position further than the host has seen yet.
+        ahead = 1 if self._inflight is not None else 0
+        longest = max(self.slots[s].length + len(self.slots[s].tokens) for s in active) + ahead
+        started = time.monotonic()
+        handle = self.decoder.launch(max(active) + 1, longest)
+        return _Launched([(s, self.slots[s]) for s in active], handle, started)
 
-    def _step(self, slots: list[int]) -> list[int]:
-        """One decode step for `slots` (the next token of every slot); other pages in flight are paused
-        (their state does not move)."""
-        stepping = set(slots)
-        paused = [s for s in self._occupied() if s not in stepping]
-        if paused:
-            self.decoder.pause(paused)
+    def _collect(self, step: _Launched) -> None:
+        """Read a launched step's tokens and advance the pages it stepped that are still seated."""
         try:
-            top = max(slots)
-            longest = max(self.slots[s].length + len(self.slots[s].tokens) for s in slots)
-            started = time.monotonic()
-            nxt = self.decoder.step(top + 1, longest).tolist()
-            elapsed = time.monotonic() - started
-            self.step_seconds += elapsed
-        finally:
-            if paused:
-                self.decoder.resume(paused)
+            nxt = self.decoder.collect(step.handle)
+        except Exception as exc:  # the device's state after a step whose result never came is unknown
+            raise EngineDead(f"A decode step's result could not be read on {self.decoder.device}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        now = time.monotonic()
+        # From its launch, or from the last time counted (a result, a prefill) if that came later: a step
+        # that ran under a prefill is the prefill's time, which already waited for it.
+        elapsed = now - max(step.started, self._accounted)
+        self._accounted = now
+        self.step_seconds += elapsed
         self.steps += 1
-        self.tokens += len(slots)
-        self._report("decode", len(slots), elapsed)
-        return nxt
+        self.tokens += len(step.pages)
+        self._solo_failures = 0
+        self._report("decode", len(step.pages), elapsed)
+        for slot, request in step.pages:
+            if self.slots[slot] is request:  # not ended at the step before, nor replaced since
+                self._advance(slot, request, nxt[slot])
+
+    def _settle(self) -> None:
+        """Read the step in flight, if any (before steps that are read at once)."""
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            self._collect(previous)
 
     def _report(self, phase: str, pages: int, seconds: float) -> None:
         # Telemetry must never look like a failed step or prefill: its errors stay here, logged once (a
@@ -342,12 +336,6 @@ class Scheduler:
                 if not self._report_failed:
                     log.exception("recording the engine's %s work failed; the engine goes on", phase)
                 self._report_failed = True
-
-    def _check_device(self, exc: BaseException) -> None:
-        """After a failure: raise EngineDead if the device itself is no longer usable."""
-        if not self.decoder.healthy():
-            raise EngineDead(f"The device {self.decoder.device} is unusable after "
-                             f"{type(exc).__name__}: {exc}") from exc
 
     def _advance(self, slot: int, request: Request, token: int) -> None:
         """Take a page's new token; end the page when it is complete, stuck, late or unwanted."""
@@ -384,6 +372,15 @@ class Scheduler:
         request.error = error
         request.finished = time.monotonic()
         request.done.set()
+
+
+class _Launched:
+    """A step on the device: the pages it steps (slot and request, as seated at launch) and its result."""
+
+    __slots__ = ("handle", "pages", "started")
+
+    def __init__(self, pages: list[tuple[int, Request]], handle, started: float) -> None:
+        self.pages, self.handle, self.started = pages, handle, started
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -34,7 +34,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.gpu_engine import MIX, build_processor  # noqa: E402
 from bench.gpu_throughput import a4_page  # noqa: E402
-from gnosis_ocr.worker.engines.decoder import Launched  # noqa: E402
+
+
+class Launched:
+    """A step queued on the stand-in: its tokens, and when the device will have computed them."""
+
+    def __init__(self, tokens, event: float) -> None:
+        self.tokens, self.event = tokens, event
 
 
 class DeviceStandIn:
@@ -242,7 +248,14 @@ def main() -> None:
     prompt = PagePrompt(build_processor())
     png = page_png(args.max_side)
     step_ms = tuple(float(x) for x in args.step_ms.split(","))
-    report = {"bench": "engine_host", "python": platform.python_version(), "cpus": os.cpu_count(),
+    import subprocess
+
+    import gnosis_ocr
+
+    code = os.path.dirname(os.path.dirname(os.path.abspath(gnosis_ocr.__file__)))
+    commit = subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    report = {"bench": "engine_host", "code": code, "commit": commit.stdout.strip() or None,
+              "python": platform.python_version(), "cpus": os.cpu_count(),
               "slots": args.slots, "prefetch": args.prefetch, "step_ms": step_ms, "prefill_ms": args.prefill_ms,
               "prompt_tokens": int(prompt.inputs(a4_page(args.max_side))["input_ids"].shape[1]), "modes": []}
     for name in args.modes.split(","):

@@ -382,7 +382,7 @@ def steady_state(finished_at: list[str]) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a tiny model on any device: checks the script")
-    parser.add_argument("--batches", default="1,8,32,128", help="batch sizes besides the default one")
+    parser.add_argument("--batches", default="1,8,32,64", help="batch sizes besides the default one")
     parser.add_argument("--pages-per-slot", type=int, default=2)
     parser.add_argument("--compare-pages", type=int, default=3)
     parser.add_argument("--compare-tokens", type=int, default=128)

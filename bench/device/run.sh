@@ -3,7 +3,7 @@
 # (made here first by bench/device/prepare.sh):
 #   bench/device/run.sh service    the whole service: 512 one-page jobs from 8 clients (issue 18's goal)
 #   bench/device/run.sh engine     the engine alone, one page's latency, the vision and token checks
-# SERVICE_BATCHES=0,128 adds a service run at 128 slots (about 4 more minutes). Results and the log go
+# SERVICE_BATCHES=0,64 adds a service run at 64 slots (about 4 more minutes), the default before 2026-12-07. Results and the log go
 # to $OUT, named after the card (gpu_engine_h200.json, gpu_engine_h200_service.json, ...).
 set -uo pipefail
 what=${1:-service}

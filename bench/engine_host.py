@@ -162,7 +162,14 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
     device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms)
     guard = RepetitionGuard(512, max_tokens=4096)
     scheduler = (Scheduler if overlap else Synchronous)(device, eos_ids=set(), prefill_batch=4, guard=guard,
-                          on_work=lambda phase, pages, secs: _record_work("cuda:0", phase, pages, secs))
+                          on_work=lambda phase, pages, secs: work(phase, pages, secs))
+    prefilled = [0]
+
+    def work(phase: str, pages: int, seconds: float) -> None:  # the worker's metrics hook, and a count
+        if phase == "prefill":
+            prefilled[0] += pages
+        _record_work("cuda:0", phase, pages, seconds)
+
     client = redis.Redis.from_url(redis_url, max_connections=1000)  # as the worker's: a thread each
     client.hset("gnosis-bench:job", "status", "running")
     lengths = itertools.cycle(MIX)
@@ -198,17 +205,17 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
         while scheduler._in_flight() < slots and time.monotonic() < deadline:
             time.sleep(0.05)
         warm = (scheduler.steps, scheduler.step_seconds, scheduler.prefill_seconds, device.device_seconds,
-                device.step_device_seconds, scheduler.tokens, len(done_pages), time.monotonic())
+                device.step_device_seconds, scheduler.tokens, len(done_pages), prefilled[0], time.monotonic())
         time.sleep(seconds)
         end = (scheduler.steps, scheduler.step_seconds, scheduler.prefill_seconds, device.device_seconds,
-               device.step_device_seconds, scheduler.tokens, len(done_pages), time.monotonic())
+               device.step_device_seconds, scheduler.tokens, len(done_pages), prefilled[0], time.monotonic())
     finally:
         stop.set()
         scheduler.stop()
         sys.setswitchinterval(previous)
         client.delete("gnosis-bench:job")
     deltas = (b - a for a, b in zip(warm, end, strict=True))
-    steps, step_s, prefill_s, device_s, step_device_s, tokens, pages, wall = deltas
+    steps, step_s, prefill_s, device_s, step_device_s, tokens, pages, prefills, wall = deltas
     host = wall - device_s
     result = {
         "mode": name, "prepare_pages": prepare, "overlap": overlap, "switch_interval_ms": (switch or previous) * 1000,
@@ -219,6 +226,9 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
         # Time inside `step` past the device's own: the GIL taken back late after the wait.
         "step_overrun_ms": round((step_s - step_device_s) / max(steps, 1) * 1000, 2),
         "prefill_share": round(prefill_s / wall, 3),
+        # The loop's time per page prefilled, against the device's own `prefill_ms`: the difference is
+        # the host's (joining the chunk, waiting for the step in flight, taking the GIL back).
+        "prefill_ms_per_page": round(1000 * prefill_s / max(prefills, 1), 1),
         "output_tokens_per_s": round(tokens / wall),
         "pages_per_s": round(pages / wall, 2),
         "prepare_ms_per_page": round(1000 * sum(prepare_seconds) / max(len(prepare_seconds), 1), 1),

@@ -287,7 +287,7 @@ def float32_mismatches(torch, path: str, pages, new_tokens: int) -> dict:
             torch.cuda.empty_cache()
 
 
-def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0) -> dict:
+def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, standin: str | None = None) -> dict:
     """API + Redis + a real worker loading the model through the cache code, `jobs` one-page jobs at once;
     `batch` slots per GPU (0: the engine sizes it). Also where the GPU's time went, from the worker's own
     metrics: prefill against decode, and the batch's mean occupancy."""
@@ -306,7 +306,8 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0) -
         env = {"OCR_ENGINE": "nanonets", "OCR_MODEL_ID": "bench/nanonets-random", "HF_ENDPOINT": stub.url,
                "OCR_MAX_NEW_TOKENS": str(max(MIX)), "OCR_REPETITION_WINDOW": "0", "OCR_BATCH_SIZE": str(batch),
                "GNOSIS_WORKER_PORT": str(worker_port),
-               "GNOSIS_BENCH_LENGTHS": ",".join(map(str, MIX)), "GNOSIS_LOG_LEVEL": "INFO"}
+               "GNOSIS_BENCH_LENGTHS": ",".join(map(str, MIX)), "GNOSIS_LOG_LEVEL": "INFO",
+               **({"GNOSIS_BENCH_STANDIN": standin} if standin else {})}
         url = stack.api(workers=2, threads=16)
         started = time.perf_counter()
         worker = Proc([sys.executable, "-m", "bench.service_worker", "worker"], {**stack.env, **env},

@@ -40,8 +40,27 @@ def patch(lengths: list[int]) -> None:
     scheduler.Scheduler.__init__ = no_eos
 
 
+def standin(spec: str) -> None:
+    """Each device's decoder replaced by bench/engine_host.py's stand-in ("step ms for 1 page, for 64,
+    prefill ms per page"): the whole service at a GPU's speed, on any machine. Only the device's work
+    is simulated; the processor, scheduler, Celery, Redis and the API are the real ones."""
+    from bench.engine_host import DeviceStandIn
+    from gnosis_ocr.worker.engines import nanonets
+
+    one, full, prefill = (float(x) for x in spec.split(","))
+
+    def decoder(model, *, slots, max_len, graphs=None):
+        return DeviceStandIn(slots, step_ms=(one, full), prefill_ms=prefill)
+
+    nanonets.StaticDecoder = decoder
+    nanonets.NanonetsEngine.warm_up = lambda self, max_side: None  # nothing to capture
+    nanonets.NanonetsEngine._batch_vision = lambda self, model, max_side: None
+
+
 if __name__ == "__main__":
     patch([int(n) for n in os.environ["GNOSIS_BENCH_LENGTHS"].split(",")])
+    if os.environ.get("GNOSIS_BENCH_STANDIN"):
+        standin(os.environ["GNOSIS_BENCH_STANDIN"])
     from gnosis_ocr.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -79,10 +79,11 @@ class StaticDecoder:
         self.batch_buckets = buckets(slots, 1, 2.0)
         self.len_buckets = sorted({-(-b // KV_ALIGN) * KV_ALIGN for b in buckets(self.max_len, 512, 1.5)})
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
-        # Two pinned host buffers, alternated: the tokens of the step being read and of the one launched
-        # after it, each copied off the device without a sync.
-        self._host = [torch.zeros(slots, dtype=torch.long, pin_memory=True) for _ in range(2)] \
-            if self.device.type == "cuda" else []
+        # Two pinned host buffers and their events, alternated: the tokens of the step being read and of
+        # the one launched after it, each copied off the device without a sync.
+        cuda = self.device.type == "cuda"
+        self._host = [torch.zeros(slots, dtype=torch.long, pin_memory=True) for _ in range(2)] if cuda else []
+        self._events = [torch.cuda.Event() for _ in range(2)] if cuda else []
         self._flip = 0
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -201,10 +202,9 @@ class StaticDecoder:
         if self.device.type != "cuda":
             return Launched(tokens.clone(), None)  # computed already; the next step overwrites the buffer
         with self.device_context():
-            host = self._host[self._flip][: tokens.shape[0]]
+            host, event = self._host[self._flip][: tokens.shape[0]], self._events[self._flip]
             self._flip ^= 1
             host.copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
         return Launched(host, event)
 

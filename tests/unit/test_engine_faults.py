@@ -114,6 +114,22 @@ def test_a_transient_step_failure_costs_no_page(engine, loop):
     assert loop.failed_steps == 1 and loop.alive
 
 
+def test_a_step_that_fails_after_the_last_pages_ended_costs_nothing(engine, loop):
+    # The third step is launched while the second, which ends the page, is still running: the launch fails,
+    # the second step is read, and the page has ended, so there is no page left to suspect.
+    failures = iter([True])
+
+    def fault(decoder, batch):
+        if loop.steps == 1 and next(failures, False):
+            raise RuntimeError("blip")
+
+    loop.decoder.step_fault = fault
+    request = settle([submit(engine, loop, 0, tokens=3)])[0]
+    assert request.error is None and request.tokens == reference(engine, page(0), 24)[:3]
+    assert loop.failed_steps == 1 and loop.alive and not loop.deaths
+    assert settle([submit(engine, loop, 1)])[0].tokens == reference(engine, page(1), 24), "it goes on serving"
+
+
 def test_a_failing_metrics_recorder_costs_no_page_and_no_step(engine, loop):
     def broken(phase, pages, seconds):
         raise ValueError("the metrics directory is gone")

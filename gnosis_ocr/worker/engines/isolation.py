@@ -31,6 +31,8 @@ class Isolation:
     def _recover(self) -> None:
         """After a failed step: step halves of the batch alone until the page that causes it is found."""
         active = self._occupied()
+        if not active:  # every page it would have stepped ended at the step before: nothing to find
+            return
         suspects = self._isolate(active)
         if len(active) > 1 and len(suspects) == len(active):
             raise EngineDead(f"Every page fails decode steps on {self.decoder.device}, each alone: the engine is "

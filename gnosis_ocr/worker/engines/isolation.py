@@ -24,9 +24,8 @@ declared broken: a broken engine returns pages to the queue instead of failing e
 
 
 class Isolation:
-    """Mixed into `Scheduler`: it owns `slots`, `decoder`, the counters and `_advance`/`_finish`."""
-
-    _solo_failures = 0
+    """Mixed into `Scheduler`: it owns `slots`, `decoder`, the counters, `_advance`, `_finish`, `_longest`
+    and `_count_step`."""
 
     def _recover(self) -> None:
         """After a failed step: step halves of the batch alone until the page that causes it is found."""
@@ -71,18 +70,12 @@ class Isolation:
         if paused:
             self.decoder.pause(paused)
         try:
-            longest = max(self.slots[s].length + len(self.slots[s].tokens) for s in slots)
             started = time.monotonic()
-            nxt = self.decoder.step(max(slots) + 1, longest).tolist()
-            elapsed = time.monotonic() - started
-            self.step_seconds += elapsed
-            self._accounted = started + elapsed
+            nxt = self.decoder.step(max(slots) + 1, self._longest(slots)).tolist()
+            self._count_step(len(slots), since=started)
         finally:
             if paused:
                 self.decoder.resume(paused)
-        self.steps += 1
-        self.tokens += len(slots)
-        self._report("decode", len(slots), elapsed)
         return nxt
 
     def _check_device(self, exc: BaseException) -> None:

@@ -294,9 +294,8 @@ class Scheduler(Isolation):
     def _launch(self, active: list[int]) -> _Launched:
         # A step still in flight moves every page one position further than the host has seen yet.
         ahead = 1 if self._inflight is not None else 0
-        longest = max(self.slots[s].length + len(self.slots[s].tokens) for s in active) + ahead
         started = time.monotonic()
-        handle = self.decoder.launch(max(active) + 1, longest)
+        handle = self.decoder.launch(max(active) + 1, self._longest(active) + ahead)
         return _Launched([(s, self.slots[s]) for s in active], handle, started)
 
     def _collect(self, step: _Launched) -> None:
@@ -306,19 +305,25 @@ class Scheduler(Isolation):
         except Exception as exc:  # the device's state after a step whose result never came is unknown
             raise EngineDead(f"A decode step's result could not be read on {self.decoder.device}: "
                              f"{type(exc).__name__}: {exc}") from exc
-        now = time.monotonic()
         # From its launch, or from the last time counted (a result, a prefill) if that came later: a step
         # that ran under a prefill is the prefill's time, which already waited for it.
-        elapsed = now - max(step.started, self._accounted)
-        self._accounted = now
-        self.step_seconds += elapsed
-        self.steps += 1
-        self.tokens += len(step.pages)
+        self._count_step(len(step.pages), since=max(step.started, self._accounted))
         self._solo_failures = 0
-        self._report("decode", len(step.pages), elapsed)
         for slot, request in step.pages:
             if self.slots[slot] is request:  # not ended at the step before, nor replaced since
                 self._advance(slot, request, nxt[slot])
+
+    def _longest(self, slots: list[int]) -> int:
+        """Cache positions the next step of `slots` must attend over, as far as the host has read."""
+        return max(self.slots[s].length + len(self.slots[s].tokens) for s in slots)
+
+    def _count_step(self, pages: int, *, since: float) -> None:
+        now = time.monotonic()
+        self._accounted = now
+        self.step_seconds += now - since
+        self.steps += 1
+        self.tokens += pages
+        self._report("decode", pages, now - since)
 
     def _settle(self) -> None:
         """Read the step in flight, if any (before steps that are read at once)."""

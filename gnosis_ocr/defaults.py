@@ -161,6 +161,10 @@ DEFAULT_LOOP_STALL_TIMEOUT = 120.0
 while Redis answers before the worker exits for its supervisor to replace it (worker/loopwatch.py); 0
 turns the watch off. Longer than Celery's reconnection backoff (at most 30 s between tries)."""
 
+CANCEL_CHECK_INTERVAL = 1.0
+"""Seconds between a worker's reads of whether the jobs of its pages in flight were cancelled, failed
+or deleted (one read for all of them, worker/watch.py): how long such a page may decode on."""
+
 ENGINE_EXIT_GRACE = 30.0
 """Seconds a worker whose engine died waits for its pages to go back to the queue (a warm shutdown)
 before it exits regardless."""

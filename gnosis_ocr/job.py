@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -18,6 +19,7 @@ from . import job_scripts as scripts
 from . import keys
 from .inputstore import InputStore, RedisInputs
 from .options import Options
+from .result import PageResult
 
 
 class ClaimLost(Exception):
@@ -112,30 +114,6 @@ class Job:
             "error": error,
             "links": {"self": f"/v1/jobs/{self.id}", "result": f"/v1/jobs/{self.id}/result"},
         }
-
-
-def result_object(job: Job, pages: list[PageResult]) -> dict:
-    """A succeeded job's result, as GET /v1/jobs/{id}/result answers and a batch writes it."""
-    opts = job.options
-    return {
-        "id": job.id,
-        "model": {"id": job.model_id, "revision": job.model_revision},
-        "options": opts.to_api(),
-        # Numbered as in the document, also when only some of its pages were asked for.
-        "pages": [{"page": opts.document_page(i) + 1, "text": p.text, "truncated": p.truncated}
-                  for i, p in enumerate(pages)],
-        "text": result_text(pages),
-    }
-
-
-def result_text(pages: list[PageResult]) -> str:
-    return "\n\n".join(p.text for p in pages)
-
-
-@dataclass(frozen=True)
-class PageResult:
-    text: str
-    truncated: bool = False
 
 
 class Verdict(str, enum.Enum):
@@ -268,6 +246,13 @@ class JobStore:
     def field(self, job_id: str, name: str) -> str | None:
         value = self.redis.hget(keys.job(job_id), name)
         return value.decode() if value is not None else None
+
+    def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Each job's status (None for a job that is gone), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "status")
+        return [value.decode() if value is not None else None for value in pipe.execute()]
 
     def fetch_input(self, job_id: str) -> bytes | None:
         """The job's document, wherever GNOSIS_INPUT_STORE keeps it; None once it is gone."""

@@ -13,7 +13,8 @@ from .. import document, keys, options, webhook
 from ..broker import DELIVER_WEBHOOK_TASK, OCR_PAGE_TASK, events_queue, page_priority
 from ..defaults import DEFAULT_WAIT_MAX
 from ..errors import BadRequest, Conflict, NotFound, QueueFull, Unavailable
-from ..job import ClaimLost, Ending, Job, JobStatus, new_job_id, result_object, result_text
+from ..job import ClaimLost, Ending, Job, JobStatus, new_job_id
+from ..result import result_object, result_text
 from . import ctx, idempotency
 from .auth import current_owner, require_key
 

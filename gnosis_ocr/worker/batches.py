@@ -15,7 +15,8 @@ from .. import document, gcs, keys, options
 from ..batch import BatchStore, Settlement
 from ..broker import OCR_PAGE_TASK, page_priority
 from ..errors import GnosisError, QueueFull, UnreadableDocument
-from ..job import Job, JobStatus, result_object, result_text
+from ..job import Job, JobStatus
+from ..result import result_object, result_text
 from . import breaker
 from .runtime import Runtime
 

@@ -185,8 +185,8 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim
             image = document.render_page(data, kind, source, max_side=rt.settings.page_max_side,
                                          max_pixels=rt.settings.max_pixels, **how)
         extra = {"language": options.language} if options.language else {}
-        with contextlib.nullcontext() if engine.batched else rt.serial:
-            result = engine.recognize(image, deadline=started + limit, cancelled=lambda: _job_over(rt, job_id),
+        with contextlib.nullcontext() if engine.batched else rt.serial, rt.watch.watching(job_id):
+            result = engine.recognize(image, deadline=started + limit, cancelled=lambda: rt.watch.over(job_id),
                                       **extra)
     except Cancelled:
         registry.clear(rt.redis, job_id, page)

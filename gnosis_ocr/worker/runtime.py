@@ -13,7 +13,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .. import backoff, gcs, inputstore
-from ..defaults import ENGINE_EXIT_GRACE, PDF_RENDERERS
+from ..defaults import CANCEL_CHECK_INTERVAL, ENGINE_EXIT_GRACE, PDF_RENDERERS
 from ..errors import EngineCheckFailed, GnosisError
 from ..job import JobStore
 from ..metrics import Metrics
@@ -24,6 +24,7 @@ from .breaker import Breaker
 from .engines import Engine, load_engine
 from .local_copies import LocalCopies
 from .render import PdfRenderer
+from .watch import JobWatch
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class Runtime:
                              inputs=inputstore.from_setting(settings.input_store, self.redis))
         self.local_copies = LocalCopies(settings.input_cache_dir or None, max_bytes=settings.input_cache_bytes)
         self.metrics = Metrics(self.redis, background=True)
+        self.watch = JobWatch(self.jobs.statuses, interval=CANCEL_CHECK_INTERVAL)
+        """Whether the jobs of the pages in the engine are still wanted, for all of them at once."""
         # Buckets failing for now: a page's source is probed by one thread at a time; a result's
         # destination no sooner than the housekeeper's next pass, which writes what was left owed.
         self.source_reads = Breaker(gcs.transient)

@@ -315,6 +315,7 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, s
         stack.procs.append(worker)
         stack.wait_worker_ready(worker, timeout=400)
         ready_s = time.perf_counter() - started
+        redis_before = redis_calls(stack.redis)
         buf = io.BytesIO()
         a4_page(160 if tiny else 1280).save(buf, format="PNG")
         png = buf.getvalue()
@@ -344,6 +345,7 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, s
         results = [wait_until(lambda j=j: (f := final(j))["status"] in ("succeeded", "failed") and f,
                               timeout=900, interval=0.0, message=f"job {j}") for j in ids]
         seconds = time.perf_counter() - first_submit
+        redis_used = {name: calls - redis_before.get(name, 0) for name, calls in redis_calls(stack.redis).items()}
         ok = sum(r["status"] == "succeeded" for r in results)
         steady = steady_state([r["finished_at"] for r in results if r.get("finished_at")])
         tokens = metric_totals(requests.get(f"{url}/metrics", timeout=10).text).get("gnosis_output_tokens_total", 0)
@@ -361,11 +363,20 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, s
                 "prefill_s": round(prefill_s, 1),
                 "prefill_ms_per_page": round(1000 * prefill_s / max(device.get("gnosis_worker_prefill_pages_total", 0),
                                                                      1), 1),
+                "redis_calls_per_page": round(sum(redis_used.values()) / max(ok, 1), 1),
+                "redis_top_calls_per_page": {name: round(calls / max(ok, 1), 1) for name, calls in
+                                             sorted(redis_used.items(), key=lambda kv: -kv[1])[:8]},
                 "failed": [r.get("error") for r in results if r["status"] != "succeeded"][:3]}
     finally:
         stack.stop()
         stub.stop()
         redis_proc.stop()
+
+
+def redis_calls(client) -> dict[str, int]:
+    """Commands the stack's own Redis has run, by name, since it started (the API, the worker and this
+    benchmark's clients: the service's whole load on Redis)."""
+    return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in client.info("commandstats").items()}
 
 
 def steady_state(finished_at: list[str]) -> float | None:

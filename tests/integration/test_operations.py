@@ -28,7 +28,7 @@ def test_worker_probe_reports_readiness_and_its_own_metrics(stack):
 def test_api_metrics_count_jobs_by_outcome_and_queue_depth(stack):
     url = stack.api()
     ok = requests.post(f"{url}/v1/jobs", files={"file": ("a.png", text_image(["fine page"]))}).json()
-    # Metrics are written in the background, a fraction of a second later.
+    # Metrics are written in the background, up to a second later.
     metrics = wait_until(lambda: (t := requests.get(f"{url}/metrics").text) and "gnosis_jobs_submitted_total 1.0" in t
                          and t, timeout=10, message="the submit to be counted")
     assert 'gnosis_queue_depth{queue="ocr"} 1.0' in metrics

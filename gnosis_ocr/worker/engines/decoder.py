@@ -107,14 +107,17 @@ class StaticDecoder:
         n = inputs["input_ids"].shape[1]
         if n >= self.max_len:
             raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.max_len}")
+        # Positions computed for these prompts and passed in: never the model's `rope_deltas` attribute,
+        # which `generate` and other calls also write and a release may stop setting. Computed from the
+        # host's copies of the token ids (the scheduler joins only the pixels on the device): the library
+        # reads single values out of them some twenty times a chunk, and on the device each read would
+        # wait for the step in flight and leave the device idle behind it.
+        positions, deltas = self.rope_index(inputs)
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        # Positions computed for these prompts and passed in: never the model's `rope_deltas` attribute,
-        # which `generate` and other calls also write and a release may stop setting.
-        positions, deltas = self.rope_index(inputs)
         with self.device_context():
-            out = self.model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+            out = self.model(**inputs, position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1)
         cache = out.cache if "cache" in out else out.past_key_values  # renamed in 5.x
         index = torch.tensor(list(slots), device=self.device)
         for layer in range(self.n_layers):

@@ -393,11 +393,13 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _concat(inputs: list[dict], device) -> dict:
-    """Processor outputs of equal-length prompts as one batch, joined on `device`: four A4 pages are
-    55 MB of pixels, and a copy of them on the host (7 ms here) would hold the GPU up for nothing,
-    where each page crosses to the device once either way."""
+    """Processor outputs of equal-length prompts as one batch. The pixels are joined on `device`: four A4
+    pages are 55 MB, and a copy of them on the host (7 ms here) would hold the GPU up for nothing, where
+    each page crosses to the device once either way. The token ids stay on the host, where the rope
+    positions are computed from them (`StaticDecoder.prefill`)."""
     import torch
 
     if len(inputs) == 1:
         return inputs[0]
-    return {key: torch.cat([i[key].to(device) for i in inputs], dim=0) for key in inputs[0]}
+    return {key: torch.cat([i[key].to(device) if key == "pixel_values" else i[key] for i in inputs], dim=0)
+            for key in inputs[0]}

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class _Plan:
     """Where each window's tokens sit in the padded batch; the same for every layer of one forward."""
 
-    __slots__ = ("cu_seqlens", "gather", "keep", "longest", "mask", "windows")
+    __slots__ = ("cu_seqlens", "gather", "keep", "longest", "mask", "rows", "windows")
 
     def __init__(self, cu_seqlens: torch.Tensor) -> None:
         starts = cu_seqlens[:-1].long()
@@ -41,6 +41,9 @@ class _Plan:
         self.gather = (starts.unsqueeze(1) + offsets.unsqueeze(0)).clamp(max=max(last, 0))
         # Keys past a window's end are masked; every query row keeps at least its own window's keys.
         self.mask = self.keep[:, None, None, :]
+        # The padded batch's rows that are tokens, in the tokens' order. Indexing with a boolean mask
+        # would have to read how many rows it keeps off the device: a sync in each of 32 layers.
+        self.rows = self.keep.flatten().nonzero().squeeze(1)
 
 
 class _Plans:
@@ -71,7 +74,9 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     # (seq, heads, dim) -> (windows, heads, longest, dim)
     q, k, v = (t[plan.gather].transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=self.scaling)
-    out = out.transpose(1, 2)[plan.keep]  # (seq, heads, dim), windows in order: the tokens' own order
+    windows, heads, longest, dim = out.shape
+    # The rows that are tokens, out of (windows × longest): (seq, heads, dim), in the tokens' own order.
+    out = out.transpose(1, 2).reshape(windows * longest, heads, dim)[plan.rows]
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
 

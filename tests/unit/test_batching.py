@@ -62,6 +62,32 @@ def test_one_page_decodes_token_for_token_like_generate(engine):
         assert request.tokens == reference(engine, page(i), 48)
 
 
+def test_each_decode_step_computes_the_models_own_hidden_state(engine):
+    """Tokens alone can agree by luck: a tiny random model's attention is nearly uniform, so an error in
+    the rotary embedding of a decode step can leave every argmax as it was. Each step's final hidden
+    state must be the model's own forward at that position, given the same tokens."""
+    from gnosis_ocr.worker.engines.decoder import StaticDecoder
+
+    model, steps = engine.model, 12
+    inputs = engine._request(page(0)).inputs
+    prompt = inputs["input_ids"].shape[1]
+    decoder = StaticDecoder(model, slots=2, max_len=engine.max_len)
+    tokens = decoder.prefill([1], dict(inputs))  # slot 1: the page sits beside an empty slot, as in a batch
+    hidden = []
+    for _ in range(steps):
+        nxt = decoder.step(2, prompt + len(tokens))
+        hidden.append(decoder.hidden[1].clone())
+        tokens.append(int(nxt[1]))
+    ids = torch.cat([inputs["input_ids"], torch.tensor([tokens[:steps]])], dim=1)
+    full = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "mm_token_type_ids" in inputs:
+        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros((1, steps),
+                                               dtype=inputs["mm_token_type_ids"].dtype)], dim=1)
+    with torch.inference_mode():
+        expected = model.model(**full).last_hidden_state[0, prompt:prompt + steps]
+    torch.testing.assert_close(torch.stack(hidden), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_a_ragged_batch_decodes_each_page_as_if_alone(engine):
     lengths = {engine._request(page(i)).length for i in range(5)}
     assert len(lengths) >= 3, "the pages should make prompts of different lengths"

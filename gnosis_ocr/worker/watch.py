@@ -11,15 +11,12 @@ asks first once the last read is that old; the others answer from it at once.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 from ..job import JobStatus
-
-log = logging.getLogger(__name__)
 
 
 class JobWatch:

@@ -65,27 +65,40 @@ def test_one_page_decodes_token_for_token_like_generate(engine):
 def test_each_decode_step_computes_the_models_own_hidden_state(engine):
     """Tokens alone can agree by luck: a tiny random model's attention is nearly uniform, so an error in
     the rotary embedding of a decode step can leave every argmax as it was. Each step's final hidden
-    state must be the model's own forward at that position, given the same tokens."""
+    state must be the model's own forward at that position, given the same tokens: for two pages
+    prefilled together into slots 0 and 2, and a page of another length in slot 3, beside an empty slot."""
     from gnosis_ocr.worker.engines.decoder import StaticDecoder
+    from gnosis_ocr.worker.engines.scheduler import _concat
 
     model, steps = engine.model, 12
-    inputs = engine._request(page(0)).inputs
-    prompt = inputs["input_ids"].shape[1]
-    decoder = StaticDecoder(model, slots=2, max_len=engine.max_len)
-    tokens = decoder.prefill([1], dict(inputs))  # slot 1: the page sits beside an empty slot, as in a batch
-    hidden = []
+    pages = {0: engine._request(page(0)).inputs, 2: engine._request(page(5)).inputs,
+             3: engine._request(page(1)).inputs}
+    assert pages[0]["input_ids"].shape == pages[2]["input_ids"].shape != pages[3]["input_ids"].shape
+    decoder = StaticDecoder(model, slots=4, max_len=engine.max_len)
+    tokens = dict(zip((0, 2), decoder.prefill([0, 2], _concat([pages[0], pages[2]], decoder.device)), strict=True))
+    tokens[3] = decoder.prefill([3], dict(pages[3]))[0]
+    tokens = {slot: [first] for slot, first in tokens.items()}
+    hidden: dict[int, list] = {slot: [] for slot in pages}
     for _ in range(steps):
-        nxt = decoder.step(2, prompt + len(tokens))
-        hidden.append(decoder.hidden[1].clone())
-        tokens.append(int(nxt[1]))
-    ids = torch.cat([inputs["input_ids"], torch.tensor([tokens[:steps]])], dim=1)
+        nxt = decoder.step(4, max(pages[s]["input_ids"].shape[1] + len(tokens[s]) for s in pages))
+        for slot in pages:
+            hidden[slot].append(decoder.hidden[slot].clone())
+            tokens[slot].append(int(nxt[slot]))
+    for slot, inputs in pages.items():
+        torch.testing.assert_close(torch.stack(hidden[slot]), own_forward(model, inputs, tokens[slot][:steps]),
+                                   rtol=1e-4, atol=1e-5, msg=lambda m, slot=slot: f"slot {slot}: {m}")
+
+
+def own_forward(model, inputs: dict, tokens: list[int]) -> torch.Tensor:
+    """The model's final hidden states at the positions of `tokens`, after the page's prompt."""
+    prompt, n = inputs["input_ids"].shape[1], len(tokens)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([tokens])], dim=1)
     full = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if "mm_token_type_ids" in inputs:
-        full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros((1, steps),
-                                               dtype=inputs["mm_token_type_ids"].dtype)], dim=1)
+        types = inputs["mm_token_type_ids"]
+        full["mm_token_type_ids"] = torch.cat([types, torch.zeros((1, n), dtype=types.dtype)], dim=1)
     with torch.inference_mode():
-        expected = model.model(**full).last_hidden_state[0, prompt:prompt + steps]
-    torch.testing.assert_close(torch.stack(hidden), expected, rtol=1e-4, atol=1e-5)
+        return model.model(**full).last_hidden_state[0, prompt:prompt + n]
 
 
 def test_a_ragged_batch_decodes_each_page_as_if_alone(engine):

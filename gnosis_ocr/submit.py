@@ -14,12 +14,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def add_parser(sub) -> None:
     p = sub.add_parser("submit", help="submit documents and optionally wait for their results")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG, TIFF, WebP, BMP or PDF, read by content")
     p.add_argument("--wait", action="store_true", help="wait for each job and print its result")
-    p.add_argument("--format", choices=["json", "markdown"], default="markdown")
+    p.add_argument("--format", choices=["json", "markdown"], default="markdown",
+                   help="how a result is printed or written (default: markdown)")
     p.add_argument("--url", default=None, help="API base URL (default $GNOSIS_URL or http://127.0.0.1:8080)")
     p.add_argument("--out", type=Path, default=None, help="write each result to DIR/<name>.md or .json")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each job")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each job (default: until it ends)")
     p.add_argument("--pages", default=None, help='only these pages of each document, e.g. "1-3,7"')
     p.add_argument("--language", default=None, help='the CPU engine\'s language(s), e.g. "deu+eng"')
     p.set_defaults(func=run)

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--language", default=None, help='the CPU engine\'s language(s), e.g. "deu+eng"')
     p.add_argument("--overwrite", action="store_true", help="read documents whose results exist again")
     p.add_argument("--url", default=None, help="API base URL (default $GNOSIS_URL or http://127.0.0.1:8080)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the batch")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the batch (default: until it ends)")
     p.set_defaults(func=run)
 
 

@@ -121,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("api", help="run the HTTP API under gunicorn")
-    p.add_argument("--host", default=os.environ.get("GNOSIS_HOST", "0.0.0.0"))
+    p.add_argument("--host", default=os.environ.get("GNOSIS_HOST", "0.0.0.0"),
+                   help="address to listen on (default $GNOSIS_HOST or 0.0.0.0)")
     # String defaults from the environment go through `type` too: a malformed one is a usage error (exit 2).
-    p.add_argument("--port", type=_positive("PORT / --port", most=65535), default=os.environ.get("PORT", "8080"))
+    p.add_argument("--port", type=_positive("PORT / --port", most=65535), default=os.environ.get("PORT", "8080"),
+                   help="port to listen on (default $PORT or 8080)")
     p.add_argument("--workers", type=_positive("GNOSIS_API_WORKERS / --workers"),
-                   default=os.environ.get("GNOSIS_API_WORKERS", "2"))
+                   default=os.environ.get("GNOSIS_API_WORKERS", "2"),
+                   help="gunicorn worker processes (default $GNOSIS_API_WORKERS or 2)")
     p.add_argument("--threads", type=_positive("GNOSIS_API_THREADS / --threads"),
-                   default=os.environ.get("GNOSIS_API_THREADS", "16"))
+                   default=os.environ.get("GNOSIS_API_THREADS", "16"),
+                   help="threads per process with GNOSIS_API_WORKER_CLASS=gthread (default $GNOSIS_API_THREADS or 16)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run a Celery worker consuming OCR pages")
@@ -136,13 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["prefork", "solo", "threads"], default=None,
                    help="Celery's pool (default: prefork for CPU engines, threads for a GPU one); on threads a "
                         "CPU engine is shared by the threads and recognises one page at a time")
-    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--loglevel", default="INFO", help="Celery's log level (default INFO)")
     p.add_argument("--light", action="store_true",
-                   help="consume only cache warm-ups and webhooks (a batched GPU worker starts one itself)")
+                   help="consume only cache warm-ups, webhooks and batch listings (every page worker starts one "
+                        "beside itself)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("cache", help="model-cache operations")
-    p.add_argument("action", choices=["warm", "verify", "status"])
+    p.add_argument("action", choices=["warm", "verify", "status"],
+                   help="warm: download the model into the shared cache unless it is complete there (the CI/CD "
+                        "step); verify: re-hash every file against the manifest; status: what the cache holds")
     p.add_argument("--refresh", action="store_true", help="re-resolve a branch or tag to its current commit")
     p.set_defaults(func=cmd_cache)
 

@@ -23,8 +23,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def add_parser(sub) -> None:
     p = sub.add_parser("dev", help="run API + worker (+ Redis if none answers) on this machine")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--port", type=int, default=8080, help="the API's port (default 8080)")
+    p.add_argument("--concurrency", type=int, default=1, help="the worker's pool processes (default 1)")
     p.add_argument("--submit", metavar="FILE", nargs="+",
                    help="submit these documents, print their results, then stop the stack")
     p.set_defaults(func=run)

@@ -62,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=32, help="vision blocks (Qwen2.5-VL-3B: 32)")
     parser.add_argument("--layers", type=int, default=36, help="decoder layers (Qwen2.5-VL-3B: 36)")
-    parser.add_argument("--pages", type=int, default=4, help="pages in the prefill chunk counted")
+    parser.add_argument("--pages", type=int, default=4,
+                        help="pages recognised at once; each prefill they make (one chunk or more) is counted")
     parser.add_argument("--out")
     args = parser.parse_args()
 

@@ -200,6 +200,45 @@ def single_page(torch, engine, page, tokens: int) -> dict:
             "ms_per_step": row["ms_per_step"], "prefill_ms": row["prefill_ms_per_page"]}
 
 
+def kernels(torch, engine, batches: list[int], length: int = 2048, reps: int = 50, top: int = 15) -> dict:
+    """Where a decode step's time goes, kernel by kernel: one eager step profiled per batch (a replay runs
+    the same kernels, one after the other), beside the replayed step's own time. At small batches the
+    step should be its kernels' count times a few µs (bench/kernel_count.py counts them on any machine):
+    this says how many µs, and which kernels a fusion would save."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = engine.schedulers[0].decoder  # idle here: every page of the earlier sections has ended
+    cuda = decoder.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    length = min(length, decoder.len_buckets[-1])
+    out = {"length": length, "rows": []}
+    for b in sorted({min(b, decoder.slots) for b in batches}):
+        with decoder.device_context(), torch.inference_mode():
+            decoder._step(b, length)  # warm; empty slots advance nothing
+            sync(torch)
+            with profile(activities=activities) as prof:
+                decoder._step(b, length)
+                sync(torch)
+            started = time.perf_counter()
+            for _ in range(reps):
+                decoder.step(b, length)  # a graph replay on CUDA
+            sync(torch)
+            step_ms = (time.perf_counter() - started) / reps * 1000
+        device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        ran: dict[str, list[float]] = {}
+        for event in prof.events():
+            if event.device_type == device_type and (cuda or event.cpu_parent is None):
+                ran.setdefault(event.name, []).append(event.time_range.elapsed_us())
+        total = sum(sum(t) for t in ran.values())
+        count = sum(len(t) for t in ran.values())
+        out["rows"].append({
+            "batch": b, "kernels": count, "kernel_us": round(total, 1), "step_ms": round(step_ms, 3),
+            "us_per_kernel": round(total / max(count, 1), 2),
+            "top": [{"name": name[:90], "count": len(t), "us": round(sum(t), 1)}
+                    for name, t in sorted(ran.items(), key=lambda kv: -sum(kv[1]))[:top]]})
+    return out
+
+
 def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
     """The vision tower alone on `pages` A4 pages at once: the library's per-window attention against one
     call per layer (gnosis_ocr/worker/engines/vision.py), timed in the same process, and how far apart
@@ -405,7 +444,8 @@ def main() -> None:
     parser.add_argument("--skip-service", action="store_true")
     parser.add_argument("--service-batches", default="0",
                         help="slots per GPU for the service section, one run each (0: the engine sizes it)")
-    parser.add_argument("--sections", default="vision,single_page,engine_alone,mismatches,float32_mismatches,service",
+    parser.add_argument("--sections",
+                        default="vision,single_page,engine_alone,mismatches,kernels,float32_mismatches,service",
                         help="which sections to run: a whole run takes longer than one 10-minute device call")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -422,7 +462,7 @@ def main() -> None:
     path = checkpoint(torch, args.tiny)
     report.data["checkpoint_s"] = round(time.perf_counter() - started, 1)
     compare = [a4_page(160 if args.tiny else 1280)] + [_other_page(i, args.tiny) for i in range(args.compare_pages - 1)]
-    if wanted & {"vision", "single_page", "engine_alone", "mismatches"}:
+    if wanted & {"vision", "single_page", "engine_alone", "mismatches", "kernels"}:
         from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
         started = time.perf_counter()
@@ -461,6 +501,8 @@ def main() -> None:
         report.data["captures_after_warm_up"] = engine.captures - report.data["engine"]["captures_at_warm_up"]
         if "mismatches" in wanted:
             report.section("mismatches", mismatches, torch, engine, compare, args.compare_tokens)
+        if "kernels" in wanted:
+            report.section("kernels", kernels, torch, engine, [1, 16, default.capacity])
         engine.close()
         del engine
         if torch.cuda.is_available():
@@ -502,6 +544,9 @@ def summary(data: dict) -> None:
     print("vision tower (library per window vs one call per layer):", data.get("vision"))
     print("single page:", data.get("single_page"))
     print("graph replay vs eager:", engine.get("graph_vs_eager"))
+    for row in data.get("kernels", {}).get("rows", []):
+        print(f"decode step of {row['batch']}: {row['kernels']} kernels, {row['kernel_us']} µs of them "
+              f"({row['us_per_kernel']} µs each), {row['step_ms']} ms replayed")
     print("mismatches (bf16):", {k: v for k, v in data.get("mismatches", {}).items() if k != "rows"},
           [r.get("margin_at_first_mismatch") for r in data.get("mismatches", {}).get("rows", [])])
     print("mismatches (float32, TF32 off):",

@@ -2,7 +2,8 @@
 # The command of a GPU session's device call, run there in the repository's root with carry [".carry"]
 # (made here first by bench/device/prepare.sh):
 #   bench/device/run.sh service    the whole service: 512 one-page jobs from 8 clients (issue 18's goal)
-#   bench/device/run.sh engine     the engine alone, one page's latency, the vision and token checks
+#   bench/device/run.sh engine     the engine alone, one page's latency, the vision and token checks, and
+#                                  a decode step profiled kernel by kernel
 # SERVICE_BATCHES=0,64 adds a service run at 64 slots (about 4 more minutes), the default before 2026-12-07. Results and the log go
 # to $OUT, named after the card (gpu_engine_h200.json, gpu_engine_h200_service.json, ...).
 set -uo pipefail
@@ -20,7 +21,7 @@ redis-server --version || exit 5
 card=$("$python" -c 'import re, torch; print(re.search(r"[HAB]\d+|L4", torch.cuda.get_device_name(0)).group().lower())') || exit 6
 case $what in
   engine)
-    "$python" bench/gpu_engine.py --sections vision,single_page,engine_alone,mismatches,float32_mismatches \
+    "$python" bench/gpu_engine.py --sections vision,single_page,engine_alone,mismatches,kernels,float32_mismatches \
       --out "$out/gpu_engine_$card.json" 2>&1 | tee "$out/engine_$card.log" ;;
   service)
     "$python" bench/gpu_engine.py --sections service --service-batches "${SERVICE_BATCHES:-0}" \

@@ -200,45 +200,6 @@ def single_page(torch, engine, page, tokens: int) -> dict:
             "ms_per_step": row["ms_per_step"], "prefill_ms": row["prefill_ms_per_page"]}
 
 
-def kernels(torch, engine, batches: list[int], length: int = 2048, reps: int = 50, top: int = 15) -> dict:
-    """Where a decode step's time goes, kernel by kernel: one eager step profiled per batch (a replay runs
-    the same kernels, one after the other), beside the replayed step's own time. At small batches the
-    step should be its kernels' count times a few µs (bench/kernel_count.py counts them on any machine):
-    this says how many µs, and which kernels a fusion would save."""
-    from torch.profiler import ProfilerActivity, profile
-
-    decoder = engine.schedulers[0].decoder  # idle here: every page of the earlier sections has ended
-    cuda = decoder.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    length = min(length, decoder.len_buckets[-1])
-    out = {"length": length, "rows": []}
-    for b in sorted({min(b, decoder.slots) for b in batches}):
-        with decoder.device_context(), torch.inference_mode():
-            decoder._step(b, length)  # warm; empty slots advance nothing
-            sync(torch)
-            with profile(activities=activities) as prof:
-                decoder._step(b, length)
-                sync(torch)
-            started = time.perf_counter()
-            for _ in range(reps):
-                decoder.step(b, length)  # a graph replay on CUDA
-            sync(torch)
-            step_ms = (time.perf_counter() - started) / reps * 1000
-        device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-        ran: dict[str, list[float]] = {}
-        for event in prof.events():
-            if event.device_type == device_type and (cuda or event.cpu_parent is None):
-                ran.setdefault(event.name, []).append(event.time_range.elapsed_us())
-        total = sum(sum(t) for t in ran.values())
-        count = sum(len(t) for t in ran.values())
-        out["rows"].append({
-            "batch": b, "kernels": count, "kernel_us": round(total, 1), "step_ms": round(step_ms, 3),
-            "us_per_kernel": round(total / max(count, 1), 2),
-            "top": [{"name": name[:90], "count": len(t), "us": round(sum(t), 1)}
-                    for name, t in sorted(ran.items(), key=lambda kv: -sum(kv[1]))[:top]]})
-    return out
-
-
 def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
     """The vision tower alone on `pages` A4 pages at once: the library's per-window attention against one
     call per layer (gnosis_ocr/worker/engines/vision.py), timed in the same process, and how far apart
@@ -502,6 +463,8 @@ def main() -> None:
         if "mismatches" in wanted:
             report.section("mismatches", mismatches, torch, engine, compare, args.compare_tokens)
         if "kernels" in wanted:
+            from bench.step_kernels import kernels
+
             report.section("kernels", kernels, torch, engine, [1, 16, default.capacity])
         engine.close()
         del engine

@@ -1,0 +1,123 @@
+"""A decode step kernel by kernel, and what fusing its small kernels would save: the GPU benchmark's
+`kernels` section (`bench/gpu_engine.py`), on the engine it has loaded.
+
+At small batches a decode step is its kernels run one after the other, a few µs each
+(`bench/kernel_count.py` counts 36 a decoder layer), more than the weights it reads. Two things say
+whether fewer kernels would pay, and which:
+- one eager step profiled per batch (a replay runs the same kernels), beside the replayed step's time;
+- each candidate fusion timed both ways on the model's own weights, 36 times over (one step's worth),
+  captured as a CUDA graph as the step is: RMSNorm as the library writes it (8 kernels) against
+  `F.rms_norm` (one kernel where the build has a fused one), q/k/v as three GEMMs against one, and
+  gate/up as two against one; with how far apart their outputs are, since a fusion changes rounding
+  against `generate` and the engine keeps none that would.
+
+On a CPU (`--tiny`) the same code runs on top-level ops and plain calls: it checks the script, not speed.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def sync(torch) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def kernels(torch, engine, batches: list[int], length: int = 2048, reps: int = 50, top: int = 15) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = engine.schedulers[0].decoder  # idle here: every page of the earlier sections has ended
+    cuda = decoder.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    length = min(length, decoder.len_buckets[-1])
+    out = {"length": length, "rows": []}
+    for b in sorted({min(b, decoder.slots) for b in batches}):
+        with decoder.device_context(), torch.inference_mode():
+            decoder._step(b, length)  # warm; empty slots advance nothing
+            sync(torch)
+            with profile(activities=activities) as prof:
+                decoder._step(b, length)
+                sync(torch)
+            started = time.perf_counter()
+            for _ in range(reps):
+                decoder.step(b, length)  # a graph replay on CUDA
+            sync(torch)
+            step_ms = (time.perf_counter() - started) / reps * 1000
+        device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        ran: dict[str, list[float]] = {}
+        for event in prof.events():
+            if event.device_type == device_type and (cuda or event.cpu_parent is None):
+                ran.setdefault(event.name, []).append(event.time_range.elapsed_us())
+        total = sum(sum(t) for t in ran.values())
+        count = sum(len(t) for t in ran.values())
+        out["rows"].append({
+            "batch": b, "kernels": count, "kernel_us": round(total, 1), "step_ms": round(step_ms, 3),
+            "us_per_kernel": round(total / max(count, 1), 2),
+            "top": [{"name": name[:90], "count": len(t), "us": round(sum(t), 1)}
+                    for name, t in sorted(ran.items(), key=lambda kv: -sum(kv[1]))[:top]],
+            "fusions": fusions(torch, decoder, b)})
+    return out
+
+
+def fusions(torch, decoder, batch: int, reps: int = 20) -> dict:
+    """Each candidate fusion both ways on layer 0's weights, as many times as one step has layers: ms per
+    step for each, and the largest difference between their outputs."""
+    import torch.nn.functional as F
+
+    layer = decoder.lm.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    norm = layer.input_layernorm
+    x = torch.randn(batch, 1, norm.weight.shape[0], device=decoder.device, dtype=decoder.dtype)
+    qkv = _fused_linear(torch, attn.q_proj, attn.k_proj, attn.v_proj)
+    gate_up = _fused_linear(torch, mlp.gate_proj, mlp.up_proj)
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    candidates = {  # name: (as the step runs it, fused, how many a layer)
+        "rms_norm": (lambda: (norm(x),), lambda: F.rms_norm(x, (x.shape[-1],), norm.weight, eps), 2),
+        "qkv": (lambda: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), lambda: qkv(x), 1),
+        "gate_up": (lambda: (mlp.gate_proj(x), mlp.up_proj(x)), lambda: gate_up(x), 1),
+    }
+    out = {}
+    for name, (library, fused, per_layer) in candidates.items():
+        calls = per_layer * decoder.n_layers
+        with decoder.device_context(), torch.inference_mode():
+            difference = float((torch.cat(library(), dim=-1).float() - fused().float()).abs().max())
+            out[name] = {"library_ms": _replay_ms(torch, library, calls, reps, decoder.device),
+                         "fused_ms": _replay_ms(torch, fused, calls, reps, decoder.device),
+                         "max_abs_diff": difference}
+    return out
+
+
+def _fused_linear(torch, *linears):
+    """One GEMM for several linears of the same input (their weights and biases stacked)."""
+    import torch.nn.functional as F
+
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if all(lin.bias is not None for lin in linears) else None
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _replay_ms(torch, fn, calls: int, reps: int, device) -> float:
+    """ms for `calls` calls of `fn` in a row: captured once as a CUDA graph and replayed (as the decode
+    step is), or called on a CPU."""
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    run()  # warm: kernels choose their algorithms
+    sync(torch)
+    if device.type == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph):
+            run()
+        run = graph.replay
+    started = time.perf_counter()
+    for _ in range(reps):
+        run()
+    sync(torch)
+    return round((time.perf_counter() - started) / reps * 1000, 3)

@@ -1,10 +1,10 @@
 """Whether the jobs of a worker's pages in flight are still wanted (worker/watch.py), on real job records in
-a real Redis and a clock the test moves: every page asks four times a second, Redis is read once."""
+a real Redis (a private one where it must go down) and a clock the test moves: every page asks four times a
+second, Redis is read once."""
 
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import pytest
 import redis
@@ -63,32 +63,32 @@ def test_a_cancelled_or_deleted_job_is_over_at_the_next_read_and_the_others_are_
         assert watch.over(cancelled) and watch.over(deleted) and not watch.over(running)
 
 
-def test_a_failed_read_reaches_the_one_caller_that_made_it_and_is_tried_again_an_interval_later(store):
-    clock = Clock()
-    failing = threading.Event()
+def test_a_failed_read_reaches_the_one_caller_that_made_it_and_is_tried_again_an_interval_later(tmp_path):
+    from harness.redisproc import PrivateRedis
 
-    def read(job_ids):
-        if failing.is_set():
-            raise redis.ConnectionError("Redis is restarting")
-        return store.statuses(job_ids)
-
-    read, reads = counted(read)
-    watch = JobWatch(read, interval=1.0, clock=clock)
-    cancelled, running = (store.create(data=b"x", kind="png", pages=1).id for _ in range(2))
-    with watching_all(watch, [cancelled, running]):
-        store.cancel(cancelled)
-        assert watch.over(cancelled)
-        failing.set()
-        clock.now += 1.0
-        with pytest.raises(redis.ConnectionError):
-            watch.over(running)
-        # Until the interval has passed, every other page answers from the last read, without a call.
-        assert watch.over(cancelled) and not watch.over(running)
-        assert len(reads) == 2
-        failing.clear()
-        clock.now += 1.0
-        assert watch.over(cancelled) and not watch.over(running)
-        assert len(reads) == 3
+    server = PrivateRedis(tmp_path / "redis").start()  # append-only: the jobs outlive its restart
+    try:
+        store = JobStore(redis.Redis.from_url(server.url, socket_connect_timeout=0.5), ttl=3600, max_attempts=3)
+        clock = Clock()
+        read, reads = counted(store.statuses)
+        watch = JobWatch(read, interval=1.0, clock=clock)
+        cancelled, running = (store.create(data=b"x", kind="png", pages=1).id for _ in range(2))
+        with watching_all(watch, [cancelled, running]):
+            store.cancel(cancelled)
+            assert watch.over(cancelled)
+            server.stop()
+            clock.now += 1.0
+            with pytest.raises(redis.ConnectionError):
+                watch.over(running)
+            # Until the interval has passed, every other page answers from the last read, without a call.
+            assert watch.over(cancelled) and not watch.over(running)
+            assert len(reads) == 2
+            server.start()
+            clock.now += 1.0
+            assert watch.over(cancelled) and not watch.over(running)
+            assert len(reads) == 3
+    finally:
+        server.stop()
 
 
 def test_a_job_no_page_watches_any_more_is_neither_read_nor_remembered(store):

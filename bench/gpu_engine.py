@@ -465,7 +465,7 @@ def main() -> None:
         if "kernels" in wanted:
             from bench.step_kernels import kernels
 
-            report.section("kernels", kernels, torch, engine, [1, 16, default.capacity])
+            report.section("kernels", kernels, torch, engine, [1, 16, default.capacity], page=page)
         engine.close()
         del engine
         if torch.cuda.is_available():
@@ -510,6 +510,7 @@ def summary(data: dict) -> None:
     for row in data.get("kernels", {}).get("rows", []):
         print(f"decode step of {row['batch']}: {row['kernels']} kernels, {row['kernel_us']} µs of them "
               f"({row['us_per_kernel']} µs each), {row['step_ms']} ms replayed")
+    print("prefills:", data.get("kernels", {}).get("prefills"))
     print("mismatches (bf16):", {k: v for k, v in data.get("mismatches", {}).items() if k != "rows"},
           [r.get("margin_at_first_mismatch") for r in data.get("mismatches", {}).get("rows", [])])
     print("mismatches (float32, TF32 off):",

@@ -11,6 +11,9 @@ whether fewer kernels would pay, and which:
   gate/up as two against one; with how far apart their outputs are, since a fusion changes rounding
   against `generate` and the engine keeps none that would.
 
+And whether a prefill keeps the device busy: one page against a 4-page chunk, with the share of the
+wall time its kernels took.
+
 On a CPU (`--tiny`) the same code runs on top-level ops and plain calls: it checks the script, not speed.
 """
 
@@ -24,7 +27,8 @@ def sync(torch) -> None:
         torch.cuda.synchronize()
 
 
-def kernels(torch, engine, batches: list[int], length: int = 2048, reps: int = 50, top: int = 15) -> dict:
+def kernels(torch, engine, batches: list[int], page=None, length: int = 2048, reps: int = 50,
+            top: int = 15) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     decoder = engine.schedulers[0].decoder  # idle here: every page of the earlier sections has ended
@@ -57,6 +61,50 @@ def kernels(torch, engine, batches: list[int], length: int = 2048, reps: int = 5
             "top": [{"name": name[:90], "count": len(t), "us": round(sum(t), 1)}
                     for name, t in sorted(ran.items(), key=lambda kv: -sum(kv[1]))[:top]],
             "fusions": fusions(torch, decoder, b)})
+    if page is not None:
+        out["prefills"] = prefills(torch, engine, page)
+    return out
+
+
+def prefills(torch, engine, page, sizes: tuple[int, ...] = (1, 4), reps: int = 3) -> dict:
+    """A prefill of 1 page and of a 4-page chunk: wall time per page, and how much of it the device was
+    busy (its kernels' time over the wall time). Once the batch is full most prefills are one page (pages
+    end one at a time); if the device idles through much of a one-page prefill, the host's launches bound
+    it, and gathering freed slots into bigger chunks would pay (docs/benchmarks.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gnosis_ocr.worker.engines.scheduler import _concat
+
+    decoder = engine.schedulers[0].decoder  # idle here: its slots are free
+    cuda = decoder.device.type == "cuda"
+    one = engine._request(page).inputs
+    out = {}
+    for n in sizes:
+        n = min(n, decoder.slots)
+        slots = list(range(n))
+
+        def run() -> None:
+            with decoder.device_context():
+                decoder.prefill(slots, _concat([dict(one) for _ in slots], decoder.device))
+            for slot in slots:
+                decoder.release(slot)
+
+        run()  # warm
+        sync(torch)
+        started = time.perf_counter()
+        for _ in range(reps):
+            run()
+        sync(torch)
+        wall_ms = (time.perf_counter() - started) / reps * 1000
+        busy = None
+        if cuda:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run()
+                sync(torch)
+            kernel_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                            if e.device_type == torch.autograd.DeviceType.CUDA)
+            busy = round(kernel_us / 1000 / wall_ms, 3)
+        out[f"pages_{n}"] = {"ms": round(wall_ms, 1), "ms_per_page": round(wall_ms / n, 1), "device_busy": busy}
     return out
 
 

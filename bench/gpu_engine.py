@@ -406,7 +406,7 @@ def main() -> None:
     parser.add_argument("--service-batches", default="0",
                         help="slots per GPU for the service section, one run each (0: the engine sizes it)")
     parser.add_argument("--sections",
-                        default="vision,single_page,engine_alone,mismatches,kernels,float32_mismatches,service",
+                        default="vision,single_page,engine_alone,mismatches,kernels,decode_attention,float32_mismatches,service",
                         help="which sections to run: a whole run takes longer than one 10-minute device call")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -417,13 +417,15 @@ def main() -> None:
     wanted = set(args.sections.split(","))
     if not torch.cuda.is_available() and not args.tiny:
         sys.exit("CUDA is not available: run with --tiny to check the script on a CPU.")
+    if args.tiny and not torch.cuda.is_available():
+        reference_flash()
     report = Report(args.out, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                     torch=torch.__version__, transformers=transformers.__version__, mix=MIX)
     started = time.perf_counter()
     path = checkpoint(torch, args.tiny)
     report.data["checkpoint_s"] = round(time.perf_counter() - started, 1)
     compare = [a4_page(160 if args.tiny else 1280)] + [_other_page(i, args.tiny) for i in range(args.compare_pages - 1)]
-    if wanted & {"vision", "single_page", "engine_alone", "mismatches", "kernels"}:
+    if wanted & {"vision", "single_page", "engine_alone", "mismatches", "kernels", "decode_attention"}:
         from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
         started = time.perf_counter()
@@ -446,7 +448,8 @@ def main() -> None:
                                  "captures_at_warm_up": engine.captures,
                                  "batch_buckets": default.decoder.batch_buckets,
                                  "len_buckets": default.decoder.len_buckets,
-                                 "graph_vs_eager": engine.checks, "vision_attention": engine.vision_checks}
+                                 "graph_vs_eager": engine.checks, "vision_attention": engine.vision_checks,
+                                 "decode_attention": engine.attention_checks}
         report.save()
         page = a4_page(160 if args.tiny else 1280)
         probe = engine._request(page)
@@ -466,6 +469,11 @@ def main() -> None:
             from bench.step_kernels import kernels
 
             report.section("kernels", kernels, torch, engine, [1, 16, default.capacity], page=page)
+        if "decode_attention" in wanted:
+            from bench.step_kernels import decode_attention
+
+            report.section("decode_attention", decode_attention, torch, engine, [1, 16, 64, default.capacity],
+                           probe.length)
         engine.close()
         del engine
         if torch.cuda.is_available():
@@ -479,6 +487,16 @@ def main() -> None:
                            clients=args.clients, tiny=args.tiny, batch=batch)
     print(json.dumps(report.data))
     summary(report.data)
+
+
+def reference_flash() -> None:
+    """On a CPU, the decode attention's `flash` path through a reference of FlashAttention's contract
+    (`tests/flashref.py`), so that the dry run goes through every line the GPU run will."""
+    from gnosis_ocr.worker.engines import attention
+    from tests import flashref
+
+    attention.unavailable = lambda *args: None
+    attention.varlen = flashref.varlen
 
 
 def _other_page(i: int, tiny: bool):
@@ -511,6 +529,10 @@ def summary(data: dict) -> None:
         print(f"decode step of {row['batch']}: {row['kernels']} kernels, {row['kernel_us']} µs of them "
               f"({row['us_per_kernel']} µs each), {row['step_ms']} ms replayed")
     print("prefills:", data.get("kernels", {}).get("prefills"))
+    print("decode attention:", engine.get("decode_attention"))
+    for row in data.get("decode_attention", {}).get("rows", []):
+        print(f"  step of {row['batch']} at bucket {row['length_bucket']} (mean length {row['mean_length']}): "
+              f"sdpa {row['sdpa_ms']} ms, flash {row.get('flash_ms', '-')} ms")
     print("mismatches (bf16):", {k: v for k, v in data.get("mismatches", {}).items() if k != "rows"},
           [r.get("margin_at_first_mismatch") for r in data.get("mismatches", {}).get("rows", [])])
     print("mismatches (float32, TF32 off):",

@@ -14,6 +14,9 @@ whether fewer kernels would pay, and which:
 And whether a prefill keeps the device busy: one page against a 4-page chunk, with the share of the
 wall time its kernels took.
 
+The `decode_attention` section replays a step with each of the decode attentions (`engines/attention.py`)
+on the same slots, of lengths such as pages in flight have.
+
 On a CPU (`--tiny`) the same code runs on top-level ops and plain calls: it checks the script, not speed.
 """
 
@@ -63,6 +66,46 @@ def kernels(torch, engine, batches: list[int], page=None, length: int = 2048, re
             "fusions": fusions(torch, decoder, b)})
     if page is not None:
         out["prefills"] = prefills(torch, engine, page)
+    return out
+
+
+def decode_attention(torch, engine, batches: list[int], prompt: int, decoded: int = 600, reps: int = 50) -> dict:
+    """A decode step replayed with each attention the device has (`sdpa`, and `flash` where its start-up
+    check kept it), at each batch and two length buckets: the one a page `decoded` tokens into its output
+    sits in, and the largest (one long page in the batch sets it for every slot). The slots' lengths are
+    spread evenly from the bucket's end down to the prompt's (one slot: at the end), so `flash` reads what
+    such pages hold, and `sdpa` the whole bucket for each. Steps read and never advance (every slot is paused)."""
+    from gnosis_ocr.worker.engines.decoder import bucket_for
+
+    decoder = engine.schedulers[0].decoder  # idle here: every page of the earlier sections has ended
+    chosen, graphs = decoder.attention, decoder._graphs
+    modes = ["sdpa"] + (["flash"] if decoder.attention_check["attention"] == "flash" else [])
+    out = {"check": decoder.attention_check, "rows": []}
+    try:
+        for L in sorted({bucket_for(min(prompt + decoded, decoder.max_len), decoder.len_buckets),
+                         decoder.len_buckets[-1]}):
+            for b in sorted({min(b, decoder.slots) for b in batches}):
+                lengths = torch.linspace(L - 1, min(prompt, L - 1), b).long()  # one page: the bucket's end
+                row = {"batch": b, "length_bucket": L, "mean_length": round(float(lengths.float().mean()))}
+                for mode in modes:
+                    decoder.attention, decoder._graphs = mode, {}
+                    with decoder.device_context():
+                        decoder.lengths[:b] = lengths.to(decoder.device)
+                        decoder.active.zero_()
+                        decoder.step(b, L)  # captured (on CUDA) and warm
+                        sync(torch)
+                        started = time.perf_counter()
+                        for _ in range(reps):
+                            decoder.step(b, L)
+                        sync(torch)
+                    row[f"{mode}_ms"] = round((time.perf_counter() - started) / reps * 1000, 3)
+                if "flash_ms" in row:
+                    row["sdpa_over_flash"] = round(row["sdpa_ms"] / row["flash_ms"], 2)
+                out["rows"].append(row)
+    finally:
+        decoder.attention, decoder._graphs = chosen, graphs
+        decoder.lengths.zero_()
+        decoder.active.zero_()
     return out
 
 

@@ -22,6 +22,11 @@ DEFAULT_VISION_ATTENTION = "batched"
 """The vision tower's attention: `batched` (one call per layer, kept on a device only if its start-up
 check agrees) or `windows` (the library's call per window)."""
 
+DEFAULT_DECODE_ATTENTION = "flash"
+"""A decode step's attention: `flash` (FlashAttention's variable-length kernel, each page reading only its
+own keys; on a device only where it runs and a start-up check agrees with `sdpa`) or `sdpa` (every page
+reads the step's length bucket, past its own length masked)."""
+
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 """Largest accepted request body, in bytes; bigger uploads get 413 before the body is read."""
 

@@ -39,6 +39,7 @@ class Settings:
     prefill_batch: int = _setting("OCR_PREFILL_BATCH", defaults.DEFAULT_PREFILL_BATCH)
     repetition_window: int = _setting("OCR_REPETITION_WINDOW", defaults.DEFAULT_REPETITION_WINDOW)
     vision_attention: str = _setting("OCR_VISION_ATTENTION", defaults.DEFAULT_VISION_ATTENTION)
+    decode_attention: str = _setting("OCR_DECODE_ATTENTION", defaults.DEFAULT_DECODE_ATTENTION)
     max_upload_bytes: int = _setting("GNOSIS_MAX_UPLOAD_BYTES", defaults.DEFAULT_MAX_UPLOAD_BYTES)
     max_pages: int = _setting("GNOSIS_MAX_PAGES", defaults.DEFAULT_MAX_PAGES)
     max_pixels: int = _setting("GNOSIS_MAX_PIXELS", defaults.DEFAULT_MAX_PIXELS)
@@ -158,6 +159,8 @@ class Settings:
                 raise ConfigError(f"GNOSIS_BATCH_BUCKETS entry {entry!r} is not a gs://bucket/prefix")
         if self.vision_attention not in ("batched", "windows"):
             raise ConfigError(f"OCR_VISION_ATTENTION {self.vision_attention!r} is not batched or windows")
+        if self.decode_attention not in ("flash", "sdpa"):
+            raise ConfigError(f"OCR_DECODE_ATTENTION {self.decode_attention!r} is not flash or sdpa")
         if self.cache_verify not in ("quick", "full"):
             raise ConfigError(f"GNOSIS_CACHE_VERIFY {self.cache_verify!r} is not quick or full")
         if "/" not in self.model_id:

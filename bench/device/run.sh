@@ -21,7 +21,7 @@ redis-server --version || exit 5
 card=$("$python" -c 'import re, torch; print(re.search(r"[HAB]\d+|L4", torch.cuda.get_device_name(0)).group().lower())') || exit 6
 case $what in
   engine)
-    "$python" bench/gpu_engine.py --sections vision,single_page,engine_alone,mismatches,kernels,float32_mismatches \
+    "$python" bench/gpu_engine.py --sections vision,single_page,engine_alone,mismatches,kernels,decode_attention,float32_mismatches \
       --out "$out/gpu_engine_$card.json" 2>&1 | tee "$out/engine_$card.log" ;;
   service)
     "$python" bench/gpu_engine.py --sections service --service-batches "${SERVICE_BATCHES:-0}" \

@@ -21,7 +21,8 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from . import attention
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def bucket_for(value: int, sizes: Sequence[int]) -> int:
 class StaticDecoder:
     """Owns the KV cache of `slots` pages of up to `max_len` tokens each, and the decode step over them."""
 
-    def __init__(self, model, *, slots: int, max_len: int, graphs: bool | None = None) -> None:
+    def __init__(self, model, *, slots: int, max_len: int, graphs: bool | None = None,
+                 attention_mode: str = "flash") -> None:
         config = model.config.get_text_config()
         self.model = model
         self.lm = model.model.language_model
@@ -62,7 +64,8 @@ class StaticDecoder:
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
-        shape = (self.n_layers, slots, self.n_kv, self.max_len, self.head_dim)
+        # Token-major, `[layer, slot, position, kv head, dim]`: what FlashAttention's varlen kernel reads.
+        shape = (self.n_layers, slots, self.max_len, self.n_kv, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         rotary = self.lm.rotary_emb
@@ -79,6 +82,14 @@ class StaticDecoder:
         self.batch_buckets = buckets(slots, 1, 2.0)
         self.len_buckets = sorted({-(-b // KV_ALIGN) * KV_ALIGN for b in buckets(self.max_len, 512, 1.5)})
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.scale = float(self.lm.layers[0].self_attn.scaling)
+        with self.device_context():
+            self.attention_check = attention.choose(attention_mode, self.device, self.dtype, heads=self.n_heads,
+                                                    kv_heads=self.n_kv, head_dim=self.head_dim, scale=self.scale)
+        self.attention = self.attention_check["attention"]
+        # Where each slot's query and keys begin, for the flash kernel (int32, as it takes them).
+        self._cu_q = torch.arange(slots + 1, dtype=torch.int32, device=self.device)
+        self._cu_k = self._cu_q * self.max_len
         # Two pinned host buffers and their events, alternated: the tokens of the step being read and of
         # the one launched after it, each copied off the device without a sync.
         cuda = self.device.type == "cuda"
@@ -122,8 +133,8 @@ class StaticDecoder:
         index = torch.tensor(list(slots), device=self.device)
         for layer in range(self.n_layers):
             keys, values = _layer_kv(cache, layer)
-            self.k_cache[layer, index, :, :n] = keys.to(self.dtype)
-            self.v_cache[layer, index, :, :n] = values.to(self.dtype)
+            self.k_cache[layer, index, :n] = keys.transpose(1, 2).to(self.dtype)
+            self.v_cache[layer, index, :n] = values.transpose(1, 2).to(self.dtype)
         first = out.logits[:, -1].argmax(-1)
         self.tokens[index] = first
         self.lengths[index] = n
@@ -285,30 +296,31 @@ class StaticDecoder:
         # flip is exact): one kernel fewer a layer than negating the half of x.
         half = self.head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        visible = torch.arange(L, device=self.device)[None, :] <= pos[:, None]
-        mask = torch.zeros((b, 1, 1, L), dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible[:, None, None, :], torch.finfo(self.dtype).min)
-        where = pos.view(b, 1, 1, 1).expand(b, self.n_kv, 1, self.head_dim)
+        if self.attention == "flash":  # each slot reads its own keys only
+            used = (pos + 1).clamp(max=L).to(torch.int32)
+            cu_q, cu_k = self._cu_q[: b + 1], self._cu_k[: b + 1]
+        else:
+            mask = attention.sdpa_mask(pos, L, self.dtype)
+        where = pos.view(b, 1, 1, 1).expand(b, 1, self.n_kv, self.head_dim)
         for i, layer in enumerate(self.lm.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(h).view(b, 1, self.n_heads, self.head_dim)
+            k = attn.k_proj(h).view(b, 1, self.n_kv, self.head_dim)
+            v = attn.v_proj(h).view(b, 1, self.n_kv, self.head_dim)
             # The rotary embedding of q and k in one pass: the same arithmetic on each element, in 5
             # kernels instead of 10. A graph replays every kernel one after the other, and at small
             # batches their number, not the weights' bytes, sets the step time (bench/kernel_count.py).
-            qk = torch.cat((q, k), dim=1)
+            qk = torch.cat((q, k), dim=2)
             qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
-            q, k = qk[:, : self.n_heads], qk[:, self.n_heads:]
+            q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads:]
             k_cache, v_cache = self.k_cache[i, :b], self.v_cache[i, :b]
-            k_cache.scatter_(2, where, k)
-            v_cache.scatter_(2, where, v)
-            # The query heads that share a KV head become that head's "query positions": one plain SDPA
-            # call reads each key and value once (enable_gqa would fall back to copying them per head).
-            q = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-            o = F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask,
-                                               scale=attn.scaling)
+            k_cache.scatter_(1, where, k)
+            v_cache.scatter_(1, where, v)
+            if self.attention == "flash":
+                o = attention.flash(q, k_cache, v_cache, used, cu_q, cu_k, L, self.scale)
+            else:
+                o = attention.sdpa(q, k_cache, v_cache, mask, L, self.scale)
             x = x + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         hidden = self.lm.norm(x[:, 0])

@@ -47,7 +47,7 @@ class NanonetsEngine:
                  on_work: Callable[[str, str, int, float], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None,
                  stall_grace: float = defaults.ENGINE_STALL_GRACE, dtype: str | None = None,
-                 vision_attention: str = "batched") -> None:
+                 vision_attention: str = "batched", decode_attention: str = "flash") -> None:
         import torch
         from transformers import AutoProcessor
 
@@ -82,7 +82,8 @@ class NanonetsEngine:
                 self._batch_vision(model, max_side)
             slots = batch_size or auto_batch(model, device, self.max_len,
                                              reserve=self._prefill_bytes(model, max_side, prefill_batch))
-            decoder = StaticDecoder(model, slots=slots, max_len=self.max_len, graphs=graphs)
+            decoder = StaticDecoder(model, slots=slots, max_len=self.max_len, graphs=graphs,
+                                    attention_mode=decode_attention)
             eos = model.generation_config.eos_token_id
             eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
             hook = (lambda phase, pages, seconds, d=str(device): on_work(d, phase, pages, seconds)) if on_work else None
@@ -91,8 +92,8 @@ class NanonetsEngine:
                                   on_work=hook, on_dead=self._dead, name=f"engine-{device}")
             self.models.append(model)
             self.schedulers.append(scheduler)
-            log.info("loaded %s@%s on %s (%s): %d slots of %d tokens", model_id, revision[:12], device,
-                     model.dtype, slots, decoder.max_len)
+            log.info("loaded %s@%s on %s (%s): %d slots of %d tokens, %s decode attention", model_id, revision[:12],
+                     device, model.dtype, slots, decoder.max_len, decoder.attention)
         self.warm_up(max_side)
         for scheduler in self.schedulers:
             scheduler.start()
@@ -161,6 +162,11 @@ class NanonetsEngine:
     def dead(self) -> EngineDead | None:
         """Why the engine can no longer serve (a device's loop died), or None while it can."""
         return next((s.dead for s in self.schedulers if s.dead is not None), None)
+
+    @property
+    def attention_checks(self) -> list[dict]:
+        """Each device's decode attention, and why (`attention.choose`)."""
+        return [{"device": str(s.decoder.device), **s.decoder.attention_check} for s in self.schedulers]
 
     @property
     def checks(self) -> list[dict]:

@@ -38,8 +38,10 @@ def kernels(torch, engine, batches: list[int], page=None, length: int = 2048, re
     cuda = decoder.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     length = min(length, decoder.len_buckets[-1])
+    prompt = engine._request(page).length if page is not None else length // 2
     out = {"length": length, "rows": []}
     for b in sorted({min(b, decoder.slots) for b in batches}):
+        mean_length = seat(torch, decoder, b, length, prompt)
         with decoder.device_context(), torch.inference_mode():
             decoder._step(b, length)  # warm; empty slots advance nothing
             sync(torch)
@@ -59,11 +61,13 @@ def kernels(torch, engine, batches: list[int], page=None, length: int = 2048, re
         total = sum(sum(t) for t in ran.values())
         count = sum(len(t) for t in ran.values())
         out["rows"].append({
-            "batch": b, "kernels": count, "kernel_us": round(total, 1), "step_ms": round(step_ms, 3),
+            "batch": b, "mean_length": mean_length, "attention": decoder.attention, "kernels": count,
+            "kernel_us": round(total, 1), "step_ms": round(step_ms, 3),
             "us_per_kernel": round(total / max(count, 1), 2),
             "top": [{"name": name[:90], "count": len(t), "us": round(sum(t), 1)}
                     for name, t in sorted(ran.items(), key=lambda kv: -sum(kv[1]))[:top]],
             "fusions": fusions(torch, decoder, b)})
+    decoder.lengths.zero_()
     if page is not None:
         out["prefills"] = prefills(torch, engine, page)
     return out
@@ -73,8 +77,7 @@ def decode_attention(torch, engine, batches: list[int], prompt: int, decoded: in
     """A decode step replayed with each attention the device has (`sdpa`, and `flash` where its start-up
     check kept it), at each batch and two length buckets: the one a page `decoded` tokens into its output
     sits in, and the largest (one long page in the batch sets it for every slot). The slots' lengths are
-    spread evenly from the bucket's end down to the prompt's (one slot: at the end), so `flash` reads what
-    such pages hold, and `sdpa` the whole bucket for each. Steps read and never advance (every slot is paused)."""
+    as `seat` puts them, so `flash` reads what such pages hold, and `sdpa` the whole bucket for each."""
     from gnosis_ocr.worker.engines.decoder import bucket_for
 
     decoder = engine.schedulers[0].decoder  # idle here: every page of the earlier sections has ended
@@ -85,13 +88,10 @@ def decode_attention(torch, engine, batches: list[int], prompt: int, decoded: in
         for L in sorted({bucket_for(min(prompt + decoded, decoder.max_len), decoder.len_buckets),
                          decoder.len_buckets[-1]}):
             for b in sorted({min(b, decoder.slots) for b in batches}):
-                lengths = torch.linspace(L - 1, min(prompt, L - 1), b).long()  # one page: the bucket's end
-                row = {"batch": b, "length_bucket": L, "mean_length": round(float(lengths.float().mean()))}
+                row = {"batch": b, "length_bucket": L, "mean_length": seat(torch, decoder, b, L, prompt)}
                 for mode in modes:
                     decoder.attention, decoder._graphs = mode, {}
                     with decoder.device_context():
-                        decoder.lengths[:b] = lengths.to(decoder.device)
-                        decoder.active.zero_()
                         decoder.step(b, L)  # captured (on CUDA) and warm
                         sync(torch)
                         started = time.perf_counter()
@@ -107,6 +107,16 @@ def decode_attention(torch, engine, batches: list[int], prompt: int, decoded: in
         decoder.lengths.zero_()
         decoder.active.zero_()
     return out
+
+
+def seat(torch, decoder, b: int, L: int, prompt: int) -> int:
+    """Slots [0, b) as pages in flight: lengths spread evenly from the bucket's end `L` down to the prompt's
+    (one slot: at the end), all paused, so steps read them and advance nothing. Returns the mean length."""
+    lengths = torch.linspace(L - 1, min(prompt, L - 1), b).long()
+    with decoder.device_context():
+        decoder.lengths[:b] = lengths.to(decoder.device)
+        decoder.active.zero_()
+    return round(float(lengths.float().mean()))
 
 
 def prefills(torch, engine, page, sizes: tuple[int, ...] = (1, 4), reps: int = 3) -> dict:

@@ -126,7 +126,7 @@ def prefills(torch, engine, page, sizes: tuple[int, ...] = (1, 4), reps: int = 3
     it, and gathering freed slots into bigger chunks would pay (docs/benchmarks.md)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from gnosis_ocr.worker.engines.scheduler import _concat
+    from gnosis_ocr.worker.engines.decoder import join_prompts
 
     decoder = engine.schedulers[0].decoder  # idle here: its slots are free
     cuda = decoder.device.type == "cuda"
@@ -138,7 +138,7 @@ def prefills(torch, engine, page, sizes: tuple[int, ...] = (1, 4), reps: int = 3
 
         def run() -> None:
             with decoder.device_context():
-                decoder.prefill(slots, _concat([dict(one) for _ in slots], decoder.device))
+                decoder.prefill(slots, join_prompts([dict(one) for _ in slots], decoder.device))
             for slot in slots:
                 decoder.release(slot)
 

@@ -70,8 +70,7 @@ def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention
     prefilled together into slots 0 and 2, and a page of another length in slot 3, beside an empty slot.
     With either attention: `flash` calls, here, a reference of FlashAttention's contract."""
     from gnosis_ocr.worker.engines import attention
-    from gnosis_ocr.worker.engines.decoder import StaticDecoder
-    from gnosis_ocr.worker.engines.scheduler import _concat
+    from gnosis_ocr.worker.engines.decoder import StaticDecoder, join_prompts
     from tests import flashref
 
     if attention_mode == "flash":
@@ -83,7 +82,7 @@ def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention
     assert pages[0]["input_ids"].shape == pages[2]["input_ids"].shape != pages[3]["input_ids"].shape
     decoder = StaticDecoder(model, slots=4, max_len=engine.max_len, attention_mode=attention_mode)
     assert decoder.attention == attention_mode
-    tokens = dict(zip((0, 2), decoder.prefill([0, 2], _concat([pages[0], pages[2]], decoder.device)), strict=True))
+    tokens = dict(zip((0, 2), decoder.prefill([0, 2], join_prompts([pages[0], pages[2]], decoder.device)), strict=True))
     tokens[3] = decoder.prefill([3], dict(pages[3]))[0]
     tokens = {slot: [first] for slot, first in tokens.items()}
     hidden: dict[int, list] = {slot: [] for slot in pages}

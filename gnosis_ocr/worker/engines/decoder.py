@@ -341,6 +341,17 @@ class Launched:
         self.tokens, self.event = tokens, event
 
 
+def join_prompts(inputs: list[dict], device) -> dict:
+    """Processor outputs of equal-length prompts as one batch. The pixels are joined on `device`: four A4
+    pages are 55 MB, and a copy of them on the host (7 ms here) would hold the GPU up for nothing, where
+    each page crosses to the device once either way. The token ids stay on the host, where the rope
+    positions are computed from them (`StaticDecoder.prefill`)."""
+    if len(inputs) == 1:
+        return inputs[0]
+    return {key: torch.cat([i[key].to(device) if key == "pixel_values" else i[key] for i in inputs], dim=0)
+            for key in inputs[0]}
+
+
 def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's keys and values from the library's cache object, across its 5.x spellings."""
     if hasattr(cache, "layers"):

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from ...errors import EngineCheckFailed, EngineDead
 from . import StopReason
+from .decoder import join_prompts
 from .isolation import Isolation
 from .repetition import RepetitionGuard
 from .request import Request
@@ -234,7 +235,7 @@ class Scheduler(Isolation):
         for request in chunk:
             request.admitted = request.admitted or now
         try:
-            firsts = self.decoder.prefill(slots, _concat([r.inputs for r in chunk], self.decoder.device))
+            firsts = self.decoder.prefill(slots, join_prompts([r.inputs for r in chunk], self.decoder.device))
         except Exception as exc:
             self.failed_prefills += 1
             self._check_device(exc)
@@ -390,16 +391,3 @@ class _Launched:
 
 def _out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def _concat(inputs: list[dict], device) -> dict:
-    """Processor outputs of equal-length prompts as one batch. The pixels are joined on `device`: four A4
-    pages are 55 MB, and a copy of them on the host (7 ms here) would hold the GPU up for nothing, where
-    each page crosses to the device once either way. The token ids stay on the host, where the rope
-    positions are computed from them (`StaticDecoder.prefill`)."""
-    import torch
-
-    if len(inputs) == 1:
-        return inputs[0]
-    return {key: torch.cat([i[key].to(device) if key == "pixel_values" else i[key] for i in inputs], dim=0)
-            for key in inputs[0]}

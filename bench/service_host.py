@@ -4,7 +4,7 @@ stand-in device with the H200's step and prefill times, on any machine.
 The GPU benchmark found the service at 1.84 pages/s where the engine alone made 2.44 (docs/benchmarks.md).
 Part of any such gap is the host: the API taking the uploads, Celery handing the worker its messages, a
 page's claim, render and image processor on the worker's threads, the result written and acknowledged.
-All of that runs here for real, at 1280 px, through `gpu_engine.service` (Redis, the API under
+All of that runs here for real, at 1280 px, through `gpu_service.service` (Redis, the API under
 gunicorn, a `gnosis-ocr worker` loading its checkpoint through the cache code from a stand-in hub); only
 the device's work is simulated (`bench/engine_host.py`'s stand-in, in the worker process). The engine
 alone is the same stand-in and scheduler fed by page threads with the same processor, in this process:
@@ -26,7 +26,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.engine_host import page_png, run_mode  # noqa: E402
-from bench.gpu_engine import MIX, build_processor, service  # noqa: E402
+from bench.gpu_engine import MIX, build_processor  # noqa: E402
+from bench.gpu_service import service  # noqa: E402
 
 
 def checkpoint() -> str:

@@ -8,8 +8,8 @@ value (`.item()`, `.tolist()`, a boolean mask's size) waits for the device to ca
 
 Counted here through the engine's own code (StaticDecoder's step; its prefill with the vision tower's
 batched attention) on Qwen2.5-VL-3B's layer counts (32 vision blocks, 36 decoder layers) at tiny widths,
-on the CPU: the counts do not depend on the widths or the device. Operations that only make views are
-left out of the step's count (they launch nothing).
+on the CPU: the counts do not depend on the widths or the device. Operations that only make views or
+allocate are left out of the step's count (they launch nothing).
 
     python bench/kernel_count.py --out docs/results/kernel_count.json
 """
@@ -30,7 +30,9 @@ from bench.gpu_engine import build_processor  # noqa: E402
 from bench.gpu_throughput import a4_page  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "transpose", "unsqueeze", "slice", "select", "expand", "as_strided", "alias", "t",
-         "reshape", "permute", "squeeze", "detach", "split", "unbind", "split_with_sizes"}
+         "reshape", "permute", "squeeze", "detach", "split", "unbind", "split_with_sizes",
+         "empty", "empty_like", "empty_strided"}
+"""Operations that launch no kernel: views, and allocations (uninitialised: nothing runs on the device)."""
 READS = {"item", "tolist", "__bool__", "__int__", "nonzero", "__index__"}
 """Python-level calls that read a value off the device: each waits for it (boolean masks call nonzero)."""
 

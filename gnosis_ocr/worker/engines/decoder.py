@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import attention
+from . import attention, norm
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class StaticDecoder:
         self.len_buckets = sorted({-(-b // KV_ALIGN) * KV_ALIGN for b in buckets(self.max_len, 512, 1.5)})
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
         self.scale = float(self.lm.layers[0].self_attn.scaling)
+        self.rms = norm.for_model(self.lm.norm, config.hidden_size, self.device, self.dtype)
         with self.device_context():
             self.attention_check = attention.choose(attention_mode, self.device, self.dtype, heads=self.n_heads,
                                                     kv_heads=self.n_kv, head_dim=self.head_dim, scale=self.scale)
@@ -304,7 +305,7 @@ class StaticDecoder:
         where = pos.view(b, 1, 1, 1).expand(b, 1, self.n_kv, self.head_dim)
         for i, layer in enumerate(self.lm.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
+            h = self.rms(layer.input_layernorm, x)
             q = attn.q_proj(h).view(b, 1, self.n_heads, self.head_dim)
             k = attn.k_proj(h).view(b, 1, self.n_kv, self.head_dim)
             v = attn.v_proj(h).view(b, 1, self.n_kv, self.head_dim)
@@ -322,8 +323,8 @@ class StaticDecoder:
             else:
                 o = attention.sdpa(q, k_cache, v_cache, mask, L, self.scale)
             x = x + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        hidden = self.lm.norm(x[:, 0])
+            x = x + layer.mlp(self.rms(layer.post_attention_layernorm, x))
+        hidden = self.rms(self.lm.norm, x[:, 0])
         self.hidden[:b].copy_(hidden)
         nxt = self.lm_head(hidden).argmax(-1)
         self.next_tokens[:b].copy_(nxt)

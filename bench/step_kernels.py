@@ -6,7 +6,7 @@ At small batches a decode step is its kernels run one after the other, a few µs
 whether fewer kernels would pay, and which:
 - one eager step profiled per batch (a replay runs the same kernels), beside the replayed step's time;
 - each candidate fusion timed both ways on the model's own weights, 36 times over (one step's worth),
-  captured as a CUDA graph as the step is: RMSNorm as the library writes it (8 kernels) against
+  captured as a CUDA graph as the step is: RMSNorm as the step computes it (7 kernels) against
   `F.rms_norm` (one kernel where the build has a fused one), q/k/v as three GEMMs against one, and
   gate/up as two against one; with how far apart their outputs are, since a fusion changes rounding
   against `generate` and the engine keeps none that would.
@@ -174,7 +174,8 @@ def fusions(torch, decoder, batch: int, reps: int = 20) -> dict:
     gate_up = _fused_linear(torch, mlp.gate_proj, mlp.up_proj)
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     candidates = {  # name: (as the step runs it, fused, how many a layer)
-        "rms_norm": (lambda: (norm(x),), lambda: F.rms_norm(x, (x.shape[-1],), norm.weight, eps), 2),
+        "rms_norm": (lambda: (decoder.rms(norm, x),), lambda: F.rms_norm(x, (x.shape[-1],), norm.weight, eps),
+                     2),
         "qkv": (lambda: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), lambda: qkv(x), 1),
         "gate_up": (lambda: (mlp.gate_proj(x), mlp.up_proj(x)), lambda: gate_up(x), 1),
     }

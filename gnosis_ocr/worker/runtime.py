@@ -78,6 +78,8 @@ class Runtime:
                 if self._engine.batched:
                     for device, slots in self._engine.devices.items():
                         telemetry.get().batch_slots.labels(device=device).set(slots)
+                    for device, paths in getattr(self._engine, "attention_paths", {}).items():
+                        telemetry.get().device_info.labels(device=device, **paths).set(1)
                 log.info("engine %s ready in %.2fs (pid %d)", self.settings.engine, seconds, os.getpid())
             return self._engine
 

@@ -22,6 +22,8 @@ class Telemetry:
     """Pages in a device's batch at its last step; rate(decode_tokens) / rate(decode_steps) is the mean
     occupancy over any window."""
     batch_slots: Any
+    device_info: Any
+    """1 for each device, labelled with the attention paths its start-up checks kept."""
     decode_steps: Any
     decode_tokens: Any
     decode_seconds: Any
@@ -55,6 +57,10 @@ def get() -> Telemetry:
                                    ["device"], multiprocess_mode="livemax"),
                 batch_slots=Gauge("gnosis_worker_batch_slots", "Pages the device's batch holds.", ["device"],
                                   multiprocess_mode="livemax"),
+                device_info=Gauge("gnosis_worker_device_info", "A device of this worker (always 1), labelled with "
+                                  "the attention its decode steps use (flash or sdpa) and its vision tower's "
+                                  "(batched or windows), as its start-up checks decided.",
+                                  ["device", "decode_attention", "vision_attention"], multiprocess_mode="livemax"),
                 decode_steps=Counter("gnosis_worker_decode_steps_total", "Decode steps run.", ["device"]),
                 decode_tokens=Counter("gnosis_worker_decode_tokens_total", "Tokens decoded (one per page per step).",
                                       ["device"]),

@@ -164,6 +164,14 @@ class NanonetsEngine:
         return next((s.dead for s in self.schedulers if s.dead is not None), None)
 
     @property
+    def attention_paths(self) -> dict[str, dict[str, str]]:
+        """Per device, the attention its start-up checks kept: what `gnosis_worker_device_info` says."""
+        vision = {c["device"]: "batched" if c.get("batched") else "windows" for c in self.vision_checks}
+        return {str(s.decoder.device): {"decode_attention": s.decoder.attention,
+                                        "vision_attention": vision.get(str(s.decoder.device), "windows")}
+                for s in self.schedulers}
+
+    @property
     def attention_checks(self) -> list[dict]:
         """Each device's decode attention, and why (`attention.choose`)."""
         return [{"device": str(s.decoder.device), **s.decoder.attention_check} for s in self.schedulers]

@@ -7,8 +7,8 @@ variable-length kernel reads. Two ways to attend over it, chosen per device at s
 - `sdpa`: torch's `scaled_dot_product_attention` over the first `L` positions of every slot of the step,
   those past a slot's own length masked out. `L` is the step's length bucket, set by its longest page,
   so every slot reads `L` keys and values: at 128 slots with one long page among them, mostly padding.
-  And on a GPU its kernel spreads the work over slots and KV heads only: one page is 2 thread blocks per
-  layer on a 132-SM GPU, each reading the whole cache of its head alone.
+  And on a GPU the memory-efficient kernel it takes for a masked call divides the work by slot and KV
+  head only: one page is 2 thread blocks a layer on a 132-SM GPU, each reading its head's cache alone.
 - `flash`: FlashAttention's variable-length kernel, the one behind torch's own SDPA flash backend,
   called directly for its `seqused_k`: each slot reads only its own keys, and a small batch is split
   along the keys (flash-decoding). CUDA, fp16 and bf16 only.

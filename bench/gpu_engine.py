@@ -201,9 +201,11 @@ def single_page(torch, engine, page, tokens: int) -> dict:
 
 
 def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
-    """The vision tower alone on `pages` A4 pages at once: the library's per-window attention against one
-    call per layer (gnosis_ocr/worker/engines/vision.py), timed in the same process, and how far apart
-    their features are."""
+    """The vision tower alone on `pages` A4 pages at once, the library's way (per-window attention, a Conv3d
+    patch embedding) against the engine's (one attention call per layer, the patch embedding as one GEMM:
+    gnosis_ocr/worker/engines/vision.py and patch_embed.py), timed in the same process, and how far apart
+    their features are; and the patch embedding alone both ways."""
+    from gnosis_ocr.worker.engines import patch_embed
     from gnosis_ocr.worker.engines.vision import batch_window_attention, restore_window_attention
 
     model = engine.models[0]
@@ -213,24 +215,37 @@ def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
     pixels = torch.cat([one["pixel_values"]] * pages).to(device, dtype)
     grid = torch.cat([one["image_grid_thw"]] * pages).to(device)
 
-    def run() -> tuple[float, object]:
+    def timed(fn) -> tuple[float, object]:
         with torch.inference_mode():
-            visual(pixels, grid_thw=grid)  # warm
+            fn()  # warm
             sync(torch)
             started = time.perf_counter()
             for _ in range(reps):
-                out = visual(pixels, grid_thw=grid)
+                out = fn()
             sync(torch)
-        out = out if torch.is_tensor(out) else out.pooler_output
-        return (time.perf_counter() - started) / reps / pages * 1000, out.float()
+        return (time.perf_counter() - started) / reps / pages * 1000, out
+
+    def tower() -> tuple[float, object]:
+        ms, out = timed(lambda: visual(pixels, grid_thw=grid))
+        return ms, (out if torch.is_tensor(out) else out.pooler_output).float()
 
     restore_window_attention(model)
-    library_ms, expected = run()
+    patch_embed.restore(model)
+    library_ms, expected = tower()
+    conv_ms, _ = timed(lambda: visual.patch_embed(pixels))
     batch_window_attention(model)
-    batched_ms, got = run()
+    patch_embed.use_linear(model)
+    batched_ms, got = tower()
+    linear_ms, _ = timed(lambda: visual.patch_embed(pixels))
     error = float((got - expected).norm() / expected.norm())
+    check = engine.vision_checks[0] if engine.vision_checks else {}
+    if not check.get("batched"):  # back to what the engine's own start-up checks kept
+        restore_window_attention(model)
+    if not check.get("patch_embed", {}).get("linear"):
+        patch_embed.restore(model)
     return {"pages": pages, "library_ms_per_page": round(library_ms, 1), "batched_ms_per_page": round(batched_ms, 1),
             "speedup": round(library_ms / batched_ms, 2), "relative_error": error,
+            "patch_embed": {"conv3d_ms_per_page": round(conv_ms, 2), "linear_ms_per_page": round(linear_ms, 2)},
             "engine_uses": engine.vision_checks}
 
 
@@ -420,7 +435,7 @@ def summary(data: dict) -> None:
     for r in rows:
         print(f"{r['batch']:>4} {r['pages']:>6} {r['pages_per_s']:>8} {r['tokens_per_s']:>8} {r['ms_per_step']:>8} "
               f"{r['mean_batch']:>7} {r['prefill_ms_per_page']:>16} {r['peak_gib']!s:>9}")
-    print("vision tower (library per window vs one call per layer):", data.get("vision"))
+    print("vision tower (the library's per window and Conv3d vs one call per layer and a GEMM):", data.get("vision"))
     print("single page:", data.get("single_page"))
     print("graph replay vs eager:", engine.get("graph_vs_eager"))
     for row in data.get("kernels", {}).get("rows", []):

@@ -19,8 +19,8 @@ DEFAULT_THREADS = 0
 """CPU threads per engine; 0: the host's cores shared out among the worker's pool processes."""
 
 DEFAULT_VISION_ATTENTION = "batched"
-"""The vision tower's attention: `batched` (one call per layer, kept on a device only if its start-up
-check agrees) or `windows` (the library's call per window)."""
+"""The vision tower's attention: `batched` (one call per layer, and the patch embedding as one GEMM, each kept
+on a device only if its start-up check agrees) or `windows` (the library's tower: a call per window)."""
 
 DEFAULT_DECODE_ATTENTION = "flash"
 """A decode step's attention: `flash` (FlashAttention's variable-length kernel, each page reading only its

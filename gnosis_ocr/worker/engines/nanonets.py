@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ... import defaults
 from ...errors import EngineDead
-from . import PageText, PageTimings
+from . import PageText, PageTimings, patch_embed
 from .decoder import StaticDecoder
 from .prompt import PagePrompt
 from .repetition import RepetitionGuard
@@ -131,19 +131,22 @@ class NanonetsEngine:
         return reserve
 
     def _batch_vision(self, model, max_side: int) -> None:
-        """One attention call per vision layer, kept only if this device's features match the library's
-        on a page of noise (a blank page would hide a wrong mask: every window would look alike)."""
+        """The vision tower's fast paths, each kept only if this device's output matches the library's on a
+        page of noise (a blank page would hide a wrong mask: every window would look alike): the patch
+        embedding as one GEMM (`patch_embed.py`), and one attention call per layer (`vision.py`)."""
         from PIL import Image
 
         probe = Image.effect_noise((max_side // 2, max_side), 64).convert("RGB")
-        if not batch_window_attention(model):
-            self.vision_checks.append({"device": str(model.device), "batched": False})
-            return
         inputs = self.page_prompt.inputs(probe) if self.fast_prompt else self.page_prompt.reference(probe)
+        embed = patch_embed.check(model, inputs["pixel_values"])
+        if not batch_window_attention(model):
+            self.vision_checks.append({"device": str(model.device), "batched": False, "patch_embed": embed})
+            return
         check = check_against_library(model, inputs["pixel_values"], inputs["image_grid_thw"])
-        self.vision_checks.append({"device": str(model.device), **check})
-        log.info("vision attention on %s: %s (relative error %.1e against the library's)", model.device,
-                 "one call per layer" if check["batched"] else "per window", check["relative_error"])
+        self.vision_checks.append({"device": str(model.device), **check, "patch_embed": embed})
+        log.info("vision tower on %s: attention %s (relative error %.1e against the library's), patch embedding "
+                 "%s", model.device, "one call per layer" if check["batched"] else "per window",
+                 check["relative_error"], "as one GEMM" if embed["linear"] else "as the library's Conv3d")
 
     @property
     def model(self):
@@ -166,9 +169,13 @@ class NanonetsEngine:
     @property
     def attention_paths(self) -> dict[str, dict[str, str]]:
         """Per device, the attention its start-up checks kept: what `gnosis_worker_device_info` says."""
-        vision = {c["device"]: "batched" if c.get("batched") else "windows" for c in self.vision_checks}
-        return {str(s.decoder.device): {"decode_attention": s.decoder.attention,
-                                        "vision_attention": vision.get(str(s.decoder.device), "windows")}
+        vision = {c["device"]: c for c in self.vision_checks}
+
+        def paths(device: str) -> dict[str, str]:
+            check = vision.get(device, {})
+            return {"vision_attention": "batched" if check.get("batched") else "windows",
+                    "patch_embed": "linear" if check.get("patch_embed", {}).get("linear") else "conv3d"}
+        return {str(s.decoder.device): {"decode_attention": s.decoder.attention, **paths(str(s.decoder.device))}
                 for s in self.schedulers}
 
     @property

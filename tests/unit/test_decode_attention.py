@@ -57,6 +57,14 @@ def test_a_kernel_that_raises_is_refused_and_the_worker_goes_on(kernel):
     assert "Ampere" in check["reason"]
 
 
+def test_a_device_that_cannot_say_whether_it_has_the_kernel_decodes_with_sdpa(monkeypatch):
+    def fails(*args):
+        raise RuntimeError("CUDA error: unspecified launch failure")
+    monkeypatch.setattr(attention, "unavailable", fails)
+    check = choose()
+    assert check["attention"] == "sdpa" and "unspecified launch failure" in check["reason"]
+
+
 def test_sdpa_when_asked_or_where_there_is_no_kernel():
     assert choose("sdpa") == {"attention": "sdpa", "reason": "OCR_DECODE_ATTENTION=sdpa"}
     assert choose()["reason"] == "no FlashAttention kernel on cpu"

@@ -56,6 +56,19 @@ def test_a_gemm_that_disagrees_is_refused_and_the_convolution_stays(model, monke
     assert torch.equal(embed(model, x), expected)
 
 
+def test_a_gemm_that_raises_is_refused_and_the_convolution_stays(model, monkeypatch):
+    x = pixels(model)
+    switch = patch_embed.use_linear
+
+    def raising(m) -> bool:
+        switch(m)
+        m.model.visual.patch_embed.forward = lambda h: (_ for _ in ()).throw(RuntimeError("no kernel image"))
+        return True
+    monkeypatch.setattr(patch_embed, "use_linear", raising)
+    assert patch_embed.check(model, x) == {"linear": False, "reason": "RuntimeError: no kernel image"}
+    assert "forward" not in model.model.visual.patch_embed.__dict__
+
+
 def test_an_overlapping_convolution_is_left_alone(model):
     proj = model.model.visual.patch_embed.proj
     proj.stride = (1, 1, 1)

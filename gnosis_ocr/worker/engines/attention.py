@@ -92,11 +92,11 @@ def choose(requested: str, device: torch.device, dtype: torch.dtype, *, heads: i
     """The attention this device's decode steps use, and why: `{"attention": "flash" or "sdpa", …}`."""
     if requested == "sdpa":
         return {"attention": "sdpa", "reason": "OCR_DECODE_ATTENTION=sdpa"}
-    reason = unavailable(device, dtype, head_dim)
-    if reason is not None:
-        log.info("decode attention on %s: sdpa (%s)", device, reason)
-        return {"attention": "sdpa", "reason": reason}
     try:
+        reason = unavailable(device, dtype, head_dim)
+        if reason is not None:
+            log.info("decode attention on %s: sdpa (%s)", device, reason)
+            return {"attention": "sdpa", "reason": reason}
         check = compare(device, dtype, heads=heads, kv_heads=kv_heads, head_dim=head_dim, scale=scale)
     except Exception as exc:  # a kernel that cannot run here costs speed, never the worker
         log.warning("decode attention on %s: sdpa (FlashAttention failed its check: %s: %s)", device,

@@ -93,3 +93,21 @@ def test_an_engine_whose_batched_path_disagrees_falls_back_to_the_librarys(tiny_
         assert [c["batched"] for c in engine.vision_checks] == [True]
     finally:
         engine.close()
+
+
+def test_a_batched_path_that_raises_leaves_the_librarys(model, monkeypatch):
+    from gnosis_ocr.worker.engines import vision
+
+    def raising(self, *args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+    monkeypatch.setattr(vision, "_batched_forward", raising)
+    grids = GRIDS[0]
+    restore_window_attention(model)
+    expected = features(model, grids)
+    visual = model.model.visual
+    per_patch = visual.config.in_channels * visual.config.temporal_patch_size * visual.config.patch_size ** 2
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), per_patch)
+    check = vision.check_against_library(model, pixels, torch.tensor(grids)) if batch_window_attention(model) else None
+    assert check == {"batched": False, "reason": "RuntimeError: no kernel image is available for execution on the "
+                                                 "device"}
+    assert torch.equal(features(model, grids), expected)

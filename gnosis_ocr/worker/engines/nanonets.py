@@ -144,9 +144,10 @@ class NanonetsEngine:
             return
         check = check_against_library(model, inputs["pixel_values"], inputs["image_grid_thw"])
         self.vision_checks.append({"device": str(model.device), **check, "patch_embed": embed})
-        log.info("vision tower on %s: attention %s (relative error %.1e against the library's), patch embedding "
-                 "%s", model.device, "one call per layer" if check["batched"] else "per window",
-                 check["relative_error"], "as one GEMM" if embed["linear"] else "as the library's Conv3d")
+        log.info("vision tower on %s: attention %s (%s), patch embedding %s", model.device,
+                 "one call per layer" if check["batched"] else "per window",
+                 f"relative error {check['relative_error']:.1e} against the library's" if "relative_error" in check
+                 else check.get("reason"), "as one GEMM" if embed["linear"] else "as the library's Conv3d")
 
     @property
     def model(self):

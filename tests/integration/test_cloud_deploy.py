@@ -333,6 +333,10 @@ def test_the_gke_overlays_render_and_pass_strict_schema_validation(overlay):
     assert scrape["selector"]["matchLabels"].items() <= api["metadata"]["labels"].items()
     assert scrape["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
     assert any(p["name"] == "http" for p in api["spec"]["containers"][0]["ports"])
+    # And each worker's own port: its devices' batch and time (the dashboard's GPU row).
+    scrape = by[("PodMonitoring", "gnosis-ocr-worker")]["spec"]
+    assert scrape["selector"]["matchLabels"].items() <= worker["metadata"]["labels"].items()
+    assert scrape["endpoints"] == [{"port": "probe", "path": "/metrics", "interval": "30s"}]
     assert by[("Rules", "gnosis-ocr")]["spec"]["groups"] == \
         yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())["groups"]
 

@@ -96,7 +96,8 @@ def main() -> None:
             name = getattr(func, "__name__", "") or ""
             if name != "__get__":  # a property read (.shape, .device) lets go of nothing
                 self.calls += 1
-            masked = name == "__getitem__" and any(getattr(a, "dtype", None) == torch.bool for a in _flat(args))
+            # A boolean index (not a boolean tensor being indexed): its size is read off the device.
+            masked = name == "__getitem__" and any(getattr(a, "dtype", None) == torch.bool for a in _flat(args[1:]))
             if name in READS or masked:
                 key = "boolean_mask" if masked else name
                 self.reads[key] = self.reads.get(key, 0) + 1

@@ -75,6 +75,29 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_workers(args: argparse.Namespace) -> int:
+    import json
+
+    import redis
+
+    from . import fleet
+    from .redisconn import connect
+
+    settings = _settings()
+    try:
+        rows = fleet.workers(connect(settings.redis_url, socket_connect_timeout=settings.redis_timeout))
+    except redis.RedisError as exc:
+        print(f"gnosis-ocr: cannot read the workers' records: Redis: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        fleet.print_table(rows)
+    else:
+        print("no live worker")
+    return EXIT_OK if any(w["ready"] for w in rows) else EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     if args_in[:1] == ["api"] and os.environ.get("GNOSIS_API_WORKER_CLASS", "gevent") == "gevent":
@@ -152,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "step); verify: re-hash every file against the manifest; status: what the cache holds")
     p.add_argument("--refresh", action="store_true", help="re-resolve a branch or tag to its current commit")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("workers", help="the live workers: host, engine, readiness, pages in flight, GPU devices "
+                                       "(exit 1 when none is ready)")
+    p.add_argument("--json", action="store_true", help="every worker's record as JSON")
+    p.set_defaults(func=cmd_workers)
 
     submit.add_parser(sub)
     batchcmd.add_parser(sub)

@@ -20,7 +20,7 @@ import redis
 from .. import keys
 from ..broker import cache_queue, events_queue
 from ..job import now_rfc3339
-from . import loopwatch, outbox, registry
+from . import loopwatch, outbox, plan, registry
 from .listings import Listings
 from .reconcile import Reconciler
 from .runtime import Runtime
@@ -42,7 +42,9 @@ class Heartbeat:
         self.interval = rt.settings.heartbeat_interval
         self.ttl = 3 * self.interval  # a worker record's lifetime: three missed beats
         self.worker = registry.worker_id()
+        current = plan.current()
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "engine": rt.settings.engine,
+                     "role": "light" if current is not None and current.light else "pages",
                      "concurrency": concurrency, "started_at": now_rfc3339()}
         if rt.settings.engine == "tesseract":  # the API checks a job's `language` against these
             from .engines.tesseract import installed_languages
@@ -109,6 +111,9 @@ class Heartbeat:
     def beat(self) -> None:
         dead = self.rt.engine_dead
         record = {**self.info, "engines_loaded": 0 if dead else self._live_engines()}
+        devices = self.rt.devices()
+        if devices:  # `gnosis-ocr workers` shows them
+            record["devices"] = devices
         if dead is not None:
             record["engine_dead"] = str(dead)
         registry.register(self.redis, self.worker, record, ttl=self.ttl)

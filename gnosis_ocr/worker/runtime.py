@@ -97,6 +97,14 @@ class Runtime:
     def engine_loaded(self) -> bool:
         return self._engine is not None and self.engine_dead is None
 
+    def devices(self) -> dict[str, dict]:
+        """A batched engine's devices once loaded in this process: slots, and the paths its checks kept."""
+        engine = self._engine
+        if engine is None or not engine.batched:
+            return {}
+        paths = getattr(engine, "attention_paths", {})
+        return {device: {"slots": slots, **paths.get(device, {})} for device, slots in engine.devices.items()}
+
     def _engine_died(self, error: BaseException) -> None:
         """The engine cannot serve any more (its loop died or its device is gone). Its pages are already
         resolved with EngineDead and go back to the queue from their threads; readiness turns 503 now;

@@ -75,10 +75,10 @@ class Runtime:
                 seconds = time.monotonic() - started
                 self.metrics.observe("gnosis_model_load_seconds", seconds, engine=self.settings.engine)
                 telemetry.get().model_load.set(seconds)
-                if self._engine.batched:
-                    for device, slots in self._engine.devices.items():
-                        telemetry.get().batch_slots.labels(device=device).set(slots)
-                    for device, paths in getattr(self._engine, "attention_paths", {}).items():
+                for device, info in self.devices().items():
+                    paths = {k: v for k, v in info.items() if k != "slots"}
+                    telemetry.get().batch_slots.labels(device=device).set(info["slots"])
+                    if paths:
                         telemetry.get().device_info.labels(device=device, **paths).set(1)
                 log.info("engine %s ready in %.2fs (pid %d)", self.settings.engine, seconds, os.getpid())
             return self._engine

@@ -36,10 +36,6 @@ def in_flight(stack, worker) -> dict[str, dict]:
     return {f.decode(): json.loads(v) for f, v in stack.redis.hgetall(key).items()} if key else {}
 
 
-def worker_metrics(port: int) -> dict[str, float]:
-    return metric_totals(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
-
-
 def test_pages_of_many_jobs_are_decoded_together(stack, hub):
     from harness.stack import free_port
 

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MODES = ("flash", "sdpa")
-
 
 def sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, L: int,
          scale: float) -> torch.Tensor:

@@ -20,22 +20,24 @@ from . import keys
 
 def workers(client: redis.Redis) -> list[dict]:
     """Every live worker's record, with its `id`, `ready` and `in_flight`, by host then id."""
+    ids = [(k.decode() if isinstance(k, bytes) else k).removeprefix(keys.worker(""))
+           for k in client.scan_iter(keys.WORKER_RECORDS, count=1000) if keys.is_worker_record(k)]
+    pipe = client.pipeline(transaction=False)  # one round trip for every record and in-flight count
+    for worker in ids:
+        pipe.get(keys.worker(worker))
+        pipe.hlen(keys.worker_inflight(worker))
+    replies = pipe.execute() if ids else []
     found = []
-    for key in client.scan_iter(keys.WORKER_RECORDS, count=1000):
-        if not keys.is_worker_record(key):
-            continue
-        raw = client.get(key)
+    for worker, raw, in_flight in zip(ids, replies[::2], replies[1::2], strict=True):
         if raw is None:  # expired between the scan and the read
             continue
         try:
             record = json.loads(raw)
         except ValueError:
             continue
-        worker = (key.decode() if isinstance(key, bytes) else key).removeprefix(keys.worker(""))
         # A light worker (webhooks, cache warm-ups, batch listings) loads no engine: its record is its readiness.
         ready = record.get("engines_loaded", 0) >= record.get("concurrency", 1) and "engine_dead" not in record
-        found.append({"id": worker, **record, "ready": ready,
-                      "in_flight": client.hlen(keys.worker_inflight(worker))})
+        found.append({"id": worker, **record, "ready": ready, "in_flight": in_flight})
     return sorted(found, key=lambda w: (w.get("host", ""), w["id"]))
 
 

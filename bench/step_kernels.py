@@ -158,7 +158,59 @@ def prefills(torch, engine, page, sizes: tuple[int, ...] = (1, 4), reps: int = 3
                             if e.device_type == torch.autograd.DeviceType.CUDA)
             busy = round(kernel_us / 1000 / wall_ms, 3)
         out[f"pages_{n}"] = {"ms": round(wall_ms, 1), "ms_per_page": round(wall_ms / n, 1), "device_busy": busy}
+    out["behind_a_step"] = behind_a_step(torch, engine, one, reps=reps)
     return out
+
+
+def behind_a_step(torch, engine, one: dict, reps: int = 3) -> dict:
+    """A one-page prefill started while a full batch's decode step is on the device, as in the engine's loop:
+    on the step's stream, where the prefill's first read off the device waits for the step, and on a stream
+    of its own, where its reads wait for its own work only and its kernels may run beside the step's.
+    Against the step and the prefill alone: what a prefill stream would save (docs/benchmarks.md).
+    The batch is paused (nothing advances) and the page goes into its last slot. A CPU has no streams: there
+    the dry run goes through the rest."""
+    from gnosis_ocr.worker.engines.decoder import bucket_for
+
+    decoder = engine.schedulers[0].decoder
+    b, slot, prompt = decoder.slots, [decoder.slots - 1], one["input_ids"].shape[1]
+    L = bucket_for(min(prompt + 600, decoder.max_len), decoder.len_buckets)  # pages 600 tokens in, as above
+    seat(torch, decoder, b, L, prompt)
+    side = torch.cuda.Stream(device=decoder.device) if decoder.device.type == "cuda" else None
+
+    def step() -> None:
+        decoder.step(b, L)
+
+    def prefill() -> None:
+        decoder.prefill(slot, dict(one))
+
+    def on_side() -> None:
+        if side is None:
+            return prefill()
+        # Not ordered after the step on purpose (its inputs come from the host): that is what is measured.
+        # The engine would also have to order the page's slot state after the step; here nothing reads it.
+        with torch.cuda.stream(side):
+            prefill()
+        torch.cuda.current_stream(decoder.device).wait_stream(side)
+
+    def timed(*parts) -> float:
+        with decoder.device_context():
+            for part in parts:  # warm
+                part()
+            sync(torch)
+            started = time.perf_counter()
+            for _ in range(reps):
+                for part in parts:
+                    part()
+            sync(torch)
+        return round((time.perf_counter() - started) / reps * 1000, 2)
+
+    try:
+        return {"batch": b, "length_bucket": L, "step_ms": timed(step), "prefill_ms": timed(prefill),
+                "step_then_prefill_ms": timed(step, prefill), "prefill_on_its_own_stream_ms": timed(step, on_side)}
+    finally:
+        decoder.release(slot[0])
+        decoder.lengths.zero_()
+        decoder.active.zero_()
 
 
 def fusions(torch, decoder, batch: int, reps: int = 20) -> dict:

@@ -411,9 +411,9 @@ def main() -> None:
 
 def reference_flash() -> None:
     """On a CPU, the decode attention's `flash` path through a reference of FlashAttention's contract
-    (`tests/flashref.py`), so that the dry run goes through every line the GPU run will."""
+    (`harness/flashref.py`), so that the dry run goes through every line the GPU run will."""
     from gnosis_ocr.worker.engines import attention
-    from tests import flashref
+    from harness import flashref
 
     attention.unavailable = lambda *args: None
     attention.varlen = flashref.varlen

@@ -71,7 +71,7 @@ def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention
     With either attention: `flash` calls, here, a reference of FlashAttention's contract."""
     from gnosis_ocr.worker.engines import attention
     from gnosis_ocr.worker.engines.decoder import StaticDecoder, join_prompts
-    from tests import flashref
+    from harness import flashref
 
     if attention_mode == "flash":
         monkeypatch.setattr(attention, "unavailable", lambda *args: None)

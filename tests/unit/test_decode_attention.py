@@ -1,6 +1,6 @@
 """The decode step's two attentions (`engines/attention.py`): where FlashAttention's variable-length kernel
 serves, and that a kernel which disagrees with SDPA never does. The kernel runs only on CUDA; here the
-engine's calls go to a plain-torch reference of its contract (`tests/flashref.py`)."""
+engine's calls go to a plain-torch reference of its contract (`harness/flashref.py`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gnosis_ocr.worker.engines import attention
-from tests import flashref
+from harness import flashref
 
 SHAPE = {"heads": 8, "kv_heads": 2, "head_dim": 16, "scale": 0.25}  # 4 query heads per KV head
 

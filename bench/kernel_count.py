@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.gpu_engine import build_processor  # noqa: E402
 from bench.gpu_throughput import a4_page  # noqa: E402
 
-VIEWS = {"view", "_unsafe_view", "transpose", "unsqueeze", "slice", "select", "expand", "as_strided", "alias", "t",
+NO_KERNEL = {"view", "_unsafe_view", "transpose", "unsqueeze", "slice", "select", "expand", "as_strided", "alias", "t",
          "reshape", "permute", "squeeze", "detach", "split", "unbind", "split_with_sizes",
          "empty", "empty_like", "empty_strided"}
 """Operations that launch no kernel: views, and allocations (uninitialised: nothing runs on the device)."""
@@ -83,7 +83,7 @@ def main() -> None:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if name not in VIEWS:
+            if name not in NO_KERNEL:
                 self.ops[name] = self.ops.get(name, 0) + 1
             return func(*args, **(kwargs or {}))
 

@@ -25,6 +25,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .rounding import relative_error, tolerance
+
 log = logging.getLogger(__name__)
 
 
@@ -134,9 +136,8 @@ def compare(device: torch.device, dtype: torch.dtype, *, heads: int, kv_heads: i
         if device.type == "cuda":
             graph_identical = bool(torch.equal(_replayed(lambda: flash(q, k, v, used, cu_q, cu_k, max_len, scale),
                                                          device), got))
-    error = float((got.float() - expected).norm() / expected.norm().clamp(min=1e-12))
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    return {"agrees": error <= tolerance and graph_identical, "relative_error": error, "tolerance": tolerance,
+    error, limit = relative_error(got, expected), tolerance(dtype)
+    return {"agrees": error <= limit and graph_identical, "relative_error": error, "tolerance": limit,
             "graph_identical": graph_identical}
 
 

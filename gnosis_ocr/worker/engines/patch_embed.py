@@ -16,6 +16,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .rounding import relative_error, tolerance
+
 log = logging.getLogger(__name__)
 
 
@@ -68,12 +70,11 @@ def check(model, pixel_values: torch.Tensor) -> dict:
             return {"linear": False, "reason": f"{type(exc).__name__}: {exc}"}
         restore(model)
         expected = embed(pixels).float()
-    error = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
-    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
-    ok = error <= tolerance
+    error, limit = relative_error(got, expected), tolerance(weight.dtype)
+    ok = error <= limit
     if ok:
         use_linear(model)
     else:
         log.warning("patch embedding as a GEMM differs from the Conv3d on %s (relative error %.2e > %.0e); "
-                    "keeping the Conv3d", weight.device, error, tolerance)
-    return {"linear": ok, "relative_error": error, "tolerance": tolerance}
+                    "keeping the Conv3d", weight.device, error, limit)
+    return {"linear": ok, "relative_error": error, "tolerance": limit}

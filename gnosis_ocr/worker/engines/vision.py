@@ -21,6 +21,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from .rounding import relative_error, tolerance
+
 log = logging.getLogger(__name__)
 
 
@@ -139,12 +141,11 @@ def check_against_library(model, pixel_values: torch.Tensor, grid_thw: torch.Ten
         return {"batched": False, "reason": f"{type(exc).__name__}: {exc}"}
     restore_window_attention(model)
     expected = run()
-    error = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-    ok = error <= tolerance
+    error, limit = relative_error(got, expected), tolerance(dtype)
+    ok = error <= limit
     if ok:
         batch_window_attention(model)
     else:
         log.warning("batched vision attention differs from the library's on %s (relative error %.2e > %.0e); "
-                    "using the library's per-window path", device, error, tolerance)
-    return {"batched": ok, "relative_error": error, "tolerance": tolerance}
+                    "using the library's per-window path", device, error, limit)
+    return {"batched": ok, "relative_error": error, "tolerance": limit}

@@ -28,8 +28,12 @@ def queries() -> list[str]:
 
 
 def named(expr: str) -> set[str]:
-    return {re.sub(r"_(bucket|sum|count)$", "", n) if re.sub(r"_(bucket|sum|count)$", "", n) in HISTOGRAMS else n
-            for n in re.findall(r"\bgnosis_\w+", expr)}
+    """The series an expression reads, a histogram's `_bucket`, `_sum` and `_count` by the histogram's name."""
+    found = set()
+    for name in re.findall(r"\bgnosis_\w+", expr):
+        histogram = re.sub(r"_(bucket|sum|count)$", "", name)
+        found.add(histogram if histogram in HISTOGRAMS else name)
+    return found
 
 
 def test_every_panel_names_only_series_the_service_exports_and_every_cluster_series_has_one():

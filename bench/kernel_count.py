@@ -30,7 +30,7 @@ from bench.gpu_engine import build_processor  # noqa: E402
 from bench.gpu_throughput import a4_page  # noqa: E402
 
 NO_KERNEL = {"view", "_unsafe_view", "transpose", "unsqueeze", "slice", "select", "expand", "as_strided", "alias", "t",
-         "reshape", "permute", "squeeze", "detach", "split", "unbind", "split_with_sizes",
+         "reshape", "permute", "squeeze", "detach", "split", "unbind", "split_with_sizes", "chunk",
          "empty", "empty_like", "empty_strided"}
 """Operations that launch no kernel: views, and allocations (uninitialised: nothing runs on the device)."""
 READS = {"item", "tolist", "__bool__", "__int__", "nonzero", "__index__"}

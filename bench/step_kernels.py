@@ -2,14 +2,14 @@
 `kernels` section (`bench/gpu_engine.py`), on the engine it has loaded.
 
 At small batches a decode step is its kernels run one after the other, a few µs each
-(`bench/kernel_count.py` counts 34 a decoder layer), more than the weights it reads. Two things say
+(`bench/kernel_count.py` counts 30 a decoder layer), more than the weights it reads. Two things say
 whether fewer kernels would pay, and which:
 - one eager step profiled per batch (a replay runs the same kernels), beside the replayed step's time;
 - each candidate fusion timed both ways on the model's own weights, 36 times over (one step's worth),
   captured as a CUDA graph as the step is: RMSNorm as the step computes it (7 kernels) against
   `F.rms_norm` (one kernel where the build has a fused one), q/k/v as three GEMMs against one, and
-  gate/up as two against one; with how far apart their outputs are, since a fusion changes rounding
-  against `generate` and the engine keeps none that would.
+  gate/up as two against one (the step stacks these two where its start-up check passes,
+  `engines/projections.py`: here is what that saves); with how far apart their outputs are.
 
 And whether a prefill keeps the device busy: one page against a 4-page chunk, with the share of the
 wall time its kernels took.

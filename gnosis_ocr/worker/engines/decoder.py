@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import attention, norm
+from . import attention, norm, projections
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ class StaticDecoder:
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
         self.scale = float(self.lm.layers[0].self_attn.scaling)
         self.rms = norm.for_model(self.lm.norm, config.hidden_size, self.device, self.dtype)
+        # Each layer's q/k/v and gate/up as one GEMM each, where they agree with the modules' own calls.
+        self.stacked, self.stacked_reason = projections.for_layers(self.lm.layers, config.hidden_size, self.device,
+                                                                   self.dtype)
         with self.device_context():
             self.attention_check = attention.choose(attention_mode, self.device, self.dtype, heads=self.n_heads,
                                                     kv_heads=self.n_kv, head_dim=self.head_dim, scale=self.scale)
@@ -306,13 +309,17 @@ class StaticDecoder:
         for i, layer in enumerate(self.lm.layers):
             attn = layer.self_attn
             h = self.rms(layer.input_layernorm, x)
-            q = attn.q_proj(h).view(b, 1, self.n_heads, self.head_dim)
-            k = attn.k_proj(h).view(b, 1, self.n_kv, self.head_dim)
-            v = attn.v_proj(h).view(b, 1, self.n_kv, self.head_dim)
-            # The rotary embedding of q and k in one pass: the same arithmetic on each element, in 5
+            if self.stacked is not None:  # q, k and v are views of one GEMM's output: q and k side by side
+                qkv = self.stacked[i].qkv(h).view(b, 1, self.n_heads + 2 * self.n_kv, self.head_dim)
+                qk, v = qkv[:, :, : self.n_heads + self.n_kv], qkv[:, :, self.n_heads + self.n_kv:]
+            else:
+                q = attn.q_proj(h).view(b, 1, self.n_heads, self.head_dim)
+                k = attn.k_proj(h).view(b, 1, self.n_kv, self.head_dim)
+                v = attn.v_proj(h).view(b, 1, self.n_kv, self.head_dim)
+                qk = torch.cat((q, k), dim=2)
+            # The rotary embedding of q and k in one pass: the same arithmetic on each element, in 4
             # kernels instead of 10. A graph replays every kernel one after the other, and at small
             # batches their number, not the weights' bytes, sets the step time (bench/kernel_count.py).
-            qk = torch.cat((q, k), dim=2)
             qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
             q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads:]
             k_cache, v_cache = self.k_cache[i, :b], self.v_cache[i, :b]
@@ -323,7 +330,8 @@ class StaticDecoder:
             else:
                 o = attention.sdpa(q, k_cache, v_cache, mask, L, self.scale)
             x = x + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
-            x = x + layer.mlp(self.rms(layer.post_attention_layernorm, x))
+            h = self.rms(layer.post_attention_layernorm, x)
+            x = x + (self.stacked[i].mlp(layer.mlp.down_proj, h) if self.stacked is not None else layer.mlp(h))
         hidden = self.rms(self.lm.norm, x[:, 0])
         self.hidden[:b].copy_(hidden)
         nxt = self.lm_head(hidden).argmax(-1)

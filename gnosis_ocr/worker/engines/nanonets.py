@@ -169,14 +169,15 @@ class NanonetsEngine:
 
     @property
     def attention_paths(self) -> dict[str, dict[str, str]]:
-        """Per device, the attention its start-up checks kept: what `gnosis_worker_device_info` says."""
+        """Per device, the paths its start-up checks kept: what `gnosis_worker_device_info` says."""
         vision = {c["device"]: c for c in self.vision_checks}
 
         def paths(device: str) -> dict[str, str]:
             check = vision.get(device, {})
             return {"vision_attention": "batched" if check.get("batched") else "windows",
                     "patch_embed": "linear" if check.get("patch_embed", {}).get("linear") else "conv3d"}
-        return {str(s.decoder.device): {"decode_attention": s.decoder.attention, **paths(str(s.decoder.device))}
+        return {str(s.decoder.device): {"decode_attention": s.decoder.attention, **paths(str(s.decoder.device)),
+                                        "projections": "stacked" if s.decoder.stacked is not None else "apart"}
                 for s in self.schedulers}
 
     @property

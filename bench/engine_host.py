@@ -48,7 +48,7 @@ class DeviceStandIn:
     of `b` pages takes `step_ms(b)`, a prefill `prefill_ms` per page, both waited for without the GIL."""
 
     def __init__(self, slots: int, *, step_ms: tuple[float, float], prefill_ms: float, vocab: int = 150_000,
-                 launches: int = 0) -> None:
+                 launches: int = 0, chunk_ms: float = 0.0) -> None:
         import torch
 
         self.slots = slots
@@ -56,6 +56,7 @@ class DeviceStandIn:
         self.device = torch.device("cpu")
         self.captures = 0
         self.step_ms, self.prefill_ms = step_ms, prefill_ms
+        self.chunk_ms = chunk_ms  # a prefill's cost whatever its pages: the host's launches and reads
         self.device_seconds = 0.0
         self.free_at = 0.0
         self.step_device_seconds = 0.0
@@ -97,7 +98,7 @@ class DeviceStandIn:
         return launched.tokens
 
     def prefill(self, slots, inputs) -> list[int]:
-        done = self._queue(self.prefill_ms / 1000 * len(slots))
+        done = self._queue((self.chunk_ms + self.prefill_ms * len(slots)) / 1000)
         for _ in range(self.launches):  # as a kernel launch: the GIL let go and taken back
             self._torch.add(self._one, self._one, out=self._out)
         _wait_until(done)  # its first tokens are read at once
@@ -149,7 +150,7 @@ def _synchronous():
 
 def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, slots: int, prefetch: int,
              seconds: float, step_ms: tuple[float, float], prefill_ms: float, prompt, png: bytes,
-             redis_url: str, launches: int = 0) -> dict:
+             redis_url: str, launches: int = 0, chunk_ms: float = 0.0, gather: float = 0.0) -> dict:
     import redis
     import torch
     from PIL import Image
@@ -169,23 +170,27 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
         return made
 
     ready = inputs()
-    device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms, launches=launches)
+    device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms, launches=launches, chunk_ms=chunk_ms)
     guard = RepetitionGuard(512, max_tokens=4096)
-    scheduler = (Scheduler if overlap else Synchronous)(device, eos_ids=set(), prefill_batch=4, guard=guard,
-                          on_work=lambda phase, pages, secs: work(phase, pages, secs))
+    scheduler = (Scheduler if overlap else Synchronous)(device, eos_ids=set(), prefill_batch=4, gather=gather,
+                                                        guard=guard,
+                                                        on_work=lambda phase, pages, secs: work(phase, pages, secs))
     prefilled = [0]
+    chunks: dict[int, int] = {}  # prefills by pages, once the batch is full
 
     def work(phase: str, pages: int, seconds: float) -> None:  # the worker's metrics hook, and a count
         if phase == "prefill":
             prefilled[0] += pages
+            if full.is_set():
+                chunks[pages] = chunks.get(pages, 0) + 1
         _record_work("cuda:0", phase, pages, seconds)
 
     client = redis.Redis.from_url(redis_url, max_connections=1000)  # as the worker's: a thread each
     client.hset("gnosis-bench:job", "status", "running")
     lengths = itertools.cycle(MIX)
     lock = threading.Lock()
-    stop = threading.Event()
-    done_pages, prepare_seconds = [], []
+    stop, full = threading.Event(), threading.Event()
+    done_pages, prepare_seconds, first_tokens = [], [], []
 
     def page_thread() -> None:
         while not stop.is_set():
@@ -201,6 +206,8 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
                 client.hget("gnosis-bench:job", "status")
             if request.error is None:
                 done_pages.append(time.monotonic())
+                if full.is_set():
+                    first_tokens.append(request.first_token - request.submitted)
 
     previous = sys.getswitchinterval()
     if switch is not None:
@@ -214,6 +221,7 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
         deadline = time.monotonic() + 120
         while scheduler._in_flight() < slots and time.monotonic() < deadline:
             time.sleep(0.05)
+        full.set()
         warm = (scheduler.steps, scheduler.step_seconds, scheduler.prefill_seconds, device.device_seconds,
                 device.step_device_seconds, scheduler.tokens, len(done_pages), prefilled[0], time.monotonic())
         time.sleep(seconds)
@@ -229,6 +237,7 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
     host = wall - device_s
     result = {
         "mode": name, "prepare_pages": prepare, "overlap": overlap, "switch_interval_ms": (switch or previous) * 1000,
+        "chunk_ms": chunk_ms, "gather_s": gather,
         "seconds": round(wall, 2), "steps": steps, "pages_finished": pages, "tokens": tokens,
         "mean_batch": round(tokens / max(steps, 1), 1),
         "device_busy": round(device_s / wall, 3),
@@ -241,6 +250,9 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
         "prefill_ms_per_page": round(1000 * prefill_s / max(prefills, 1), 1),
         "output_tokens_per_s": round(tokens / wall),
         "pages_per_s": round(pages / wall, 2),
+        "prefills_by_pages": dict(sorted(chunks.items())),
+        # From submit to the first token: the queue's wait, any gathering and the prefill.
+        "first_token_s": round(sum(first_tokens) / max(len(first_tokens), 1), 2),
         "prepare_ms_per_page": round(1000 * sum(prepare_seconds) / max(len(prepare_seconds), 1), 1),
     }
     print(json.dumps(result), file=sys.stderr, flush=True)
@@ -256,6 +268,10 @@ def main() -> None:
     parser.add_argument("--prefill-ms", type=float, default=60, help="per page (the issue's goal; 159 measured)")
     parser.add_argument("--prefill-launches", type=int, default=0,
                         help="calls from Python per prefill chunk, each letting go of the GIL (4,520 measured)")
+    parser.add_argument("--chunk-ms", type=float, default=0,
+                        help="a prefill's cost whatever its pages (the host's launches, reads), beside --prefill-ms")
+    parser.add_argument("--gather", default="0",
+                        help="OCR_PREFILL_GATHER_MS values, comma-separated: each mode runs once with each")
     parser.add_argument("--max-side", type=int, default=1280)
     parser.add_argument("--redis-url", default=os.environ.get("GNOSIS_REDIS_URL", "redis://127.0.0.1:6379/15"))
     parser.add_argument("--modes", default="alone_sync,alone,pages_sync,pages",
@@ -279,15 +295,16 @@ def main() -> None:
     report = {"bench": "engine_host", "code": code, "commit": commit.stdout.strip() or None,
               "python": platform.python_version(), "cpus": os.cpu_count(),
               "slots": args.slots, "prefetch": args.prefetch, "step_ms": step_ms, "prefill_ms": args.prefill_ms,
-              "prefill_launches": args.prefill_launches,
+              "prefill_launches": args.prefill_launches, "chunk_ms": args.chunk_ms,
               "prompt_tokens": int(prompt.inputs(a4_page(args.max_side))["input_ids"].shape[1]), "modes": []}
-    for name in args.modes.split(","):
+    for name, gather in itertools.product(args.modes.split(","), args.gather.split(",")):
         prepare, overlap = name.startswith("pages"), not name.endswith("_sync")
         switch = args.switch_ms / 1000 if args.switch_ms else None
         report["modes"].append(run_mode(name, prepare=prepare, overlap=overlap, switch=switch, slots=args.slots,
                                         prefetch=args.prefetch, seconds=args.seconds, step_ms=step_ms,
                                         prefill_ms=args.prefill_ms, prompt=prompt, png=png,
-                                        redis_url=args.redis_url, launches=args.prefill_launches))
+                                        redis_url=args.redis_url, launches=args.prefill_launches,
+                                        chunk_ms=args.chunk_ms, gather=float(gather) / 1000))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=2)

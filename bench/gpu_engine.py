@@ -156,12 +156,12 @@ def scheduler_for(engine, slots: int):
     from gnosis_ocr.worker.engines.decoder import StaticDecoder
     from gnosis_ocr.worker.engines.scheduler import Scheduler
 
-    decoder = StaticDecoder(engine.model, slots=slots, max_len=engine.max_len,
-                            graphs=engine.schedulers[0].decoder.use_graphs,
-                            attention_mode=engine.schedulers[0].decoder.attention)
+    default = engine.schedulers[0]
+    decoder = StaticDecoder(engine.model, slots=slots, max_len=engine.max_len, graphs=default.decoder.use_graphs,
+                            attention_mode=default.decoder.attention)
     started = time.perf_counter()
     captured = decoder.warm_up()
-    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=engine.schedulers[0].prefill_batch).start()
+    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=default.prefill_batch, gather=default.gather).start()
     return scheduler, {"captures": captured, "capture_s": round(time.perf_counter() - started, 1)}
 
 

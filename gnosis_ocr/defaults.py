@@ -143,10 +143,16 @@ DEFAULT_WEBHOOK_TIMEOUT = 10.0
 """Seconds one webhook POST may take."""
 
 DEFAULT_BATCH_SIZE = 0
-"""Pages a GPU engine decodes at once, per device; 0 sizes it from free GPU memory (at most 64)."""
+"""Pages a GPU engine decodes at once, per device; 0 sizes it from free GPU memory (at most 128)."""
 
 DEFAULT_PREFILL_BATCH = 4
 """Waiting pages of equal prompt length prefilled together in one forward pass."""
+
+DEFAULT_PREFILL_GATHER_MS = 250
+"""Milliseconds freed batch slots may stay empty, while pages queue for them, waiting for a full prefill
+chunk (OCR_PREFILL_BATCH pages) instead of prefilling each page as its slot frees; 0 refills at once.
+A prefill costs the host about the same for one page as for four, and stalls the whole batch while it
+runs (`bench/engine_host.py --chunk-ms`, docs/benchmarks.md)."""
 
 DEFAULT_REPETITION_WINDOW = 512
 """Output tokens, at least, that one repeated unit must fill before the repetition guard stops a page

@@ -37,6 +37,7 @@ class Settings:
     threads: int = _setting("OCR_THREADS", defaults.DEFAULT_THREADS)
     batch_size: int = _setting("OCR_BATCH_SIZE", defaults.DEFAULT_BATCH_SIZE)
     prefill_batch: int = _setting("OCR_PREFILL_BATCH", defaults.DEFAULT_PREFILL_BATCH)
+    prefill_gather_ms: int = _setting("OCR_PREFILL_GATHER_MS", defaults.DEFAULT_PREFILL_GATHER_MS)
     repetition_window: int = _setting("OCR_REPETITION_WINDOW", defaults.DEFAULT_REPETITION_WINDOW)
     vision_attention: str = _setting("OCR_VISION_ATTENTION", defaults.DEFAULT_VISION_ATTENTION)
     decode_attention: str = _setting("OCR_DECODE_ATTENTION", defaults.DEFAULT_DECODE_ATTENTION)
@@ -178,6 +179,8 @@ class Settings:
                 raise ConfigError(f"{_variable(name)} must be positive, got {getattr(self, name)}")
         if self.loop_stall_timeout < 0:
             raise ConfigError(f"GNOSIS_LOOP_STALL_TIMEOUT must be 0 (off) or positive, got {self.loop_stall_timeout}")
+        if self.prefill_gather_ms < 0:
+            raise ConfigError(f"OCR_PREFILL_GATHER_MS must be 0 (off) or positive, got {self.prefill_gather_ms}")
         from .replication import parse  # here: it imports redis, which the API imports only after gevent patches
 
         try:

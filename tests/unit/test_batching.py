@@ -27,8 +27,9 @@ def page(i: int) -> Image.Image:
 def engine(tiny_model):
     from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
+    # Freed slots refilled at once (no gathering): these tests see when each page is seated.
     eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=48,
-                         batch_size=3, prefill_batch=2, repetition_window=0)
+                         batch_size=3, prefill_batch=2, prefill_gather=0, repetition_window=0)
     yield eng
     eng.close()
 
@@ -239,3 +240,59 @@ def test_a_burst_of_pages_is_prefilled_a_chunk_at_a_time_between_decode_steps(en
     assert all("step" in events[a:b] for a, b in zip(prefills, prefills[1:])), events
     expected = reference(engine, image, 12)
     assert all(r.error is None and r.tokens == expected for r in requests)
+
+
+def gathering(engine, *, gather: float, tokens: list[int], waiting: int, max_len: int | None = None):
+    """A scheduler with `len(tokens)` slots full of pages of those output lengths and `waiting` more pages
+    of 4 tokens queued behind them; the sizes of its prefills in order, and the requests."""
+    from gnosis_ocr.worker.engines.scheduler import Scheduler
+    from tests.unit.test_engine_faults import Faulty
+
+    sizes: list[int] = []
+    decoder = Faulty(engine.model, slots=len(tokens), max_len=max_len or engine.max_len)
+    decoder.prefill_fault = lambda d, slots, inputs: sizes.append(len(slots))
+    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2, gather=gather)
+    image = page(0)
+    seated = [scheduler.submit(engine._request(image, max_new_tokens=n)) for n in tokens]
+    queued = [scheduler.submit(engine._request(image, max_new_tokens=4)) for _ in range(waiting)]
+    scheduler.start()
+    try:
+        for request in (*seated, *queued):
+            assert wait(request).error is None
+    finally:
+        scheduler.stop()
+    expected = reference(engine, image, 48)
+    for r in (*seated, *queued):  # as far as `generate` goes: the scheduler here stops at no EOS
+        n = min(len(r.tokens), len(expected))
+        assert r.tokens[:n] == expected[:n]
+    return sizes, seated, queued
+
+
+@pytest.mark.parametrize("gather", [0.0, 60.0])
+def test_slots_that_free_one_at_a_time_are_refilled_a_chunk_at_a_time(engine, gather):
+    """Pages end one at a time; with pages queueing for slots, a freed slot waits for a second one and
+    both are prefilled together, instead of one prefill per page (each costs the host about the same)."""
+    sizes, _, _ = gathering(engine, gather=gather, tokens=[6, 12, 40, 40], waiting=2)
+    # The first four pages in two chunks; then the two queued ones, as their slots free.
+    assert sizes == ([2, 2, 2] if gather else [2, 2, 1, 1]), sizes
+
+
+def test_a_gathering_slot_waits_no_longer_than_its_limit(engine):
+    """One slot frees and no other will for a long time: the queued page is seated once the limit has
+    passed, not when the long pages end."""
+    gather = 0.2
+    sizes, seated, queued = gathering(engine, gather=gather, tokens=[4, 600, 600, 600], waiting=2,
+                                      max_len=engine.max_len + 600)
+    first = queued[0]
+    assert first.admitted - seated[0].finished >= gather, "the freed slot did not wait for a second one"
+    assert first.finished < min(r.finished for r in seated[1:]), "it waited for the long pages"
+    # Then the last queued page takes the slot the first leaves at once: a seat for every waiting page.
+    assert sizes == [2, 2, 1, 1], sizes
+
+
+def test_nothing_waits_when_every_queued_page_has_a_slot(engine):
+    """No gathering when it buys nothing: one page queued, one slot free."""
+    sizes, seated, queued = gathering(engine, gather=60.0, tokens=[4, 600], waiting=1,
+                                      max_len=engine.max_len + 600)
+    assert queued[0].finished < seated[1].finished
+    assert sizes == [2, 1], sizes

@@ -90,7 +90,8 @@ def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metri
         return NanonetsEngine(path, model_id=settings.model_id, revision=path.name, devices=settings.device,
                               max_new_tokens=settings.max_new_tokens, threads=settings.threads,
                               batch_size=settings.batch_size, max_side=settings.page_max_side,
-                              prefill_batch=settings.prefill_batch, repetition_window=settings.repetition_window,
+                              prefill_batch=settings.prefill_batch, prefill_gather=settings.prefill_gather_ms / 1000,
+                              repetition_window=settings.repetition_window,
                               vision_attention=settings.vision_attention,
                               decode_attention=settings.decode_attention, on_work=on_work, on_dead=on_dead)
     if settings.engine == "tesseract":

@@ -43,12 +43,14 @@ __all__ = ["Request", "RepetitionGuard", "Scheduler"]
 class Scheduler(Isolation):
     """The engine loop for one device. `submit` is thread-safe; everything else runs on the loop thread."""
 
-    def __init__(self, decoder, *, eos_ids: set[int], prefill_batch: int = 4, guard: RepetitionGuard | None = None,
-                 on_work: Callable[[str, int, float], None] | None = None,
+    def __init__(self, decoder, *, eos_ids: set[int], prefill_batch: int = 4, gather: float = 0.0,
+                 guard: RepetitionGuard | None = None, on_work: Callable[[str, int, float], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None, name: str = "engine") -> None:
         self.decoder = decoder
         self.eos_ids = eos_ids
         self.prefill_batch = max(1, prefill_batch)
+        self.gather = max(0.0, gather)  # seconds free slots may wait for a full chunk while pages queue
+        self._gathering_since: float | None = None
         self.guard = guard if guard is not None and guard.enabled else None
         self.on_work = on_work  # ("prefill" or "decode", pages, seconds) after each prefill chunk and step
         self.on_dead = on_dead
@@ -220,6 +222,9 @@ class Scheduler(Isolation):
         with self._cond:
             while self._pending and len(self._limbo) < len(free):
                 self._limbo.append(self._pending.popleft())
+            waiting = len(self._pending) + len(self._limbo)
+        if not self._limbo or self._gathering(len(free), waiting):
+            return
         while self._limbo:
             # Prompts of equal length need no padding: prefill them together, oldest page's length first.
             length = self._limbo[0].length
@@ -228,6 +233,26 @@ class Scheduler(Isolation):
             if any(self.slots):  # a step next; the rest of the limbo waits one turn
                 return
             free = [slot for slot, r in enumerate(self.slots) if r is None]  # the chunk failed: try the next
+
+    def _gathering(self, free: int, waiting: int) -> bool:
+        """Whether to leave free slots empty a little longer, so that the next prefill seats a full chunk.
+
+        Once the batch is full, pages end one at a time, and refilling each freed slot at once makes every
+        prefill one page. A prefill costs the host much the same whatever its size (some 4,600 calls from
+        Python for one page or three, `bench/kernel_count.py`), and no page of the batch decodes while it
+        runs. So while pages queue for slots (more waiting than free), freed slots wait up to `gather`
+        seconds for `prefill_batch` of them, then take what waits. Never while the batch is empty or a seat
+        is free for every waiting page: the wait would then buy nothing."""
+        if self.gather <= 0 or free >= self.prefill_batch or waiting <= free or not any(self.slots):
+            self._gathering_since = None
+            return False
+        now = time.monotonic()
+        if self._gathering_since is None:
+            self._gathering_since = now
+        if now - self._gathering_since < self.gather:
+            return True
+        self._gathering_since = None
+        return False
 
     def _prefill(self, slots: list[int], chunk: list[Request]) -> None:
         """Prefill `chunk` into `slots`; on failure retry in halves, down to the page that fails alone."""

@@ -174,6 +174,7 @@ def _stop_this_process(error: BaseException) -> None:
 def _record_work(device: str, phase: str, pages: int, seconds: float) -> None:
     local = telemetry.get()
     if phase == "prefill":
+        local.prefills.labels(device=device).inc()
         local.prefill_pages.labels(device=device).inc(pages)
         local.prefill_seconds.labels(device=device).inc(seconds)
         return

@@ -27,6 +27,8 @@ class Telemetry:
     decode_steps: Any
     decode_tokens: Any
     decode_seconds: Any
+    prefills: Any
+    """Prefills run: prefill_pages / prefills is the mean chunk (OCR_PREFILL_BATCH, OCR_PREFILL_GATHER_MS)."""
     prefill_pages: Any
     prefill_seconds: Any
     """With decode_seconds: where a device's time goes, prefills (the vision tower and the prompt) against
@@ -69,6 +71,8 @@ def get() -> Telemetry:
                                       ["device"]),
                 decode_seconds=Counter("gnosis_worker_decode_seconds_total", "Seconds the device spent in decode "
                                        "steps.", ["device"]),
+                prefills=Counter("gnosis_worker_prefills_total", "Prefills run (one forward pass each, of one page "
+                                 "or a chunk of pages of one prompt length).", ["device"]),
                 prefill_pages=Counter("gnosis_worker_prefill_pages_total", "Pages prefilled (vision tower and "
                                       "prompt) into the device's batch.", ["device"]),
                 prefill_seconds=Counter("gnosis_worker_prefill_seconds_total", "Seconds the device spent "

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
 
 MUST_SHOW = {
     "Pages recognised per second", "Output tokens per second", "Queue depth", "Jobs submitted and finished per second",
-    "Job latency, submit to final", "Page latency, render included", "Batch occupancy",
+    "Job latency, submit to final", "Page latency, render included", "Batch occupancy and pages per prefill",
     "Device time: decode steps against prefills", "Decode step and prefill time",
     "Wait for a batch slot, and for the first token (p95)", "Devices and the paths their start-up checks kept",
     "Model loads: cache hits and misses (per hour)", "Model load and lock wait (p95)",
@@ -87,7 +87,7 @@ def test_the_dashboards_panels_show_a_running_service(stack, hub, prometheus):
                              message="the dashboard's first panels to show data")
     except AssertionError:
         pytest.fail(f"no data in {sorted(MUST_SHOW - with_data())}")
-    occupancy = query(url, shown["Batch occupancy"]["targets"][1]["expr"])
+    occupancy = query(url, shown["Batch occupancy and pages per prefill"]["targets"][1]["expr"])
     assert [float(s["value"][1]) for s in occupancy] == [4.0]  # the worker's slots, from its own port
     devices = query(url, shown["Devices and the paths their start-up checks kept"]["targets"][0]["expr"])
     assert [(s["metric"]["device"], s["metric"]["decode_attention"]) for s in devices] == [("cpu", "sdpa")]

@@ -272,27 +272,33 @@ def gathering(engine, *, gather: float, tokens: list[int], waiting: int, max_len
 def test_slots_that_free_one_at_a_time_are_refilled_a_chunk_at_a_time(engine, gather):
     """Pages end one at a time; with pages queueing for slots, a freed slot waits for a second one and
     both are prefilled together, instead of one prefill per page (each costs the host about the same)."""
-    sizes, _, _ = gathering(engine, gather=gather, tokens=[6, 12, 40, 40], waiting=2)
-    # The first four pages in two chunks; then the two queued ones, as their slots free.
-    assert sizes == ([2, 2, 2] if gather else [2, 2, 1, 1]), sizes
+    sizes, _, _ = gathering(engine, gather=gather, tokens=[6, 12] + [40] * 6, waiting=2)
+    # The first eight pages in chunks of two; then the two queued ones, as their slots free.
+    assert sizes == ([2, 2, 2, 2, 2] if gather else [2, 2, 2, 2, 1, 1]), sizes
+
+
+def test_a_small_batch_refills_each_slot_at_once(engine):
+    """Gathering would leave a large share of a small batch empty (a CPU's 4 slots): never there."""
+    sizes, _, _ = gathering(engine, gather=60.0, tokens=[6, 12, 40, 40], waiting=2)
+    assert sizes == [2, 2, 1, 1], sizes
 
 
 def test_a_gathering_slot_waits_no_longer_than_its_limit(engine):
     """One slot frees and no other will for a long time: the queued page is seated once the limit has
     passed, not when the long pages end."""
     gather = 0.2
-    sizes, seated, queued = gathering(engine, gather=gather, tokens=[4, 600, 600, 600], waiting=2,
+    sizes, seated, queued = gathering(engine, gather=gather, tokens=[4] + [600] * 7, waiting=2,
                                       max_len=engine.max_len + 600)
     first = queued[0]
     assert first.admitted - seated[0].finished >= gather, "the freed slot did not wait for a second one"
     assert first.finished < min(r.finished for r in seated[1:]), "it waited for the long pages"
     # Then the last queued page takes the slot the first leaves at once: a seat for every waiting page.
-    assert sizes == [2, 2, 1, 1], sizes
+    assert sizes == [2, 2, 2, 2, 1, 1], sizes
 
 
 def test_nothing_waits_when_every_queued_page_has_a_slot(engine):
     """No gathering when it buys nothing: one page queued, one slot free."""
-    sizes, seated, queued = gathering(engine, gather=60.0, tokens=[4, 600], waiting=1,
+    sizes, seated, queued = gathering(engine, gather=60.0, tokens=[4] + [600] * 7, waiting=1,
                                       max_len=engine.max_len + 600)
-    assert queued[0].finished < seated[1].finished
-    assert sizes == [2, 1], sizes
+    assert queued[0].finished < min(r.finished for r in seated[1:])
+    assert sizes == [2, 2, 2, 2, 1], sizes

@@ -2,9 +2,9 @@
 
 Pages come from any job, from many worker threads. A page that finishes leaves its slot at the step
 it ends, and a waiting page is prefilled into that slot before the next step, so nobody waits for
-the longest page of a batch. Deadlines and cancellations are checked at every step, for waiting pages
-as well as decoding ones: a page over its time limit or of a cancelled job leaves without disturbing
-the others.
+the longest page of a batch (`admission.py`: which waiting pages get a slot, and when). Deadlines and
+cancellations are checked at every step, for waiting pages as well as decoding ones: a page over its time
+limit or of a cancelled job leaves without disturbing the others.
 
 Each step is launched before the previous one's tokens are read, so the host's work per step (ends,
 limits, the repetition guard, metrics: about 1-2 ms for 64-128 pages, `bench/engine_host.py`) runs
@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from ...errors import EngineCheckFailed, EngineDead
 from . import StopReason
+from .admission import Admission
 from .decoder import join_prompts
 from .isolation import Isolation
 from .repetition import RepetitionGuard
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Request", "RepetitionGuard", "Scheduler"]
 
 
-class Scheduler(Isolation):
+class Scheduler(Admission, Isolation):
     """The engine loop for one device. `submit` is thread-safe; everything else runs on the loop thread."""
 
     def __init__(self, decoder, *, eos_ids: set[int], prefill_batch: int = 4, gather: float = 0.0,
@@ -50,7 +51,6 @@ class Scheduler(Isolation):
         self.eos_ids = eos_ids
         self.prefill_batch = max(1, prefill_batch)
         self.gather = max(0.0, gather)  # seconds free slots may wait for a full chunk while pages queue
-        self._gathering_since: float | None = None
         self.guard = guard if guard is not None and guard.enabled else None
         self.on_work = on_work  # ("prefill" or "decode", pages, seconds) after each prefill chunk and step
         self.on_dead = on_dead
@@ -194,65 +194,6 @@ class Scheduler(Isolation):
 
     def _occupied(self) -> list[int]:
         return [slot for slot, r in enumerate(self.slots) if r is not None]
-
-    def _drop_unwanted(self) -> None:
-        """Cancelled and expired pages leave the queue even while every slot is busy."""
-        for request in [r for r in self._limbo if r.unwanted is not None]:
-            self._resolve(request, error=request.unwanted)
-        with self._cond:
-            if not any(r.unwanted for r in self._pending):
-                return
-            keep: deque[Request] = deque()
-            while self._pending:
-                request = self._pending.popleft()
-                reason = request.unwanted
-                if reason is None:
-                    keep.append(request)
-                else:
-                    self._resolve(request, error=reason)
-            self._pending = keep
-
-    def _admit(self) -> None:
-        """Seat waiting pages in free slots, one prefill chunk per loop turn: a burst of arrivals then holds
-        the running pages up for one chunk between steps, never for all of them (64 free slots at 4 pages
-        a chunk would otherwise be 16 prefills back to back, seconds without a token)."""
-        free = [slot for slot, r in enumerate(self.slots) if r is None]
-        if not free:
-            return
-        with self._cond:
-            while self._pending and len(self._limbo) < len(free):
-                self._limbo.append(self._pending.popleft())
-            waiting = len(self._pending) + len(self._limbo)
-        if not self._limbo or self._gathering(len(free), waiting):
-            return
-        while self._limbo:
-            # Prompts of equal length need no padding: prefill them together, oldest page's length first.
-            length = self._limbo[0].length
-            chunk = [r for r in self._limbo if r.length == length][:self.prefill_batch]
-            self._prefill(free[:len(chunk)], chunk)
-            if any(self.slots):  # a step next; the rest of the limbo waits one turn
-                return
-            free = [slot for slot, r in enumerate(self.slots) if r is None]  # the chunk failed: try the next
-
-    def _gathering(self, free: int, waiting: int) -> bool:
-        """Whether to leave free slots empty a little longer, so that the next prefill seats a full chunk.
-
-        Once the batch is full, pages end one at a time, and refilling each freed slot at once makes every
-        prefill one page. A prefill costs the host much the same whatever its size (some 4,600 calls from
-        Python for one page or three, `bench/kernel_count.py`), and no page of the batch decodes while it
-        runs. So while pages queue for slots (more waiting than free), freed slots wait up to `gather`
-        seconds for `prefill_batch` of them, then take what waits. Never while the batch is empty or a seat
-        is free for every waiting page: the wait would then buy nothing."""
-        if self.gather <= 0 or free >= self.prefill_batch or waiting <= free or not any(self.slots):
-            self._gathering_since = None
-            return False
-        now = time.monotonic()
-        if self._gathering_since is None:
-            self._gathering_since = now
-        if now - self._gathering_since < self.gather:
-            return True
-        self._gathering_since = None
-        return False
 
     def _prefill(self, slots: list[int], chunk: list[Request]) -> None:
         """Prefill `chunk` into `slots`; on failure retry in halves, down to the page that fails alone."""

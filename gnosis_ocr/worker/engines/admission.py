@@ -1,0 +1,85 @@
+"""Which waiting pages the scheduler seats in free slots, and when.
+
+One prefill chunk per loop turn, so a burst of arrivals holds the running pages up one chunk at a time.
+Cancelled and expired pages leave the queue at every turn, even while every slot is busy. And once the
+batch is full, freed slots may wait a moment to be refilled together (`_gathering`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from .request import Request
+
+GATHER_MIN_SHARE = 8
+"""Gathering leaves up to `prefill_batch - 1` slots empty while it waits; it is done only where that is at
+most one slot in this many (4-page chunks: batches of 24 slots or more). A small batch would decode
+markedly fewer tokens for it (3 empty slots of 4 is three quarters), a CPU's batch of 4 among them."""
+
+
+class Admission:
+    """Mixed into `Scheduler`: it owns `slots`, `capacity`, `_pending`, `_limbo`, `_cond`, `prefill_batch`,
+    `gather`, `_prefill` and `_resolve`."""
+
+    _gathering_since: float | None = None
+
+    def _drop_unwanted(self) -> None:
+        """Cancelled and expired pages leave the queue even while every slot is busy."""
+        for request in [r for r in self._limbo if r.unwanted is not None]:
+            self._resolve(request, error=request.unwanted)
+        with self._cond:
+            if not any(r.unwanted for r in self._pending):
+                return
+            keep: deque[Request] = deque()
+            while self._pending:
+                request = self._pending.popleft()
+                reason = request.unwanted
+                if reason is None:
+                    keep.append(request)
+                else:
+                    self._resolve(request, error=reason)
+            self._pending = keep
+
+    def _admit(self) -> None:
+        """Seat waiting pages in free slots, one prefill chunk per loop turn: a burst of arrivals then holds
+        the running pages up for one chunk between steps, never for all of them (64 free slots at 4 pages
+        a chunk would otherwise be 16 prefills back to back, seconds without a token)."""
+        free = [slot for slot, r in enumerate(self.slots) if r is None]
+        if not free:
+            return
+        with self._cond:
+            while self._pending and len(self._limbo) < len(free):
+                self._limbo.append(self._pending.popleft())
+            waiting = len(self._pending) + len(self._limbo)
+        if not self._limbo or self._gathering(len(free), waiting):
+            return
+        while self._limbo:
+            # Prompts of equal length need no padding: prefill them together, oldest page's length first.
+            length = self._limbo[0].length
+            chunk = [r for r in self._limbo if r.length == length][:self.prefill_batch]
+            self._prefill(free[:len(chunk)], chunk)
+            if any(self.slots):  # a step next; the rest of the limbo waits one turn
+                return
+            free = [slot for slot, r in enumerate(self.slots) if r is None]  # the chunk failed: try the next
+
+    def _gathering(self, free: int, waiting: int) -> bool:
+        """Whether to leave free slots empty a little longer, so that the next prefill seats a full chunk.
+
+        Once the batch is full, pages end one at a time, and refilling each freed slot at once makes every
+        prefill one page. A prefill costs the host much the same whatever its size (some 4,600 calls from
+        Python for one page or three, `bench/kernel_count.py`), and no page of the batch decodes while it
+        runs. So while pages queue for slots (more waiting than free), freed slots wait up to `gather`
+        seconds for `prefill_batch` of them, then take what waits. Never while the batch is empty or a seat
+        is free for every waiting page (the wait would buy nothing), nor in a small batch."""
+        if (self.gather <= 0 or free >= self.prefill_batch or waiting <= free or not any(self.slots)
+                or (self.prefill_batch - 1) * GATHER_MIN_SHARE > self.capacity):
+            self._gathering_since = None
+            return False
+        now = time.monotonic()
+        if self._gathering_since is None:
+            self._gathering_since = now
+        if now - self._gathering_since < self.gather:
+            return True
+        self._gathering_since = None
+        return False

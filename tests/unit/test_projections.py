@@ -3,6 +3,9 @@ memory, fewer kernels, and refused where they would not be the modules' own."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -34,6 +37,8 @@ def parameter_bytes(model) -> int:
 
 def test_stacking_keeps_the_models_own_forward_and_its_memory(model):
     before, size = own_logits(model), parameter_bytes(model)
+    mlp = layers(model)[0].mlp
+    old = [weakref.ref(p) for p in (layers(model)[0].self_attn.q_proj.weight, mlp.gate_proj.weight, mlp.up_proj.weight)]
     stacked, reason = projections.for_layers(layers(model), model.config.get_text_config().hidden_size, CPU,
                                              torch.float32)
     assert stacked is not None, reason
@@ -41,6 +46,8 @@ def test_stacking_keeps_the_models_own_forward_and_its_memory(model):
     # and nothing is held twice.
     assert torch.equal(own_logits(model), before)
     assert parameter_bytes(model) == size
+    gc.collect()
+    assert [ref() for ref in old] == [None] * 3, "the tensors the stacks replaced are still held"
     for layer, stack in zip(layers(model), stacked, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
         assert attn.q_proj.weight.data_ptr() == stack.qkv_weight.data_ptr()

@@ -53,9 +53,14 @@ def for_layers(layers: Sequence[torch.nn.Module], hidden: int, device: torch.dev
     device; else None and why (the step then calls the modules)."""
     if not all(_stackable(layer) for layer in layers):
         return None, "the layers' projections are not plain linears of one input"
+    before = _allocated(device)
     try:
         with torch.no_grad():
             stacked = [Stacked(layer.self_attn, layer.mlp) for layer in layers]
+        grown = _allocated(device) - before
+        if grown > 2**26:  # the old tensors were not freed: something else holds them (64 MiB: rounding)
+            log.warning("stacking the projections on %s took %.0f MiB more: their old tensors are still held",
+                        device, grown / 2**20)
         error = _check(layers[0], stacked[0], hidden, device, dtype)
     except Exception as exc:  # a faster step is optional; a worker that starts is not
         log.warning("stacked projections failed on %s (%s: %s); the step calls each projection", device,
@@ -115,6 +120,10 @@ def _span(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     rows = sum(p.shape[0] for p in parts)
     return first.detach().new_empty(0).set_(storage, first.storage_offset(), (rows, *first.shape[1:]),
                                             (first.stride(0), *first.stride()[1:]))
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def _stackable(layer) -> bool:

@@ -9,7 +9,9 @@ value (`.item()`, `.tolist()`, a boolean mask's size) waits for the device to ca
 Counted here through the engine's own code (StaticDecoder's step; its prefill with the vision tower's
 batched attention) on Qwen2.5-VL-3B's layer counts (32 vision blocks, 36 decoder layers) at tiny widths,
 on the CPU: the counts do not depend on the widths or the device. Operations that only make views or
-allocate are left out of the step's count (they launch nothing).
+allocate are left out of the step's count (they launch nothing). The step is counted as a CUDA device runs
+it, with torch's fused RMSNorm (`decode_step`), and with the library's arithmetic that a device without
+that kernel runs (`decode_step_exact_norm`).
 
     python bench/kernel_count.py --out docs/results/kernel_count.json
 """
@@ -73,8 +75,11 @@ def main() -> None:
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from gnosis_ocr.worker.engines import decoder
+    from gnosis_ocr.worker.engines import decoder, norm
     from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    # The step as a CUDA device runs it: torch's fused RMSNorm (one kernel), which a CPU lacks.
+    norm.has_fused_kernel = lambda device: True
 
     class Kernels(TorchDispatchMode):
         def __init__(self) -> None:
@@ -140,15 +145,18 @@ def main() -> None:
         for t in threads:
             t.join()
         step = engine.schedulers[0].decoder
-        kernels = Kernels()
-        with torch.inference_mode(), kernels:
-            step._step(1, 512)
+        assert step.rms_path == "fused", step.rms_reason
+        counts = {}
+        for name, rms in (("decode_step", step.rms), ("decode_step_exact_norm", norm.rms_norm)):
+            step.rms, kernels = rms, Kernels()
+            with torch.inference_mode(), kernels:
+                step._step(1, 512)
+            total = sum(kernels.ops.values())
+            counts[name] = {"kernels": total, "per_layer": round(total / args.layers, 1),
+                            "ops": dict(sorted(kernels.ops.items(), key=lambda kv: -kv[1]))}
     finally:
         engine.close()
-    total = sum(kernels.ops.values())
-    report = {"bench": "kernel_count", "vision_blocks": args.depth, "decoder_layers": args.layers,
-              "decode_step": {"kernels": total, "per_layer": round(total / args.layers, 1),
-                              "ops": dict(sorted(kernels.ops.items(), key=lambda kv: -kv[1]))},
+    report = {"bench": "kernel_count", "vision_blocks": args.depth, "decoder_layers": args.layers, **counts,
               "prefills": prefills}
     print(json.dumps(report, indent=2))
     if args.out:

@@ -6,10 +6,10 @@ At small batches a decode step is its kernels run one after the other, a few µs
 whether fewer kernels would pay, and which:
 - one eager step profiled per batch (a replay runs the same kernels), beside the replayed step's time;
 - each candidate fusion timed both ways on the model's own weights, 36 times over (one step's worth),
-  captured as a CUDA graph as the step is: RMSNorm as the step computes it (7 kernels) against
+  captured as a CUDA graph as the step is: RMSNorm in the library's arithmetic (7 kernels) against
   `F.rms_norm` (one kernel where the build has a fused one), q/k/v as three GEMMs against one, and
-  gate/up as two against one (the step stacks these two where its start-up check passes,
-  `engines/projections.py`: here is what that saves); with how far apart their outputs are.
+  gate/up as two against one; with how far apart their outputs are. The step runs the faster of each
+  where its start-up check passes (`engines/norm.py`, `engines/projections.py`): here is what that saves.
 
 And whether a prefill keeps the device busy: one page against a 4-page chunk, with the share of the
 wall time its kernels took.
@@ -218,6 +218,8 @@ def fusions(torch, decoder, batch: int, reps: int = 20) -> dict:
     step for each, and the largest difference between their outputs."""
     import torch.nn.functional as F
 
+    from gnosis_ocr.worker.engines import norm as step_norm
+
     layer = decoder.lm.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
     norm = layer.input_layernorm
@@ -226,7 +228,7 @@ def fusions(torch, decoder, batch: int, reps: int = 20) -> dict:
     gate_up = _fused_linear(torch, mlp.gate_proj, mlp.up_proj)
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     candidates = {  # name: (as the step runs it, fused, how many a layer)
-        "rms_norm": (lambda: (decoder.rms(norm, x),), lambda: F.rms_norm(x, (x.shape[-1],), norm.weight, eps),
+        "rms_norm": (lambda: (step_norm.rms_norm(norm, x),), lambda: F.rms_norm(x, (x.shape[-1],), norm.weight, eps),
                      2),
         "qkv": (lambda: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), lambda: qkv(x), 1),
         "gate_up": (lambda: (mlp.gate_proj(x), mlp.up_proj(x)), lambda: gate_up(x), 1),

@@ -61,10 +61,11 @@ def get() -> Telemetry:
                                   multiprocess_mode="livemax"),
                 device_info=Gauge("gnosis_worker_device_info", "A device of this worker (always 1), labelled with "
                                   "the attention its decode steps use (flash or sdpa), its vision tower's (batched "
-                                  "or windows), its patch embedding (linear or conv3d) and its decode step's q/k/v and "
-                                  "gate/up projections (stacked: one GEMM each, or apart), as its start-up checks "
-                                  "decided.", ["device", "decode_attention", "vision_attention", "patch_embed",
-                                                "projections"],
+                                  "or windows), its patch embedding (linear or conv3d), its decode step's q/k/v and "
+                                  "gate/up projections (stacked: one GEMM each, or apart) and RMSNorm (fused, exact "
+                                  "or module), as its start-up checks decided.",
+                                  ["device", "decode_attention", "vision_attention", "patch_embed", "projections",
+                                   "norm"],
                                   multiprocess_mode="livemax"),
                 decode_steps=Counter("gnosis_worker_decode_steps_total", "Decode steps run.", ["device"]),
                 decode_tokens=Counter("gnosis_worker_decode_tokens_total", "Tokens decoded (one per page per step).",

@@ -53,7 +53,7 @@ def test_pages_of_many_jobs_are_decoded_together(stack, hub):
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     # Which paths each device runs, as its start-up checks decided: no FlashAttention kernel on a CPU.
     info = [line for line in text.splitlines() if line.startswith("gnosis_worker_device_info")]
-    assert info == ['gnosis_worker_device_info{decode_attention="sdpa",device="cpu",patch_embed="linear",'
+    assert info == ['gnosis_worker_device_info{decode_attention="sdpa",device="cpu",norm="exact",patch_embed="linear",'
                     'projections="stacked",vision_attention="batched"} 1.0'], info
     metrics = metric_totals(text)
     # More tokens than steps: several pages advanced in each step, from different jobs.

@@ -69,20 +69,23 @@ def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention
     the rotary embedding of a decode step can leave every argmax as it was. Each step's final hidden
     state must be the model's own forward at that position, given the same tokens: for two pages
     prefilled together into slots 0 and 2, and a page of another length in slot 3, beside an empty slot.
-    With either attention: `flash` calls, here, a reference of FlashAttention's contract."""
-    from gnosis_ocr.worker.engines import attention
+    With either attention: `flash` calls, here, a reference of FlashAttention's contract, and runs as a GPU
+    would, its RMSNorm through torch's fused one (here its float32 arithmetic, the library's bit for bit)."""
+    from gnosis_ocr.worker.engines import attention, norm
     from gnosis_ocr.worker.engines.decoder import StaticDecoder, join_prompts
     from harness import flashref
 
     if attention_mode == "flash":
         monkeypatch.setattr(attention, "unavailable", lambda *args: None)
         monkeypatch.setattr(attention, "varlen", flashref.varlen)
+        monkeypatch.setattr(norm, "has_fused_kernel", lambda device: True)
     model, steps = engine.model, 12
     pages = {0: engine._request(page(0)).inputs, 2: engine._request(page(5)).inputs,
              3: engine._request(page(1)).inputs}
     assert pages[0]["input_ids"].shape == pages[2]["input_ids"].shape != pages[3]["input_ids"].shape
     decoder = StaticDecoder(model, slots=4, max_len=engine.max_len, attention_mode=attention_mode)
     assert decoder.attention == attention_mode
+    assert decoder.rms_path == ("fused" if attention_mode == "flash" else "exact")
     tokens = dict(zip((0, 2), decoder.prefill([0, 2], join_prompts([pages[0], pages[2]], decoder.device)), strict=True))
     tokens[3] = decoder.prefill([3], dict(pages[3]))[0]
     tokens = {slot: [first] for slot, first in tokens.items()}

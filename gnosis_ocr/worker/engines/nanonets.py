@@ -178,7 +178,8 @@ class NanonetsEngine:
             return {"vision_attention": "batched" if check.get("batched") else "windows",
                     "patch_embed": "linear" if check.get("patch_embed", {}).get("linear") else "conv3d"}
         return {str(s.decoder.device): {"decode_attention": s.decoder.attention, **paths(str(s.decoder.device)),
-                                        "projections": "stacked" if s.decoder.stacked is not None else "apart"}
+                                        "projections": "stacked" if s.decoder.stacked is not None else "apart",
+                                        "norm": s.decoder.rms_path}
                 for s in self.schedulers}
 
     @property

@@ -413,12 +413,14 @@ def main() -> None:
 
 def reference_flash() -> None:
     """On a CPU, the decode attention's `flash` path through a reference of FlashAttention's contract
-    (`harness/flashref.py`), so that the dry run goes through every line the GPU run will."""
-    from gnosis_ocr.worker.engines import attention
+    (`harness/flashref.py`), and the RMSNorm through `F.rms_norm` as on CUDA (where it is one fused kernel),
+    so that the dry run goes through every line the GPU run will."""
+    from gnosis_ocr.worker.engines import attention, norm
     from harness import flashref
 
     attention.unavailable = lambda *args: None
     attention.varlen = flashref.varlen
+    norm.has_fused_kernel = lambda device: True
 
 
 def _other_page(i: int, tiny: bool):

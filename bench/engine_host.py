@@ -53,10 +53,16 @@ class DeviceStandIn:
 
         self.slots = slots
         self.max_len = 8192
-        self.device = torch.device("cpu")
+        # "meta": the pixels a chunk joins on the device cost no copy here, as on a GPU, where they cross
+        # to it page by page whatever the chunk (on the CPU a 4-page chunk's join is a 55 MB copy on the
+        # loop's thread, which a GPU host does not make).
+        self.device = torch.device("meta")
         self.captures = 0
         self.step_ms, self.prefill_ms = step_ms, prefill_ms
         self.chunk_ms = chunk_ms  # a prefill's cost whatever its pages: the host's launches and reads
+        # What a worker reports of a real decoder's paths (`gnosis_worker_device_info`).
+        self.attention = self.rms_path = "stand-in"
+        self.stacked = None
         self.device_seconds = 0.0
         self.free_at = 0.0
         self.step_device_seconds = 0.0

@@ -13,10 +13,12 @@ from bench.gpu_engine import MIX
 from bench.gpu_throughput import a4_page
 
 
-def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, standin: str | None = None) -> dict:
+def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, standin: str | None = None,
+            settings: dict[str, str] | None = None) -> dict:
     """API + Redis + a real worker loading the model through the cache code, `jobs` one-page jobs at once;
-    `batch` slots per GPU (0: the engine sizes it). Also where the GPU's time went, from the worker's own
-    metrics: prefill against decode, and the batch's mean occupancy."""
+    `batch` slots per GPU (0: the engine sizes it); `settings`, more of the worker's environment. Also where
+    the GPU's time went, from the worker's own metrics: prefill against decode, and the batch's mean
+    occupancy."""
     import io
 
     import requests
@@ -33,7 +35,7 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, s
                "OCR_MAX_NEW_TOKENS": str(max(MIX)), "OCR_REPETITION_WINDOW": "0", "OCR_BATCH_SIZE": str(batch),
                "GNOSIS_WORKER_PORT": str(worker_port),
                "GNOSIS_BENCH_LENGTHS": ",".join(map(str, MIX)), "GNOSIS_LOG_LEVEL": "INFO",
-               **({"GNOSIS_BENCH_STANDIN": standin} if standin else {})}
+               **({"GNOSIS_BENCH_STANDIN": standin} if standin else {}), **(settings or {})}
         url = stack.api(workers=2, threads=16)
         started = time.perf_counter()
         worker = Proc([sys.executable, "-m", "bench.service_worker", "worker"], {**stack.env, **env},
@@ -89,6 +91,8 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, s
                 "prefill_s": round(prefill_s, 1),
                 "prefill_ms_per_page": round(1000 * prefill_s / max(device.get("gnosis_worker_prefill_pages_total", 0),
                                                                      1), 1),
+                "pages_per_prefill": round(device.get("gnosis_worker_prefill_pages_total", 0)
+                                           / max(device.get("gnosis_worker_prefills_total", 0), 1), 2),
                 "redis_calls_per_page": round(sum(redis_used.values()) / max(ok, 1), 1),
                 "redis_top_calls_per_page": {name: round(calls / max(ok, 1), 1) for name, calls in
                                              sorted(redis_used.items(), key=lambda kv: -kv[1])[:8]},

@@ -47,6 +47,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--step-ms", default="7.05,8.87", help="a step of 1 and of 64 pages (H200, measured)")
     parser.add_argument("--prefill-ms", type=float, default=60, help="per page (the issue's goal; 159 measured)")
+    parser.add_argument("--chunk-ms", type=float, default=0,
+                        help="a prefill's cost whatever its pages (the host's launches, reads), beside --prefill-ms")
+    parser.add_argument("--gather", default=None,
+                        help="OCR_PREFILL_GATHER_MS values, comma-separated: the engine and the service once each "
+                             "(default: the worker's own)")
     parser.add_argument("--engine-seconds", type=float, default=30, help="the engine alone, once its batch is full")
     parser.add_argument("--redis-url", default=os.environ.get("GNOSIS_REDIS_URL", "redis://127.0.0.1:6379/15"))
     parser.add_argument("--out")
@@ -56,27 +61,34 @@ def main() -> None:
 
     step_ms = tuple(float(x) for x in args.step_ms.split(","))
     report: dict = {"bench": "service_host", "cpus": os.cpu_count(), "slots": args.slots, "step_ms": step_ms,
-                    "prefill_ms": args.prefill_ms, "mix": MIX}
+                    "prefill_ms": args.prefill_ms, "chunk_ms": args.chunk_ms, "mix": MIX, "runs": []}
 
     def save() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=2)
 
-    alone = run_mode("pages", prepare=True, overlap=True, switch=None, slots=args.slots, prefetch=4,
-                     seconds=args.engine_seconds, step_ms=step_ms, prefill_ms=args.prefill_ms,
-                     prompt=PagePrompt(build_processor()), png=page_png(1280), redis_url=args.redis_url)
-    alone["pages_per_s_at_mix"] = round(alone["output_tokens_per_s"] / (sum(MIX) / len(MIX)), 2)
-    report["engine_alone"] = alone
-    save()
-    started = time.perf_counter()
-    spec = f"{step_ms[0]},{step_ms[1]},{args.prefill_ms}"
-    report["service"] = service(checkpoint(), jobs=args.jobs, clients=args.clients, tiny=False, batch=args.slots,
-                                standin=spec)
-    report["service"]["wall_s"] = round(time.perf_counter() - started, 1)
-    steady = report["service"].get("steady_pages_per_s")
-    report["service_over_engine"] = round(steady / alone["pages_per_s_at_mix"], 3) if steady else None
-    save()
+    from gnosis_ocr import defaults
+
+    path = checkpoint()
+    for gather in (args.gather or str(defaults.DEFAULT_PREFILL_GATHER_MS)).split(","):
+        run: dict = {"gather_ms": float(gather)}
+        report["runs"].append(run)
+        alone = run_mode("pages", prepare=True, overlap=True, switch=None, slots=args.slots, prefetch=4,
+                         seconds=args.engine_seconds, step_ms=step_ms, prefill_ms=args.prefill_ms,
+                         prompt=PagePrompt(build_processor()), png=page_png(1280), redis_url=args.redis_url,
+                         chunk_ms=args.chunk_ms, gather=float(gather) / 1000)
+        alone["pages_per_s_at_mix"] = round(alone["output_tokens_per_s"] / (sum(MIX) / len(MIX)), 2)
+        run["engine_alone"] = alone
+        save()
+        started = time.perf_counter()
+        spec = f"{step_ms[0]},{step_ms[1]},{args.prefill_ms},{args.chunk_ms}"
+        run["service"] = service(path, jobs=args.jobs, clients=args.clients, tiny=False, batch=args.slots,
+                                 standin=spec, settings={"OCR_PREFILL_GATHER_MS": gather})
+        run["service"]["wall_s"] = round(time.perf_counter() - started, 1)
+        steady = run["service"].get("steady_pages_per_s")
+        run["service_over_engine"] = round(steady / alone["pages_per_s_at_mix"], 3) if steady else None
+        save()
     print(json.dumps(report, indent=2))
 
 

@@ -42,15 +42,16 @@ def patch(lengths: list[int]) -> None:
 
 def standin(spec: str) -> None:
     """Each device's decoder replaced by bench/engine_host.py's stand-in ("step ms for 1 page, for 64,
-    prefill ms per page"): the whole service at a GPU's speed, on any machine. Only the device's work
-    is simulated; the processor, scheduler, Celery, Redis and the API are the real ones."""
+    prefill ms per page[, ms per prefill whatever its pages]"): the whole service at a GPU's speed, on any
+    machine. Only the device's work is simulated; the processor, scheduler, Celery, Redis and the API are
+    the real ones."""
     from bench.engine_host import DeviceStandIn
     from gnosis_ocr.worker.engines import nanonets
 
-    one, full, prefill = (float(x) for x in spec.split(","))
+    one, full, prefill, *chunk = (float(x) for x in spec.split(","))
 
-    def decoder(model, *, slots, max_len, graphs=None):
-        return DeviceStandIn(slots, step_ms=(one, full), prefill_ms=prefill)
+    def decoder(model, *, slots, **options):
+        return DeviceStandIn(slots, step_ms=(one, full), prefill_ms=prefill, chunk_ms=chunk[0] if chunk else 0.0)
 
     nanonets.StaticDecoder = decoder
     nanonets.NanonetsEngine.warm_up = lambda self, max_side: None  # nothing to capture

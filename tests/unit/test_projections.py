@@ -57,7 +57,10 @@ def test_stacking_keeps_the_models_own_forward_and_its_memory(model):
         with torch.inference_mode():
             own = torch.cat((attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), dim=-1)
             assert torch.equal(stack.qkv(x), own)
-            assert torch.equal(stack.mlp(mlp.down_proj, x), mlp(x))
+            # The residual add done by the GEMM rounds once: the same to float32's rounding.
+            residual = torch.randn(5, attn.q_proj.in_features)
+            torch.testing.assert_close(stack.mlp_into(residual.clone(), mlp.down_proj, x[:, 0]),
+                                       residual + mlp(x[:, 0]), rtol=1e-6, atol=1e-6)
 
 
 def test_a_second_decoder_on_the_same_model_copies_nothing(model):
@@ -70,7 +73,8 @@ def test_a_second_decoder_on_the_same_model_copies_nothing(model):
 
 
 def test_a_step_makes_four_gemms_a_layer_instead_of_seven(model):
-    """q/k/v one GEMM, o, gate/up one GEMM, down; and the head once a step."""
+    """q/k/v one GEMM, o, gate/up one GEMM, down (o and down adding into the residual stream as they write);
+    and the head once a step."""
     from torch.overrides import TorchFunctionMode
 
     class Count(TorchFunctionMode):
@@ -79,7 +83,7 @@ def test_a_step_makes_four_gemms_a_layer_instead_of_seven(model):
             self.linears = 0
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.linears += func is torch.nn.functional.linear
+            self.linears += func in (torch.nn.functional.linear, torch.Tensor.addmm_)
             return func(*args, **(kwargs or {}))
 
     decoder = StaticDecoder(model, slots=2, max_len=256)
@@ -101,11 +105,18 @@ def test_stacked_projections_that_disagree_are_refused(model, monkeypatch, caplo
     assert "calls each projection" in caplog.text
 
 
+def test_a_residual_add_done_by_a_gemm_that_disagrees_is_refused(model, monkeypatch):
+    """A GEMM that overwrote its output instead of adding into it (beta 0): the residual stream lost."""
+    monkeypatch.setattr(projections, "add_into", lambda x, linear, h: x.copy_(linear(h.reshape(x.shape[0], -1))))
+    decoder = StaticDecoder(model, slots=2, max_len=256)
+    assert decoder.stacked is None and "relative error" in decoder.stacked_reason
+
+
 def test_stacked_projections_that_raise_are_refused(model, monkeypatch):
-    def broken(self, down, x):
+    def broken(self, x, down, h):
         raise RuntimeError("no kernel for this shape")
 
-    monkeypatch.setattr(projections.Stacked, "mlp", broken)
+    monkeypatch.setattr(projections.Stacked, "mlp_into", broken)
     decoder = StaticDecoder(model, slots=2, max_len=256)
     assert decoder.stacked is None and "no kernel for this shape" in decoder.stacked_reason
     decoder.step(2, 64)  # the step calls the modules instead

@@ -331,9 +331,13 @@ class StaticDecoder:
                 o = attention.flash(q, k_cache, v_cache, used, cu_q, cu_k, L, self.scale)
             else:
                 o = attention.sdpa(q, k_cache, v_cache, mask, L, self.scale)
-            x = x + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
-            h = self.rms(layer.post_attention_layernorm, x)
-            x = x + (self.stacked[i].mlp(layer.mlp.down_proj, h) if self.stacked is not None else layer.mlp(h))
+            if self.stacked is not None:  # the residual adds done by the GEMMs, into x in place
+                projections.add_into(x.view(b, -1), attn.o_proj, o)
+                self.stacked[i].mlp_into(x.view(b, -1), layer.mlp.down_proj,
+                                         self.rms(layer.post_attention_layernorm, x))
+            else:
+                x = x + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
+                x = x + layer.mlp(self.rms(layer.post_attention_layernorm, x))
         hidden = self.rms(self.lm.norm, x[:, 0])
         self.hidden[:b].copy_(hidden)
         nxt = self.lm_head(hidden).argmax(-1)

@@ -1,4 +1,5 @@
-"""A decode step's q/k/v projections as one GEMM, and its MLP's gate/up as one, over the same weights.
+"""A decode step's q/k/v projections as one GEMM, its MLP's gate/up as one, over the same weights; and the
+residual adds done by the GEMMs before them.
 
 A CUDA graph replays a step's kernels one after the other, a few µs each whatever their size, and at
 small batches their number sets the step time (`bench/kernel_count.py`). Qwen2.5-VL's decoder layer makes
@@ -8,11 +9,14 @@ the stacking is done in place once at start-up: each layer's q, k and v weights 
 one after the other into one tensor, and the modules' own parameters become views of it, so the model
 holds no more memory than before and its own forward (the prefill) reads the same values. The step then
 makes one GEMM over the stack and splits its output by views: 3 kernels a layer fewer (the GEMMs, and the
-copy that joined q and k for the rotary embedding), 108 a step for Qwen2.5-VL-3B.
+copy that joined q and k for the rotary embedding), 108 a step for Qwen2.5-VL-3B. And the two residual
+adds of a layer (`x + o_proj(o)`, `x + down_proj(…)`) are each one GEMM that adds into the residual
+stream in place (`addmm_`: cuBLAS adds into its output as it writes it), 72 kernels a step fewer.
 
-A GEMM over more columns may sum in another order on a GPU (cuBLAS picks its kernel by shape), so each
-device checks the stacked GEMMs against the modules' own calls on the model's first layer, and keeps them
-only if they agree to rounding (`rounding.py`): bit for bit on the CPU, where the tests run.
+A GEMM over more columns may sum in another order on a GPU (cuBLAS picks its kernel by shape), and one
+that adds into its output rounds once where the module's call and the add round twice, so each device
+checks all of them against the modules' own calls on the model's first layer, and keeps them only if they
+agree to rounding (`rounding.py`; the stacks are the same bit for bit on the CPU, where the tests run).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class Stacked:
-    """One decoder layer's stacked projections: `qkv(x)` and `gate_up(x)`, each one GEMM."""
+    """One decoder layer's stacked projections, `qkv(h)` and `mlp_into(x, …)`, each one GEMM."""
 
     __slots__ = ("qkv_weight", "qkv_bias", "gate_up_weight", "act")
 
@@ -41,10 +45,16 @@ class Stacked:
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.qkv_weight, self.qkv_bias)
 
-    def mlp(self, down: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """The library's `down(act(gate(x)) * up(x))`, gate and up read from one GEMM's halves."""
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return down(self.act(gate) * up)
+    def mlp_into(self, x: torch.Tensor, down: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
+        """`x += down(act(gate(h)) * up(h))`, the library's MLP with gate and up read from one GEMM's halves
+        and the residual add done by the down projection's GEMM; x `[rows, hidden]`, in place."""
+        gate, up = F.linear(h, self.gate_up_weight).chunk(2, dim=-1)
+        return add_into(x, down, self.act(gate) * up)
+
+
+def add_into(x: torch.Tensor, linear: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """`x += linear(h)` as one GEMM that adds into x as it writes it (a linear without a bias); in place."""
+    return x.addmm_(h.reshape(x.shape[0], -1), linear.weight.t())
 
 
 def for_layers(layers: Sequence[torch.nn.Module], hidden: int, device: torch.device, dtype: torch.dtype
@@ -128,18 +138,25 @@ def _allocated(device: torch.device) -> int:
 
 def _stackable(layer) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     return (all(type(lin) is torch.nn.Linear for lin in linears) and callable(getattr(mlp, "act_fn", None))
-            and linears[3].weight.shape == linears[4].weight.shape)
+            and linears[4].weight.shape == linears[5].weight.shape
+            and linears[3].bias is None and linears[6].bias is None)  # what adds into the residual stream
 
 
 def _check(layer, stacked: Stacked, hidden: int, device: torch.device, dtype: torch.dtype) -> float:
-    """The larger relative error of the stacked q/k/v and MLP against the modules' own calls, on hidden
-    states of a decode step's shape and of the magnitudes a residual stream reaches."""
+    """The largest relative error of the stacked q/k/v, the MLP and the attention's output added into the
+    residual stream, against the modules' own calls, on hidden states of a decode step's shape and of the
+    magnitudes a residual stream reaches."""
     generator = torch.Generator().manual_seed(0)
-    x = (torch.randn(8, 1, hidden, generator=generator) * torch.logspace(-2, 1, 8)[:, None, None]).to(device, dtype)
+    scales = torch.logspace(-2, 1, 8)[:, None]
+    h = (torch.randn(8, hidden, generator=generator) * scales).to(device, dtype)
+    x = (torch.randn(8, hidden, generator=generator) * scales * 10).to(device, dtype)
     attn, mlp = layer.self_attn, layer.mlp
+    o = (torch.randn(8, attn.o_proj.in_features, generator=generator) * scales).to(device, dtype)
     with torch.inference_mode():
-        own = torch.cat((attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), dim=-1)
-        return max(relative_error(stacked.qkv(x), own), relative_error(stacked.mlp(mlp.down_proj, x), mlp(x)))
+        own = torch.cat((attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)), dim=-1)
+        return max(relative_error(stacked.qkv(h), own),
+                   relative_error(stacked.mlp_into(x.clone(), mlp.down_proj, h), x + mlp(h)),
+                   relative_error(add_into(x.clone(), attn.o_proj, o), x + attn.o_proj(o)))

@@ -305,3 +305,29 @@ def test_nothing_waits_when_every_queued_page_has_a_slot(engine):
                                       max_len=engine.max_len + 600)
     assert queued[0].finished < min(r.finished for r in seated[1:])
     assert sizes == [2, 2, 2, 2, 1], sizes
+
+
+def test_a_page_held_for_a_chunk_can_still_be_cancelled_at_once(engine):
+    """A queued page held while a chunk gathers leaves at once when its job is cancelled; the page behind
+    it then has a seat of its own and is seated without waiting for the gathering limit."""
+    from gnosis_ocr.worker.engines.scheduler import Scheduler
+    from tests.unit.test_engine_faults import Faulty
+
+    decoder = Faulty(engine.model, slots=8, max_len=engine.max_len + 600)
+    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2, gather=600.0)
+    image = page(0)
+    seated = [scheduler.submit(engine._request(image, max_new_tokens=n)) for n in [4] + [600] * 7]
+    held, behind = (scheduler.submit(engine._request(image, max_new_tokens=4)) for _ in range(2))
+    scheduler.start()
+    try:
+        wait(seated[0])
+        deadline = time.monotonic() + 30
+        while held not in scheduler._limbo and time.monotonic() < deadline:
+            time.sleep(0.001)  # polling the loop's state; no event to wait on
+        assert held in scheduler._limbo and held.admitted is None, "the freed slot should be gathering"
+        held.cancel()
+        assert isinstance(wait(held).error, Cancelled)
+        assert wait(behind).error is None
+        assert behind.finished < min(r.finished or float("inf") for r in seated[1:]), "it waited for the long pages"
+    finally:
+        scheduler.stop()

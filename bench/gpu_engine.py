@@ -368,7 +368,7 @@ def main() -> None:
                                  "len_buckets": default.decoder.len_buckets,
                                  "graph_vs_eager": engine.checks, "vision_attention": engine.vision_checks,
                                  "decode_attention": engine.attention_checks, "paths": engine.attention_paths,
-                                 "norm": [s.decoder.rms_reason for s in engine.schedulers],
+                                 "norm": [f"{s.decoder.rms_path}: {s.decoder.rms_reason}" for s in engine.schedulers],
                                  "projections": [s.decoder.stacked_reason for s in engine.schedulers]}
         report.save()
         page = a4_page(160 if args.tiny else 1280)

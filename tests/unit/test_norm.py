@@ -22,7 +22,7 @@ def test_the_step_norm_is_the_librarys_bit_for_bit(dtype):
         with torch.inference_mode():
             assert torch.equal(norm.rms_norm(module, x), module(x)), f"{dtype} at scale {scale}"
     # The CPU has no fused kernel: the exact arithmetic is chosen.
-    assert norm.for_model(module, 2048, torch.device("cpu"), dtype) == (norm.rms_norm, "exact")
+    assert norm.for_model(module, 2048, torch.device("cpu"), dtype)[:2] == (norm.rms_norm, "exact")
 
 
 class OtherNorm(torch.nn.Module):
@@ -39,8 +39,8 @@ class OtherNorm(torch.nn.Module):
 
 def test_a_norm_that_computes_otherwise_keeps_its_own_forward():
     module = OtherNorm(256).to(torch.bfloat16)
-    step_norm, reason = norm.for_model(module, 256, torch.device("cpu"), torch.bfloat16)
-    assert step_norm is norm.module and reason.startswith("module")
+    step_norm, path, _ = norm.for_model(module, 256, torch.device("cpu"), torch.bfloat16)
+    assert step_norm is norm.module and path == "module"
     x = torch.randn(4, 1, 256).to(torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(step_norm(module, x), module(x))
@@ -60,8 +60,8 @@ def test_a_device_with_a_fused_kernel_runs_it_where_it_agrees_to_rounding(dtype,
     in bf16 it rounds once where the library rounds twice."""
     monkeypatch.setattr(norm, "has_fused_kernel", lambda device: True)
     module = model_norm(2048, dtype)
-    step_norm, reason = norm.for_model(module, 2048, torch.device("cpu"), dtype)
-    assert step_norm is norm.fused and reason.startswith("fused"), reason
+    step_norm, path, reason = norm.for_model(module, 2048, torch.device("cpu"), dtype)
+    assert step_norm is norm.fused and path == "fused", reason
     x = (torch.randn(16, 1, 2048) * 30).to(dtype)
     with torch.inference_mode():
         got, own = step_norm(module, x), module(x)
@@ -77,7 +77,7 @@ def test_a_fused_kernel_that_computes_otherwise_is_refused(monkeypatch, caplog):
     monkeypatch.setattr(norm, "has_fused_kernel", lambda device: True)
     monkeypatch.setattr(norm, "fused", lambda module, x: torch.nn.functional.rms_norm(x, (x.shape[-1],), None, 1e-6))
     module = model_norm(256, torch.bfloat16)
-    assert norm.for_model(module, 256, torch.device("cpu"), torch.bfloat16) == (norm.rms_norm, "exact")
+    assert norm.for_model(module, 256, torch.device("cpu"), torch.bfloat16)[:2] == (norm.rms_norm, "exact")
     assert "fused RMSNorm differs" in caplog.text
 
 
@@ -88,7 +88,7 @@ def test_a_fused_kernel_that_raises_is_refused(monkeypatch):
     monkeypatch.setattr(norm, "has_fused_kernel", lambda device: True)
     monkeypatch.setattr(norm, "fused", broken)
     module = model_norm(256, torch.bfloat16)
-    assert norm.for_model(module, 256, torch.device("cpu"), torch.bfloat16) == (norm.rms_norm, "exact")
+    assert norm.for_model(module, 256, torch.device("cpu"), torch.bfloat16)[:2] == (norm.rms_norm, "exact")
 
 
 

@@ -84,8 +84,8 @@ class StaticDecoder:
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
         self.scale = float(self.lm.layers[0].self_attn.scaling)
         # The RMSNorm as one fused kernel, or the library's arithmetic bit for bit, or the module's call.
-        self.rms, self.rms_reason = norm.for_model(self.lm.norm, config.hidden_size, self.device, self.dtype)
-        self.rms_path = self.rms_reason.split(":")[0]  # fused, exact or module
+        self.rms, self.rms_path, self.rms_reason = norm.for_model(self.lm.norm, config.hidden_size, self.device,
+                                                                  self.dtype)
         # Each layer's q/k/v and gate/up as one GEMM each, where they agree with the modules' own calls.
         self.stacked, self.stacked_reason = projections.for_layers(self.lm.layers, config.hidden_size, self.device,
                                                                    self.dtype)

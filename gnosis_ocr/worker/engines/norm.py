@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,14 @@ from .rounding import relative_error, tolerance
 log = logging.getLogger(__name__)
 
 Norm = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+class Choice(NamedTuple):
+    """The step's norm on a device: the function, its path (`fused`, `exact` or `module`) and why."""
+
+    norm: Norm
+    path: str
+    reason: str
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,11 +83,11 @@ def has_fused_kernel(device: torch.device) -> bool:
     return "_fused_rms_norm" in watch.ops
 
 
-def for_model(norm: torch.nn.Module, width: int, device: torch.device, dtype: torch.dtype) -> tuple[Norm, str]:
-    """The step's norm for this device and why: `fused`, `exact` or the module's own call (a release whose
-    norm computes anything else, or has no `variance_epsilon`, keeps its own)."""
+def for_model(norm: torch.nn.Module, width: int, device: torch.device, dtype: torch.dtype) -> Choice:
+    """The step's norm for this device: `fused`, `exact` or the module's own call (a release whose norm
+    computes anything else, or has no `variance_epsilon`, keeps its own)."""
     if not hasattr(norm, "variance_epsilon"):
-        return module, "module: the norm has no variance_epsilon"
+        return Choice(module, "module", "the norm has no variance_epsilon")
     x = _hidden(width, device, dtype)
     with torch.inference_mode():
         own = norm(x)
@@ -86,17 +95,17 @@ def for_model(norm: torch.nn.Module, width: int, device: torch.device, dtype: to
             try:
                 error = relative_error(fused(norm, x), own)
             except Exception as exc:  # a kernel that cannot run here costs speed, never the worker
-                error = float("inf")
                 log.warning("fused RMSNorm failed on %s (%s: %s)", device, type(exc).__name__, exc)
-            if error <= tolerance(dtype):
-                return fused, f"fused: relative error {error:.1e}"
-            log.warning("fused RMSNorm differs from the model's on %s (relative error %.2e)", device, error)
+            else:
+                if error <= tolerance(dtype):
+                    return Choice(fused, "fused", f"relative error {error:.1e}")
+                log.warning("fused RMSNorm differs from the model's on %s (relative error %.2e)", device, error)
         try:
             if torch.equal(rms_norm(norm, x), own):
-                return rms_norm, "exact"
+                return Choice(rms_norm, "exact", "bit for bit")
         except Exception:
             pass
-    return module, "module: neither the fused kernel nor the exact arithmetic matches it here"
+    return Choice(module, "module", "neither the fused kernel nor the exact arithmetic matches it here")
 
 
 def _hidden(width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -178,9 +178,9 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
     ready = inputs()
     device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms, launches=launches, chunk_ms=chunk_ms)
     guard = RepetitionGuard(512, max_tokens=4096)
-    scheduler = (Scheduler if overlap else Synchronous)(device, eos_ids=set(), prefill_batch=4, gather=gather,
-                                                        guard=guard,
-                                                        on_work=lambda phase, pages, secs: work(phase, pages, secs))
+    loop = Scheduler if overlap else Synchronous
+    scheduler = loop(device, eos_ids=set(), prefill_batch=4, gather=gather, guard=guard,
+                     on_work=lambda phase, pages, secs: work(phase, pages, secs))
     prefilled = [0]
     chunks: dict[int, int] = {}  # prefills by pages, once the batch is full
 

@@ -12,6 +12,8 @@ alone is the same stand-in and scheduler fed by page threads with the same proce
     python bench/service_host.py --slots 128 --out docs/results/service_host.json
 
 The ratio (service steady pages/s ÷ engine alone) is what the host costs the GPU's throughput.
+`--chunk-ms` gives each prefill a cost whatever its pages, and `--gather 0,250` runs both once per
+`OCR_PREFILL_GATHER_MS` value (docs/benchmarks.md).
 """
 
 from __future__ import annotations

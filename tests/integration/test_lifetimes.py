@@ -339,11 +339,30 @@ def alive(pid: int) -> bool:
         return False
 
 
+def process_states(pids) -> str:
+    """Each process still there: its state, what it waits in, its command line (for a stop that hangs)."""
+    lines = []
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/wchan") as f:
+                wchan = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+        except OSError:
+            continue
+        lines.append(f"{pid} {state} {wchan} {cmd}")
+    return "\n".join(lines)
+
+
 def test_dev_stopped_with_sigterm_stops_its_whole_tree(stack):
     port = free_port()
+    log_path = stack.tmp / "dev.log"
+    log = open(log_path, "w")
     dev = subprocess.Popen([sys.executable, "-m", "gnosis_ocr.cli", "dev", "--port", str(port)],
                            env={**stack.env, "OCR_ENGINE": "null"}, cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=log)
     try:
         def up():
             try:
@@ -355,13 +374,18 @@ def test_dev_stopped_with_sigterm_stops_its_whole_tree(stack):
         tree = wait_until(lambda: (d := descendants(dev.pid)) and len(d) >= 4 and d, timeout=30,
                           message="the API and worker processes")
         dev.send_signal(signal.SIGTERM)  # what any supervisor sends
-        dev.wait(timeout=60)
+        try:
+            dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # seen once in many runs: say where each process is stuck
+            pytest.fail(f"dev did not stop within 60 s of SIGTERM:\n{process_states({dev.pid} | tree)}\n"
+                        f"its log ends:\n{log_path.read_text(errors='replace')[-3000:]}")
         wait_until(lambda: not [p for p in tree if alive(p)], timeout=30, message="every child to stop")
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     finally:
         if dev.poll() is None:
             dev.kill()
+        log.close()
 
 
 def test_a_stopped_worker_leaves_no_metrics_directory_behind(stack, tmp_path):

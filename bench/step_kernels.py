@@ -8,7 +8,8 @@ whether fewer kernels would pay, and which:
 - each candidate fusion timed both ways on the model's own weights, 36 times over (one step's worth),
   captured as a CUDA graph as the step is: RMSNorm in the library's arithmetic (7 kernels) against
   `F.rms_norm` (one kernel where the build has a fused one), q/k/v as three GEMMs against one, and
-  gate/up as two against one; with how far apart their outputs are. The step runs the faster of each
+  gate/up as two against one, a residual add after its GEMM against the GEMM adding into its output; with
+  how far apart their outputs are. The step runs the faster of each
   where its start-up check passes (`engines/norm.py`, `engines/projections.py`): here is what that saves.
 
 And whether a prefill keeps the device busy: one page against a 4-page chunk, with the share of the
@@ -227,17 +228,23 @@ def fusions(torch, decoder, batch: int, reps: int = 20) -> dict:
     qkv = _fused_linear(torch, attn.q_proj, attn.k_proj, attn.v_proj)
     gate_up = _fused_linear(torch, mlp.gate_proj, mlp.up_proj)
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    candidates = {  # name: (as the step runs it, fused, how many a layer)
+    # The residual add done by the o projection's GEMM (`addmm_`, in place): timed on a scratch copy of the
+    # residual stream (its values drift over the replays; the time does not), compared on a fresh one.
+    residual, o = x[:, 0].clone(), torch.randn_like(x[:, 0])
+    scratch = residual.clone()
+    candidates = {  # name: (as the library runs it, fused, how many a layer, fused for the comparison)
         "rms_norm": (lambda: (step_norm.rms_norm(norm, x),), lambda: F.rms_norm(x, (x.shape[-1],), norm.weight, eps),
-                     2),
-        "qkv": (lambda: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), lambda: qkv(x), 1),
-        "gate_up": (lambda: (mlp.gate_proj(x), mlp.up_proj(x)), lambda: gate_up(x), 1),
+                     2, None),
+        "qkv": (lambda: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), lambda: qkv(x), 1, None),
+        "gate_up": (lambda: (mlp.gate_proj(x), mlp.up_proj(x)), lambda: gate_up(x), 1, None),
+        "residual_add": (lambda: (residual + attn.o_proj(o),), lambda: scratch.addmm_(o, attn.o_proj.weight.t()), 2,
+                         lambda: residual.clone().addmm_(o, attn.o_proj.weight.t())),
     }
     out = {}
-    for name, (library, fused, per_layer) in candidates.items():
+    for name, (library, fused, per_layer, fused_once) in candidates.items():
         calls = per_layer * decoder.n_layers
         with decoder.device_context(), torch.inference_mode():
-            difference = float((torch.cat(library(), dim=-1).float() - fused().float()).abs().max())
+            difference = float((torch.cat(library(), dim=-1).float() - (fused_once or fused)().float()).abs().max())
             out[name] = {"library_ms": _replay_ms(torch, library, calls, reps, decoder.device),
                          "fused_ms": _replay_ms(torch, fused, calls, reps, decoder.device),
                          "max_abs_diff": difference}

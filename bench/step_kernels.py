@@ -2,7 +2,7 @@
 `kernels` section (`bench/gpu_engine.py`), on the engine it has loaded.
 
 At small batches a decode step is its kernels run one after the other, a few µs each
-(`bench/kernel_count.py` counts 16 a decoder layer), more than the weights it reads. Two things say
+(`bench/kernel_count.py` counts 15 a decoder layer), more than the weights it reads. Two things say
 whether fewer kernels would pay, and which:
 - one eager step profiled per batch (a replay runs the same kernels), beside the replayed step's time;
 - each candidate fusion timed both ways on the model's own weights, 36 times over (one step's worth),

@@ -63,15 +63,16 @@ def test_one_page_decodes_token_for_token_like_generate(engine):
         assert request.tokens == reference(engine, page(i), 48)
 
 
-@pytest.mark.parametrize("attention_mode", ["sdpa", "flash"])
-def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention_mode, monkeypatch):
+@pytest.mark.parametrize("attention_mode,stacked", [("sdpa", True), ("flash", True), ("sdpa", False)])
+def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention_mode, stacked, monkeypatch):
     """Tokens alone can agree by luck: a tiny random model's attention is nearly uniform, so an error in
     the rotary embedding of a decode step can leave every argmax as it was. Each step's final hidden
     state must be the model's own forward at that position, given the same tokens: for two pages
     prefilled together into slots 0 and 2, and a page of another length in slot 3, beside an empty slot.
     With either attention: `flash` calls, here, a reference of FlashAttention's contract, and runs as a GPU
-    would, its RMSNorm through torch's fused one (here its float32 arithmetic, the library's bit for bit)."""
-    from gnosis_ocr.worker.engines import attention, norm
+    would, its RMSNorm through torch's fused one (here its float32 arithmetic, the library's bit for bit).
+    And with the projections stacked (the default) or apart, as on a device where their check fails."""
+    from gnosis_ocr.worker.engines import attention, norm, projections
     from gnosis_ocr.worker.engines.decoder import StaticDecoder, join_prompts
     from harness import flashref
 
@@ -79,6 +80,8 @@ def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention
         monkeypatch.setattr(attention, "unavailable", lambda *args: None)
         monkeypatch.setattr(attention, "varlen", flashref.varlen)
         monkeypatch.setattr(norm, "has_fused_kernel", lambda device: True)
+    if not stacked:
+        monkeypatch.setattr(projections, "for_layers", lambda *args: (None, "apart for this test"))
     model, steps = engine.model, 12
     pages = {0: engine._request(page(0)).inputs, 2: engine._request(page(5)).inputs,
              3: engine._request(page(1)).inputs}

@@ -1,7 +1,8 @@
 """The decode step's attention: each slot's one new query against the keys and values in its own cache.
 
-A layer's cache is `[slots, max_len, kv_heads, head_dim]`, token-major: the layout FlashAttention's
-variable-length kernel reads. Two ways to attend over it, chosen per device at start-up
+A layer's keys and values are each `[slots, max_len, kv_heads, head_dim]`, token-major (views of one
+cache holding a position's keys and values side by side): the layout FlashAttention's variable-length
+kernel reads, rows two positions' worth apart. Two ways to attend over it, chosen per device at start-up
 (`OCR_DECODE_ATTENTION`):
 
 - `sdpa`: torch's `scaled_dot_product_attention` over the first `L` positions of every slot of the step,
@@ -122,7 +123,9 @@ def compare(device: torch.device, dtype: torch.dtype, *, heads: int, kv_heads: i
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
-    q, k, v = rand(b, 1, heads, head_dim), rand(b, max_len, kv_heads, head_dim), rand(b, max_len, kv_heads, head_dim)
+    # The decoder's layout: a position's keys and values side by side, each read through its own view.
+    q, kv = rand(b, 1, heads, head_dim), rand(b, max_len, 2, kv_heads, head_dim)
+    k, v = kv[:, :, 0], kv[:, :, 1]
     for slot, n in enumerate(lengths):
         k[slot, n:], v[slot, n:] = 8.0, 1000.0
     pos = torch.tensor([n - 1 for n in lengths], device=device)

@@ -64,10 +64,12 @@ class StaticDecoder:
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
-        # Token-major, `[layer, slot, position, kv head, dim]`: what FlashAttention's varlen kernel reads.
-        shape = (self.n_layers, slots, self.max_len, self.n_kv, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Token-major, a position's keys and values side by side: `[layer, slot, position, 2, kv head, dim]`.
+        # A step writes both with one scatter; each is read through its own view, `[layer, slot, position,
+        # kv head, dim]`, what FlashAttention's varlen kernel reads (rows two positions' worth apart).
+        shape = (self.n_layers, slots, self.max_len, 2, self.n_kv, self.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache, self.v_cache = self.kv_cache[:, :, :, 0], self.kv_cache[:, :, :, 1]
         rotary = self.lm.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().float().to(self.device)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
@@ -308,25 +310,33 @@ class StaticDecoder:
         else:
             mask = attention.sdpa_mask(pos, L, self.dtype)
         where = pos.view(b, 1, 1, 1).expand(b, 1, self.n_kv, self.head_dim)
+        where_kv = pos.view(b, 1, 1, 1, 1).expand(b, 1, 2, self.n_kv, self.head_dim)
+        qk_heads = self.n_heads + self.n_kv
         for i, layer in enumerate(self.lm.layers):
             attn = layer.self_attn
             h = self.rms(layer.input_layernorm, x)
-            if self.stacked is not None:  # q, k and v are views of one GEMM's output: q and k side by side
-                qkv = self.stacked[i].qkv(h).view(b, 1, self.n_heads + 2 * self.n_kv, self.head_dim)
-                qk, v = qkv[:, :, : self.n_heads + self.n_kv], qkv[:, :, self.n_heads + self.n_kv:]
+            # The rotary embedding of q and k in one pass: the same arithmetic on each element, in 4
+            # kernels instead of 10. A graph replays every kernel one after the other, and at small
+            # batches their number, not the weights' bytes, sets the step time (bench/kernel_count.py).
+            if self.stacked is not None:  # q, k and v are views of one GEMM's output, in that order
+                qkv = self.stacked[i].qkv(h).view(b, 1, qk_heads + self.n_kv, self.head_dim)
+                qk = qkv[:, :, :qk_heads]
+                # Written back in place: the rotated k and v then lie side by side as a position of the
+                # cache does, and one scatter writes both.
+                torch.add(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin, out=qk)
+                q = qkv[:, :, : self.n_heads]
+                self.kv_cache[i, :b].scatter_(1, where_kv, qkv[:, :, self.n_heads:].view(b, 1, 2, self.n_kv,
+                                                                                      self.head_dim))
             else:
                 q = attn.q_proj(h).view(b, 1, self.n_heads, self.head_dim)
                 k = attn.k_proj(h).view(b, 1, self.n_kv, self.head_dim)
                 v = attn.v_proj(h).view(b, 1, self.n_kv, self.head_dim)
                 qk = torch.cat((q, k), dim=2)
-            # The rotary embedding of q and k in one pass: the same arithmetic on each element, in 4
-            # kernels instead of 10. A graph replays every kernel one after the other, and at small
-            # batches their number, not the weights' bytes, sets the step time (bench/kernel_count.py).
-            qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
-            q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads:]
+                qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
+                q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads:]
+                self.k_cache[i, :b].scatter_(1, where, k)
+                self.v_cache[i, :b].scatter_(1, where, v)
             k_cache, v_cache = self.k_cache[i, :b], self.v_cache[i, :b]
-            k_cache.scatter_(1, where, k)
-            v_cache.scatter_(1, where, v)
             if self.attention == "flash":
                 o = attention.flash(q, k_cache, v_cache, used, cu_q, cu_k, L, self.scale)
             else:

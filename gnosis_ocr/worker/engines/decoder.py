@@ -301,7 +301,7 @@ class StaticDecoder:
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, None, :]
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, None, :]
         # rotate_half(x) * sin == swap_halves(x) * (sin with its first half negated), bit for bit (a sign
-        # flip is exact): one kernel fewer a layer than negating the half of x.
+        # flip is exact): one kernel fewer a layer than negating the half of x (`_rotate`).
         half = self.head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         if self.attention == "flash":  # each slot reads its own keys only
@@ -323,7 +323,7 @@ class StaticDecoder:
                 qk = qkv[:, :, :qk_heads]
                 # Written back in place: the rotated k and v then lie side by side as a position of the
                 # cache does, and one scatter writes both.
-                torch.add(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin, out=qk)
+                _rotate(qk, cos, sin, out=qk)
                 q = qkv[:, :, : self.n_heads]
                 self.kv_cache[i, :b].scatter_(1, where_kv, qkv[:, :, self.n_heads:].view(b, 1, 2, self.n_kv,
                                                                                       self.head_dim))
@@ -332,7 +332,7 @@ class StaticDecoder:
                 k = attn.k_proj(h).view(b, 1, self.n_kv, self.head_dim)
                 v = attn.v_proj(h).view(b, 1, self.n_kv, self.head_dim)
                 qk = torch.cat((q, k), dim=2)
-                qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
+                qk = _rotate(qk, cos, sin)
                 q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads:]
                 self.k_cache[i, :b].scatter_(1, where, k)
                 self.v_cache[i, :b].scatter_(1, where, v)
@@ -355,6 +355,13 @@ class StaticDecoder:
         active = self.active[:b]
         self.tokens[:b].copy_(torch.where(active.bool(), nxt, self.tokens[:b]))
         self.lengths[:b].add_(active)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, out: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """The rotary embedding of `x` (q and k together), with `sin`'s first half already negated."""
+    half = x.shape[-1] // 2
+    return torch.add(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin, out=out)
 
 
 class Launched:

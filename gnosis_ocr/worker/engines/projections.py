@@ -9,9 +9,9 @@ the stacking is done in place once at start-up: each layer's q, k and v weights 
 one after the other into one tensor, and the modules' own parameters become views of it, so the model
 holds no more memory than before and its own forward (the prefill) reads the same values. The step then
 makes one GEMM over the stack and splits its output by views: 3 kernels a layer fewer (the GEMMs, and the
-copy that joined q and k for the rotary embedding), 108 a step for Qwen2.5-VL-3B; and k and v come out
-side by side, as a position of the cache holds them, so the step writes both with one scatter. And the two residual
-adds of a layer (`x + o_proj(o)`, `x + down_proj(…)`) are each one GEMM that adds into the residual
+copy that joined q and k for the rotary embedding), 108 a step for Qwen2.5-VL-3B; and k and v come
+out side by side, as a position of the cache holds them, so the step writes both with one scatter. And the
+two residual adds of a layer (`x + o_proj(o)`, `x + down_proj(…)`) are each one GEMM that adds into the residual
 stream in place (`addmm_`: cuBLAS adds into its output as it writes it), 72 kernels a step fewer.
 
 A GEMM over more columns may sum in another order on a GPU (cuBLAS picks its kernel by shape), and one

@@ -22,6 +22,12 @@ DEFAULT_VISION_ATTENTION = "batched"
 """The vision tower's attention: `batched` (one call per layer, and the patch embedding as one GEMM, each kept
 on a device only if its start-up check agrees) or `windows` (the library's tower: a call per window)."""
 
+DEFAULT_PREFILL_CONCURRENT = "auto"
+"""Where a prefill runs: `on` (a thread, and on a GPU a CUDA stream, of its own, the pages in flight decoding
+meanwhile; on a device only where a start-up check finds its forward bit-identical), `off` (on the engine
+loop's thread, every page in flight waiting for it), `auto` (`on` on a GPU, `off` on the CPU, whose cores
+the decode steps already use)."""
+
 DEFAULT_DECODE_ATTENTION = "flash"
 """A decode step's attention: `flash` (FlashAttention's variable-length kernel, each page reading only its
 own keys; on a device only where it runs and a start-up check agrees with `sdpa`) or `sdpa` (every page

@@ -43,7 +43,8 @@ def workers(client: redis.Redis) -> list[dict]:
 
 def print_table(rows: list[dict], out: TextIO = sys.stdout) -> None:
     """One line per worker, aligned; a batched worker's devices as
-    `device: slots, decode/vision/embed/projections/norm` (the paths its start-up checks kept)."""
+    `device: slots, decode/vision/embed/projections/norm/prefill` (the paths its settings and start-up checks
+    kept)."""
     header = ("WORKER", "HOST", "ENGINE", "READY", "IN FLIGHT", "STARTED", "DEVICES")
     lines = [header] + [(
         w["id"], str(w.get("host", "")), "(light)" if w.get("role") == "light" else str(w.get("engine", "")),
@@ -57,4 +58,5 @@ def print_table(rows: list[dict], out: TextIO = sys.stdout) -> None:
 
 def _devices(devices: dict) -> str:
     return "; ".join(f"{name}: {d.get('slots')} slots, {d.get('decode_attention')}/{d.get('vision_attention')}/"
-                     f"{d.get('patch_embed')}/{d.get('projections')}/{d.get('norm')}" for name, d in devices.items())
+                     f"{d.get('patch_embed')}/{d.get('projections')}/{d.get('norm')}/{d.get('prefill')}"
+                     for name, d in devices.items())

@@ -38,6 +38,7 @@ class Settings:
     batch_size: int = _setting("OCR_BATCH_SIZE", defaults.DEFAULT_BATCH_SIZE)
     prefill_batch: int = _setting("OCR_PREFILL_BATCH", defaults.DEFAULT_PREFILL_BATCH)
     prefill_gather_ms: int = _setting("OCR_PREFILL_GATHER_MS", defaults.DEFAULT_PREFILL_GATHER_MS)
+    prefill_concurrent: str = _setting("OCR_PREFILL_CONCURRENT", defaults.DEFAULT_PREFILL_CONCURRENT)
     repetition_window: int = _setting("OCR_REPETITION_WINDOW", defaults.DEFAULT_REPETITION_WINDOW)
     vision_attention: str = _setting("OCR_VISION_ATTENTION", defaults.DEFAULT_VISION_ATTENTION)
     decode_attention: str = _setting("OCR_DECODE_ATTENTION", defaults.DEFAULT_DECODE_ATTENTION)
@@ -162,6 +163,8 @@ class Settings:
             raise ConfigError(f"OCR_VISION_ATTENTION {self.vision_attention!r} is not batched or windows")
         if self.decode_attention not in ("flash", "sdpa"):
             raise ConfigError(f"OCR_DECODE_ATTENTION {self.decode_attention!r} is not flash or sdpa")
+        if self.prefill_concurrent not in ("auto", "on", "off"):
+            raise ConfigError(f"OCR_PREFILL_CONCURRENT {self.prefill_concurrent!r} is not auto, on or off")
         if self.cache_verify not in ("quick", "full"):
             raise ConfigError(f"GNOSIS_CACHE_VERIFY {self.cache_verify!r} is not quick or full")
         if "/" not in self.model_id:

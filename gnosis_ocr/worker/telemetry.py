@@ -62,10 +62,11 @@ def get() -> Telemetry:
                 device_info=Gauge("gnosis_worker_device_info", "A device of this worker (always 1), labelled with "
                                   "the attention its decode steps use (flash or sdpa), its vision tower's (batched "
                                   "or windows), its patch embedding (linear or conv3d), its decode step's q/k/v and "
-                                  "gate/up projections (stacked: one GEMM each, or apart) and RMSNorm (fused, exact "
-                                  "or module), as its start-up checks decided.",
+                                  "gate/up projections (stacked: one GEMM each, or apart), RMSNorm (fused, exact "
+                                  "or module) and prefills (concurrent: beside the decode steps, or serial), as its "
+                                  "settings and start-up checks decided.",
                                   ["device", "decode_attention", "vision_attention", "patch_embed", "projections",
-                                   "norm"],
+                                   "norm", "prefill"],
                                   multiprocess_mode="livemax"),
                 decode_steps=Counter("gnosis_worker_decode_steps_total", "Decode steps run.", ["device"]),
                 decode_tokens=Counter("gnosis_worker_decode_tokens_total", "Tokens decoded (one per page per step).",

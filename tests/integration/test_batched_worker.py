@@ -54,7 +54,7 @@ def test_pages_of_many_jobs_are_decoded_together(stack, hub):
     # Which paths each device runs, as its start-up checks decided: no FlashAttention kernel on a CPU.
     info = [line for line in text.splitlines() if line.startswith("gnosis_worker_device_info")]
     assert info == ['gnosis_worker_device_info{decode_attention="sdpa",device="cpu",norm="exact",patch_embed="linear",'
-                    'projections="stacked",vision_attention="batched"} 1.0'], info
+                    'prefill="serial",projections="stacked",vision_attention="batched"} 1.0'], info
     metrics = metric_totals(text)
     # More tokens than steps: several pages advanced in each step, from different jobs.
     assert metrics["gnosis_worker_decode_tokens_total"] > 1.5 * metrics["gnosis_worker_decode_steps_total"]

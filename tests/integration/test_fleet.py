@@ -28,14 +28,16 @@ def test_the_workers_command_lists_live_workers_with_their_devices_and_drops_sto
     assert record["id"].startswith(f"gnosis-{worker.pid}@") and record["ready"] and record["in_flight"] == 0
     assert record["engine"] == "nanonets"
     assert record["devices"] == {"cpu": {"slots": 4, "decode_attention": "sdpa", "vision_attention": "batched",
-                                         "patch_embed": "linear", "projections": "stacked", "norm": "exact"}}
+                                         "patch_embed": "linear", "projections": "stacked", "norm": "exact",
+                                         "prefill": "serial"}}
     assert light["ready"] and "devices" not in light
     table = workers(stack)
     assert table.returncode == 0
     header, *lines = table.stdout.splitlines()
     assert header.split()[:3] == ["WORKER", "HOST", "ENGINE"]
     line = next(li for li in lines if li.startswith(record["id"]))
-    assert " nanonets " in line and " yes " in line and line.endswith("cpu: 4 slots, sdpa/batched/linear/stacked/exact")
+    assert " nanonets " in line and " yes " in line
+    assert line.endswith("cpu: 4 slots, sdpa/batched/linear/stacked/exact/serial")
     assert " (light) " in next(li for li in lines if li.startswith(light["id"]))
     worker.stop()  # a clean stop takes its record with it
     wait_until(lambda: workers(stack).returncode == 1, timeout=30, message="the stopped worker to leave the list")

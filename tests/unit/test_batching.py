@@ -73,7 +73,7 @@ def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention
     would, its RMSNorm through torch's fused one (here its float32 arithmetic, the library's bit for bit).
     And with the projections stacked (the default) or apart, as on a device where their check fails."""
     from gnosis_ocr.worker.engines import attention, norm, projections
-    from gnosis_ocr.worker.engines.decoder import StaticDecoder, join_prompts
+    from gnosis_ocr.worker.engines.decoder import StaticDecoder
     from harness import flashref
 
     if attention_mode == "flash":
@@ -89,8 +89,8 @@ def test_each_decode_step_computes_the_models_own_hidden_state(engine, attention
     decoder = StaticDecoder(model, slots=4, max_len=engine.max_len, attention_mode=attention_mode)
     assert decoder.attention == attention_mode
     assert decoder.rms_path == ("fused" if attention_mode == "flash" else "exact")
-    tokens = dict(zip((0, 2), decoder.prefill([0, 2], join_prompts([pages[0], pages[2]], decoder.device)), strict=True))
-    tokens[3] = decoder.prefill([3], dict(pages[3]))[0]
+    tokens = dict(zip((0, 2), decoder.prefill([0, 2], [pages[0], pages[2]]), strict=True))
+    tokens[3] = decoder.prefill([3], [pages[3]])[0]
     tokens = {slot: [first] for slot, first in tokens.items()}
     hidden: dict[int, list] = {slot: [] for slot in pages}
     for _ in range(steps):
@@ -230,7 +230,7 @@ def test_a_burst_of_pages_is_prefilled_a_chunk_at_a_time_between_decode_steps(en
 
     events: list[str] = []
     decoder = Faulty(engine.model, slots=6, max_len=engine.max_len)
-    decoder.prefill_fault = lambda d, slots, inputs: events.append(f"prefill {len(slots)}")
+    decoder.prefill_fault = lambda d, pages: events.append(f"prefill {len(pages)}")
     decoder.step_fault = lambda d, batch: events.append("step")
     scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2)
     image = page(0)
@@ -256,7 +256,7 @@ def gathering(engine, *, gather: float, tokens: list[int], waiting: int, max_len
 
     sizes: list[int] = []
     decoder = Faulty(engine.model, slots=len(tokens), max_len=max_len or engine.max_len)
-    decoder.prefill_fault = lambda d, slots, inputs: sizes.append(len(slots))
+    decoder.prefill_fault = lambda d, pages: sizes.append(len(pages))
     scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2, gather=gather)
     image = page(0)
     seated = [scheduler.submit(engine._request(image, max_new_tokens=n)) for n in tokens]

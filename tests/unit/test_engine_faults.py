@@ -30,10 +30,10 @@ class Faulty(StaticDecoder):
             self.step_fault(self, batch)
         return super().step(batch, length)
 
-    def prefill(self, slots, inputs):
+    def forward(self, pages, *, stream=None):
         if self.prefill_fault is not None:
-            self.prefill_fault(self, slots, inputs)
-        return super().prefill(slots, inputs)
+            self.prefill_fault(self, pages)
+        return super().forward(pages, stream=stream)
 
     def collect(self, launched):
         if self.collect_fault is not None:
@@ -59,12 +59,14 @@ def engine(tiny_model):
     eng.close()
 
 
-@pytest.fixture
-def loop(engine):
-    """A fresh faulty decoder and scheduler on the engine's model; the deaths it reports."""
+@pytest.fixture(params=["serial", "concurrent"])
+def loop(engine, request):
+    """A fresh faulty decoder and scheduler on the engine's model; the deaths it reports. Every test runs
+    with prefills on the loop's thread and on a thread of their own beside the decode steps."""
     decoder = Faulty(engine.model, slots=3, max_len=engine.max_len)
     deaths: list[BaseException] = []
-    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2, on_dead=deaths.append).start()
+    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2, on_dead=deaths.append,
+                          concurrent=request.param == "concurrent").start()
     scheduler.deaths = deaths
     yield scheduler
     scheduler.stop()
@@ -145,9 +147,8 @@ def test_a_prefill_that_fails_for_one_page_of_a_chunk_fails_that_page_alone(engi
     twins = [engine._request(page(0), max_new_tokens=24) for _ in range(2)]  # one length: one chunk
     poison_pixels = twins[1].inputs["pixel_values"] = twins[1].inputs["pixel_values"] * 0.5
 
-    def fault(decoder, slots, inputs):
-        pixels, n = inputs["pixel_values"], poison_pixels.shape[0]
-        if any(torch.equal(pixels[i * n:(i + 1) * n], poison_pixels) for i in range(len(slots))):
+    def fault(decoder, pages):
+        if any(torch.equal(p["pixel_values"], poison_pixels) for p in pages):
             raise ValueError("this page's image breaks the vision tower")
 
     loop.decoder.prefill_fault = fault
@@ -160,8 +161,8 @@ def test_a_prefill_that_fails_for_one_page_of_a_chunk_fails_that_page_alone(engi
 
 
 def test_a_prefill_out_of_memory_retries_smaller_and_loses_nothing(engine, loop):
-    def fault(decoder, slots, inputs):
-        if len(slots) > 1:
+    def fault(decoder, pages):
+        if len(pages) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
     loop.decoder.prefill_fault = fault
@@ -232,7 +233,7 @@ def test_a_failing_write_after_a_page_ends_kills_the_engine_and_returns_the_othe
 
 
 def test_a_failure_while_recovering_from_a_failed_prefill_kills_the_engine(engine, loop):
-    loop.decoder.prefill_fault = lambda d, s, i: (_ for _ in ()).throw(RuntimeError("prefill failed"))
+    loop.decoder.prefill_fault = lambda d, p: (_ for _ in ()).throw(RuntimeError("prefill failed"))
     loop.decoder.release_fault = lambda d, s: (_ for _ in ()).throw(RuntimeError("CUDA error: ECC error"))
     requests = [engine._request(page(i), max_new_tokens=24) for i in range(3)]
     with loop._cond:  # queued together, before the loop takes the first
@@ -244,8 +245,13 @@ def test_a_failure_while_recovering_from_a_failed_prefill_kills_the_engine(engin
 
 
 def test_a_batch_in_which_every_page_fails_alone_is_a_broken_engine_not_bad_pages(engine, loop):
-    requests = [submit(engine, loop, i, tokens=2000) for i in range(3)]
     loop.decoder.step_fault = lambda d, b: loop.steps >= 1 and (_ for _ in ()).throw(RuntimeError("always"))
+    # Of one prompt length and queued together: pages of other lengths, or arriving one by one, can be
+    # seated one at a time where prefills run beside the steps, and then each decodes, and fails, alone.
+    requests = [engine._request(page(0), max_new_tokens=2000) for _ in range(3)]
+    with loop._cond:
+        loop._pending.extend(requests)
+        loop._cond.notify()
     settle(requests)
     assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
     assert len(loop.deaths) == 1

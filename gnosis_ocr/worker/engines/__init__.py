@@ -91,6 +91,7 @@ def load_engine(settings: Settings, *, redis_client: redis.Redis, metrics: Metri
                               max_new_tokens=settings.max_new_tokens, threads=settings.threads,
                               batch_size=settings.batch_size, max_side=settings.page_max_side,
                               prefill_batch=settings.prefill_batch, prefill_gather=settings.prefill_gather_ms / 1000,
+                              prefill_concurrent=settings.prefill_concurrent,
                               repetition_window=settings.repetition_window,
                               vision_attention=settings.vision_attention,
                               decode_attention=settings.decode_attention, on_work=on_work, on_dead=on_dead)

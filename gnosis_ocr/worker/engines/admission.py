@@ -20,7 +20,7 @@ markedly fewer tokens for it (3 empty slots of 4 is three quarters), a CPU's bat
 
 class Admission:
     """Mixed into `Scheduler`: it owns `slots`, `capacity`, `_pending`, `_limbo`, `_cond`, `prefill_batch`,
-    `gather`, `_prefill` and `_resolve`."""
+    `gather`, `concurrent`, `_prefilling` and `_resolve`; `Prefilling` the rest."""
 
     _gathering_since: float | None = None
 
@@ -45,6 +45,10 @@ class Admission:
         """Seat waiting pages in free slots, one prefill chunk per loop turn: a burst of arrivals then holds
         the running pages up for one chunk between steps, never for all of them (64 free slots at 4 pages
         a chunk would otherwise be 16 prefills back to back, seconds without a token)."""
+        if self._prefilling is not None:  # concurrent: one prefill at a time, its slots kept meanwhile
+            if not self._prefilling.done:
+                return
+            self._seat(self._prefilling)
         free = [slot for slot, r in enumerate(self.slots) if r is None]
         if not free:
             return
@@ -58,6 +62,8 @@ class Admission:
             # Prompts of equal length need no padding: prefill them together, oldest page's length first.
             length = self._limbo[0].length
             chunk = [r for r in self._limbo if r.length == length][:self.prefill_batch]
+            if self.concurrent:  # the pages in flight go on decoding; the chunk is seated when done
+                return self._start_prefill(free[:len(chunk)], chunk)
             self._prefill(free[:len(chunk)], chunk)
             if any(self.slots):  # a step next; the rest of the limbo waits one turn
                 return

@@ -16,13 +16,13 @@ batch-mates are.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Sequence
 
 import torch
 
-from . import attention, norm, projections
+from . import attention, norm, prefill, projections
+from .prefill import Prefilled
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class StaticDecoder:
         cuda = self.device.type == "cuda"
         self._host = [torch.zeros(slots, dtype=torch.long, pin_memory=True) for _ in range(2)] if cuda else []
         self._events = [torch.cuda.Event() for _ in range(2)] if cuda else []
+        self.seated = torch.cuda.Event() if cuda else None  # recorded behind each `seat`'s copies
         self._flip = 0
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -118,46 +119,40 @@ class StaticDecoder:
 
     # --- prefill -------------------------------------------------------------------------------------
 
+    def prefill(self, slots: Sequence[int], pages: Sequence[dict]) -> list[int]:
+        """Run prompts of equal length through the model and seat them in `slots`, one after the other
+        on this thread's stream. Returns each page's first generated token (greedy)."""
+        return self.seat(slots, self.forward(pages))
+
+    def forward(self, pages: Sequence[dict], *, stream=None) -> Prefilled:
+        """The prefill's work, writing nothing of this decoder's (`prefill.forward`); `seat` puts it in slots."""
+        return prefill.forward(self, pages, stream=stream)
+
     @torch.inference_mode()
-    def prefill(self, slots: Sequence[int], inputs: dict) -> list[int]:
-        """Run one batch of prompts of equal length through the model; their caches go into `slots`.
-
-        Returns each page's first generated token (greedy)."""
-        n = inputs["input_ids"].shape[1]
-        if n >= self.max_len:
-            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.max_len}")
-        # Positions computed for these prompts and passed in: never the model's `rope_deltas` attribute,
-        # which `generate` and other calls also write and a release may stop setting. Computed from the
-        # host's copies of the token ids (the scheduler joins only the pixels on the device): the library
-        # reads single values out of them some twenty times a chunk, and on the device each read would
-        # wait for the step in flight and leave the device idle behind it.
-        positions, deltas = self.rope_index(inputs)
-        inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+    def seat(self, slots: Sequence[int], prefilled: Prefilled) -> list[int]:
+        """Copy a forward's keys and values into `slots` and make them decode from the next step on, on
+        this thread's stream (behind the step in flight). Returns each page's first token."""
+        n = prefilled.n
         with self.device_context():
-            out = self.model(**inputs, position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1)
-        cache = out.cache if "cache" in out else out.past_key_values  # renamed in 5.x
-        index = torch.tensor(list(slots), device=self.device)
-        for layer in range(self.n_layers):
-            keys, values = _layer_kv(cache, layer)
-            self.k_cache[layer, index, :n] = keys.transpose(1, 2).to(self.dtype)
-            self.v_cache[layer, index, :n] = values.transpose(1, 2).to(self.dtype)
-        first = out.logits[:, -1].argmax(-1)
-        self.tokens[index] = first
-        self.lengths[index] = n
-        self.deltas[index] = deltas.view(-1).to(self.device, torch.long)
-        self.active[index] = 1
-        return first.tolist()
+            if prefilled.event is not None:
+                torch.cuda.current_stream(self.device).wait_event(prefilled.event)
+            index = torch.tensor(list(slots), device=self.device)
+            for layer, (keys, values) in enumerate(prefilled.layers):
+                self.k_cache[layer, index, :n] = keys.transpose(1, 2).to(self.dtype)
+                self.v_cache[layer, index, :n] = values.transpose(1, 2).to(self.dtype)
+            self.tokens[index] = prefilled.first
+            self.lengths[index] = n
+            self.deltas[index] = prefilled.deltas.to(self.device)
+            self.active[index] = 1
+            if self.seated is not None:
+                # The forward's tensors were made on its stream, and are freed after this returns: the
+                # next forward there waits for this event before it may write over them.
+                self.seated.record()
+        return prefilled.firsts
 
-    def rope_index(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen2.5-VL's 3-D rope positions of each prompt and its delta (decode position minus cache
-        index), from the library's own `get_rope_index`, called with the arguments this release takes."""
-        get = self.model.model.get_rope_index
-        accepted = _parameters(get)
-        names = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
-        positions, deltas = get(**{k: inputs[k] for k in names if k in inputs and k in accepted})
-        return positions, deltas
+    def side_stream(self):
+        """A stream of this decoder's GPU for prefills beside the decode steps; None off CUDA."""
+        return torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
     def release(self, slot: int) -> None:
         self.active[slot] = 0
@@ -371,33 +366,3 @@ class Launched:
 
     def __init__(self, tokens: torch.Tensor, event) -> None:
         self.tokens, self.event = tokens, event
-
-
-def join_prompts(inputs: list[dict], device) -> dict:
-    """Processor outputs of equal-length prompts as one batch. The pixels are joined on `device`: four A4
-    pages are 55 MB, and a copy of them on the host (7 ms here) would hold the GPU up for nothing, where
-    each page crosses to the device once either way. The token ids stay on the host, where the rope
-    positions are computed from them (`StaticDecoder.prefill`)."""
-    if len(inputs) == 1:
-        return inputs[0]
-    return {key: torch.cat([i[key].to(device) if key == "pixel_values" else i[key] for i in inputs], dim=0)
-            for key in inputs[0]}
-
-
-def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's keys and values from the library's cache object, across its 5.x spellings."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    if hasattr(cache, "key_cache"):
-        return cache.key_cache[layer], cache.value_cache[layer]
-    return cache[layer][0], cache[layer][1]
-
-
-def _parameters(fn) -> set[str]:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return set()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return set(params) | {"input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask"}
-    return set(params)

@@ -44,6 +44,7 @@ class NanonetsEngine:
     def __init__(self, path: str | Path, *, model_id: str, revision: str, devices: Sequence[str] = ("auto",),
                  max_new_tokens: int = 4096, threads: int = 0, batch_size: int = 0, max_side: int = 1280,
                  prefill_batch: int = 4, prefill_gather: float = defaults.DEFAULT_PREFILL_GATHER_MS / 1000,
+                 prefill_concurrent: str = defaults.DEFAULT_PREFILL_CONCURRENT,
                  repetition_window: int = 512, graphs: bool | None = None,
                  on_work: Callable[[str, str, int, float], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None,
@@ -89,8 +90,10 @@ class NanonetsEngine:
             eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
             hook = (lambda phase, pages, seconds, d=str(device): on_work(d, phase, pages, seconds)) if on_work else None
             guard = RepetitionGuard(repetition_window, max_tokens=max_new_tokens) if repetition_window > 0 else None
+            concurrent = prefill_concurrent == "on" or (prefill_concurrent == "auto" and device.type == "cuda")
             scheduler = Scheduler(decoder, eos_ids=eos_ids, prefill_batch=prefill_batch, gather=prefill_gather,
-                                  guard=guard, on_work=hook, on_dead=self._dead, name=f"engine-{device}")
+                                  guard=guard, on_work=hook, on_dead=self._dead, name=f"engine-{device}",
+                                  concurrent=concurrent)
             self.models.append(model)
             self.schedulers.append(scheduler)
             log.info("loaded %s@%s on %s (%s): %d slots of %d tokens, %s decode attention", model_id, revision[:12],
@@ -179,7 +182,8 @@ class NanonetsEngine:
                     "patch_embed": "linear" if check.get("patch_embed", {}).get("linear") else "conv3d"}
         return {str(s.decoder.device): {"decode_attention": s.decoder.attention, **paths(str(s.decoder.device)),
                                         "projections": "stacked" if s.decoder.stacked is not None else "apart",
-                                        "norm": s.decoder.rms_path}
+                                        "norm": s.decoder.rms_path,
+                                        "prefill": "concurrent" if s.concurrent else "serial"}
                 for s in self.schedulers}
 
     @property

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from ...errors import EngineCheckFailed, EngineDead
 from . import StopReason
 from .admission import Admission
-from .decoder import join_prompts
 from .isolation import Isolation
+from .prefill import Prefiller, Prefilling, PrefillJob, check_stream
 from .repetition import RepetitionGuard
 from .request import Request
 
@@ -41,12 +41,13 @@ log = logging.getLogger(__name__)
 __all__ = ["Request", "RepetitionGuard", "Scheduler"]
 
 
-class Scheduler(Admission, Isolation):
+class Scheduler(Admission, Prefilling, Isolation):
     """The engine loop for one device. `submit` is thread-safe; everything else runs on the loop thread."""
 
     def __init__(self, decoder, *, eos_ids: set[int], prefill_batch: int = 4, gather: float = 0.0,
                  guard: RepetitionGuard | None = None, on_work: Callable[[str, int, float], None] | None = None,
-                 on_dead: Callable[[BaseException], None] | None = None, name: str = "engine") -> None:
+                 on_dead: Callable[[BaseException], None] | None = None, name: str = "engine",
+                 concurrent: bool = False) -> None:
         self.decoder = decoder
         self.eos_ids = eos_ids
         self.prefill_batch = max(1, prefill_batch)
@@ -58,10 +59,14 @@ class Scheduler(Admission, Isolation):
         self.slots: list[Request | None] = [None] * decoder.slots
         self._pending: deque[Request] = deque()
         self._limbo: list[Request] = []  # taken from the queue, not yet seated in a slot
+        self._prefilling: PrefillJob | None = None  # the chunk being prefilled, its slots kept for it
+        # Prefills on a thread (and CUDA stream) of their own, the loop stepping the seated pages meanwhile.
+        self._prefiller = Prefiller(decoder, self._compute, self._wake, name=name) if concurrent else None
         self._cond = threading.Condition()
         self._stop = False
         self.dead: EngineDead | None = None
         self.check: dict | None = None  # the start-up graph-against-eager check, once warm
+        self.stream_check: dict | None = None  # the start-up check of the prefill stream, where concurrent
         self.steps = 0
         self.tokens = 0
         self.failed_steps = 0
@@ -83,9 +88,17 @@ class Scheduler(Admission, Isolation):
 
     def load(self) -> int:
         """Pages in flight or waiting: the busiest scheduler gets the next page last."""
-        return len(self._pending) + len(self._limbo) + self._in_flight()
+        job = self._prefilling
+        return len(self._pending) + len(self._limbo) + (len(job.pages) if job else 0) + self._in_flight()
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether prefills run beside the decode steps (`prefill.py`)."""
+        return self._prefiller is not None
 
     def start(self) -> Scheduler:
+        if self._prefiller is not None:
+            self._prefiller.start()
         self._thread.start()
         return self
 
@@ -96,6 +109,8 @@ class Scheduler(Admission, Isolation):
         on_work, self.on_work = self.on_work, None  # the warm-up page is nobody's: its work is not reported
         try:
             with self.decoder.device_context():
+                if self._prefiller is not None:
+                    self._check_stream(request)
                 graphs = self.decoder.warm_up()
                 self._limbo.append(request)
                 self._prefill([0], [request])
@@ -114,12 +129,26 @@ class Scheduler(Admission, Isolation):
             raise request.error
         return graphs
 
+    def _check_stream(self, request: Request) -> None:
+        """Prefills beside the decode steps only where a forward on the prefill stream is bit-identical to
+        the same forward on the loop's (`prefill.check_stream`); otherwise on the loop's thread."""
+        try:
+            self.stream_check = check_stream(self.decoder, [request.inputs], self._prefiller.stream)
+        except Exception as exc:
+            self.stream_check = {"device": str(self.decoder.device), "identical": False, "error": repr(exc)}
+        if not self.stream_check["identical"]:
+            log.warning("prefills on %s stay on the engine loop's thread: a forward on their own stream does not "
+                        "reproduce it (%s)", self.decoder.device, self.stream_check)
+            self._prefiller = None
+
     def stop(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread.ident:
             self._thread.join(timeout=30)
+        if self._prefiller is not None:
+            self._prefiller.stop()
 
     def submit(self, request: Request) -> Request:
         with self._cond:
@@ -147,7 +176,7 @@ class Scheduler(Admission, Isolation):
             self.decoder.bind_thread()
             while True:
                 with self._cond:
-                    while not self._stop and not self._pending and not any(self.slots) and self._inflight is None:
+                    while not self._stop and not self._runnable():
                         self._cond.wait()
                     if self._stop or self.dead is not None:
                         break
@@ -160,6 +189,18 @@ class Scheduler(Admission, Isolation):
             return
         self._drain(EngineDead("The engine stopped."))
 
+    def _runnable(self) -> bool:
+        """Whether the loop has anything to do now (checked under `_cond`)."""
+        if any(self.slots) or self._inflight is not None:
+            return True
+        if self._prefilling is not None:  # nothing to step: wait for the prefill (it wakes the loop)
+            return self._prefilling.done
+        return bool(self._pending or self._limbo)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _die(self, exc: BaseException) -> None:
         error = exc if isinstance(exc, EngineDead) else EngineDead(
             f"The engine on {self.decoder.device} failed and cannot go on: {type(exc).__name__}: {exc}")
@@ -171,6 +212,8 @@ class Scheduler(Admission, Isolation):
         log.critical("engine on %s is dead (%s); returning its %d page(s) to the queue", self.decoder.device,
                      error.message, self.load(), exc_info=exc if exc is not error else None)
         self._drain(error)
+        if self._prefiller is not None:
+            self._prefiller.stop(timeout=0)
         if self.on_dead is not None:
             try:
                 self.on_dead(error)
@@ -185,6 +228,9 @@ class Scheduler(Admission, Isolation):
                 self._resolve(request, error=error)
         for request in list(self._limbo):
             self._resolve(request, error=error)
+        job, self._prefilling = self._prefilling, None
+        for request in job.pages if job is not None else ():
+            self._resolve(request, error=error)
         with self._cond:
             while self._pending:
                 self._resolve(self._pending.popleft(), error=error)
@@ -194,46 +240,6 @@ class Scheduler(Admission, Isolation):
 
     def _occupied(self) -> list[int]:
         return [slot for slot, r in enumerate(self.slots) if r is not None]
-
-    def _prefill(self, slots: list[int], chunk: list[Request]) -> None:
-        """Prefill `chunk` into `slots`; on failure retry in halves, down to the page that fails alone."""
-        now = time.monotonic()
-        for request in chunk:
-            request.admitted = request.admitted or now
-        try:
-            firsts = self.decoder.prefill(slots, join_prompts([r.inputs for r in chunk], self.decoder.device))
-        except Exception as exc:
-            self.failed_prefills += 1
-            self._check_device(exc)
-            for slot in slots:
-                self.decoder.release(slot)
-            if _out_of_memory(exc):
-                self.decoder.free_memory()
-                if len(chunk) > 1 and self.prefill_batch > len(chunk) // 2:
-                    self.prefill_batch = max(1, len(chunk) // 2)
-                    log.warning("prefill of %d pages ran out of memory: prefilling at most %d at a time from now on",
-                                len(chunk), self.prefill_batch)
-            if len(chunk) == 1:
-                log.error("prefill failed for one page: %s: %s", type(exc).__name__, exc)
-                self._resolve(chunk[0], error=exc)
-                return
-            log.warning("prefill of %d pages failed (%s: %s); retrying in halves", len(chunk), type(exc).__name__, exc)
-            mid = len(chunk) // 2
-            self._prefill(slots[:mid], chunk[:mid])
-            self._prefill(slots[mid:], chunk[mid:])
-            return
-        self._accounted = time.monotonic()
-        elapsed = self._accounted - now
-        self.prefill_seconds += elapsed
-        self._report("prefill", len(chunk), elapsed)
-        now = time.monotonic()
-        for slot, request, token in zip(slots, chunk, firsts, strict=True):
-            self._limbo.remove(request)
-            request.inputs = {}  # the pixels are no longer needed
-            request.first_token = now
-            request.watch = self.guard.watch() if self.guard is not None else None
-            self.slots[slot] = request
-            self._advance(slot, request, token)
 
     def _decode(self) -> None:
         """One step for every page in flight, launched before the previous step's tokens are read: the
@@ -354,6 +360,3 @@ class _Launched:
     def __init__(self, pages: list[tuple[int, Request]], handle, started: float) -> None:
         self.pages, self.handle, self.started = pages, handle, started
 
-
-def _out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()

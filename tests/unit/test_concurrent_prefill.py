@@ -1,0 +1,163 @@
+"""Prefills beside the decode steps (`OCR_PREFILL_CONCURRENT`, `engines/prefill.py`), on the tiny
+Qwen2.5-VL on the CPU, where the prefill thread's torch calls really run while the loop's do: pages in
+flight go on decoding while a page's prefill runs, every page still decodes exactly as alone, and a
+page being prefilled is resolved exactly once, whether its job is cancelled or the engine dies meanwhile.
+(The fault tests in test_engine_faults.py run with prefills both ways.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from gnosis_ocr.errors import EngineDead
+from gnosis_ocr.worker.engines import Cancelled, prefill
+from gnosis_ocr.worker.engines.scheduler import Scheduler
+from tests.unit.test_batching import page, reference, wait
+from tests.unit.test_engine_faults import Faulty
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=32,
+                         batch_size=3, prefill_batch=2, prefill_gather=0, repetition_window=0,
+                         prefill_concurrent="on")
+    yield eng
+    eng.close()
+
+
+class Gate:
+    """Holds the prefill of one page (told by its pixels) until opened; says when that prefill began."""
+
+    def __init__(self, request) -> None:
+        self.pixels = request.inputs["pixel_values"]
+        self.entered, self.opened = threading.Event(), threading.Event()
+
+    def __call__(self, decoder, pages) -> None:
+        if any(p["pixel_values"] is self.pixels for p in pages):
+            self.entered.set()
+            assert self.opened.wait(60), "the test never opened the gate"
+
+
+@pytest.fixture
+def loop(engine):
+    scheduler = Scheduler(Faulty(engine.model, slots=3, max_len=engine.max_len + 400), eos_ids=set(),
+                          prefill_batch=2, concurrent=True).start()
+    yield scheduler
+    scheduler.stop()
+
+
+def until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.002)  # polling the loop's state: it has no event for this
+
+
+def test_the_engine_runs_prefills_beside_the_decode_steps_and_says_so(engine):
+    scheduler = engine.schedulers[0]
+    assert scheduler.concurrent and engine.attention_paths["cpu"]["prefill"] == "concurrent"
+    assert scheduler.stream_check["identical"], scheduler.stream_check
+
+
+def test_a_page_in_flight_decodes_to_its_end_while_another_pages_prefill_runs(engine, loop):
+    running = loop.submit(engine._request(page(0), max_new_tokens=24))
+    until(lambda: running.first_token is not None)
+    held = engine._request(page(1), max_new_tokens=24)
+    gate = loop.decoder.prefill_fault = Gate(held)
+    loop.submit(held)
+    assert gate.entered.wait(60)
+    # The held prefill blocks nothing but itself: the seated page decodes all its tokens meanwhile.
+    assert wait(running).error is None and running.tokens == reference(engine, page(0), 24)
+    assert not held.done.is_set() and held.first_token is None
+    gate.opened.set()
+    assert wait(held).error is None and held.tokens == reference(engine, page(1), 24)
+
+
+def test_pages_from_many_threads_decode_exactly_as_alone(engine):
+    """Ragged pages, more than the slots, arriving from threads: prefills and steps interleave in every
+    order, and each page's tokens are still `generate`'s."""
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = engine.recognize(page(i), deadline=time.monotonic() + 120)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(7)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert sorted(results) == list(range(7))
+    for i, text in results.items():
+        expected = engine.page_prompt.decode(reference(engine, page(i), 32))
+        assert text.text == expected, f"page {i}"
+
+
+def test_a_page_cancelled_while_its_prefill_runs_leaves_once_and_its_slot_serves_the_next(engine, loop):
+    held = engine._request(page(2), max_new_tokens=24)
+    gate = loop.decoder.prefill_fault = Gate(held)
+    loop.submit(held)
+    assert gate.entered.wait(60)
+    held.cancel()
+    gate.opened.set()
+    assert isinstance(wait(held).error, Cancelled) and held.resolutions == 1
+    until(lambda: not any(loop.slots))
+    after = loop.submit(engine._request(page(2), max_new_tokens=24))
+    assert wait(after).error is None and after.tokens == reference(engine, page(2), 24)
+
+
+def test_an_engine_that_dies_during_a_prefill_resolves_that_page_once(engine, loop):
+    running = loop.submit(engine._request(page(0), max_new_tokens=100_000))
+    until(lambda: running.first_token is not None)
+    held = engine._request(page(1), max_new_tokens=24)
+    gate = loop.decoder.prefill_fault = Gate(held)
+    loop.submit(held)
+    assert gate.entered.wait(60)
+    loop.kill(EngineDead("the device was lost"))  # as a page thread does when the loop stops answering
+    assert isinstance(wait(held).error, EngineDead) and isinstance(wait(running).error, EngineDead)
+    gate.opened.set()  # the prefill ends after its page was handed back: nothing is resolved twice
+    loop.stop()
+    assert held.resolutions == 1 and running.resolutions == 1
+
+
+def test_a_prefill_stream_that_does_not_reproduce_the_forward_is_not_used(tiny_model, monkeypatch, caplog):
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+
+    def differs(decoder, pages, stream):
+        return {"device": str(decoder.device), "identical": False, "max_abs_diff": 0.5}
+
+    monkeypatch.setattr(prefill, "check_stream", differs)
+    monkeypatch.setattr("gnosis_ocr.worker.engines.scheduler.check_stream", differs)
+    eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=8,
+                         batch_size=2, repetition_window=0, prefill_concurrent="on")
+    try:
+        assert not eng.schedulers[0].concurrent and eng.attention_paths["cpu"]["prefill"] == "serial"
+        assert "stay on the engine loop's thread" in caplog.text
+        assert eng.recognize(page(0)).text == eng.page_prompt.decode(reference(eng, page(0), 8))
+    finally:
+        eng.close()
+
+
+def test_the_stream_check_compares_every_layer_bit_for_bit(engine):
+    request = engine._request(page(3))
+    decoder = engine.schedulers[0].decoder
+    check = prefill.check_stream(decoder, [request.inputs], None)
+    assert check["identical"] and check["max_abs_diff"] == 0.0
+    original = decoder.forward
+
+    def nudged(pages, *, stream=None):  # one layer's keys off by a rounding step, on "the stream" only
+        out = original(pages)
+        if stream is not None:
+            keys, values = out.layers[-1]
+            out.layers[-1] = (keys + torch.finfo(keys.dtype).eps * keys.abs().max(), values)
+        return out
+
+    decoder.forward = nudged
+    try:
+        assert not prefill.check_stream(decoder, [request.inputs], object())["identical"]
+    finally:
+        del decoder.forward

@@ -48,7 +48,7 @@ class DeviceStandIn:
     of `b` pages takes `step_ms(b)`, a prefill `prefill_ms` per page, both waited for without the GIL."""
 
     def __init__(self, slots: int, *, step_ms: tuple[float, float], prefill_ms: float, vocab: int = 150_000,
-                 launches: int = 0, chunk_ms: float = 0.0) -> None:
+                 launches: int = 0, chunk_ms: float = 0.0, contention: float = 1.0) -> None:
         import torch
 
         self.slots = slots
@@ -75,6 +75,12 @@ class DeviceStandIn:
         the GIL and must take it back while the page threads want it. 0: one wait, as if it were free."""
         self._one = torch.ones(1)
         self._out = torch.empty(1)
+        # A prefill on a stream of its own (OCR_PREFILL_CONCURRENT) shares the device with the steps: while
+        # both run, each goes at `rate` of its own speed. 0 contention: both at full speed (the prefill's
+        # GEMMs fill what the steps' memory-bound kernels leave idle); 1: half each, no better than one
+        # after the other. A real GPU is somewhere between; the GPU benchmark measures where.
+        self.rate = (2 - contention) / 2
+        self.side_free_at = 0.0
 
     def step_seconds(self, b: int) -> float:
         one, full = self.step_ms  # measured: 7.05 ms for 1 page, 8.87 ms for 64 (docs/benchmarks.md)
@@ -89,6 +95,8 @@ class DeviceStandIn:
     def launch(self, batch: int, length: int) -> Launched:
         seconds = self.step_seconds(batch)
         self.step_device_seconds += seconds
+        if max(time.monotonic(), self.free_at) < self.side_free_at:  # a prefill runs beside it
+            seconds /= self.rate
         # A GPU hands back a tensor too: `.tolist()` on it is the loop's cost, the draw here is not.
         tokens = self._torch.randint(self.vocab, (batch,), generator=self._generator)
         return Launched(tokens, self._queue(seconds))
@@ -103,12 +111,25 @@ class DeviceStandIn:
         _wait_until(launched.event)
         return launched.tokens
 
-    def prefill(self, slots, inputs) -> list[int]:
-        done = self._queue((self.chunk_ms + self.prefill_ms * len(slots)) / 1000)
+    def forward(self, pages, *, stream=None) -> list[int]:
+        seconds = (self.chunk_ms + self.prefill_ms * len(pages)) / 1000
+        if stream is None:  # behind the steps on their queue
+            done = self._queue(seconds)
+        else:
+            self.device_seconds += seconds
+            self.side_free_at = done = max(time.monotonic(), self.side_free_at) + seconds / self.rate
         for _ in range(self.launches):  # as a kernel launch: the GIL let go and taken back
             self._torch.add(self._one, self._one, out=self._out)
         _wait_until(done)  # its first tokens are read at once
-        return self._torch.randint(self.vocab, (len(slots),), generator=self._generator).tolist()
+        return self._torch.randint(self.vocab, (len(pages),), generator=self._generator).tolist()
+
+    def seat(self, slots, firsts: list[int]) -> list[int]:
+        self._queue(0.0003)  # 72 copies into the cache, behind the step in flight
+        return firsts
+
+    @staticmethod
+    def side_stream() -> str:
+        return "side"
 
     def release(self, slot: int) -> None:
         pass
@@ -156,7 +177,8 @@ def _synchronous():
 
 def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, slots: int, prefetch: int,
              seconds: float, step_ms: tuple[float, float], prefill_ms: float, prompt, png: bytes,
-             redis_url: str, launches: int = 0, chunk_ms: float = 0.0, gather: float = 0.0) -> dict:
+             redis_url: str, launches: int = 0, chunk_ms: float = 0.0, gather: float = 0.0,
+             concurrent: bool = False, contention: float = 1.0) -> dict:
     import redis
     import torch
     from PIL import Image
@@ -176,11 +198,12 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
         return made
 
     ready = inputs()
-    device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms, launches=launches, chunk_ms=chunk_ms)
+    device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms, launches=launches, chunk_ms=chunk_ms,
+                           contention=contention)
     guard = RepetitionGuard(512, max_tokens=4096)
     loop = Scheduler if overlap else Synchronous
     scheduler = loop(device, eos_ids=set(), prefill_batch=4, gather=gather, guard=guard,
-                     on_work=lambda phase, pages, secs: work(phase, pages, secs))
+                     on_work=lambda phase, pages, secs: work(phase, pages, secs), concurrent=concurrent)
     prefilled = [0]
     chunks: dict[int, int] = {}  # prefills by pages, once the batch is full
 
@@ -243,7 +266,8 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
     host = wall - device_s
     result = {
         "mode": name, "prepare_pages": prepare, "overlap": overlap, "switch_interval_ms": (switch or previous) * 1000,
-        "chunk_ms": chunk_ms, "gather_s": gather,
+        "chunk_ms": chunk_ms, "gather_s": gather, "concurrent": concurrent,
+        "contention": contention if concurrent else None,
         "seconds": round(wall, 2), "steps": steps, "pages_finished": pages, "tokens": tokens,
         "mean_batch": round(tokens / max(steps, 1), 1),
         "device_busy": round(device_s / wall, 3),
@@ -278,6 +302,11 @@ def main() -> None:
                         help="a prefill's cost whatever its pages (the host's launches, reads), beside --prefill-ms")
     parser.add_argument("--gather", default="0",
                         help="OCR_PREFILL_GATHER_MS values, comma-separated: each mode runs once with each")
+    parser.add_argument("--concurrent", default="0",
+                        help="OCR_PREFILL_CONCURRENT off (0) and on (1), comma-separated: each mode runs with each")
+    parser.add_argument("--contention", default="1",
+                        help="with prefills concurrent: how much the prefill and the steps slow each other, 0 (not "
+                             "at all) to 1 (half speed each while both run); comma-separated")
     parser.add_argument("--max-side", type=int, default=1280)
     parser.add_argument("--redis-url", default=os.environ.get("GNOSIS_REDIS_URL", "redis://127.0.0.1:6379/15"))
     parser.add_argument("--modes", default="alone_sync,alone,pages_sync,pages",
@@ -303,14 +332,19 @@ def main() -> None:
               "slots": args.slots, "prefetch": args.prefetch, "step_ms": step_ms, "prefill_ms": args.prefill_ms,
               "prefill_launches": args.prefill_launches, "chunk_ms": args.chunk_ms,
               "prompt_tokens": int(prompt.inputs(a4_page(args.max_side))["input_ids"].shape[1]), "modes": []}
-    for name, gather in itertools.product(args.modes.split(","), args.gather.split(",")):
+    runs = [(name, gather, False, 1.0) for name in args.modes.split(",") for gather in args.gather.split(",")
+            if "0" in args.concurrent.split(",")]
+    runs += [(name, gather, True, float(c)) for name in args.modes.split(",") for gather in args.gather.split(",")
+             for c in args.contention.split(",") if "1" in args.concurrent.split(",")]
+    for name, gather, concurrent, contention in runs:
         prepare, overlap = name.startswith("pages"), not name.endswith("_sync")
         switch = args.switch_ms / 1000 if args.switch_ms else None
         report["modes"].append(run_mode(name, prepare=prepare, overlap=overlap, switch=switch, slots=args.slots,
                                         prefetch=args.prefetch, seconds=args.seconds, step_ms=step_ms,
                                         prefill_ms=args.prefill_ms, prompt=prompt, png=png,
                                         redis_url=args.redis_url, launches=args.prefill_launches,
-                                        chunk_ms=args.chunk_ms, gather=float(gather) / 1000))
+                                        chunk_ms=args.chunk_ms, gather=float(gather) / 1000,
+                                        concurrent=concurrent, contention=contention))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=2)

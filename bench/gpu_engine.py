@@ -161,7 +161,8 @@ def scheduler_for(engine, slots: int):
                             attention_mode=default.decoder.attention)
     started = time.perf_counter()
     captured = decoder.warm_up()
-    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=default.prefill_batch, gather=default.gather).start()
+    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=default.prefill_batch, gather=default.gather,
+                          concurrent=default.concurrent).start()
     return scheduler, {"captures": captured, "capture_s": round(time.perf_counter() - started, 1)}
 
 
@@ -187,6 +188,7 @@ def engine_alone(torch, engine, page, batches: list[int], pages_per_slot: int) -
             torch.cuda.reset_peak_memory_stats()
         row = {"batch": slots, "default": scheduler is default, **warm, **run_batch(torch, engine, scheduler, requests),
                "peak_gib": peak_gib(torch)}
+        row["prefill"] = "concurrent" if scheduler.concurrent else "serial"
         rows.append(row)
         print(f"   B={slots}: {row}", file=sys.stderr, flush=True)
         if scheduler is not default:
@@ -194,6 +196,16 @@ def engine_alone(torch, engine, page, batches: list[int], pages_per_slot: int) -
             del scheduler
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    if default.concurrent:  # the same batch with prefills on the loop's thread: what running them beside buys
+        prefiller, default._prefiller = default._prefiller, None  # idle now: nothing is being prefilled
+        try:
+            count = max(len(MIX), pages_per_slot * default.capacity)
+            requests = requests_for(engine, [page] * count, [MIX[i % len(MIX)] for i in range(count)])
+            rows.append({"batch": default.capacity, "default": True, "prefill": "serial",
+                         **run_batch(torch, engine, default, requests)})
+            print(f"   B={default.capacity} serial prefills: {rows[-1]}", file=sys.stderr, flush=True)
+        finally:
+            default._prefiller = prefiller
     return {"rows": rows}
 
 
@@ -298,7 +310,7 @@ def float32_mismatches(torch, path: str, pages, new_tokens: int) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     engine = NanonetsEngine(path, model_id="fp32 check", revision="0" * 40, max_new_tokens=new_tokens,
                             repetition_window=0, devices=["auto"], max_side=1280, batch_size=len(pages),
-                            dtype="float32")
+                            dtype="float32", prefill_concurrent=os.environ.get("OCR_PREFILL_CONCURRENT", "auto"))
     try:
         return {"dtype": "float32", "tf32": False, "checks": engine.checks,
                 **mismatches(torch, engine, pages, new_tokens)}
@@ -343,6 +355,7 @@ def main() -> None:
     path = checkpoint(torch, args.tiny)
     report.data["checkpoint_s"] = round(time.perf_counter() - started, 1)
     compare = [a4_page(160 if args.tiny else 1280)] + [_other_page(i, args.tiny) for i in range(args.compare_pages - 1)]
+    concurrent = os.environ.get("OCR_PREFILL_CONCURRENT", "auto")
     if wanted & {"vision", "single_page", "engine_alone", "mismatches", "kernels", "decode_attention"}:
         from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
@@ -350,7 +363,7 @@ def main() -> None:
         def load(graphs=None):
             return NanonetsEngine(path, model_id="nanonets/Nanonets-OCR-s (random weights)", revision="0" * 40,
                                   max_new_tokens=max(MIX), repetition_window=0, devices=["auto"], max_side=1280,
-                                  graphs=graphs)
+                                  graphs=graphs, prefill_concurrent=concurrent)
 
         try:
             engine = load()
@@ -369,7 +382,8 @@ def main() -> None:
                                  "graph_vs_eager": engine.checks, "vision_attention": engine.vision_checks,
                                  "decode_attention": engine.attention_checks, "paths": engine.attention_paths,
                                  "norm": [f"{s.decoder.rms_path}: {s.decoder.rms_reason}" for s in engine.schedulers],
-                                 "projections": [s.decoder.stacked_reason for s in engine.schedulers]}
+                                 "projections": [s.decoder.stacked_reason for s in engine.schedulers],
+                                 "prefill_stream": [s.stream_check for s in engine.schedulers]}
         report.save()
         page = a4_page(160 if args.tiny else 1280)
         probe = engine._request(page)
@@ -421,6 +435,8 @@ def reference_flash() -> None:
     attention.unavailable = lambda *args: None
     attention.varlen = flashref.varlen
     norm.has_fused_kernel = lambda device: True
+    # Prefills beside the decode steps, as OCR_PREFILL_CONCURRENT=auto runs them on a GPU.
+    os.environ["OCR_PREFILL_CONCURRENT"] = "on"
 
 
 def _other_page(i: int, tiny: bool):
@@ -441,14 +457,16 @@ def summary(data: dict) -> None:
     print(f"default batch {engine.get('default_batch')}, prompt {engine.get('prompt_tokens')} tokens, "
           f"captures at warm-up {engine.get('captures_at_warm_up')}, after {data.get('captures_after_warm_up')}")
     rows = data.get("engine_alone", {}).get("rows", [])
-    print(f"{'B':>4} {'pages':>6} {'pages/s':>8} {'tok/s':>8} {'ms/step':>8} {'mean B':>7} {'prefill ms/page':>16} "
-          f"{'peak GiB':>9}")
+    print(f"{'B':>4} {'prefill':>10} {'pages':>6} {'pages/s':>8} {'tok/s':>8} {'ms/step':>8} {'mean B':>7} "
+          f"{'prefill ms/page':>16} {'peak GiB':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['batch']:>4} {r['error']}")
             continue
-        print(f"{r['batch']:>4} {r['pages']:>6} {r['pages_per_s']:>8} {r['tokens_per_s']:>8} {r['ms_per_step']:>8} "
-              f"{r['mean_batch']:>7} {r['prefill_ms_per_page']:>16} {r['peak_gib']!s:>9}")
+        print(f"{r['batch']:>4} {r.get('prefill', '-'):>10} {r['pages']:>6} {r['pages_per_s']:>8} "
+              f"{r['tokens_per_s']:>8} {r['ms_per_step']:>8} {r['mean_batch']:>7} {r['prefill_ms_per_page']:>16} "
+              f"{r.get('peak_gib')!s:>9}")
+    print("prefill stream check:", engine.get("prefill_stream"))
     print("vision tower (the library's per window and Conv3d vs one call per layer and a GEMM):", data.get("vision"))
     print("single page:", data.get("single_page"))
     print("graph replay vs eager:", engine.get("graph_vs_eager"))

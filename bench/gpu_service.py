@@ -5,6 +5,7 @@ one-page jobs at once. The `service` section of `bench/gpu_engine.py` (on a GPU)
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -35,7 +36,10 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, s
                "OCR_MAX_NEW_TOKENS": str(max(MIX)), "OCR_REPETITION_WINDOW": "0", "OCR_BATCH_SIZE": str(batch),
                "GNOSIS_WORKER_PORT": str(worker_port),
                "GNOSIS_BENCH_LENGTHS": ",".join(map(str, MIX)), "GNOSIS_LOG_LEVEL": "INFO",
-               **({"GNOSIS_BENCH_STANDIN": standin} if standin else {}), **(settings or {})}
+               **({"GNOSIS_BENCH_STANDIN": standin} if standin else {}),
+               # `--tiny` runs prefills beside the steps on the CPU too, as a GPU does by default.
+               **({"OCR_PREFILL_CONCURRENT": os.environ["OCR_PREFILL_CONCURRENT"]}
+                  if "OCR_PREFILL_CONCURRENT" in os.environ else {}), **(settings or {})}
         url = stack.api(workers=2, threads=16)
         started = time.perf_counter()
         worker = Proc([sys.executable, "-m", "bench.service_worker", "worker"], {**stack.env, **env},

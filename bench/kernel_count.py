@@ -76,6 +76,7 @@ def main() -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from gnosis_ocr.worker.engines import decoder, norm
+    from gnosis_ocr.worker.engines import prefill as prefill_module
     from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
     # The step as a CUDA device runs it: torch's fused RMSNorm (one kernel), which a CPU lacks.
@@ -109,30 +110,30 @@ def main() -> None:
             return func(*args, **(kwargs or {}))
 
     prefills: list[dict] = []
-    prefill, rope_index = decoder.StaticDecoder.prefill, decoder.StaticDecoder.rope_index
+    prefill, rope_index = decoder.StaticDecoder.prefill, prefill_module.rope_index
     counting: list[Calls] = []
 
-    def counted(self, slots, inputs):
+    def counted(self, slots, pages):
         calls = Calls()
         counting[:] = [calls]
         with calls:
-            firsts = prefill(self, slots, inputs)
+            firsts = prefill(self, slots, pages)
         prefills.append({"pages": len(slots), "calls": calls.calls, "device_reads": calls.reads,
                          "rope_index_reads": calls.rope_reads})
         return firsts
 
-    def rope_reads_apart(self, inputs):
+    def rope_reads_apart(model, inputs):
         # Counted apart: the engine computes rope positions from the host's copy of the token ids (since
         # 2026-12-07; before, from the device's, where each of these reads waited for the device).
         calls = counting[0]
         reads, calls.reads = calls.reads, {}
         try:
-            return rope_index(self, inputs)
+            return rope_index(model, inputs)
         finally:
             calls.rope_reads, calls.reads = calls.reads, reads
 
     decoder.StaticDecoder.prefill = counted
-    decoder.StaticDecoder.rope_index = rope_reads_apart
+    prefill_module.rope_index = rope_reads_apart
     path = checkpoint(args.depth, args.layers)
     engine = NanonetsEngine(str(path), model_id="kernel-count", revision="0" * 40, max_new_tokens=2,
                             repetition_window=0, devices=["cpu"], max_side=1280)

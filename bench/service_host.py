@@ -12,8 +12,9 @@ alone is the same stand-in and scheduler fed by page threads with the same proce
     python bench/service_host.py --slots 128 --out docs/results/service_host.json
 
 The ratio (service steady pages/s ÷ engine alone) is what the host costs the GPU's throughput.
-`--chunk-ms` gives each prefill a cost whatever its pages, and `--gather 0,250` runs both once per
-`OCR_PREFILL_GATHER_MS` value (docs/benchmarks.md).
+`--chunk-ms` gives each prefill a cost whatever its pages, `--gather 0,250` runs both once per
+`OCR_PREFILL_GATHER_MS` value, and `--concurrent 0,1` once with prefills on the engine loop's thread and
+once beside the steps (`OCR_PREFILL_CONCURRENT`, at `--contention`) (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def main() -> None:
     parser.add_argument("--gather", default=None,
                         help="OCR_PREFILL_GATHER_MS values, comma-separated: the engine and the service once each "
                              "(default: the worker's own)")
+    parser.add_argument("--concurrent", default="0",
+                        help="OCR_PREFILL_CONCURRENT off (0) and on (1), comma-separated: a run with each")
+    parser.add_argument("--contention", type=float, default=0.5,
+                        help="with prefills concurrent: how much they and the steps slow each other, 0 to 1")
     parser.add_argument("--engine-seconds", type=float, default=30, help="the engine alone, once its batch is full")
     parser.add_argument("--redis-url", default=os.environ.get("GNOSIS_REDIS_URL", "redis://127.0.0.1:6379/15"))
     parser.add_argument("--out")
@@ -73,20 +78,24 @@ def main() -> None:
     from gnosis_ocr import defaults
 
     path = checkpoint()
-    for gather in (args.gather or str(defaults.DEFAULT_PREFILL_GATHER_MS)).split(","):
-        run: dict = {"gather_ms": float(gather)}
+    gathers = (args.gather or str(defaults.DEFAULT_PREFILL_GATHER_MS)).split(",")
+    for gather, concurrent in ((g, c == "1") for g in gathers for c in args.concurrent.split(",")):
+        run: dict = {"gather_ms": float(gather), "concurrent": concurrent,
+                     "contention": args.contention if concurrent else None}
         report["runs"].append(run)
         alone = run_mode("pages", prepare=True, overlap=True, switch=None, slots=args.slots, prefetch=4,
                          seconds=args.engine_seconds, step_ms=step_ms, prefill_ms=args.prefill_ms,
                          prompt=PagePrompt(build_processor()), png=page_png(1280), redis_url=args.redis_url,
-                         chunk_ms=args.chunk_ms, gather=float(gather) / 1000)
+                         chunk_ms=args.chunk_ms, gather=float(gather) / 1000, concurrent=concurrent,
+                         contention=args.contention)
         alone["pages_per_s_at_mix"] = round(alone["output_tokens_per_s"] / (sum(MIX) / len(MIX)), 2)
         run["engine_alone"] = alone
         save()
         started = time.perf_counter()
-        spec = f"{step_ms[0]},{step_ms[1]},{args.prefill_ms},{args.chunk_ms}"
+        spec = f"{step_ms[0]},{step_ms[1]},{args.prefill_ms},{args.chunk_ms},{args.contention}"
         run["service"] = service(path, jobs=args.jobs, clients=args.clients, tiny=False, batch=args.slots,
-                                 standin=spec, settings={"OCR_PREFILL_GATHER_MS": gather})
+                                 standin=spec, settings={"OCR_PREFILL_GATHER_MS": gather,
+                                                         "OCR_PREFILL_CONCURRENT": "on" if concurrent else "off"})
         run["service"]["wall_s"] = round(time.perf_counter() - started, 1)
         steady = run["service"].get("steady_pages_per_s")
         run["service_over_engine"] = round(steady / alone["pages_per_s_at_mix"], 3) if steady else None

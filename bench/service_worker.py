@@ -42,16 +42,17 @@ def patch(lengths: list[int]) -> None:
 
 def standin(spec: str) -> None:
     """Each device's decoder replaced by bench/engine_host.py's stand-in ("step ms for 1 page, for 64,
-    prefill ms per page[, ms per prefill whatever its pages]"): the whole service at a GPU's speed, on any
-    machine. Only the device's work is simulated; the processor, scheduler, Celery, Redis and the API are
-    the real ones."""
+    prefill ms per page[, ms per prefill whatever its pages[, contention of a concurrent prefill]]"): the
+    whole service at a GPU's speed, on any machine. Only the device's work is simulated; the processor,
+    scheduler, Celery, Redis and the API are the real ones."""
     from bench.engine_host import DeviceStandIn
     from gnosis_ocr.worker.engines import nanonets
 
-    one, full, prefill, *chunk = (float(x) for x in spec.split(","))
+    one, full, prefill, *more = (float(x) for x in spec.split(","))
+    chunk, contention = (more + [0.0, 1.0][len(more):])[:2]
 
     def decoder(model, *, slots, **options):
-        return DeviceStandIn(slots, step_ms=(one, full), prefill_ms=prefill, chunk_ms=chunk[0] if chunk else 0.0)
+        return DeviceStandIn(slots, step_ms=(one, full), prefill_ms=prefill, chunk_ms=chunk, contention=contention)
 
     nanonets.StaticDecoder = decoder
     nanonets.NanonetsEngine.warm_up = lambda self, max_side: None  # nothing to capture

@@ -127,8 +127,6 @@ def prefills(torch, engine, page, sizes: tuple[int, ...] = (1, 4), reps: int = 3
     it, and gathering freed slots into bigger chunks would pay (docs/benchmarks.md)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from gnosis_ocr.worker.engines.decoder import join_prompts
-
     decoder = engine.schedulers[0].decoder  # idle here: its slots are free
     cuda = decoder.device.type == "cuda"
     one = engine._request(page).inputs
@@ -139,7 +137,7 @@ def prefills(torch, engine, page, sizes: tuple[int, ...] = (1, 4), reps: int = 3
 
         def run() -> None:
             with decoder.device_context():
-                decoder.prefill(slots, join_prompts([dict(one) for _ in slots], decoder.device))
+                decoder.prefill(slots, [dict(one) for _ in slots])
             for slot in slots:
                 decoder.release(slot)
 
@@ -182,16 +180,12 @@ def behind_a_step(torch, engine, one: dict, reps: int = 3) -> dict:
         decoder.step(b, L)
 
     def prefill() -> None:
-        decoder.prefill(slot, dict(one))
+        decoder.prefill(slot, [dict(one)])
 
     def on_side() -> None:
-        if side is None:
-            return prefill()
-        # Not ordered after the step on purpose (its inputs come from the host): that is what is measured.
-        # The engine would also have to order the page's slot state after the step; here nothing reads it.
-        with torch.cuda.stream(side):
-            prefill()
-        torch.cuda.current_stream(decoder.device).wait_stream(side)
+        # As the engine does with OCR_PREFILL_CONCURRENT: the forward on a stream of its own, not ordered
+        # after the step (its inputs come from the host), and the seat behind the step on the step's stream.
+        decoder.seat(slot, decoder.forward([dict(one)], stream=side))
 
     def timed(*parts) -> float:
         with decoder.device_context():

@@ -162,18 +162,24 @@ def test_a_cancelled_page_leaves_at_the_next_step(engine):
     assert wait(keep).error is None and keep.tokens == reference(engine, page(0), 48)
 
 
-def test_recognize_from_many_threads_returns_each_pages_text(engine):
+def recognize_from_threads(engine, pages: int, timeout: float = 60) -> dict:
+    """`engine.recognize` of pages 0..pages-1, each from a thread of its own, all at once: their results."""
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
-        results[i] = engine.recognize(page(i))
+        results[i] = engine.recognize(page(i), deadline=time.monotonic() + timeout)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(pages)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
-    assert sorted(results) == list(range(6))
+        t.join(timeout * 1.5)
+    assert sorted(results) == list(range(pages))
+    return results
+
+
+def test_recognize_from_many_threads_returns_each_pages_text(engine):
+    results = recognize_from_threads(engine, 6)
     for i, result in results.items():
         expected = engine.tokenizer.decode(reference(engine, page(i), 48), skip_special_tokens=True)
         assert result.text == expected and result.timings.queue_seconds >= 0 and result.timings.first_token_seconds > 0

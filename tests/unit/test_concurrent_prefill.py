@@ -15,7 +15,7 @@ import torch
 from gnosis_ocr.errors import EngineDead
 from gnosis_ocr.worker.engines import Cancelled, prefill
 from gnosis_ocr.worker.engines.scheduler import Scheduler
-from tests.unit.test_batching import page, reference, wait
+from tests.unit.test_batching import page, recognize_from_threads, reference, wait
 from tests.unit.test_engine_faults import Faulty
 
 
@@ -64,13 +64,19 @@ def test_the_engine_runs_prefills_beside_the_decode_steps_and_says_so(engine):
     assert scheduler.stream_check["identical"], scheduler.stream_check
 
 
-def test_a_page_in_flight_decodes_to_its_end_while_another_pages_prefill_runs(engine, loop):
-    running = loop.submit(engine._request(page(0), max_new_tokens=24))
+def hold_beside_a_running_page(engine, loop, tokens: int):
+    """A page of `tokens` seated and decoding, then another whose prefill is held: both, and the gate."""
+    running = loop.submit(engine._request(page(0), max_new_tokens=tokens))
     until(lambda: running.first_token is not None)
     held = engine._request(page(1), max_new_tokens=24)
     gate = loop.decoder.prefill_fault = Gate(held)
     loop.submit(held)
     assert gate.entered.wait(60)
+    return running, held, gate
+
+
+def test_a_page_in_flight_decodes_to_its_end_while_another_pages_prefill_runs(engine, loop):
+    running, held, gate = hold_beside_a_running_page(engine, loop, 24)
     # The held prefill blocks nothing but itself: the seated page decodes all its tokens meanwhile.
     assert wait(running).error is None and running.tokens == reference(engine, page(0), 24)
     assert not held.done.is_set() and held.first_token is None
@@ -81,17 +87,7 @@ def test_a_page_in_flight_decodes_to_its_end_while_another_pages_prefill_runs(en
 def test_pages_from_many_threads_decode_exactly_as_alone(engine):
     """Ragged pages, more than the slots, arriving from threads: prefills and steps interleave in every
     order, and each page's tokens are still `generate`'s."""
-    results: dict[int, object] = {}
-
-    def run(i: int) -> None:
-        results[i] = engine.recognize(page(i), deadline=time.monotonic() + 120)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(7)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
-    assert sorted(results) == list(range(7))
+    results = recognize_from_threads(engine, 7, timeout=120)
     for i, text in results.items():
         expected = engine.page_prompt.decode(reference(engine, page(i), 32))
         assert text.text == expected, f"page {i}"
@@ -111,12 +107,7 @@ def test_a_page_cancelled_while_its_prefill_runs_leaves_once_and_its_slot_serves
 
 
 def test_an_engine_that_dies_during_a_prefill_resolves_that_page_once(engine, loop):
-    running = loop.submit(engine._request(page(0), max_new_tokens=100_000))
-    until(lambda: running.first_token is not None)
-    held = engine._request(page(1), max_new_tokens=24)
-    gate = loop.decoder.prefill_fault = Gate(held)
-    loop.submit(held)
-    assert gate.entered.wait(60)
+    running, held, gate = hold_beside_a_running_page(engine, loop, 100_000)
     loop.kill(EngineDead("the device was lost"))  # as a page thread does when the loop stops answering
     assert isinstance(wait(held).error, EngineDead) and isinstance(wait(running).error, EngineDead)
     gate.opened.set()  # the prefill ends after its page was handed back: nothing is resolved twice

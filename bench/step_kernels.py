@@ -164,8 +164,10 @@ def prefills(torch, engine, page, sizes: tuple[int, ...] = (1, 4), reps: int = 3
 def behind_a_step(torch, engine, one: dict, reps: int = 3) -> dict:
     """A one-page prefill started while a full batch's decode step is on the device, as in the engine's loop:
     on the step's stream, where the prefill's first read off the device waits for the step, and on a stream
-    of its own, where its reads wait for its own work only and its kernels may run beside the step's.
-    Against the step and the prefill alone: what a prefill stream would save (docs/benchmarks.md).
+    of its own, where its reads wait for its own work only and its kernels may run beside the step's (as
+    OCR_PREFILL_CONCURRENT runs it: the forward on its stream, the seat behind the step), and the same beside
+    a step on a high-priority stream, as the loop's thread steps then. Against the step and the prefill
+    alone: what the prefill stream saves, and what the priority does to the step (docs/benchmarks.md).
     The batch is paused (nothing advances) and the page goes into its last slot. A CPU has no streams: there
     the dry run goes through the rest."""
     from gnosis_ocr.worker.engines.decoder import bucket_for
@@ -174,10 +176,20 @@ def behind_a_step(torch, engine, one: dict, reps: int = 3) -> dict:
     b, slot, prompt = decoder.slots, [decoder.slots - 1], one["input_ids"].shape[1]
     L = bucket_for(min(prompt + 600, decoder.max_len), decoder.len_buckets)  # pages 600 tokens in, as above
     seat(torch, decoder, b, L, prompt)
-    side = torch.cuda.Stream(device=decoder.device) if decoder.device.type == "cuda" else None
+    cuda = decoder.device.type == "cuda"
+    side = torch.cuda.Stream(device=decoder.device) if cuda else None
+    high = torch.cuda.Stream(device=decoder.device, priority=-1) if cuda else None
 
     def step() -> None:
         decoder.step(b, L)
+
+    def priority_step() -> None:  # as the loop's thread steps with prefills beside (`bind_thread`)
+        if high is None:
+            return step()
+        high.wait_stream(torch.cuda.current_stream(decoder.device))
+        with torch.cuda.stream(high):
+            step()
+        torch.cuda.current_stream(decoder.device).wait_stream(high)
 
     def prefill() -> None:
         decoder.prefill(slot, [dict(one)])
@@ -201,7 +213,9 @@ def behind_a_step(torch, engine, one: dict, reps: int = 3) -> dict:
 
     try:
         return {"batch": b, "length_bucket": L, "step_ms": timed(step), "prefill_ms": timed(prefill),
-                "step_then_prefill_ms": timed(step, prefill), "prefill_on_its_own_stream_ms": timed(step, on_side)}
+                "step_then_prefill_ms": timed(step, prefill), "prefill_on_its_own_stream_ms": timed(step, on_side),
+                "priority_step_ms": timed(priority_step),
+                "prefill_beside_a_priority_step_ms": timed(priority_step, on_side)}
     finally:
         decoder.release(slot[0])
         decoder.lengths.zero_()

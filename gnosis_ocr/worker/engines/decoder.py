@@ -171,10 +171,19 @@ class StaticDecoder:
         """Kernels, streams and graph captures on this decoder's GPU, whatever the thread's current one."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def bind_thread(self) -> None:
-        """Make this decoder's GPU the calling thread's current device (the loop thread's, once)."""
+    def bind_thread(self, *, steps: bool = False) -> None:
+        """Make this decoder's GPU the calling thread's current device (the loop's and the prefill thread's,
+        once each). For the loop's, with `steps`, also a stream of the device's high priority, ordered after
+        all that was queued before (the warm-up): with prefills beside the steps, the GPU hands the SMs that
+        a prefill's kernels free to a step's first instead of sharing them alike (a priority orders waiting
+        work; nothing running is preempted). A graph's kernels take the priority of the stream it is
+        replayed on."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if steps:
+                stream = torch.cuda.Stream(device=self.device, priority=-1)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                torch.cuda.set_stream(stream)
 
     def healthy(self) -> bool:
         """Whether the device still runs work: after a sticky CUDA error every call raises."""

@@ -173,7 +173,7 @@ class Scheduler(Admission, Prefilling, Isolation):
 
     def _run(self) -> None:
         try:
-            self.decoder.bind_thread()
+            self.decoder.bind_thread(steps=self.concurrent)
             while True:
                 with self._cond:
                     while not self._stop and not self._runnable():

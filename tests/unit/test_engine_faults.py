@@ -22,7 +22,8 @@ class Faulty(StaticDecoder):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.step_fault = self.prefill_fault = self.release_fault = self.collect_fault = None
+        self.step_fault = self.prefill_fault = self.release_fault = self.collect_fault = self.seat_fault = None
+        self.bind_fault = None
         self.broken = False
 
     def step(self, batch, length):
@@ -34,6 +35,16 @@ class Faulty(StaticDecoder):
         if self.prefill_fault is not None:
             self.prefill_fault(self, pages)
         return super().forward(pages, stream=stream)
+
+    def seat(self, slots, prefilled):
+        if self.seat_fault is not None:
+            self.seat_fault(self, slots)
+        return super().seat(slots, prefilled)
+
+    def bind_thread(self, *, steps=False):
+        if self.bind_fault is not None:
+            self.bind_fault(self)
+        super().bind_thread(steps=steps)
 
     def collect(self, launched):
         if self.collect_fault is not None:
@@ -173,6 +184,40 @@ def test_a_prefill_out_of_memory_retries_smaller_and_loses_nothing(engine, loop)
     assert [r.error for r in requests] == [None, None]
     assert all(r.tokens == reference(engine, page(0), 24) for r in requests)
     assert loop.prefill_batch == 1, "later prefills are smaller"
+
+
+def test_a_failed_seat_fails_its_pages_alone(engine, loop):
+    """Copying a prefill into its slots fails once (the device still answers): those pages fail, the
+    others decode as alone, and each is resolved once."""
+    failures = iter([True])
+    loop.decoder.seat_fault = lambda d, slots: next(failures, False) and (_ for _ in ()).throw(
+        RuntimeError("copy into the cache failed"))
+    requests = settle([submit(engine, loop, i) for i in range(3)])
+    failed = [r for r in requests if r.error is not None]
+    assert len(failed) == 1 and isinstance(failed[0].error, RuntimeError), [r.error for r in requests]
+    for i, request in enumerate(requests):
+        if request.error is None:
+            assert request.tokens == reference(engine, page(i), 24), f"page {i}"
+    assert loop.alive and not loop.deaths and loop.failed_prefills == 1
+
+
+def test_a_prefill_thread_that_cannot_use_the_device_kills_the_engine_and_returns_every_page(engine):
+    def fault(decoder):
+        if threading.current_thread().name.endswith("-prefill"):
+            raise RuntimeError("CUDA error: invalid device ordinal")
+
+    decoder = Faulty(engine.model, slots=3, max_len=engine.max_len)
+    decoder.bind_fault = fault
+    deaths: list[BaseException] = []
+    loop = Scheduler(decoder, eos_ids=set(), prefill_batch=2, on_dead=deaths.append, concurrent=True)
+    requests = [submit(engine, loop, i) for i in range(3)]  # queued before it starts: a dead loop takes none
+    loop.start()
+    try:
+        settle(requests)
+        assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
+        assert len(deaths) == 1 and not loop.alive
+    finally:
+        loop.stop()
 
 
 def test_a_device_that_stops_answering_kills_the_engine_and_returns_every_page(engine, loop):

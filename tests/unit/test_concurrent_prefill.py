@@ -152,3 +152,56 @@ def test_the_stream_check_compares_every_layer_bit_for_bit(engine):
         assert not prefill.check_stream(decoder, [request.inputs], object())["identical"]
     finally:
         del decoder.forward
+
+
+class Occupancy:
+    """Records, for each forward, its pages and how many slots were busy as it began; `seen` is set when a
+    forward of `watch` pages begins."""
+
+    def __init__(self, loop, watch: int) -> None:
+        self.loop, self.watch, self.log, self.seen = loop, watch, [], threading.Event()
+
+    def __call__(self, decoder, pages) -> None:
+        self.log.append((len(pages), sum(r is not None for r in self.loop.slots)))
+        if len(pages) == self.watch:
+            self.seen.set()
+
+
+@pytest.fixture
+def full(engine):
+    """A two-slot scheduler whose slots hold two pages that decode until cancelled."""
+    loop = Scheduler(Faulty(engine.model, slots=2, max_len=engine.max_len + 100_000), eos_ids=set(),
+                     prefill_batch=2, concurrent=True).start()
+    busy = [loop.submit(engine._request(page(0), max_new_tokens=100_000)) for _ in range(2)]
+    until(lambda: all(r.first_token is not None for r in busy))
+    yield loop, busy
+    for request in busy:
+        request.cancel()
+    loop.stop()
+
+
+def test_a_full_chunk_is_prefilled_ahead_and_each_freed_slot_takes_a_page_at_once(engine, full):
+    loop, (first, second) = full
+    watch = loop.decoder.prefill_fault = Occupancy(loop, watch=2)
+    queued = [loop.submit(engine._request(page(0), max_new_tokens=12)) for _ in range(2)]
+    assert watch.seen.wait(60)
+    assert watch.log == [(2, 2)], "the chunk was prefilled while every slot was busy"
+    first.cancel()
+    assert wait(queued[0]).error is None and wait(queued[1]).error is None
+    assert queued[0].first_token >= first.finished, "seated in the slot the first page left"
+    assert queued[1].first_token >= queued[0].finished, "then in the slot the next page left"
+    assert not second.done.is_set(), "while the other page still decodes"
+    assert [r.tokens for r in queued] == [reference(engine, page(0), 12)] * 2
+    assert watch.log == [(2, 2)], "no other prefill: both pages came from the one ahead"
+
+
+def test_a_prefilled_page_waiting_for_a_slot_leaves_at_once_when_its_job_is_cancelled(engine, full):
+    loop, busy = full
+    watch = loop.decoder.prefill_fault = Occupancy(loop, watch=2)
+    queued = [loop.submit(engine._request(page(0), max_new_tokens=12)) for _ in range(2)]
+    assert watch.seen.wait(60)
+    queued[1].cancel()
+    assert isinstance(wait(queued[1]).error, Cancelled) and queued[1].resolutions == 1
+    assert not any(r.done.is_set() for r in busy), "every slot still busy"
+    busy[0].cancel()
+    assert wait(queued[0]).error is None and queued[0].tokens == reference(engine, page(0), 12)

@@ -36,10 +36,10 @@ class Faulty(StaticDecoder):
             self.prefill_fault(self, pages)
         return super().forward(pages, stream=stream)
 
-    def seat(self, slots, prefilled):
+    def seat(self, slots, prefilled, rows=None):
         if self.seat_fault is not None:
             self.seat_fault(self, slots)
-        return super().seat(slots, prefilled)
+        return super().seat(slots, prefilled, rows)
 
     def bind_thread(self, *, steps=False):
         if self.bind_fault is not None:
@@ -277,11 +277,26 @@ def test_a_failing_write_after_a_page_ends_kills_the_engine_and_returns_the_othe
     assert len(loop.deaths) == 1 and not loop.alive
 
 
-def test_a_failure_while_recovering_from_a_failed_prefill_kills_the_engine(engine, loop):
-    loop.decoder.prefill_fault = lambda d, p: (_ for _ in ()).throw(RuntimeError("prefill failed"))
-    loop.decoder.release_fault = lambda d, s: (_ for _ in ()).throw(RuntimeError("CUDA error: ECC error"))
+def test_a_prefill_that_leaves_the_device_unusable_kills_the_engine_and_returns_every_page(engine, loop):
+    def fault(decoder, pages):  # a sticky CUDA error inside the vision tower: every later call fails too
+        decoder.broken = True
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    loop.decoder.prefill_fault = fault
     requests = [engine._request(page(i), max_new_tokens=24) for i in range(3)]
     with loop._cond:  # queued together, before the loop takes the first
+        loop._pending.extend(requests)
+        loop._cond.notify()
+    settle(requests)
+    assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
+    assert len(loop.deaths) == 1
+
+
+def test_a_failure_while_recovering_from_a_failed_seat_kills_the_engine(engine, loop):
+    loop.decoder.seat_fault = lambda d, s: (_ for _ in ()).throw(RuntimeError("copy into the cache failed"))
+    loop.decoder.release_fault = lambda d, s: (_ for _ in ()).throw(RuntimeError("CUDA error: ECC error"))
+    requests = [engine._request(page(i), max_new_tokens=24) for i in range(3)]
+    with loop._cond:
         loop._pending.extend(requests)
         loop._cond.notify()
     settle(requests)

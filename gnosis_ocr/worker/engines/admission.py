@@ -20,7 +20,7 @@ markedly fewer tokens for it (3 empty slots of 4 is three quarters), a CPU's bat
 
 class Admission:
     """Mixed into `Scheduler`: it owns `slots`, `capacity`, `_pending`, `_limbo`, `_cond`, `prefill_batch`,
-    `gather`, `concurrent`, `_prefilling` and `_resolve`; `Prefilling` the rest."""
+    `gather`, `concurrent`, `_jobs` and `_resolve`; `Prefilling` the rest."""
 
     _gathering_since: float | None = None
 
@@ -28,6 +28,7 @@ class Admission:
         """Cancelled and expired pages leave the queue even while every slot is busy."""
         for request in [r for r in self._limbo if r.unwanted is not None]:
             self._resolve(request, error=request.unwanted)
+        self._drop_unwanted_prefilled()
         with self._cond:
             if not any(r.unwanted for r in self._pending):
                 return
@@ -45,10 +46,8 @@ class Admission:
         """Seat waiting pages in free slots, one prefill chunk per loop turn: a burst of arrivals then holds
         the running pages up for one chunk between steps, never for all of them (64 free slots at 4 pages
         a chunk would otherwise be 16 prefills back to back, seconds without a token)."""
-        if self._prefilling is not None:  # concurrent: one prefill at a time, its slots kept meanwhile
-            if not self._prefilling.done:
-                return
-            self._seat(self._prefilling)
+        if self.concurrent:
+            return self._admit_beside()
         free = [slot for slot, r in enumerate(self.slots) if r is None]
         if not free:
             return
@@ -62,12 +61,36 @@ class Admission:
             # Prompts of equal length need no padding: prefill them together, oldest page's length first.
             length = self._limbo[0].length
             chunk = [r for r in self._limbo if r.length == length][:self.prefill_batch]
-            if self.concurrent:  # the pages in flight go on decoding; the chunk is seated when done
-                return self._start_prefill(free[:len(chunk)], chunk)
             self._prefill(free[:len(chunk)], chunk)
             if any(self.slots):  # a step next; the rest of the limbo waits one turn
                 return
             free = [slot for slot, r in enumerate(self.slots) if r is None]  # the chunk failed: try the next
+
+    def _admit_beside(self) -> None:
+        """With prefills beside the steps: seat prefilled pages, oldest first, in the slots free now, and keep
+        the prefill thread one chunk ahead. A full chunk is prefilled as soon as its pages wait, whether or
+        not slots are free yet: they free one at a time, and each then takes its page at once. A smaller
+        chunk (fewer pages of one length wait) only where a slot is free for each of its pages, so that
+        pages that come meanwhile can make a full one. One forward at a time, and none while a chunk's
+        worth of prefilled pages still waits for slots (its keys and values hold memory)."""
+        free = [slot for slot, r in enumerate(self.slots) if r is None]
+        for job in [j for j in self._jobs if j.done]:
+            self._seat(job, free)
+        if any(not job.done for job in self._jobs):
+            return
+        ready = sum(len(job.pages) for job in self._jobs)
+        if ready >= self.prefill_batch:
+            return
+        with self._cond:
+            while self._pending and len(self._limbo) < self.prefill_batch:
+                self._limbo.append(self._pending.popleft())
+        if not self._limbo:
+            return
+        length = self._limbo[0].length
+        chunk = [r for r in self._limbo if r.length == length][:self.prefill_batch]
+        if len(chunk) < self.prefill_batch and len(free) - ready < len(chunk):
+            return
+        self._start_prefill(chunk)
 
     def _gathering(self, free: int, waiting: int) -> bool:
         """Whether to leave free slots empty a little longer, so that the next prefill seats a full chunk.

@@ -103,7 +103,6 @@ class StaticDecoder:
         cuda = self.device.type == "cuda"
         self._host = [torch.zeros(slots, dtype=torch.long, pin_memory=True) for _ in range(2)] if cuda else []
         self._events = [torch.cuda.Event() for _ in range(2)] if cuda else []
-        self.seated = torch.cuda.Event() if cuda else None  # recorded behind each `seat`'s copies
         self._flip = 0
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -129,26 +128,33 @@ class StaticDecoder:
         return prefill.forward(self, pages, stream=stream)
 
     @torch.inference_mode()
-    def seat(self, slots: Sequence[int], prefilled: Prefilled) -> list[int]:
-        """Copy a forward's keys and values into `slots` and make them decode from the next step on, on
-        this thread's stream (behind the step in flight). Returns each page's first token."""
+    def seat(self, slots: Sequence[int], prefilled: Prefilled, rows: Sequence[int] | None = None) -> list[int]:
+        """Copy the forward's pages in `rows` (all, by default), one per slot, into `slots` and make them
+        decode from the next step on, on this thread's stream (behind the step in flight). Returns their
+        first tokens."""
         n = prefilled.n
+        rows = list(range(len(slots))) if rows is None else list(rows)
+        # Consecutive rows (the usual case: seated in order) are a view; others a gather.
+        pick = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[0] + len(rows))) else rows
         with self.device_context():
             if prefilled.event is not None:
-                torch.cuda.current_stream(self.device).wait_event(prefilled.event)
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(prefilled.event)
+                # Made on the forward's stream and read here: the allocator must not hand their memory to
+                # that stream's next work before these copies are done.
+                for tensor in (prefilled.first, *(t for pair in prefilled.layers for t in pair)):
+                    tensor.record_stream(stream)
             index = torch.tensor(list(slots), device=self.device)
+            if isinstance(pick, list):
+                pick = torch.tensor(pick, device=self.device)
             for layer, (keys, values) in enumerate(prefilled.layers):
-                self.k_cache[layer, index, :n] = keys.transpose(1, 2).to(self.dtype)
-                self.v_cache[layer, index, :n] = values.transpose(1, 2).to(self.dtype)
-            self.tokens[index] = prefilled.first
+                self.k_cache[layer, index, :n] = keys[pick].transpose(1, 2).to(self.dtype)
+                self.v_cache[layer, index, :n] = values[pick].transpose(1, 2).to(self.dtype)
+            self.tokens[index] = prefilled.first[pick]
             self.lengths[index] = n
-            self.deltas[index] = prefilled.deltas.to(self.device)
+            self.deltas[index] = prefilled.deltas[rows].to(self.device)
             self.active[index] = 1
-            if self.seated is not None:
-                # The forward's tensors were made on its stream, and are freed after this returns: the
-                # next forward there waits for this event before it may write over them.
-                self.seated.record()
-        return prefilled.firsts
+        return [prefilled.firsts[r] for r in rows]
 
     def side_stream(self):
         """A stream of this decoder's GPU for prefills beside the decode steps; None off CUDA."""

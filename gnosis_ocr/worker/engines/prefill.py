@@ -8,9 +8,10 @@ first tokens and rope deltas set, a fraction of a millisecond.
 Run one after the other on the loop's thread, every page in flight waits for the forward: at 5 pages a
 second and 60 ms a page, 30% of the device's time decodes nothing. With `OCR_PREFILL_CONCURRENT` the
 forward runs on a thread of its own and, on a GPU, a CUDA stream of its own (`Prefiller`), while the
-loop goes on stepping the pages already seated; the loop seats the chunk at a step boundary, on its own
-stream, behind the step in flight. The slots a chunk will take are kept for it meanwhile: no page is
-seated there, and a step only writes a free slot's first position, which the seat writes over after it.
+loop goes on stepping the pages already seated. Once it is done, the loop seats its pages at step
+boundaries, on its own stream behind the step in flight, each as a slot frees: a full chunk is prefilled
+ahead of the slots it will take (`Admission._admit_beside`), so freed slots neither wait for a prefill
+nor gather for a chunk.
 """
 
 from __future__ import annotations
@@ -47,14 +48,12 @@ def forward(decoder, pages: Sequence[dict], *, stream=None) -> Prefilled:
     """Prompts of equal length (processor outputs, one per page) through `decoder`'s model.
 
     With `stream` (a CUDA stream of the decoder's device) everything runs on it, decode steps going on
-    meanwhile on the loop's; memory that the last `seat` read is written only after that seat."""
+    meanwhile on the loop's (`StaticDecoder.seat` keeps what it reads from being reused too early)."""
     n = pages[0]["input_ids"].shape[1]
     if n >= decoder.max_len:
         raise ValueError(f"a prompt of {n} tokens does not fit a cache of {decoder.max_len}")
     device = decoder.device
     with decoder.device_context(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        if stream is not None:
-            stream.wait_event(decoder.seated)
         inputs = join_prompts(list(pages), device)
         # Positions computed for these prompts and passed in: never the model's `rope_deltas` attribute,
         # which `generate` and other calls also write and a release may stop setting. Computed from the
@@ -114,25 +113,30 @@ def check_stream(decoder, pages: Sequence[dict], stream) -> dict:
 
 
 class Piece:
-    """Pages of a job prefilled together (the chunk, or one of the halves it was split into), with the
-    slots kept for them; `prefilled` if their forward ran, else `error`."""
+    """Pages prefilled together (the chunk, or one of the halves it was split into) and their rows in
+    `prefilled`, if their forward ran (else `error`). Pages leave as they are seated (from the front) or
+    resolved while they wait (cancelled, expired)."""
 
-    __slots__ = ("error", "pages", "prefilled", "slots")
+    __slots__ = ("error", "pages", "prefilled", "rows")
 
-    def __init__(self, pages: list, slots: list[int], prefilled: Prefilled | None = None,
-                 error: BaseException | None = None) -> None:
-        self.pages, self.slots, self.prefilled, self.error = pages, slots, prefilled, error
+    def __init__(self, pages: list, prefilled: Prefilled | None = None, error: BaseException | None = None) -> None:
+        self.pages, self.prefilled, self.error, self.rows = pages, prefilled, error, list(range(len(pages)))
+
+    def drop(self, request) -> None:
+        i = self.pages.index(request)
+        del self.pages[i], self.rows[i]
 
 
 class PrefillJob:
     """A chunk on its way through a prefill. `pages` are those not yet seated nor resolved (what an engine
     that dies must still resolve); once `done`, `pieces` say how each went, or `fatal` why none can."""
 
-    def __init__(self, pages: list, slots: list[int]) -> None:
-        self.pages, self.slots = list(pages), list(slots)
+    def __init__(self, pages: list) -> None:
+        self.pages = list(pages)
         self.pieces: list[Piece] = []
         self.fatal: BaseException | None = None
         self.done = False
+        self.reported = False
         self.seconds = 0.0
 
 
@@ -179,27 +183,28 @@ class Prefiller:
 
 
 class Prefilling:
-    """Mixed into `Scheduler`: it owns `decoder`, `slots`, `_limbo`, `_prefilling`, `_prefiller`,
-    `prefill_batch`, `failed_prefills`, `guard`, `_check_device`, `_advance`, `_resolve` and `_report`."""
+    """Mixed into `Scheduler`: it owns `decoder`, `slots`, `_limbo`, `_jobs`, `_prefiller`, `prefill_batch`,
+    `failed_prefills`, `guard`, `_check_device`, `_advance`, `_resolve` and `_report`."""
 
     def _prefill(self, slots: list[int], chunk: list) -> None:
         """Prefill `chunk` into `slots` on the loop's thread, holding every page in flight up meanwhile
         (the warm-up, and where prefills do not run concurrently)."""
-        job = self._take(chunk, slots)
+        job = self._take(chunk)
         self._compute(job)
         self._accounted = time.monotonic()  # a step that ran under the prefill is the prefill's time
-        self._seat(job)
+        self._seat(job, list(slots))
 
-    def _start_prefill(self, slots: list[int], chunk: list) -> None:
-        """Hand `chunk` to the prefill thread; the loop seats it in `slots` once it is done."""
-        self._prefiller.submit(self._take(chunk, slots))
+    def _start_prefill(self, chunk: list) -> None:
+        """Hand `chunk` to the prefill thread; the loop seats its pages as slots free once it is done."""
+        self._prefiller.submit(self._take(chunk))
 
-    def _take(self, chunk: list, slots: list[int]) -> PrefillJob:
+    def _take(self, chunk: list) -> PrefillJob:
         now = time.monotonic()
         for request in chunk:
             self._limbo.remove(request)
             request.admitted = request.admitted or now
-        self._prefilling = job = PrefillJob(chunk, slots)
+        job = PrefillJob(chunk)
+        self._jobs.append(job)
         return job
 
     def _compute(self, job: PrefillJob) -> None:
@@ -208,12 +213,12 @@ class Prefilling:
         Writes nothing that the loop reads, but the job: the loop seats or fails its pages."""
         started = time.monotonic()
         try:
-            self._forward(job, list(job.pages), list(job.slots))
+            self._forward(job, list(job.pages))
         except BaseException as exc:  # EngineDead from the device probe, or a failure inside the recovery
             job.fatal = exc
         job.seconds = time.monotonic() - started
 
-    def _forward(self, job: PrefillJob, pages: list, slots: list[int]) -> None:
+    def _forward(self, job: PrefillJob, pages: list) -> None:
         try:
             prefilled = self.decoder.forward([r.inputs for r in pages], stream=self._stream)
         except Exception as exc:
@@ -227,53 +232,71 @@ class Prefilling:
                                 len(pages), self.prefill_batch)
             if len(pages) == 1:
                 log.error("prefill failed for one page: %s: %s", type(exc).__name__, exc)
-                job.pieces.append(Piece(pages, slots, error=exc))
+                job.pieces.append(Piece(pages, error=exc))
                 return
             log.warning("prefill of %d pages failed (%s: %s); retrying in halves", len(pages), type(exc).__name__, exc)
             mid = len(pages) // 2
-            self._forward(job, pages[:mid], slots[:mid])
-            self._forward(job, pages[mid:], slots[mid:])
+            self._forward(job, pages[:mid])
+            self._forward(job, pages[mid:])
             return
-        job.pieces.append(Piece(pages, slots, prefilled))
+        job.pieces.append(Piece(pages, prefilled))
 
     @property
     def _stream(self):
         return self._prefiller.stream if self._prefiller is not None else None
 
-    def _seat(self, job: PrefillJob) -> None:
-        """On the loop's thread: seat a computed job's pages in their slots, or fail those that failed."""
+    def _seat(self, job: PrefillJob, free: list[int]) -> None:
+        """On the loop's thread: seat a computed job's pages, in order, in the `free` slots (taking those it
+        uses off the list), and fail those that failed; the job leaves `_jobs` once none is left."""
         if job.fatal is not None:
             raise job.fatal  # the engine dies, and resolves the job's pages with the rest
-        self.prefill_seconds += job.seconds
-        self._report("prefill", len(job.pages), job.seconds)
+        if not job.reported:
+            job.reported = True
+            self.prefill_seconds += job.seconds
+            self._report("prefill", len(job.pages), job.seconds)
         for piece in job.pieces:
-            error = piece.error
-            if error is None:
+            if piece.error is not None:
+                failed, piece.pages = piece.pages, []
+                self._fail(job, failed, piece.error)
+            while piece.pages and free:
+                n = min(len(piece.pages), len(free))
+                slots, pages, rows = free[:n], piece.pages[:n], piece.rows[:n]
+                del free[:n], piece.pages[:n], piece.rows[:n]
                 try:
-                    firsts = self.decoder.seat(piece.slots, piece.prefilled)
+                    firsts = self.decoder.seat(slots, piece.prefilled, rows)
                 except Exception as exc:
                     self.failed_prefills += 1
                     self._check_device(exc)
-                    error = exc
-            piece.prefilled = None  # the keys and values are in the cache now, or not needed
-            if error is not None:
-                # Written free on the device before the pages hear: a write that fails here kills the
-                # engine, and the job's pages go back to the queue with the rest.
-                for slot in piece.slots:
-                    self.decoder.release(slot)
-                for request in piece.pages:
+                    for slot in slots:  # written free on the device before the pages hear (a write that fails
+                        self.decoder.release(slot)  # here kills the engine: the pages go back with the rest)
+                    self._fail(job, pages, exc)
+                    continue
+                now = time.monotonic()
+                for slot, request, token in zip(slots, pages, firsts, strict=True):
                     job.pages.remove(request)
-                    self._resolve(request, error=error)
-                continue
-            now = time.monotonic()
-            for slot, request, token in zip(piece.slots, piece.pages, firsts, strict=True):
-                job.pages.remove(request)
-                request.inputs = {}  # the pixels are no longer needed
-                request.first_token = now
-                request.watch = self.guard.watch() if self.guard is not None else None
-                self.slots[slot] = request
-                self._advance(slot, request, token)
-        self._prefilling = None
+                    request.inputs = {}  # the pixels are no longer needed
+                    request.first_token = now
+                    request.watch = self.guard.watch() if self.guard is not None else None
+                    self.slots[slot] = request
+                    self._advance(slot, request, token)
+            if not piece.pages:
+                piece.prefilled = None  # in the cache now, or not needed: the memory may go
+        if not job.pages:
+            self._jobs.remove(job)
+
+    def _drop_unwanted_prefilled(self) -> None:
+        """Prefilled pages whose job was cancelled, or that are past their deadline, leave at once, though
+        they would wait for a slot: every slot may be busy with long pages."""
+        for job in [j for j in self._jobs if j.done and j.fatal is None]:
+            for piece in job.pieces:
+                for request in [r for r in piece.pages if r.unwanted is not None]:
+                    piece.drop(request)
+                    self._fail(job, [request], request.unwanted)
+
+    def _fail(self, job: PrefillJob, pages: list, error: BaseException) -> None:
+        for request in pages:
+            job.pages.remove(request)
+            self._resolve(request, error=error)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -59,7 +59,7 @@ class Scheduler(Admission, Prefilling, Isolation):
         self.slots: list[Request | None] = [None] * decoder.slots
         self._pending: deque[Request] = deque()
         self._limbo: list[Request] = []  # taken from the queue, not yet seated in a slot
-        self._prefilling: PrefillJob | None = None  # the chunk being prefilled, its slots kept for it
+        self._jobs: list[PrefillJob] = []  # prefills not yet seated: the last may still be computing
         # Prefills on a thread (and CUDA stream) of their own, the loop stepping the seated pages meanwhile.
         self._prefiller = Prefiller(decoder, self._compute, self._wake, name=name) if concurrent else None
         self._cond = threading.Condition()
@@ -88,8 +88,8 @@ class Scheduler(Admission, Prefilling, Isolation):
 
     def load(self) -> int:
         """Pages in flight or waiting: the busiest scheduler gets the next page last."""
-        job = self._prefilling
-        return len(self._pending) + len(self._limbo) + (len(job.pages) if job else 0) + self._in_flight()
+        prefilling = sum(len(job.pages) for job in self._jobs)
+        return len(self._pending) + len(self._limbo) + prefilling + self._in_flight()
 
     @property
     def concurrent(self) -> bool:
@@ -193,8 +193,8 @@ class Scheduler(Admission, Prefilling, Isolation):
         """Whether the loop has anything to do now (checked under `_cond`)."""
         if any(self.slots) or self._inflight is not None:
             return True
-        if self._prefilling is not None:  # nothing to step: wait for the prefill (it wakes the loop)
-            return self._prefilling.done
+        if self._jobs:  # nothing to step: seat what is prefilled, or wait for the forward (it wakes the loop)
+            return any(job.done for job in self._jobs)
         return bool(self._pending or self._limbo)
 
     def _wake(self) -> None:
@@ -228,8 +228,8 @@ class Scheduler(Admission, Prefilling, Isolation):
                 self._resolve(request, error=error)
         for request in list(self._limbo):
             self._resolve(request, error=error)
-        job, self._prefilling = self._prefilling, None
-        for request in job.pages if job is not None else ():
+        jobs, self._jobs = self._jobs, []
+        for request in [r for job in jobs for r in job.pages]:
             self._resolve(request, error=error)
         with self._cond:
             while self._pending:

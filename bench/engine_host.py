@@ -123,9 +123,9 @@ class DeviceStandIn:
         _wait_until(done)  # its first tokens are read at once
         return self._torch.randint(self.vocab, (len(pages),), generator=self._generator).tolist()
 
-    def seat(self, slots, firsts: list[int]) -> list[int]:
+    def seat(self, slots, firsts: list[int], rows=None) -> list[int]:
         self._queue(0.0003)  # 72 copies into the cache, behind the step in flight
-        return firsts
+        return [firsts[r] for r in rows] if rows is not None else firsts[:len(slots)]
 
     @staticmethod
     def side_stream() -> str:
@@ -146,7 +146,7 @@ class DeviceStandIn:
     def free_memory(self) -> None:
         pass
 
-    def bind_thread(self) -> None:
+    def bind_thread(self, *, steps: bool = False) -> None:
         pass
 
 

@@ -24,7 +24,8 @@ on a device only if its start-up check agrees) or `windows` (the library's tower
 
 DEFAULT_PREFILL_CONCURRENT = "auto"
 """Where a prefill runs: `on` (a thread, and on a GPU a CUDA stream, of its own, the pages in flight decoding
-meanwhile; on a device only where a start-up check finds its forward bit-identical), `off` (on the engine
+meanwhile, a full chunk prefilled ahead of the slots it takes; on a device only where a start-up check finds
+its forward bit-identical), `off` (on the engine
 loop's thread, every page in flight waiting for it), `auto` (`on` on a GPU, `off` on the CPU, whose cores
 the decode steps already use)."""
 
@@ -158,7 +159,8 @@ DEFAULT_PREFILL_GATHER_MS = 250
 """Milliseconds freed batch slots may stay empty, while pages queue for them, waiting for a full prefill
 chunk (OCR_PREFILL_BATCH pages) instead of prefilling each page as its slot frees; 0 refills at once.
 A prefill costs the host about the same for one page as for four, and stalls the whole batch while it
-runs (`bench/engine_host.py --chunk-ms`, docs/benchmarks.md)."""
+runs (`bench/engine_host.py --chunk-ms`, docs/benchmarks.md). Only where prefills run on the engine loop's
+thread: beside the steps (OCR_PREFILL_CONCURRENT), full chunks are prefilled ahead of free slots instead."""
 
 DEFAULT_REPETITION_WINDOW = 512
 """Output tokens, at least, that one repeated unit must fill before the repetition guard stops a page

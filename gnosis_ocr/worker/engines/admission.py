@@ -1,8 +1,10 @@
 """Which waiting pages the scheduler seats in free slots, and when.
 
-One prefill chunk per loop turn, so a burst of arrivals holds the running pages up one chunk at a time.
-Cancelled and expired pages leave the queue at every turn, even while every slot is busy. And once the
-batch is full, freed slots may wait a moment to be refilled together (`_gathering`).
+Prefills on the loop's thread: one chunk per loop turn, so a burst of arrivals holds the running pages up
+one chunk at a time, and once the batch is full, freed slots may wait a moment to be refilled together
+(`_gathering`). Prefills beside the steps: a full chunk ahead of the slots it takes, each freed slot taking
+a prefilled page at once (`_admit_beside`). Either way, cancelled and expired pages leave the queue at
+every turn, even while every slot is busy.
 """
 
 from __future__ import annotations

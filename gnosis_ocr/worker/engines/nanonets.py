@@ -82,15 +82,17 @@ class NanonetsEngine:
             model = load_model(path, device, dtype)
             if vision_attention == "batched":
                 self._batch_vision(model, max_side)
-            slots = batch_size or auto_batch(model, device, self.max_len,
-                                             reserve=self._prefill_bytes(model, max_side, prefill_batch))
+            concurrent = prefill_concurrent == "on" or (prefill_concurrent == "auto" and device.type == "cuda")
+            reserve = self._prefill_bytes(model, max_side, prefill_batch)
+            if concurrent:  # up to a chunk less one of prefilled pages hold their keys and values meanwhile
+                reserve += (prefill_batch - 1) * StaticDecoder.slot_bytes(model, longest_prompt)
+            slots = batch_size or auto_batch(model, device, self.max_len, reserve=reserve)
             decoder = StaticDecoder(model, slots=slots, max_len=self.max_len, graphs=graphs,
                                     attention_mode=decode_attention)
             eos = model.generation_config.eos_token_id
             eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
             hook = (lambda phase, pages, seconds, d=str(device): on_work(d, phase, pages, seconds)) if on_work else None
             guard = RepetitionGuard(repetition_window, max_tokens=max_new_tokens) if repetition_window > 0 else None
-            concurrent = prefill_concurrent == "on" or (prefill_concurrent == "auto" and device.type == "cuda")
             scheduler = Scheduler(decoder, eos_ids=eos_ids, prefill_batch=prefill_batch, gather=prefill_gather,
                                   guard=guard, on_work=hook, on_dead=self._dead, name=f"engine-{device}",
                                   concurrent=concurrent)

@@ -1,8 +1,9 @@
 """Continuous batching: one thread owns a device and decodes every page in flight, one step at a time.
 
 Pages come from any job, from many worker threads. A page that finishes leaves its slot at the step
-it ends, and a waiting page is prefilled into that slot before the next step, so nobody waits for
-the longest page of a batch (`admission.py`: which waiting pages get a slot, and when). Deadlines and
+it ends, and a waiting page is seated there, so nobody waits for the longest page of a batch
+(`admission.py`: which waiting pages get a slot, and when; `prefill.py`: their forward, on this thread
+or on one of its own beside the steps). Deadlines and
 cancellations are checked at every step, for waiting pages as well as decoding ones: a page over its time
 limit or of a cancelled job leaves without disturbing the others.
 

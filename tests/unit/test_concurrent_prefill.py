@@ -205,3 +205,13 @@ def test_a_prefilled_page_waiting_for_a_slot_leaves_at_once_when_its_job_is_canc
     assert not any(r.done.is_set() for r in busy), "every slot still busy"
     busy[0].cancel()
     assert wait(queued[0]).error is None and queued[0].tokens == reference(engine, page(0), 12)
+
+
+def test_the_batch_leaves_room_for_the_prefilled_pages_that_wait_for_slots(engine):
+    """Up to a chunk less one of prefilled pages hold their keys and values while they wait for slots: the
+    memory kept free beside the cache grows by that much where prefills run beside the steps."""
+    from gnosis_ocr.worker.engines.decoder import StaticDecoder
+
+    model, side = engine.model, 1280
+    extra = engine._reserve(model, side, 4, True) - engine._reserve(model, side, 4, False)
+    assert extra == 3 * StaticDecoder.slot_bytes(model, engine._prompt_tokens(side)) > 0

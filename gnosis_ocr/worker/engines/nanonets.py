@@ -83,10 +83,8 @@ class NanonetsEngine:
             if vision_attention == "batched":
                 self._batch_vision(model, max_side)
             concurrent = prefill_concurrent == "on" or (prefill_concurrent == "auto" and device.type == "cuda")
-            reserve = self._prefill_bytes(model, max_side, prefill_batch)
-            if concurrent:  # up to a chunk less one of prefilled pages hold their keys and values meanwhile
-                reserve += (prefill_batch - 1) * StaticDecoder.slot_bytes(model, longest_prompt)
-            slots = batch_size or auto_batch(model, device, self.max_len, reserve=reserve)
+            slots = batch_size or auto_batch(model, device, self.max_len,
+                                             reserve=self._reserve(model, max_side, prefill_batch, concurrent))
             decoder = StaticDecoder(model, slots=slots, max_len=self.max_len, graphs=graphs,
                                     attention_mode=decode_attention)
             eos = model.generation_config.eos_token_id
@@ -103,6 +101,12 @@ class NanonetsEngine:
         self.warm_up(max_side)
         for scheduler in self.schedulers:
             scheduler.start()
+
+    def _reserve(self, model, max_side: int, pages: int, concurrent: bool) -> int:
+        """GPU memory kept free beside the cache: the worst prefill, and where prefills run beside the steps,
+        the keys and values of up to a chunk less one of prefilled pages waiting for slots meanwhile."""
+        waiting = (pages - 1) * StaticDecoder.slot_bytes(model, self._prompt_tokens(max_side)) if concurrent else 0
+        return self._prefill_bytes(model, max_side, pages) + waiting
 
     def _prefill_bytes(self, model, max_side: int, pages: int) -> int:
         """GPU memory the worst prefill takes (`pages` square pages at the largest side, the most tokens a

@@ -215,3 +215,17 @@ def test_the_batch_leaves_room_for_the_prefilled_pages_that_wait_for_slots(engin
     model, side = engine.model, 1280
     extra = engine._reserve(model, side, 4, True) - engine._reserve(model, side, 4, False)
     assert extra == 3 * StaticDecoder.slot_bytes(model, engine._prompt_tokens(side)) > 0
+
+
+def test_a_batch_smaller_than_a_chunk_serves_every_page(engine):
+    """Three pages of one length wait for a two-slot batch that prefills four at a time: the chunk of three
+    is prefilled though two slots are all there are, and the third page takes the first slot that frees."""
+    loop = Scheduler(Faulty(engine.model, slots=2, max_len=engine.max_len), eos_ids=set(), prefill_batch=4,
+                     concurrent=True)
+    requests = [loop.submit(engine._request(page(0), max_new_tokens=8 * (i + 1))) for i in range(3)]
+    loop.start()
+    try:
+        for i, request in enumerate(requests):
+            assert wait(request).error is None and request.tokens == reference(engine, page(0), 8 * (i + 1))
+    finally:
+        loop.stop()

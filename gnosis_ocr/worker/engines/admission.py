@@ -90,7 +90,8 @@ class Admission:
             return
         length = self._limbo[0].length
         chunk = [r for r in self._limbo if r.length == length][:self.prefill_batch]
-        if len(chunk) < self.prefill_batch and len(free) - ready < len(chunk):
+        # Nothing decoding frees no slot: then whatever waits goes (a batch smaller than a chunk, say).
+        if len(chunk) < self.prefill_batch and len(free) - ready < len(chunk) and any(self.slots):
             return
         self._start_prefill(chunk)
 

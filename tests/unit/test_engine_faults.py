@@ -96,6 +96,21 @@ def settle(requests, timeout: float = 60):
     return requests
 
 
+def queue_together(loop, requests: list) -> list:
+    """Queue `requests` at once, before the loop takes the first: built one by one, a short page could end,
+    or a failure kill the engine, before the others exist."""
+    with loop._cond:
+        loop._pending.extend(requests)
+        loop._cond.notify()
+    return requests
+
+
+def returned_by_a_dead_engine(loop, requests: list) -> None:
+    settle(requests)
+    assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
+    assert len(loop.deaths) == 1
+
+
 def slot_of(scheduler, request) -> int | None:
     return next((s for s, r in enumerate(scheduler.slots) if r is request), None)
 
@@ -266,11 +281,8 @@ def test_a_failing_write_after_a_page_ends_kills_the_engine_and_returns_the_othe
         raise RuntimeError("CUDA error: unspecified launch failure")
 
     loop.decoder.release_fault = release_fault
-    requests = [engine._request(page(0), max_new_tokens=5)] + [engine._request(page(i), max_new_tokens=2000)
-                                                               for i in (1, 2, 3)]
-    with loop._cond:  # queued together: built one by one, the short page could end before the others exist
-        loop._pending.extend(requests)
-        loop._cond.notify()
+    requests = queue_together(loop, [engine._request(page(0), max_new_tokens=5)]
+                              + [engine._request(page(i), max_new_tokens=2000) for i in (1, 2, 3)])
     settle(requests)
     assert requests[0].error is None and len(requests[0].tokens) == 5, "the finished page keeps its text"
     assert all(isinstance(r.error, EngineDead) for r in requests[1:]), [r.error for r in requests]
@@ -283,38 +295,23 @@ def test_a_prefill_that_leaves_the_device_unusable_kills_the_engine_and_returns_
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     loop.decoder.prefill_fault = fault
-    requests = [engine._request(page(i), max_new_tokens=24) for i in range(3)]
-    with loop._cond:  # queued together, before the loop takes the first
-        loop._pending.extend(requests)
-        loop._cond.notify()
-    settle(requests)
-    assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
-    assert len(loop.deaths) == 1
+    returned_by_a_dead_engine(loop, queue_together(loop, [engine._request(page(i), max_new_tokens=24)
+                                                        for i in range(3)]))
 
 
 def test_a_failure_while_recovering_from_a_failed_seat_kills_the_engine(engine, loop):
     loop.decoder.seat_fault = lambda d, s: (_ for _ in ()).throw(RuntimeError("copy into the cache failed"))
     loop.decoder.release_fault = lambda d, s: (_ for _ in ()).throw(RuntimeError("CUDA error: ECC error"))
-    requests = [engine._request(page(i), max_new_tokens=24) for i in range(3)]
-    with loop._cond:
-        loop._pending.extend(requests)
-        loop._cond.notify()
-    settle(requests)
-    assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
-    assert len(loop.deaths) == 1
+    returned_by_a_dead_engine(loop, queue_together(loop, [engine._request(page(i), max_new_tokens=24)
+                                                        for i in range(3)]))
 
 
 def test_a_batch_in_which_every_page_fails_alone_is_a_broken_engine_not_bad_pages(engine, loop):
     loop.decoder.step_fault = lambda d, b: loop.steps >= 1 and (_ for _ in ()).throw(RuntimeError("always"))
     # Of one prompt length and queued together: pages of other lengths, or arriving one by one, can be
     # seated one at a time where prefills run beside the steps, and then each decodes, and fails, alone.
-    requests = [engine._request(page(0), max_new_tokens=2000) for _ in range(3)]
-    with loop._cond:
-        loop._pending.extend(requests)
-        loop._cond.notify()
-    settle(requests)
-    assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
-    assert len(loop.deaths) == 1
+    returned_by_a_dead_engine(loop, queue_together(loop, [engine._request(page(0), max_new_tokens=2000)
+                                                        for _ in range(3)]))
 
 
 def test_cancelled_and_expired_pages_leave_the_queue_while_every_slot_is_busy(engine):

@@ -21,8 +21,10 @@ redis-server --version || exit 5
 card=$("$python" -c 'import re, torch; print(re.search(r"[HAB]\d+|L4", torch.cuda.get_device_name(0)).group().lower())') || exit 6
 case $what in
   engine)
+    # Batches 8 and 64 beside the default one (run twice: prefills beside the steps and on the loop's
+    # thread): 1 and 32 took 86 s of the last H200 run, and single_page measures one page alone.
     "$python" bench/gpu_engine.py --sections vision,single_page,engine_alone,mismatches,kernels,decode_attention,float32_mismatches \
-      --out "$out/gpu_engine_$card.json" 2>&1 | tee "$out/engine_$card.log" ;;
+      --batches "${ENGINE_BATCHES:-8,64}" --out "$out/gpu_engine_$card.json" 2>&1 | tee "$out/engine_$card.log" ;;
   service)
     "$python" bench/gpu_engine.py --sections service --service-batches "${SERVICE_BATCHES:-0}" \
       --out "$out/gpu_engine_${card}_service.json" 2>&1 | tee "$out/service_$card.log" ;;

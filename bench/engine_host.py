@@ -48,7 +48,7 @@ class DeviceStandIn:
     of `b` pages takes `step_ms(b)`, a prefill `prefill_ms` per page, both waited for without the GIL."""
 
     def __init__(self, slots: int, *, step_ms: tuple[float, float], prefill_ms: float, vocab: int = 150_000,
-                 launches: int = 0, chunk_ms: float = 0.0, contention: float = 1.0) -> None:
+                 launches: int = 0, chunk_ms: float = 0.0, contention: float = 1.0, launch_us: float = 0.0) -> None:
         import torch
 
         self.slots = slots
@@ -70,6 +70,7 @@ class DeviceStandIn:
         self._torch = torch
         self._generator = torch.Generator().manual_seed(0)
         self.launches = launches
+        self.launch_s = launch_us / 1e6  # Python run with the GIL held before each launch (a module's call)
         """Calls from Python per prefill: a forward pass is not one graph replay but thousands of calls
         (Qwen2.5-VL-3B's through the engine: 4,520 for one page, 4,680 for three), and each lets go of
         the GIL and must take it back while the page threads want it. 0: one wait, as if it were free."""
@@ -119,6 +120,10 @@ class DeviceStandIn:
             self.device_seconds += seconds
             self.side_free_at = done = max(time.monotonic(), self.side_free_at) + seconds / self.rate
         for _ in range(self.launches):  # as a kernel launch: the GIL let go and taken back
+            if self.launch_s:
+                until = time.perf_counter() + self.launch_s
+                while time.perf_counter() < until:  # the Python around a call, holding the GIL
+                    pass
             self._torch.add(self._one, self._one, out=self._out)
         _wait_until(done)  # its first tokens are read at once
         return self._torch.randint(self.vocab, (len(pages),), generator=self._generator).tolist()
@@ -178,7 +183,7 @@ def _synchronous():
 def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, slots: int, prefetch: int,
              seconds: float, step_ms: tuple[float, float], prefill_ms: float, prompt, png: bytes,
              redis_url: str, launches: int = 0, chunk_ms: float = 0.0, gather: float = 0.0,
-             concurrent: bool = False, contention: float = 1.0) -> dict:
+             concurrent: bool = False, contention: float = 1.0, launch_us: float = 0.0) -> dict:
     import redis
     import torch
     from PIL import Image
@@ -199,7 +204,7 @@ def run_mode(name: str, *, prepare: bool, overlap: bool, switch: float | None, s
 
     ready = inputs()
     device = DeviceStandIn(slots, step_ms=step_ms, prefill_ms=prefill_ms, launches=launches, chunk_ms=chunk_ms,
-                           contention=contention)
+                           contention=contention, launch_us=launch_us)
     guard = RepetitionGuard(512, max_tokens=4096)
     loop = Scheduler if overlap else Synchronous
     scheduler = loop(device, eos_ids=set(), prefill_batch=4, gather=gather, guard=guard,
@@ -298,6 +303,9 @@ def main() -> None:
     parser.add_argument("--prefill-ms", type=float, default=60, help="per page (the issue's goal; 159 measured)")
     parser.add_argument("--prefill-launches", type=int, default=0,
                         help="calls from Python per prefill chunk, each letting go of the GIL (4,520 measured)")
+    parser.add_argument("--launch-us", type=float, default=0,
+                        help="Python run holding the GIL before each of --prefill-launches (a module's call "
+                             "around its kernel: about 15 us in a real forward)")
     parser.add_argument("--chunk-ms", type=float, default=0,
                         help="a prefill's cost whatever its pages (the host's launches, reads), beside --prefill-ms")
     parser.add_argument("--gather", default="0",
@@ -330,7 +338,7 @@ def main() -> None:
     report = {"bench": "engine_host", "code": code, "commit": commit.stdout.strip() or None,
               "python": platform.python_version(), "cpus": os.cpu_count(),
               "slots": args.slots, "prefetch": args.prefetch, "step_ms": step_ms, "prefill_ms": args.prefill_ms,
-              "prefill_launches": args.prefill_launches, "chunk_ms": args.chunk_ms,
+              "prefill_launches": args.prefill_launches, "launch_us": args.launch_us, "chunk_ms": args.chunk_ms,
               "prompt_tokens": int(prompt.inputs(a4_page(args.max_side))["input_ids"].shape[1]), "modes": []}
     runs = [(name, gather, False, 1.0) for name in args.modes.split(",") for gather in args.gather.split(",")
             if "0" in args.concurrent.split(",")]
@@ -344,7 +352,8 @@ def main() -> None:
                                         prefill_ms=args.prefill_ms, prompt=prompt, png=png,
                                         redis_url=args.redis_url, launches=args.prefill_launches,
                                         chunk_ms=args.chunk_ms, gather=float(gather) / 1000,
-                                        concurrent=concurrent, contention=contention))
+                                        concurrent=concurrent, contention=contention,
+                                        launch_us=args.launch_us))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=2)

@@ -74,8 +74,8 @@ class NanonetsEngine:
         self.fast_prompt = self.page_prompt.matches_processor(probe)
         if not self.fast_prompt:
             log.warning("the prompt built from the image grid differs from the processor's; using the processor")
-        longest_prompt = self._prompt_tokens(max_side)
-        self.max_len = longest_prompt + max_new_tokens + 1
+        self.longest_prompt = self._prompt_tokens(max_side)
+        self.max_len = self.longest_prompt + max_new_tokens + 1
         self.models, self.schedulers = [], []
         self.vision_checks: list[dict] = []
         for device in resolved:
@@ -105,7 +105,7 @@ class NanonetsEngine:
     def _reserve(self, model, max_side: int, pages: int, concurrent: bool) -> int:
         """GPU memory kept free beside the cache: the worst prefill, and where prefills run beside the steps,
         the keys and values of up to a chunk less one of prefilled pages waiting for slots meanwhile."""
-        waiting = (pages - 1) * StaticDecoder.slot_bytes(model, self._prompt_tokens(max_side)) if concurrent else 0
+        waiting = (pages - 1) * StaticDecoder.slot_bytes(model, self.longest_prompt) if concurrent else 0
         return self._prefill_bytes(model, max_side, pages) + waiting
 
     def _prefill_bytes(self, model, max_side: int, pages: int) -> int:

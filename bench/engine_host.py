@@ -340,10 +340,10 @@ def main() -> None:
               "slots": args.slots, "prefetch": args.prefetch, "step_ms": step_ms, "prefill_ms": args.prefill_ms,
               "prefill_launches": args.prefill_launches, "launch_us": args.launch_us, "chunk_ms": args.chunk_ms,
               "prompt_tokens": int(prompt.inputs(a4_page(args.max_side))["input_ids"].shape[1]), "modes": []}
-    runs = [(name, gather, False, 1.0) for name in args.modes.split(",") for gather in args.gather.split(",")
-            if "0" in args.concurrent.split(",")]
-    runs += [(name, gather, True, float(c)) for name in args.modes.split(",") for gather in args.gather.split(",")
-             for c in args.contention.split(",") if "1" in args.concurrent.split(",")]
+    # Contention is a property of concurrent prefills only: serial runs take one setting, not one each.
+    ways = [(c == "1", float(x)) for c in args.concurrent.split(",")
+            for x in (args.contention.split(",") if c == "1" else ["1"])]
+    runs = [(name, gather, *way) for way in ways for name in args.modes.split(",") for gather in args.gather.split(",")]
     for name, gather, concurrent, contention in runs:
         prepare, overlap = name.startswith("pages"), not name.endswith("_sync")
         switch = args.switch_ms / 1000 if args.switch_ms else None

@@ -117,6 +117,11 @@ def requests_for(engine, pages, lengths):
     return [engine._request(page, max_new_tokens=n) for page, n in zip(pages, lengths, strict=True)]
 
 
+def mixed_requests(engine, page, count: int):
+    """`count` copies of `page` whose forced lengths go round the mix."""
+    return requests_for(engine, [page] * count, [MIX[i % len(MIX)] for i in range(count)])
+
+
 def run_batch(torch, engine, scheduler, requests) -> dict:
     sync(torch)
     before = (scheduler.steps, scheduler.tokens, scheduler.step_seconds, scheduler.prefill_seconds,
@@ -182,8 +187,7 @@ def engine_alone(torch, engine, page, batches: list[int], pages_per_slot: int) -
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-        count = max(len(MIX), pages_per_slot * slots)
-        requests = requests_for(engine, [page] * count, [MIX[i % len(MIX)] for i in range(count)])
+        requests = mixed_requests(engine, page, max(len(MIX), pages_per_slot * slots))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         row = {"batch": slots, "default": scheduler is default, **warm, **run_batch(torch, engine, scheduler, requests),
@@ -199,8 +203,7 @@ def engine_alone(torch, engine, page, batches: list[int], pages_per_slot: int) -
     if default.concurrent:  # the same batch with prefills on the loop's thread: what running them beside buys
         prefiller, default._prefiller = default._prefiller, None  # idle now: nothing is being prefilled
         try:
-            count = max(len(MIX), pages_per_slot * default.capacity)
-            requests = requests_for(engine, [page] * count, [MIX[i % len(MIX)] for i in range(count)])
+            requests = mixed_requests(engine, page, max(len(MIX), pages_per_slot * default.capacity))
             rows.append({"batch": default.capacity, "default": True, "prefill": "serial",
                          **run_batch(torch, engine, default, requests)})
             print(f"   B={default.capacity} serial prefills: {rows[-1]}", file=sys.stderr, flush=True)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The command of a GPU session's device call, run there in the repository's root with carry [".carry"]
-# (made here first by bench/device/prepare.sh):
-#   bench/device/run.sh service    the whole service: 512 one-page jobs from 8 clients (issue 18's goal)
+# The command of a GPU session's device calls, run there in the repository's root with carry [".carry"]
+# (made here first by bench/device/prepare.sh). Two calls, in this order:
+#   bench/device/run.sh service    the whole service: 512 one-page jobs from 8 clients (issue 18's goal),
+#                                  about 4 minutes; first, so that the goal is measured whatever comes after
 #   bench/device/run.sh engine     the engine alone, one page's latency, the vision and token checks, and
-#                                  a decode step profiled kernel by kernel
+#                                  a decode step profiled kernel by kernel, about 8 minutes: give it what is
+#                                  left of the session's 15 (timeout_s); the JSON is rewritten after each
+#                                  section, so a call cut short returns what it measured
 # SERVICE_BATCHES=0,64 adds a service run at 64 slots (about 4 more minutes), the default before 2026-12-07. Results and the log go
 # to $OUT, named after the card (gpu_engine_h200.json, gpu_engine_h200_service.json, ...).
 set -uo pipefail

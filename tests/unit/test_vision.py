@@ -44,6 +44,32 @@ def test_one_call_per_layer_gives_the_librarys_image_features(model, grids):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_layers_without_padding_make_an_unmasked_call(model, monkeypatch):
+    """A mask rules out SDPA's flash kernel on a GPU. A single page's full-attention layers, and a page of
+    whole windows, pad nothing and so pass none; ragged windows keep theirs. The features stay the
+    library's (the test above)."""
+    from gnosis_ocr.worker.engines import vision
+
+    calls = []
+    sdpa = vision.F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        calls.append((tuple(q.shape[:1] + q.shape[2:3]), attn_mask is not None))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(vision.F, "scaled_dot_product_attention", recording)
+    batch_window_attention(model)
+    try:
+        features(model, [(1, 8, 8)])  # one whole window of 64 patches: no layer pads
+        assert calls and not any(masked for _, masked in calls)
+        calls.clear()
+        features(model, GRIDS[0])  # 22x34 patches: edge windows are short, the one full-attention window is not
+        assert {shape for shape, masked in calls if not masked} == {(1, 22 * 34)}
+        assert any(masked for _, masked in calls)
+    finally:
+        restore_window_attention(model)
+
+
 def test_a_page_decodes_the_same_tokens_either_way(model, tiny_model):
     from PIL import Image
     from transformers import AutoProcessor

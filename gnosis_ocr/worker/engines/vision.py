@@ -27,9 +27,13 @@ log = logging.getLogger(__name__)
 
 
 class _Plan:
-    """Where each window's tokens sit in the padded batch; the same for every layer of one forward."""
+    """Where each window's tokens sit in the padded batch; the same for every layer of one forward.
 
-    __slots__ = ("cu_seqlens", "gather", "keep", "longest", "mask", "rows", "windows")
+    Windows all of one length (the full-attention layers of a chunk of equal pages, a page of whole
+    windows) need no padding: the tokens are the batch as they lie, and the call takes no mask, which
+    lets SDPA choose its flash kernel (a mask rules it out: on a GPU, the memory-efficient one runs)."""
+
+    __slots__ = ("cu_seqlens", "gather", "keep", "longest", "mask", "padded", "rows", "windows")
 
     def __init__(self, cu_seqlens: torch.Tensor) -> None:
         starts = cu_seqlens[:-1].long()
@@ -37,6 +41,10 @@ class _Plan:
         self.cu_seqlens = cu_seqlens
         self.windows = int(lengths.numel())
         self.longest = int(lengths.max()) if self.windows else 0
+        self.padded = self.windows * self.longest != int(cu_seqlens[-1] - cu_seqlens[0])
+        if not self.padded:
+            self.gather = self.keep = self.mask = self.rows = None
+            return
         offsets = torch.arange(self.longest, device=cu_seqlens.device)
         self.keep = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # (windows, longest)
         last = int(cu_seqlens[-1]) - 1
@@ -74,11 +82,15 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     q, k = self._gnosis_rotary(q, k, cos, sin)
     plan = self._gnosis_plans.get(cu_seqlens)
     # (seq, heads, dim) -> (windows, heads, longest, dim)
-    q, k, v = (t[plan.gather].transpose(1, 2) for t in (q, k, v))
+    if plan.padded:
+        q, k, v = (t[plan.gather].transpose(1, 2) for t in (q, k, v))
+    else:
+        q, k, v = (t.view(plan.windows, plan.longest, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=self.scaling)
     windows, heads, longest, dim = out.shape
-    # The rows that are tokens, out of (windows × longest): (seq, heads, dim), in the tokens' own order.
-    out = out.transpose(1, 2).reshape(windows * longest, heads, dim)[plan.rows]
+    out = out.transpose(1, 2).reshape(windows * longest, heads, dim)
+    if plan.padded:  # the rows that are tokens, out of (windows × longest), in the tokens' own order
+        out = out[plan.rows]
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
 

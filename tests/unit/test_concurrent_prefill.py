@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from gnosis_ocr.errors import EngineDead
 from gnosis_ocr.worker.engines import Cancelled, prefill
@@ -196,15 +197,20 @@ def test_a_full_chunk_is_prefilled_ahead_and_each_freed_slot_takes_a_page_at_onc
 
 
 def test_a_prefilled_page_waiting_for_a_slot_leaves_at_once_when_its_job_is_cancelled(engine, full):
+    """The first of the chunk leaves; the second, a page of the same size that decodes other tokens, then
+    decodes its own, not the first's: its keys and values are still found by its row in the chunk."""
     loop, busy = full
     watch = loop.decoder.prefill_fault = Occupancy(loop, watch=2)
-    queued = [loop.submit(engine._request(page(0), max_new_tokens=12)) for _ in range(2)]
+    black = Image.new("RGB", page(0).size, "black")
+    queued = [loop.submit(engine._request(image, max_new_tokens=12)) for image in (page(0), black)]
+    assert queued[0].length == queued[1].length
     assert watch.seen.wait(60)
-    queued[1].cancel()
-    assert isinstance(wait(queued[1]).error, Cancelled) and queued[1].resolutions == 1
+    queued[0].cancel()
+    assert isinstance(wait(queued[0]).error, Cancelled) and queued[0].resolutions == 1
     assert not any(r.done.is_set() for r in busy), "every slot still busy"
     busy[0].cancel()
-    assert wait(queued[0]).error is None and queued[0].tokens == reference(engine, page(0), 12)
+    assert wait(queued[1]).error is None and queued[1].tokens == reference(engine, black, 12)
+    assert reference(engine, black, 12) != reference(engine, page(0), 12)
 
 
 def test_the_batch_leaves_room_for_the_prefilled_pages_that_wait_for_slots(engine):

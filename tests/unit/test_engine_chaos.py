@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from gnosis_ocr.errors import PageTimeout
+from gnosis_ocr.errors import EngineDead, PageTimeout
 from gnosis_ocr.worker.engines import Cancelled
 from gnosis_ocr.worker.engines.scheduler import Scheduler
 from tests.unit.test_batching import page
-from tests.unit.test_engine_faults import Faulty
+from tests.unit.test_engine_faults import Deaths, Faulty
 
 TOKENS = 40
 
@@ -200,5 +200,58 @@ def test_random_faults_cost_only_the_pages_they_touch(engine, alone, concurrent,
         after = loop.submit(engine._request(images[0], max_new_tokens=TOKENS))
         assert after.done.wait(60) and after.error is None and after.tokens == alone[0]
         assert chaos.seat_faults + chaos.step_faults + chaos.ooms > 0, "the seed drew no fault: pick another"
+    finally:
+        loop.stop()
+
+
+@pytest.mark.parametrize("concurrent", [False, True], ids=["serial", "concurrent"])
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_a_device_lost_at_a_random_moment_returns_every_page_it_held_once(engine, alone, concurrent, seed):
+    """The device stops answering (a sticky CUDA error) at a random step, forward or seat, among the faults
+    above: each page is resolved once, as done (with its own tokens), failed by a fault that touched it, or
+    returned with EngineDead for another worker; the engine reports one death and holds nothing."""
+    rng = random.Random(seed)
+    images = pool()
+    sizes = [rng.choice([0, 1, 2] * 4 + [3, 4, 5, 6, 7]) for _ in range(24)]
+    requests = [engine._request(images[i], max_new_tokens=rng.randint(3, TOKENS)) for i in sizes]
+    for r in rng.sample(requests, 3):
+        r.cancel()
+    chaos = Chaos(rng, set())
+    where, when = rng.choice(["step", "forward", "seat"]), rng.randrange(2, 12)
+    calls = {"step": 0, "forward": 0, "seat": 0}
+    decoder = Faulty(engine.model, slots=3, max_len=engine.max_len)
+
+    def lost(phase: str, fault):
+        def hook(d, arg) -> None:
+            calls[phase] += 1
+            if phase == where and calls[phase] >= when:
+                d.broken = True
+            if d.broken:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            fault(d, arg)
+        return hook
+
+    decoder.step_fault, decoder.prefill_fault, decoder.seat_fault = (
+        lost("step", chaos.step), lost("forward", chaos.forward), lost("seat", chaos.seat))
+    deaths = Deaths()
+    eos = engine.model.generation_config.eos_token_id
+    loop = Scheduler(decoder, eos_ids={eos}, prefill_batch=2, on_dead=deaths, concurrent=concurrent).start()
+    try:
+        for r in requests:
+            loop.submit(r)
+        for r in requests:
+            assert r.done.wait(120), "a page was never resolved"
+        assert [r.resolutions for r in requests] == [1] * len(requests), "each page resolved exactly once"
+        assert deaths.one() and not loop.alive
+        returned = [r for r in requests if isinstance(r.error, EngineDead)]
+        assert returned, "the device was lost with pages in flight"
+        for r, i in zip(requests, sizes, strict=True):
+            if r.error is None:
+                assert r.tokens == alone[i][:r.max_new_tokens]
+            else:
+                assert isinstance(r.error, (EngineDead, Cancelled, SeatFault)), r.error
+        assert loop.load() == 0 and not loop._jobs
+        with pytest.raises(EngineDead):
+            loop.submit(engine._request(images[0]))
     finally:
         loop.stop()

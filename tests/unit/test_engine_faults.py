@@ -60,6 +60,22 @@ class Faulty(StaticDecoder):
         return not self.broken and super().healthy()
 
 
+class Deaths(list):
+    """The deaths a scheduler reports (its `on_dead`): each comes just after the engine resolved its pages,
+    so a test that has seen them resolved waits for the report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported = threading.Event()
+
+    def __call__(self, error: BaseException) -> None:
+        self.append(error)
+        self.reported.set()
+
+    def one(self, timeout: float = 60) -> bool:
+        return self.reported.wait(timeout) and len(self) == 1
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
@@ -75,8 +91,8 @@ def loop(engine, request):
     """A fresh faulty decoder and scheduler on the engine's model; the deaths it reports. Every test runs
     with prefills on the loop's thread and on a thread of their own beside the decode steps."""
     decoder = Faulty(engine.model, slots=3, max_len=engine.max_len)
-    deaths: list[BaseException] = []
-    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2, on_dead=deaths.append,
+    deaths = Deaths()
+    scheduler = Scheduler(decoder, eos_ids=set(), prefill_batch=2, on_dead=deaths,
                           concurrent=request.param == "concurrent").start()
     scheduler.deaths = deaths
     yield scheduler
@@ -108,7 +124,7 @@ def queue_together(loop, requests: list) -> list:
 def returned_by_a_dead_engine(loop, requests: list) -> None:
     settle(requests)
     assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
-    assert len(loop.deaths) == 1
+    assert loop.deaths.one()
 
 
 def slot_of(scheduler, request) -> int | None:
@@ -223,14 +239,14 @@ def test_a_prefill_thread_that_cannot_use_the_device_kills_the_engine_and_return
 
     decoder = Faulty(engine.model, slots=3, max_len=engine.max_len)
     decoder.bind_fault = fault
-    deaths: list[BaseException] = []
-    loop = Scheduler(decoder, eos_ids=set(), prefill_batch=2, on_dead=deaths.append, concurrent=True)
+    deaths = Deaths()
+    loop = Scheduler(decoder, eos_ids=set(), prefill_batch=2, on_dead=deaths, concurrent=True)
     requests = [submit(engine, loop, i) for i in range(3)]  # queued before it starts: a dead loop takes none
     loop.start()
     try:
         settle(requests)
         assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
-        assert len(deaths) == 1 and not loop.alive
+        assert deaths.one() and not loop.alive
     finally:
         loop.stop()
 
@@ -246,7 +262,7 @@ def test_a_device_that_stops_answering_kills_the_engine_and_returns_every_page(e
     loop.decoder.step_fault = fault
     settle(requests)
     assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
-    assert len(loop.deaths) == 1 and not loop.alive
+    assert loop.deaths.one() and not loop.alive
     with pytest.raises(EngineDead):
         submit(engine, loop, 0)
 
@@ -261,7 +277,7 @@ def test_a_step_whose_result_cannot_be_read_kills_the_engine_and_returns_every_p
     loop.decoder.collect_fault = fault
     settle(requests)
     assert all(isinstance(r.error, EngineDead) for r in requests), [r.error for r in requests]
-    assert len(loop.deaths) == 1 and not loop.alive
+    assert loop.deaths.one() and not loop.alive
 
 
 def test_the_next_step_is_launched_before_the_last_one_is_read(engine, loop):
@@ -286,7 +302,7 @@ def test_a_failing_write_after_a_page_ends_kills_the_engine_and_returns_the_othe
     settle(requests)
     assert requests[0].error is None and len(requests[0].tokens) == 5, "the finished page keeps its text"
     assert all(isinstance(r.error, EngineDead) for r in requests[1:]), [r.error for r in requests]
-    assert len(loop.deaths) == 1 and not loop.alive
+    assert loop.deaths.one() and not loop.alive
 
 
 def test_a_prefill_that_leaves_the_device_unusable_kills_the_engine_and_returns_every_page(engine, loop):

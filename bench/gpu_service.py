@@ -103,8 +103,20 @@ def service(path: str, *, jobs: int, clients: int, tiny: bool, batch: int = 0, s
                 "failed": [r.get("error") for r in results if r["status"] != "succeeded"][:3]}
     finally:
         stack.stop()
+        keep_log(stack.tmp / "worker.log", f"worker_b{batch}.log" if batch else "worker.log")
         stub.stop()
         redis_proc.stop()
+
+
+def keep_log(path, name: str) -> None:
+    """The worker's log (its start-up checks say which path each device kept, and why) copied to
+    `GNOSIS_BENCH_LOGS`, where a device call sets it to what comes back from the machine."""
+    folder = os.environ.get("GNOSIS_BENCH_LOGS")
+    if folder and path.exists():
+        import shutil
+
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(path, os.path.join(folder, name))
 
 
 def redis_calls(client) -> dict[str, int]:

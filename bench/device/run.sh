@@ -8,7 +8,8 @@
 #                                  left of the session's 15 (timeout_s); the JSON is rewritten after each
 #                                  section, so a call cut short returns what it measured
 # SERVICE_BATCHES=0,64 adds a service run at 64 slots (about 4 more minutes), the default before 2026-12-07. Results and the log go
-# to $OUT, named after the card (gpu_engine_h200.json, gpu_engine_h200_service.json, ...).
+# to $OUT, named after the card (gpu_engine_h200.json, gpu_engine_h200_service.json, ...), with the service's worker log
+# (worker.log: the path each start-up check kept, and why).
 set -uo pipefail
 what=${1:-service}
 out=${OUT:-/tmp/gnosis-bench}
@@ -16,7 +17,7 @@ python=${PYTHON:-python3}
 mkdir -p "$out"
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .carry/whl/*.whl || exit 3
-export PYTHONPATH="/tmp/site:$PWD" PATH="$PWD/.carry/bin:$PATH" PYTHONUNBUFFERED=1
+export PYTHONPATH="/tmp/site:$PWD" PATH="$PWD/.carry/bin:$PATH" PYTHONUNBUFFERED=1 GNOSIS_BENCH_LOGS="$out"
 # Seconds, not minutes, to learn that something is missing.
 "$python" -c 'import celery, flask, gevent, gunicorn, pypdfium2, redis, gnosis_ocr.api, gnosis_ocr.worker.tasks' || exit 4
 redis-server --version || exit 5

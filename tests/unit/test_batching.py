@@ -200,21 +200,31 @@ def test_repetition_guard_stops_a_looping_page_and_marks_it_truncated(tiny_model
     assert result.tokens < 3000, result.tokens
 
 
-def test_one_engine_per_device_shares_the_pages(tiny_model):
+@pytest.mark.parametrize("prefills", ["serial", "concurrent"])
+def test_one_engine_per_device_shares_the_pages(tiny_model, prefills):
+    """Two engines on the CPU stand in for two GPUs: each gets its own model, cache and loop (and, with
+    prefills beside the steps, its own prefill thread), and each page's text is the one it has alone."""
     from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
 
-    # Two engines on the CPU stand in for two GPUs: each gets its own model, cache and loop.
     eng = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu", "cpu"],
-                         max_new_tokens=32, batch_size=2, repetition_window=0)
+                         max_new_tokens=32, batch_size=2, repetition_window=0,
+                         prefill_concurrent="on" if prefills == "concurrent" else "off")
     try:
         assert len(eng.schedulers) == 2 and eng.slots == 4
         assert eng.models[0] is not eng.models[1]
-        threads = [threading.Thread(target=eng.recognize, args=(page(i),)) for i in range(8)]
+        assert [s.concurrent for s in eng.schedulers] == [prefills == "concurrent"] * 2
+        texts: dict[int, str] = {}
+
+        def recognize(i: int) -> None:
+            texts[i] = eng.recognize(page(i)).text
+
+        threads = [threading.Thread(target=recognize, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
         assert all(s.steps > 0 for s in eng.schedulers), [s.steps for s in eng.schedulers]
+        assert texts == {i: eng.page_prompt.decode(reference(eng, page(i), 32)) for i in range(8)}
     finally:
         eng.close()
 

@@ -226,7 +226,8 @@ def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
     """The vision tower alone on `pages` A4 pages at once, the library's way (per-window attention, a Conv3d
     patch embedding) against the engine's (one attention call per layer, the patch embedding as one GEMM:
     gnosis_ocr/worker/engines/vision.py and patch_embed.py), timed in the same process, and how far apart
-    their features are; and the patch embedding alone both ways."""
+    their features are; the one call both as a padded SDPA call and, where the engine kept it, through
+    FlashAttention's varlen kernel; and the patch embedding alone both ways."""
     from gnosis_ocr.worker.engines import patch_embed
     from gnosis_ocr.worker.engines.vision import batch_window_attention, restore_window_attention
 
@@ -259,16 +260,25 @@ def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
     patch_embed.use_linear(model)
     batched_ms, got = tower()
     linear_ms, _ = timed(lambda: visual.patch_embed(pixels))
-    error = float((got - expected).norm() / expected.norm())
     check = engine.vision_checks[0] if engine.vision_checks else {}
-    if not check.get("batched"):  # back to what the engine's own start-up checks kept
+    out = {"pages": pages, "library_ms_per_page": round(library_ms, 1), "batched_ms_per_page": round(batched_ms, 1),
+           "speedup": round(library_ms / batched_ms, 2), "relative_error": relative(got, expected),
+           "patch_embed": {"conv3d_ms_per_page": round(conv_ms, 2), "linear_ms_per_page": round(linear_ms, 2)},
+           "engine_uses": engine.vision_checks}
+    if check.get("varlen"):  # FlashAttention's varlen kernel passed its check: its windows as they lie, too
+        batch_window_attention(model, varlen=True)
+        varlen_ms, got = tower()
+        out.update(varlen_ms_per_page=round(varlen_ms, 1), varlen_speedup=round(library_ms / varlen_ms, 2),
+                   varlen_relative_error=relative(got, expected))
+    elif not check.get("batched"):  # back to what the engine's own start-up checks kept
         restore_window_attention(model)
     if not check.get("patch_embed", {}).get("linear"):
         patch_embed.restore(model)
-    return {"pages": pages, "library_ms_per_page": round(library_ms, 1), "batched_ms_per_page": round(batched_ms, 1),
-            "speedup": round(library_ms / batched_ms, 2), "relative_error": error,
-            "patch_embed": {"conv3d_ms_per_page": round(conv_ms, 2), "linear_ms_per_page": round(linear_ms, 2)},
-            "engine_uses": engine.vision_checks}
+    return out
+
+
+def relative(got, expected) -> float:
+    return float((got - expected).norm() / expected.norm())
 
 
 def mismatches(torch, engine, pages, new_tokens: int) -> dict:

@@ -137,3 +137,61 @@ def test_a_batched_path_that_raises_leaves_the_librarys(model, monkeypatch):
     assert check == {"batched": False, "reason": "RuntimeError: no kernel image is available for execution on the "
                                                  "device"}
     assert torch.equal(features(model, grids), expected)
+
+
+@pytest.mark.parametrize("grids", GRIDS, ids=["ragged", "one-window", "three-pages"])
+def test_the_varlen_kernel_gives_the_librarys_image_features(model, grids, monkeypatch):
+    """On a GPU the windows can go to FlashAttention's variable-length kernel as they lie; here a reference
+    of its contract stands in for it (`harness/flashref.py`), so what is checked is the engine's call:
+    the windows' offsets, the shapes, and the rows put back in order."""
+    from gnosis_ocr.worker.engines import attention
+    from harness import flashref
+
+    monkeypatch.setattr(attention, "varlen", flashref.varlen)
+    restore_window_attention(model)
+    expected = features(model, grids)
+    assert batch_window_attention(model, varlen=True) == len(model.model.visual.blocks)
+    try:
+        got = features(model, grids)
+    finally:
+        restore_window_attention(model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["agrees", "reads the wrong head", "none here"])
+def test_the_engine_takes_the_varlen_kernel_only_where_it_runs_and_agrees(tiny_model, monkeypatch, kernel):
+    """Where the kernel runs and matches the library's features, the vision tower uses it; where it runs
+    and does not (here: each query head reading the next head's keys), the padded SDPA call serves, and
+    the refusal is reported; where it cannot run (a CPU), the padded call too."""
+    from gnosis_ocr.worker.engines import attention
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+    from harness import flashref
+
+    if kernel != "none here":
+        monkeypatch.setattr(attention, "unavailable", lambda *args: None)
+        def wrong(q, k, v, *args):
+            return flashref.varlen(q, k, v, *args, head_map=lambda h: (h + 1) % q.shape[1])
+
+        monkeypatch.setattr(attention, "varlen", flashref.varlen if kernel == "agrees" else wrong)
+    engine = NanonetsEngine(tiny_model, model_id="test/tiny", revision="0" * 40, devices=["cpu"], max_new_tokens=8,
+                            batch_size=2, repetition_window=0, decode_attention="sdpa")
+    try:
+        [check] = engine.vision_checks
+        path = engine.attention_paths["cpu"]["vision_attention"]
+        if kernel == "agrees":
+            assert check["varlen"] and check["batched"] and path == "varlen"
+        elif kernel == "reads the wrong head":
+            assert not check["varlen"] and check["batched"] and path == "batched"
+            assert not check["varlen_check"]["batched"] and check["varlen_check"]["relative_error"] > 1e-2
+        else:
+            assert not check["varlen"] and path == "batched"
+            assert check["varlen_unavailable"] == "no FlashAttention kernel on cpu"
+        assert engine.recognize(page_image()).tokens > 0
+    finally:
+        engine.close()
+
+
+def page_image():
+    from PIL import Image
+
+    return Image.effect_noise((300, 420), 60).convert("RGB")

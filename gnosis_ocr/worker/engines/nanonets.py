@@ -14,13 +14,12 @@ from pathlib import Path
 
 from ... import defaults
 from ...errors import EngineDead
-from . import PageText, PageTimings, patch_embed
+from . import PageText, PageTimings, patch_embed, vision
 from .decoder import StaticDecoder
 from .prompt import PagePrompt
 from .repetition import RepetitionGuard
 from .request import Request
 from .scheduler import Scheduler
-from .vision import batch_window_attention, check_against_library
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +148,11 @@ class NanonetsEngine:
         probe = Image.effect_noise((max_side // 2, max_side), 64).convert("RGB")
         inputs = self.page_prompt.inputs(probe) if self.fast_prompt else self.page_prompt.reference(probe)
         embed = patch_embed.check(model, inputs["pixel_values"])
-        if not batch_window_attention(model):
-            self.vision_checks.append({"device": str(model.device), "batched": False, "patch_embed": embed})
-            return
-        check = check_against_library(model, inputs["pixel_values"], inputs["image_grid_thw"])
+        check = vision.choose(model, inputs["pixel_values"], inputs["image_grid_thw"])
         self.vision_checks.append({"device": str(model.device), **check, "patch_embed": embed})
-        log.info("vision tower on %s: attention %s (%s), patch embedding %s", model.device,
-                 "one call per layer" if check["batched"] else "per window",
+        path = ("one varlen FlashAttention call per layer" if check["varlen"] else
+                "one padded SDPA call per layer" if check["batched"] else "per window")
+        log.info("vision tower on %s: attention %s (%s), patch embedding %s", model.device, path,
                  f"relative error {check['relative_error']:.1e} against the library's" if "relative_error" in check
                  else check.get("reason"), "as one GEMM" if embed["linear"] else "as the library's Conv3d")
 
@@ -180,11 +177,12 @@ class NanonetsEngine:
     @property
     def attention_paths(self) -> dict[str, dict[str, str]]:
         """Per device, the paths its start-up checks kept: what `gnosis_worker_device_info` says."""
-        vision = {c["device"]: c for c in self.vision_checks}
+        towers = {c["device"]: c for c in self.vision_checks}
 
         def paths(device: str) -> dict[str, str]:
-            check = vision.get(device, {})
-            return {"vision_attention": "batched" if check.get("batched") else "windows",
+            check = towers.get(device, {})
+            return {"vision_attention": "varlen" if check.get("varlen") else "batched" if check.get("batched")
+                    else "windows",
                     "patch_embed": "linear" if check.get("patch_embed", {}).get("linear") else "conv3d"}
         return {str(s.decoder.device): {"decode_attention": s.decoder.attention, **paths(str(s.decoder.device)),
                                         "projections": "stacked" if s.decoder.stacked is not None else "apart",

@@ -9,6 +9,11 @@ padded query rows are dropped on the way back. The arithmetic per window is the 
 the same keys, so the output matches the library's per-window path to rounding (the start-up check
 and `tests/unit/test_vision.py` compare them).
 
+On a GPU, where FlashAttention's variable-length kernel runs (`attention.unavailable`) and its start-up
+check agrees, a layer's windows go to that kernel instead, as they lie: each window's queries against its
+own keys by `cu_seqlens`, with no gather, no padding and no mask (`varlen`). The padded SDPA call stays
+where it does not.
+
 Only the attention call changes: the projections, rotary embedding and output projection are the
 module's own weights and transformers' own `apply_rotary_pos_emb_vision`.
 """
@@ -21,6 +26,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from . import attention
 from .rounding import relative_error, tolerance
 
 log = logging.getLogger(__name__)
@@ -33,12 +39,14 @@ class _Plan:
     windows) need no padding: the tokens are the batch as they lie, and the call takes no mask, which
     lets SDPA choose its flash kernel (a mask rules it out: on a GPU, the memory-efficient one runs)."""
 
-    __slots__ = ("cu_seqlens", "gather", "keep", "longest", "mask", "padded", "rows", "windows")
+    __slots__ = ("cu32", "cu_seqlens", "gather", "keep", "longest", "mask", "padded", "rows", "windows")
 
     def __init__(self, cu_seqlens: torch.Tensor) -> None:
         starts = cu_seqlens[:-1].long()
         lengths = cu_seqlens[1:].long() - starts
         self.cu_seqlens = cu_seqlens
+        # What the varlen kernel takes: int32, and no empty windows (a release that leaves repeated offsets).
+        self.cu32 = torch.unique_consecutive(cu_seqlens).to(torch.int32)
         self.windows = int(lengths.numel())
         self.longest = int(lengths.max()) if self.windows else 0
         self.padded = self.windows * self.longest != int(cu_seqlens[-1] - cu_seqlens[0])
@@ -81,6 +89,9 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     cos, sin = position_embeddings
     q, k = self._gnosis_rotary(q, k, cos, sin)
     plan = self._gnosis_plans.get(cu_seqlens)
+    if self._gnosis_varlen:  # every window against its own keys, in place: (seq, heads, dim)
+        out = attention.varlen(q, k, v, plan.cu32, plan.cu32, plan.longest, plan.longest, None, self.scaling)
+        return self.proj(out.reshape(seq_length, -1))
     # (seq, heads, dim) -> (windows, heads, longest, dim)
     if plan.padded:
         q, k, v = (t[plan.gather].transpose(1, 2) for t in (q, k, v))
@@ -94,10 +105,11 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     return self.proj(out.reshape(seq_length, -1).contiguous())
 
 
-def batch_window_attention(model) -> int:
-    """Switch each vision attention module of a Qwen2.5-VL model to the one-call path. Returns how many
-    were switched: 0 where the model is not built as expected (another architecture, flash-attention
-    already varlen), and then the library's path stays."""
+def batch_window_attention(model, *, varlen: bool = False) -> int:
+    """Switch each vision attention module of a Qwen2.5-VL model to the one-call path (with `varlen`,
+    FlashAttention's variable-length kernel; else one padded SDPA call). Returns how many were switched:
+    0 where the model is not built as expected (another architecture, flash-attention already varlen),
+    and then the library's path stays."""
     visual = getattr(getattr(model, "model", model), "visual", None)
     if visual is None:
         return 0
@@ -117,8 +129,37 @@ def batch_window_attention(model) -> int:
     for attn in attns:
         attn._gnosis_rotary = rotary
         attn._gnosis_plans = plans
+        attn._gnosis_varlen = varlen
         attn.forward = types.MethodType(_batched_forward, attn)
     return len(attns)
+
+
+def choose(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> dict:
+    """Switch the vision tower to the fastest one-call path that runs on this device and matches the
+    library's features on this page: FlashAttention's varlen kernel, else one padded SDPA call, else the
+    library's own windows. Says which (`batched`, `varlen`) and why."""
+    unavailable = varlen_unavailable(model)
+    varlen = unavailable is None
+    if not batch_window_attention(model, varlen=varlen):
+        return {"batched": False, "varlen": False, "reason": "the vision tower is not built as this engine expects"}
+    check = check_against_library(model, pixel_values, grid_thw, varlen=varlen)
+    if varlen and not check["batched"]:
+        log.warning("vision attention on %s: FlashAttention's varlen kernel does not match the library's (%s); "
+                    "trying one padded SDPA call per layer", next(model.parameters()).device,
+                    check.get("reason") or f"relative error {check['relative_error']:.2e}")
+        batch_window_attention(model)
+        check = {**check_against_library(model, pixel_values, grid_thw), "varlen_check": check}
+        varlen = False
+    return {**check, "varlen": varlen and check["batched"],
+            **({"varlen_unavailable": unavailable} if unavailable else {})}
+
+
+def varlen_unavailable(model) -> str | None:
+    """Why FlashAttention's variable-length kernel cannot run this model's vision attention here, or None."""
+    visual = model.model.visual
+    weight = next(visual.parameters())
+    heads = visual.blocks[0].attn.num_heads
+    return attention.unavailable(weight.device, weight.dtype, visual.config.hidden_size // heads)
 
 
 def restore_window_attention(model) -> None:
@@ -130,10 +171,11 @@ def restore_window_attention(model) -> None:
             del attn.forward
 
 
-def check_against_library(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> dict:
-    """One page's image features both ways on this device. The batched path stays only if it matches the
-    library's to rounding (relative error under `tolerance` for the dtype); otherwise the library's
-    path is restored, so a kernel or release that disagrees costs speed, never a wrong page."""
+def check_against_library(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, *, varlen: bool = False) -> dict:
+    """One page's image features both ways on this device. The batched path (`varlen` or not, as switched
+    on) stays only if it matches the library's to rounding (relative error under `tolerance` for the
+    dtype); otherwise the library's path is restored, so a kernel or release that disagrees costs speed,
+    never a wrong page."""
     visual = model.model.visual
     device = next(visual.parameters()).device
     dtype = next(visual.parameters()).dtype
@@ -156,7 +198,7 @@ def check_against_library(model, pixel_values: torch.Tensor, grid_thw: torch.Ten
     error, limit = relative_error(got, expected), tolerance(dtype)
     ok = error <= limit
     if ok:
-        batch_window_attention(model)
+        batch_window_attention(model, varlen=varlen)
     else:
         log.warning("batched vision attention differs from the library's on %s (relative error %.2e > %.0e); "
                     "using the library's per-window path", device, error, limit)

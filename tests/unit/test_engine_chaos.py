@@ -22,6 +22,7 @@ from PIL import Image
 from gnosis_ocr.errors import EngineDead, PageTimeout
 from gnosis_ocr.worker.engines import Cancelled
 from gnosis_ocr.worker.engines.scheduler import Scheduler
+from harness.stack import wait_until
 from tests.unit.test_batching import page
 from tests.unit.test_engine_faults import Deaths, Faulty
 
@@ -130,9 +131,10 @@ def cancel_when(loop, request, steps: int | None, deadline: float) -> threading.
         return any(job.done and request in piece.pages for job in list(loop._jobs) for piece in list(job.pieces))
 
     def run() -> None:
-        while not moment() and time.monotonic() < deadline:
-            time.sleep(0.0005)  # polling the loop's state, which has no event: the point is the moment
-        request.cancel()
+        try:  # the loop's state has no event to wait on: polled, since the point is the moment
+            wait_until(moment, timeout=max(0.0, deadline - time.monotonic()), interval=0.0005, message="the moment")
+        finally:
+            request.cancel()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread

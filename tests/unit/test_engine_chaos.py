@@ -64,7 +64,7 @@ def engine(tiny_model):
 
 @pytest.fixture(scope="module")
 def alone(engine):
-    """Each page size's tokens decoded alone, by plain `generate`: what every page that succeeds must have
+    """Each pool page's tokens decoded alone, by plain `generate`: what every page that succeeds must have
     (a shorter page has the first of them)."""
     eos = engine.model.generation_config.eos_token_id
     out = {}

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class _Plan:
-    """Where each window's tokens sit in the padded batch; the same for every layer of one forward.
+    """Where each window's tokens sit in the padded batch, or (`varlen`) the windows' offsets as the kernel
+    takes them; the same for every layer of one forward.
 
     Windows all of one length (the full-attention layers of a chunk of equal pages, a page of whole
     windows) need no padding: the tokens are the batch as they lie, and the call takes no mask, which
@@ -41,17 +42,19 @@ class _Plan:
 
     __slots__ = ("cu32", "cu_seqlens", "gather", "keep", "longest", "mask", "padded", "rows", "windows")
 
-    def __init__(self, cu_seqlens: torch.Tensor) -> None:
+    def __init__(self, cu_seqlens: torch.Tensor, *, varlen: bool) -> None:
         starts = cu_seqlens[:-1].long()
         lengths = cu_seqlens[1:].long() - starts
         self.cu_seqlens = cu_seqlens
-        # What the varlen kernel takes: int32, and no empty windows (a release that leaves repeated offsets).
-        self.cu32 = torch.unique_consecutive(cu_seqlens).to(torch.int32)
         self.windows = int(lengths.numel())
         self.longest = int(lengths.max()) if self.windows else 0
+        self.cu32 = self.gather = self.keep = self.mask = self.rows = None
+        if varlen:  # what the kernel takes: int32, and no empty windows (a release may repeat an offset)
+            self.cu32 = torch.unique_consecutive(cu_seqlens).to(torch.int32)
+            self.padded = False
+            return
         self.padded = self.windows * self.longest != int(cu_seqlens[-1] - cu_seqlens[0])
         if not self.padded:
-            self.gather = self.keep = self.mask = self.rows = None
             return
         offsets = torch.arange(self.longest, device=cu_seqlens.device)
         self.keep = offsets.unsqueeze(0) < lengths.unsqueeze(1)  # (windows, longest)
@@ -66,17 +69,18 @@ class _Plan:
 
 class _Plans:
     """Plans for the last few `cu_seqlens` tensors seen: a forward passes the same two (windows and
-    full attention) to every layer, so each is built once per forward, not once per layer."""
+    full attention) to every layer, so each is built once per forward, not once per layer. One set per
+    switch of the tower (`batch_window_attention`), so all its plans are for one path."""
 
-    def __init__(self, size: int = 4) -> None:
-        self.size = size
+    def __init__(self, *, varlen: bool, size: int = 4) -> None:
+        self.varlen, self.size = varlen, size
         self.entries: list[_Plan] = []
 
     def get(self, cu_seqlens: torch.Tensor) -> _Plan:
         for plan in self.entries:
             if plan.cu_seqlens is cu_seqlens:
                 return plan
-        plan = _Plan(cu_seqlens)
+        plan = _Plan(cu_seqlens, varlen=self.varlen)
         self.entries = [plan, *self.entries[: self.size - 1]]
         return plan
 
@@ -89,7 +93,7 @@ def _batched_forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor
     cos, sin = position_embeddings
     q, k = self._gnosis_rotary(q, k, cos, sin)
     plan = self._gnosis_plans.get(cu_seqlens)
-    if self._gnosis_varlen:  # every window against its own keys, in place: (seq, heads, dim)
+    if self._gnosis_plans.varlen:  # every window against its own keys, in place: (seq, heads, dim)
         out = attention.varlen(q, k, v, plan.cu32, plan.cu32, plan.longest, plan.longest, None, self.scaling)
         return self.proj(out.reshape(seq_length, -1))
     # (seq, heads, dim) -> (windows, heads, longest, dim)
@@ -125,11 +129,10 @@ def batch_window_attention(model, *, varlen: bool = False) -> int:
     if rotary is None or not attns or not all(a is not None and all(hasattr(a, n) for n in needed) for a in attns):
         log.warning("vision attention not batched: %s is not built as this engine expects", type(visual).__name__)
         return 0
-    plans = _Plans()  # shared by the layers: they see the same cu_seqlens tensors
+    plans = _Plans(varlen=varlen)  # shared by the layers: they see the same cu_seqlens tensors
     for attn in attns:
         attn._gnosis_rotary = rotary
         attn._gnosis_plans = plans
-        attn._gnosis_varlen = varlen
         attn.forward = types.MethodType(_batched_forward, attn)
     return len(attns)
 

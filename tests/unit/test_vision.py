@@ -70,15 +70,20 @@ def test_layers_without_padding_make_an_unmasked_call(model, monkeypatch):
         restore_window_attention(model)
 
 
-def test_a_page_decodes_the_same_tokens_either_way(model, tiny_model):
+def noise_page():
     from PIL import Image
+
+    return Image.effect_noise((300, 420), 60).convert("RGB")
+
+
+def test_a_page_decodes_the_same_tokens_either_way(model, tiny_model):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(tiny_model))
     from gnosis_ocr.worker.engines.prompt import PagePrompt
 
     prompt = PagePrompt(processor)
-    image = Image.effect_noise((300, 420), 60).convert("RGB")
+    image = noise_page()
 
     def tokens():
         inputs = prompt.reference(image)
@@ -186,12 +191,6 @@ def test_the_engine_takes_the_varlen_kernel_only_where_it_runs_and_agrees(tiny_m
         else:
             assert not check["varlen"] and path == "batched"
             assert check["varlen_unavailable"] == "no FlashAttention kernel on cpu"
-        assert engine.recognize(page_image()).tokens > 0
+        assert engine.recognize(noise_page()).tokens > 0
     finally:
         engine.close()
-
-
-def page_image():
-    from PIL import Image
-
-    return Image.effect_noise((300, 420), 60).convert("RGB")

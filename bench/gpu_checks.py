@@ -18,6 +18,7 @@ def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
     their features are; the one call both as a padded SDPA call and, where the engine kept it, through
     FlashAttention's varlen kernel; and the patch embedding alone both ways."""
     from gnosis_ocr.worker.engines import patch_embed
+    from gnosis_ocr.worker.engines.rounding import relative_error
     from gnosis_ocr.worker.engines.vision import batch_window_attention, restore_window_attention
 
     model = engine.models[0]
@@ -51,23 +52,19 @@ def vision(torch, engine, page, pages: int, reps: int = 3) -> dict:
     linear_ms, _ = timed(lambda: visual.patch_embed(pixels))
     check = engine.vision_checks[0] if engine.vision_checks else {}
     out = {"pages": pages, "library_ms_per_page": round(library_ms, 1), "batched_ms_per_page": round(batched_ms, 1),
-           "speedup": round(library_ms / batched_ms, 2), "relative_error": relative(got, expected),
+           "speedup": round(library_ms / batched_ms, 2), "relative_error": relative_error(got, expected),
            "patch_embed": {"conv3d_ms_per_page": round(conv_ms, 2), "linear_ms_per_page": round(linear_ms, 2)},
            "engine_uses": engine.vision_checks}
     if check.get("varlen"):  # FlashAttention's varlen kernel passed its check: its windows as they lie, too
         batch_window_attention(model, varlen=True)
         varlen_ms, got = tower()
         out.update(varlen_ms_per_page=round(varlen_ms, 1), varlen_speedup=round(library_ms / varlen_ms, 2),
-                   varlen_relative_error=relative(got, expected))
+                   varlen_relative_error=relative_error(got, expected))
     elif not check.get("batched"):  # back to what the engine's own start-up checks kept
         restore_window_attention(model)
     if not check.get("patch_embed", {}).get("linear"):
         patch_embed.restore(model)
     return out
-
-
-def relative(got, expected) -> float:
-    return float((got - expected).norm() / expected.norm())
 
 
 def mismatches(torch, engine, pages, new_tokens: int) -> dict:

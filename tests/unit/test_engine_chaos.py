@@ -140,13 +140,19 @@ def cancel_when(loop, request, steps: int | None, deadline: float) -> threading.
     return thread
 
 
+def drawn_pages(engine, rng: random.Random) -> tuple[list, list[int], list]:
+    """24 pages drawn from the pool, most of the first size (so that chunks of one length are common), each
+    with a random output cap: the pool, each page's index in it, and their requests."""
+    images = pool()
+    sizes = [rng.choice([0, 1, 2] * 4 + [3, 4, 5, 6, 7]) for _ in range(24)]
+    return images, sizes, [engine._request(images[i], max_new_tokens=rng.randint(3, TOKENS)) for i in sizes]
+
+
 @pytest.mark.parametrize("concurrent", [False, True], ids=["serial", "concurrent"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_faults_cost_only_the_pages_they_touch(engine, alone, concurrent, seed):
     rng = random.Random(seed)
-    images = pool()
-    sizes = [rng.choice([0, 1, 2] * 4 + [3, 4, 5, 6, 7]) for _ in range(24)]
-    requests = [engine._request(images[i], max_new_tokens=rng.randint(3, TOKENS)) for i in sizes]
+    images, sizes, requests = drawn_pages(engine, rng)
     fate = {id(r): "clean" for r in requests}
     for r in rng.sample(requests, 2):
         fate[id(r)] = "poisoned"
@@ -213,9 +219,7 @@ def test_a_device_lost_at_a_random_moment_returns_every_page_it_held_once(engine
     above: each page is resolved once, as done (with its own tokens), failed by a fault that touched it, or
     returned with EngineDead for another worker; the engine reports one death and holds nothing."""
     rng = random.Random(seed)
-    images = pool()
-    sizes = [rng.choice([0, 1, 2] * 4 + [3, 4, 5, 6, 7]) for _ in range(24)]
-    requests = [engine._request(images[i], max_new_tokens=rng.randint(3, TOKENS)) for i in sizes]
+    images, sizes, requests = drawn_pages(engine, rng)
     for r in rng.sample(requests, 3):
         r.cancel()
     chaos = Chaos(rng, set())

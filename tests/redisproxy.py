@@ -8,7 +8,10 @@ HoldingProxy carries a replica's link to its primary and can hold back what the 
 replica falls behind (a slow link, a busy replica) while the primary goes on taking writes.
 
 SilencingProxy turns chosen connections silent without closing them, as a path that died without a
-reset leaves them."""
+reset leaves them.
+
+MovingProxy is one address that follows the primary, as a managed Redis's endpoint or a Kubernetes
+Service does: moved, it resets every connection and sends the next ones to the new node."""
 
 from __future__ import annotations
 
@@ -121,6 +124,31 @@ class HoldingProxy:
         _close(source, sink)
 
 
+class MovingProxy(_Proxy):
+    def __init__(self, upstream_url: str) -> None:
+        super().__init__(upstream_url)
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def move_to(self, port: int) -> None:
+        """Every connection open now is reset; the next ones reach the node on `port`."""
+        self.upstream_port = port
+        socks, self._socks = self._socks, []
+        _close(*socks)
+
+    def _accept(self) -> None:
+        for client, upstream in _pairs(self.server, lambda: self.upstream_port):
+            self._socks += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        while (data := _recv(source)) and _send(sink, data):
+            pass
+        _close(source, sink)
+
+
 class SilencingProxy(_Proxy):
     """Carries every connection to Redis until `silence()`: from then on each connection open at that moment
     goes silent both ways once it sends a command containing `marker`: open, carrying nothing, as a TCP
@@ -172,16 +200,18 @@ class SilencingProxy(_Proxy):
         _close(source, sink)
 
 
-def _pairs(server: socket.socket, upstream_port: int):
-    """Each connection accepted, with one of its own to Redis, until the server is closed. One that Redis
-    refuses (it is down) is closed at once: the client finds its link down and tries again."""
+def _pairs(server: socket.socket, upstream_port: int | Callable[[], int]):
+    """Each connection accepted, with one of its own to Redis (on the port `upstream_port` is or returns
+    now), until the server is closed. One that Redis refuses (it is down) is closed at once: the client
+    finds its link down and tries again."""
     while True:
         try:
             client, _ = server.accept()
         except OSError:
             return
         try:
-            upstream = socket.create_connection(("127.0.0.1", upstream_port))
+            port = upstream_port() if callable(upstream_port) else upstream_port
+            upstream = socket.create_connection(("127.0.0.1", port))
         except OSError:
             _close(client)
             continue

@@ -4,7 +4,8 @@ A pool process killed mid-page is handled by Celery at once (acks_late + reject_
 requeue the message). A whole worker that vanishes (a GPU host gone) leaves its messages
 unacknowledged until the broker's visibility timeout, which must outlast the longest page and so
 cannot be the recovery mechanism: instead every beat also lets one live worker return the pages of
-dead ones (`registry.reap`) and fail jobs past GNOSIS_JOB_MAX_AGE.
+dead ones (`registry.reap`) and fail jobs past GNOSIS_JOB_MAX_AGE. Every beat also drops this
+worker's in-flight entries that no delivery it holds wrote (`registry.prune`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Heartbeat:
                     self._beating_since = now
                 self._last_beat = now
                 self._check_loop()
+                self._prune()
             except redis.RedisError as exc:
                 self._beating_since = None
                 log.warning("heartbeat failed (Redis unreachable?): %s", exc)
@@ -90,6 +92,18 @@ class Heartbeat:
                 # A silent heartbeat makes the other workers requeue this one's pages: never let it die.
                 log.exception("heartbeat error")
             self._stop.wait(self.interval)
+
+    def _prune(self) -> None:
+        """This worker's in-flight entries kept true (`registry.prune`); a failure here is not a failed beat."""
+        try:
+            dropped = registry.prune(self.redis, registry.held_tags)
+        except Exception as exc:  # Redis away: the next beat tries again
+            log.warning("could not check this worker's in-flight entries: %s", exc)
+            return
+        if dropped:
+            log.warning("dropped %d in-flight entr%s of deliveries this worker no longer holds (their ending was "
+                        "lost, by a failover say): %s", len(dropped), "y" if len(dropped) == 1 else "ies",
+                        ", ".join(dropped[:10]))
 
     def _check_loop(self) -> None:
         limit = self.rt.settings.loop_stall_timeout

@@ -8,9 +8,10 @@ leaves a job with fewer messages than pages. Either way the job would wait until
 
 The housekeeper looks at live jobs older than GNOSIS_RECONCILE_GRACE: a page not recorded, with no
 message in the queue's lists nor in the unacknowledged set, and no worker's in-flight entry, is lost.
-Only a page found lost on two passes in a row is published again (a message between BRPOP and its
-unacked record is gone from both for microseconds, not a whole pass). A redelivery is safe whatever
-happens: START_PAGE counts the attempt, and a page is recorded once.
+In-flight entries can be trusted because every live worker drops its own that no delivery it holds
+wrote (`registry.prune`). Only a page found lost on two passes in a row is published again (a message
+between BRPOP and its unacked record is gone from both for microseconds, not a whole pass). A redelivery
+is safe whatever happens: START_PAGE counts the attempt, and a page is recorded once.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ Each worker lists its in-flight pages in a hash, with the broker's delivery tag 
 worker's record has expired, any live worker returns that worker's unacknowledged messages to their
 queue (exactly what the broker's visibility timeout would do, hours earlier), so a crash costs one
 redelivery of each page and one attempt, never a second copy.
+
+A live worker keeps its hash true (`prune`): the reconciler takes an entry for a page being run, so
+an entry left behind by a delivery that is over would hide a lost page until the broker's visibility
+timeout. A failover leaves such entries: the promoted replica had a page's claim, not its ending.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -62,6 +67,54 @@ def clear(client: redis.Redis, job_id: str, page: int) -> None:
         log.warning("could not clear in-flight page: %s", exc)
 
 
+_DROP_UNCHANGED = """
+local dropped = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    dropped[#dropped + 1] = ARGV[i]
+  end
+end
+return dropped
+"""
+
+
+def prune(client: redis.Redis, held: Callable[[], Iterable[str]]) -> list[str]:
+    """Drop this worker's in-flight entries that no delivery it still holds wrote; the fields dropped.
+    `held()`: the delivery tags of every message the worker holds (`held_tags`).
+
+    A delivery writes its entry while the worker holds its message and removes it before letting the
+    message go, so an entry whose tag is not held *after* the entries were read belongs to a delivery
+    that is over, and whose removal was lost. Each is dropped only if unchanged since it was read: a new
+    delivery of the same page may have written it again meanwhile. Entries without a tag are left alone."""
+    key = keys.worker_inflight(worker_id())
+    entries = client.hgetall(key)
+    if not entries:
+        return []
+    tags = set(held())
+    stale = [(field, value) for field, value in entries.items() if (tag := _tag(value)) and tag not in tags]
+    if not stale:
+        return []
+    dropped = client.eval(_DROP_UNCHANGED, 1, key, *[part for pair in stale for part in pair])
+    return [field.decode() for field in dropped]
+
+
+def held_tags() -> set[str]:
+    """The delivery tags of every message this worker holds, from Celery's own bookkeeping in its main
+    process: a request is listed from its receipt until its task has ended, whichever pool runs it."""
+    from celery.worker import state
+
+    requests = state.requests.copy()  # one C call: the consumer's thread adds and removes meanwhile
+    return {tag for request in requests.values() if (tag := getattr(request.message, "delivery_tag", None))}
+
+
+def _tag(value: bytes) -> str | None:
+    try:
+        return json.loads(value).get("tag")
+    except (ValueError, AttributeError):
+        return None
+
+
 def engine_loaded(client: redis.Redis) -> None:
     """Called in a pool process once its engine is loaded: the worker's readiness counts these."""
     client.hset(keys.worker_engines(worker_id()), str(os.getpid()), now_rfc3339())
@@ -103,10 +156,7 @@ def reap(client: redis.Redis, app, *, queue: str) -> int:
 
 
 def _requeue(client: redis.Redis, app, queue: str, field: str, value: bytes) -> bool:
-    try:
-        tag = json.loads(value).get("tag")
-    except ValueError:
-        tag = None
+    tag = _tag(value)
     if tag:
         # The original message, back from the broker's unacknowledged set: no copy is made. If it is no
         # longer there, it was already acknowledged or returned, and there is nothing to do.

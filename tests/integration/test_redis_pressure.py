@@ -160,6 +160,18 @@ def test_a_page_whose_message_was_lost_is_published_again_and_runs_once(stack):
     assert "published 1 lost page(s) again" in worker.log()
 
 
+def test_a_page_running_through_the_reconcilers_passes_keeps_its_entry_and_runs_once(stack):
+    """Every beat a worker drops its in-flight entries that no delivery it holds wrote (a failover lost
+    their ending). A page still running keeps its entry, so the reconciler never takes it for lost and
+    runs a second copy beside it."""
+    url = stack.api()
+    worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="15", GNOSIS_RECONCILE_GRACE="1")
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("long.png", text_image(["a long page"]))}).json()
+    final = poll_job(url, job["id"], timeout=90)  # two passes of the reconciler, 6 s apart, while it runs
+    assert final["status"] == "succeeded" and final["attempts"] == 1, final
+    assert "in-flight entr" not in worker.log() and "lost page" not in worker.log()
+
+
 def test_a_lost_page_of_a_busy_key_is_published_again_at_that_keys_priority(stack):
     """A copy published without a priority would run ahead of every key's pages, a small key's too."""
     from celery import Celery

@@ -15,10 +15,11 @@ import redis
 import requests
 
 from gnosis_ocr import keys, replication
+from gnosis_ocr.worker import reconcile, registry
 from harness.docs import text_image
 from harness.redisproc import PrivateRedis
 from harness.stack import poll_job, wait_until
-from tests.redisproxy import HoldingProxy
+from tests.redisproxy import HoldingProxy, MovingProxy
 
 
 @pytest.fixture
@@ -178,3 +179,58 @@ def test_a_job_whose_ending_a_failover_lost_runs_again_and_finds_its_document(st
     stack.worker(OCR_ENGINE="null", GNOSIS_CACHE_VISIBILITY_WAIT="1")
     final = poll_job(after, job.json()["id"], timeout=60)
     assert final["status"] == "succeeded", final
+
+
+def test_a_page_whose_ending_a_failover_lost_runs_again_while_its_worker_lives_on(stack, pair):
+    """The promoted replica had a page's claim but not its ending: the worker's in-flight entry and the
+    page's unacknowledged message, while the worker, alive and reconnected through an endpoint that follows
+    the primary, had finished that delivery long before. The reconciler took the entry for a page still
+    running, and the job waited out the broker's visibility timeout (13 minutes by default) before it ran
+    again. A worker now drops the entries no delivery of its own holds."""
+    primary, link, replica = pair
+    endpoint = MovingProxy(primary.url)
+    # Beats every 2 s: the worker's record outlives the failover, so no reaper takes the page for a dead
+    # worker's; the reconciler passes every 12 s.
+    stack.env.update(REDIS_URL=endpoint.url, GNOSIS_RECONCILE_GRACE="2", GNOSIS_HEARTBEAT_INTERVAL="2")
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="3")
+    job = submit(url, "claimed.png")
+    assert job.status_code == 202, job.text
+    job_id = job.json()["id"]
+    old = redis.Redis(port=primary.port)
+    wait_until(lambda: in_flight(old) == [f"{job_id}:0"], timeout=60, message="the page to be claimed")
+    assert replication.confirm(old, 1, 5.0) == 1  # the replica has the claim
+    link.hold()
+    assert poll_job(url, job_id, timeout=60)["status"] == "succeeded"  # on the primary alone
+    # Acknowledged there too: an acknowledgement the failover cut short is restored by the worker itself.
+    wait_until(lambda: old.hlen(reconcile.UNACKED_KEY) == 0, timeout=30, message="the page's acknowledgement")
+    fail_over(primary, link, replica)
+    endpoint.move_to(replica.port)
+
+    new = redis.Redis(port=replica.port)
+    assert new.hget(keys.job(job_id), "status") == b"running" and in_flight(new) == [f"{job_id}:0"]
+    final = poll_job(url, job_id, timeout=120)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2  # the claim the replica had, and the delivery that ran the page again
+    assert in_flight(new) == []
+
+
+def in_flight(client: redis.Redis) -> list[str]:
+    """Every worker's in-flight entries (job:page)."""
+    return sorted(field.decode() for key in client.scan_iter(keys.WORKER_INFLIGHTS) for field in client.hkeys(key))
+
+
+def test_a_worker_drops_only_its_in_flight_entries_that_no_delivery_it_holds_wrote(redis_url, monkeypatch):
+    monkeypatch.setenv("GNOSIS_WORKER_ID", "gnosis-1@host-test")
+    client = redis.Redis.from_url(redis_url)
+    key = keys.worker_inflight(registry.worker_id())
+    for name, tag in (("running", "t1"), ("over", "t2"), ("untagged", None), ("again", "t3")):
+        client.hset(key, *registry.entry(name, 0, tag)[1:])
+
+    def held() -> set[str]:  # asked after the entries were read; meanwhile a new delivery claims "again"
+        client.hset(key, *registry.entry("again", 0, "t4")[1:])
+        return {"t1", "t4"}
+
+    assert registry.prune(client, held) == ["over:0"]
+    assert sorted(f.decode() for f in client.hkeys(key)) == ["again:0", "running:0", "untagged:0"]
+    assert registry.prune(client, lambda: {"t1", "t4"}) == []

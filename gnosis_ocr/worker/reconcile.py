@@ -56,17 +56,19 @@ class Reconciler:
         again = lost & self._suspects
         self._suspects = lost - again
         priorities = self._priorities({job_id: owners[job_id] for job_id, page in again if (job_id, page) not in stale})
+        restored = 0
         for job_id, page in sorted(again):
             tag = stale.get((job_id, page))
-            if tag is not None:  # the original, back from a consumer that died holding it: no copy is made
+            if tag is not None:  # the original, back from a consumer that no longer holds it: no copy is made
                 with self.app.connection_for_write() as conn:
                     conn.default_channel.qos.restore_by_tag(tag)
+                restored += 1
             else:  # at its submitter's priority now: a copy without one would go ahead of every key's pages
                 self.app.send_task(OCR_PAGE_TASK, args=[job_id, page], queue=self.queue,
                                    priority=priorities[job_id])
         if again:
-            log.warning("published %d lost page(s) again (no message or worker had them): %s", len(again),
-                        ", ".join(f"{j}:{p}" for j, p in sorted(again)[:10]))
+            log.warning("published %d lost page(s) again (%d of them the unacknowledged original; no worker was "
+                        "running them): %s", len(again), restored, ", ".join(f"{j}:{p}" for j, p in sorted(again)[:10]))
         return len(again)
 
     def _unrecorded(self) -> tuple[set[tuple[str, int]], dict[str, str]]:

@@ -16,7 +16,7 @@ import requests
 
 from gnosis_ocr import keys, replication
 from gnosis_ocr.worker import reconcile, registry
-from harness.docs import text_image
+from harness.docs import pdf_of_pages, text_image
 from harness.redisproc import PrivateRedis
 from harness.stack import poll_job, wait_until
 from tests.redisproxy import HoldingProxy, MovingProxy
@@ -234,3 +234,44 @@ def test_a_worker_drops_only_its_in_flight_entries_that_no_delivery_it_holds_wro
     assert registry.prune(client, held) == ["over:0"]
     assert sorted(f.decode() for f in client.hkeys(key)) == ["again:0", "running:0", "untagged:0"]
     assert registry.prune(client, lambda: {"t1", "t4"}) == []
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_failover_to_a_lagging_replica_at_any_moment_stalls_none_of_the_jobs_it_had(stack, pair, seed):
+    """Pages claimed, recorded and acknowledged on the primary alone, cut at a moment drawn from `seed`:
+    the promoted replica has some of each, in every mix. Every job it had must still end `succeeded`,
+    with each page's text, well within the broker's visibility timeout."""
+    import random
+
+    draw = random.Random(seed)
+    primary, link, replica = pair
+    endpoint = MovingProxy(primary.url)
+    stack.env.update(REDIS_URL=endpoint.url, GNOSIS_RECONCILE_GRACE="2", GNOSIS_HEARTBEAT_INTERVAL="2",
+                     GNOSIS_ACCEPT_REPLICAS="1")  # a 202 means the replica has the job
+    url = stack.api()
+    pages = [[f"job {n} page {p}" for p in range(1 + n % 3)] for n in range(10)]
+    jobs = []
+    for n, texts in enumerate(pages):
+        r = requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.pdf", pdf_of_pages([[t] for t in texts]))},
+                          timeout=10)
+        assert r.status_code == 202, r.text
+        jobs.append(r.json()["id"])
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", concurrency=2)
+    old = redis.Redis(port=primary.port)
+
+    def recorded() -> int:
+        return sum(int(old.hget(keys.job(j), "pages_done") or 0) for j in jobs)
+
+    held_at = draw.randrange(2, 8)  # pages recorded when the replica stops hearing
+    wait_until(lambda: recorded() >= held_at, timeout=60, message="pages to be recorded")
+    link.hold()
+    alone = draw.randrange(1, 5)  # then these on the primary alone, with the claims and acknowledgements around
+    wait_until(lambda: recorded() >= held_at + alone, timeout=60, message="pages on the primary alone")
+    fail_over(primary, link, replica)
+    endpoint.move_to(replica.port)
+
+    finals = [poll_job(url, job_id, timeout=120) for job_id in jobs]
+    assert [f for f in finals if f["status"] != "succeeded"] == []
+    for job_id, texts in zip(jobs, pages, strict=True):
+        result = requests.get(f"{url}/v1/jobs/{job_id}/result", timeout=10)
+        assert result.status_code == 200 and len(result.json()["pages"]) == len(texts), result.text

@@ -71,6 +71,26 @@ def emulator():
         server.stop()
 
 
+@pytest.fixture
+def bucket():
+    """A bucket `scans` in a GCS emulator of its own, which STORAGE_EMULATOR_HOST names meanwhile; yields the
+    bucket and the emulator's address."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from harness.gcsemulator import start_emulator
+
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    server = start_emulator()
+    try:
+        client = storage.Client(project="test", credentials=AnonymousCredentials())
+        yield client.create_bucket("scans"), os.environ["STORAGE_EMULATOR_HOST"]
+    finally:
+        server.stop()
+        if saved is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
 @pytest.fixture(params=["redis", "directory"])
 def both_stores(request, stack, tmp_path):
     """Runs a test with inputs in Redis and again with inputs in a shared directory (GNOSIS_INPUT_STORE)."""

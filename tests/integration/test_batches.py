@@ -6,7 +6,6 @@ is done, and prefixes outside GNOSIS_BATCH_BUCKETS refused."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,24 +16,6 @@ from harness.docs import noise_pdf, pdf_of_pages, text_image, words
 from harness.stack import ROOT, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def bucket():
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    from harness.gcsemulator import start_emulator
-
-    saved = os.environ.get("STORAGE_EMULATOR_HOST")
-    server = start_emulator()
-    try:
-        client = storage.Client(project="test", credentials=AnonymousCredentials())
-        yield client.create_bucket("scans"), os.environ["STORAGE_EMULATOR_HOST"]
-    finally:
-        server.stop()
-        if saved is not None:
-            os.environ["STORAGE_EMULATOR_HOST"] = saved
 
 
 def documents() -> dict[str, bytes]:

@@ -19,6 +19,7 @@ from gnosis_ocr.worker import reconcile, registry
 from harness.docs import pdf_of_pages, text_image
 from harness.redisproc import PrivateRedis
 from harness.stack import poll_job, wait_until
+from tests.integration.test_batches import batch_now, final, result_objects, start_batch, upload_pages
 from tests.redisproxy import HoldingProxy, MovingProxy
 
 
@@ -275,3 +276,30 @@ def test_a_failover_to_a_lagging_replica_at_any_moment_stalls_none_of_the_jobs_i
     for job_id, texts in zip(jobs, pages, strict=True):
         result = requests.get(f"{url}/v1/jobs/{job_id}/result", timeout=10)
         assert result.status_code == 200 and len(result.json()["pages"]) == len(texts), result.text
+
+
+def test_a_batch_through_a_failover_to_a_lagging_replica_ends_with_every_document_counted_once(stack, pair, bucket):
+    """Documents recorded, counted and written to the bucket on the primary alone: the promoted replica
+    runs their pages again, and the batch still ends with each document once and every result written."""
+    primary, link, replica = pair
+    scans, host = bucket
+    upload_pages(scans, 12, "doc", "Failover page")
+    endpoint = MovingProxy(primary.url)
+    stack.env.update(REDIS_URL=endpoint.url, GNOSIS_RECONCILE_GRACE="2", GNOSIS_HEARTBEAT_INTERVAL="2",
+                     STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", concurrency=2)
+    batch = start_batch(url)
+    old = redis.Redis(port=primary.port)
+    wait_until(lambda: batch_now(url, batch["id"])["documents_done"] >= 3, timeout=60, message="documents done")
+    assert replication.confirm(old, 1, 5.0) == 1
+    link.hold()
+    wait_until(lambda: batch_now(url, batch["id"])["documents_done"] >= 6, timeout=60,
+               message="documents done on the primary alone")
+    fail_over(primary, link, replica)
+    endpoint.move_to(replica.port)
+
+    done = final(url, batch["id"])
+    assert (done["status"], done["documents_total"], done["documents_done"], done["documents_failed"]) == \
+        ("succeeded", 12, 12, 0), done
+    assert len(result_objects(scans, ".json")) == 12

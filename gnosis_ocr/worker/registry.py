@@ -101,7 +101,9 @@ def prune(client: redis.Redis, held: Callable[[], Iterable[str]]) -> list[str]:
 
 def held_tags() -> set[str]:
     """The delivery tags of every message this worker holds, from Celery's own bookkeeping in its main
-    process: a request is listed from its receipt until its task has ended, whichever pool runs it."""
+    process: a request is listed from its receipt until its task has ended, whichever pool runs it. (A
+    lost broker connection also unlists those not yet running; kombu puts their messages back in the
+    queue then, so a page of theirs that runs after all is not taken for lost.)"""
     from celery.worker import state
 
     requests = state.requests.copy()  # one C call: the consumer's thread adds and removes meanwhile

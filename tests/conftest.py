@@ -72,6 +72,26 @@ def emulator():
 
 
 @pytest.fixture
+def pair(tmp_path):
+    """A primary and its replica, each a private Redis with AOF; the replica follows through a link that
+    can hold the replication stream back (`HoldingProxy`): yields (primary, link, replica)."""
+    from harness.redisproc import PrivateRedis
+    from harness.stack import wait_until
+    from tests.redisproxy import HoldingProxy
+
+    primary = PrivateRedis(tmp_path / "primary").start()
+    link = HoldingProxy(primary.port)
+    replica = PrivateRedis(tmp_path / "replica").start(extra=["--replicaof", "127.0.0.1", str(link.port)])
+    admin = redis.Redis(port=replica.port)
+    wait_until(lambda: admin.info("replication").get("master_link_status") == "up", timeout=15,
+               message="the replica to sync")
+    yield primary, link, replica
+    link.cut()
+    primary.stop()
+    replica.stop()
+
+
+@pytest.fixture
 def bucket():
     """A bucket `scans` in a GCS emulator of its own, which STORAGE_EMULATOR_HOST names meanwhile; yields the
     bucket and the emulator's address."""

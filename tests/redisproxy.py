@@ -130,6 +130,10 @@ class MovingProxy(_Proxy):
         self._socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
+    def stop(self) -> None:
+        super().stop()
+        self.move_to(self.upstream_port)
+
     def move_to(self, port: int) -> None:
         """Every connection open now is reset; the next ones reach the node on `port`."""
         self.upstream_port = port

@@ -1,0 +1,150 @@
+"""A failover to a replica that lagged, while workers live on: the promoted node has some of the pages'
+claims, records and acknowledgements and not others, in every mix, and nothing it had may stall.
+
+The workers reach Redis through one address that moves to the promoted node, as a managed Redis's endpoint
+or a Kubernetes Service does (`MovingProxy`); the replica follows its primary through a link that can be
+held back (`pair`, in conftest).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import redis
+import requests
+
+from gnosis_ocr import keys, replication
+from gnosis_ocr.worker import reconcile, registry
+from harness.docs import pdf_of_pages
+from harness.stack import poll_job, wait_until
+from tests.integration.test_batches import batch_now, final, result_objects, start_batch, upload_pages
+from tests.integration.test_replication import fail_over, submit
+from tests.redisproxy import MovingProxy
+
+
+@pytest.fixture
+def endpoint(pair):
+    """The one address the stack's processes use, on the primary until `move_to`."""
+    proxy = MovingProxy(pair[0].url)
+    yield proxy
+    proxy.stop()
+
+
+def test_a_page_whose_ending_a_failover_lost_runs_again_while_its_worker_lives_on(stack, pair, endpoint):
+    """The promoted replica had a page's claim but not its ending: the worker's in-flight entry and the
+    page's unacknowledged message, while the worker, alive and reconnected through an endpoint that follows
+    the primary, had finished that delivery long before. The reconciler took the entry for a page still
+    running, and the job waited out the broker's visibility timeout (13 minutes by default) before it ran
+    again. A worker now drops the entries no delivery of its own holds."""
+    primary, link, replica = pair
+    # Beats every 2 s: the worker's record outlives the failover, so no reaper takes the page for a dead
+    # worker's; the reconciler passes every 12 s.
+    stack.env.update(REDIS_URL=endpoint.url, GNOSIS_RECONCILE_GRACE="2", GNOSIS_HEARTBEAT_INTERVAL="2")
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="3")
+    job = submit(url, "claimed.png")
+    assert job.status_code == 202, job.text
+    job_id = job.json()["id"]
+    old = redis.Redis(port=primary.port)
+    wait_until(lambda: in_flight(old) == [f"{job_id}:0"], timeout=60, message="the page to be claimed")
+    assert replication.confirm(old, 1, 5.0) == 1  # the replica has the claim
+    link.hold()
+    assert poll_job(url, job_id, timeout=60)["status"] == "succeeded"  # on the primary alone
+    # Acknowledged there too: an acknowledgement the failover cut short is restored by the worker itself.
+    wait_until(lambda: old.hlen(reconcile.UNACKED_KEY) == 0, timeout=30, message="the page's acknowledgement")
+    fail_over(primary, link, replica)
+    endpoint.move_to(replica.port)
+
+    new = redis.Redis(port=replica.port)
+    assert new.hget(keys.job(job_id), "status") == b"running" and in_flight(new) == [f"{job_id}:0"]
+    final = poll_job(url, job_id, timeout=120)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2  # the claim the replica had, and the delivery that ran the page again
+    assert in_flight(new) == []
+
+
+def in_flight(client: redis.Redis) -> list[str]:
+    """Every worker's in-flight entries (job:page)."""
+    return sorted(field.decode() for key in client.scan_iter(keys.WORKER_INFLIGHTS) for field in client.hkeys(key))
+
+
+def test_a_worker_drops_only_its_in_flight_entries_that_no_delivery_it_holds_wrote(redis_url, monkeypatch):
+    monkeypatch.setenv("GNOSIS_WORKER_ID", "gnosis-1@host-test")
+    client = redis.Redis.from_url(redis_url)
+    key = keys.worker_inflight(registry.worker_id())
+    for name, tag in (("running", "t1"), ("over", "t2"), ("untagged", None), ("again", "t3")):
+        client.hset(key, *registry.entry(name, 0, tag)[1:])
+
+    def held() -> set[str]:  # asked after the entries were read; meanwhile a new delivery claims "again"
+        client.hset(key, *registry.entry("again", 0, "t4")[1:])
+        return {"t1", "t4"}
+
+    assert registry.prune(client, held) == ["over:0"]
+    assert sorted(f.decode() for f in client.hkeys(key)) == ["again:0", "running:0", "untagged:0"]
+    assert registry.prune(client, lambda: {"t1", "t4"}) == []
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_failover_to_a_lagging_replica_at_any_moment_stalls_none_of_the_jobs_it_had(stack, pair, endpoint, seed):
+    """Pages claimed, recorded and acknowledged on the primary alone, cut at a moment drawn from `seed`:
+    the promoted replica has some of each, in every mix. Every job it had must still end `succeeded`,
+    with each page's text, well within the broker's visibility timeout."""
+    draw = random.Random(seed)
+    primary, link, replica = pair
+    stack.env.update(REDIS_URL=endpoint.url, GNOSIS_RECONCILE_GRACE="2", GNOSIS_HEARTBEAT_INTERVAL="2",
+                     GNOSIS_ACCEPT_REPLICAS="1")  # a 202 means the replica has the job
+    url = stack.api()
+    pages = [[f"job {n} page {p}" for p in range(1 + n % 3)] for n in range(10)]
+    jobs = []
+    for n, texts in enumerate(pages):
+        r = requests.post(f"{url}/v1/jobs", files={"file": (f"{n}.pdf", pdf_of_pages([[t] for t in texts]))},
+                          timeout=10)
+        assert r.status_code == 202, r.text
+        jobs.append(r.json()["id"])
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", concurrency=2)
+    old = redis.Redis(port=primary.port)
+
+    def recorded() -> int:
+        return sum(int(old.hget(keys.job(j), "pages_done") or 0) for j in jobs)
+
+    held_at = draw.randrange(2, 8)  # pages recorded when the replica stops hearing
+    wait_until(lambda: recorded() >= held_at, timeout=60, message="pages to be recorded")
+    link.hold()
+    alone = draw.randrange(1, 5)  # then these on the primary alone, with the claims and acknowledgements around
+    wait_until(lambda: recorded() >= held_at + alone, timeout=60, message="pages on the primary alone")
+    fail_over(primary, link, replica)
+    endpoint.move_to(replica.port)
+
+    finals = [poll_job(url, job_id, timeout=120) for job_id in jobs]
+    assert [f for f in finals if f["status"] != "succeeded"] == []
+    for job_id, texts in zip(jobs, pages, strict=True):
+        result = requests.get(f"{url}/v1/jobs/{job_id}/result", timeout=10)
+        assert result.status_code == 200 and len(result.json()["pages"]) == len(texts), result.text
+
+
+def test_a_batch_through_a_failover_to_a_lagging_replica_ends_with_every_document_counted_once(
+        stack, pair, endpoint, bucket):
+    """Documents recorded, counted and written to the bucket on the primary alone: the promoted replica
+    runs their pages again, and the batch still ends with each document once and every result written."""
+    primary, link, replica = pair
+    scans, host = bucket
+    upload_pages(scans, 12, "doc", "Failover page")
+    stack.env.update(REDIS_URL=endpoint.url, GNOSIS_RECONCILE_GRACE="2", GNOSIS_HEARTBEAT_INTERVAL="2",
+                     STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
+    url = stack.api()
+    stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.3", concurrency=2)
+    batch = start_batch(url)
+    old = redis.Redis(port=primary.port)
+    wait_until(lambda: batch_now(url, batch["id"])["documents_done"] >= 3, timeout=60, message="documents done")
+    assert replication.confirm(old, 1, 5.0) == 1
+    link.hold()
+    wait_until(lambda: batch_now(url, batch["id"])["documents_done"] >= 6, timeout=60,
+               message="documents done on the primary alone")
+    fail_over(primary, link, replica)
+    endpoint.move_to(replica.port)
+
+    done = final(url, batch["id"])
+    assert (done["status"], done["documents_total"], done["documents_done"], done["documents_failed"]) == \
+        ("succeeded", 12, 12, 0), done
+    assert len(result_objects(scans, ".json")) == 12

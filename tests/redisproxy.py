@@ -132,11 +132,14 @@ class MovingProxy(_Proxy):
 
     def stop(self) -> None:
         super().stop()
-        self.move_to(self.upstream_port)
+        self._reset()
 
     def move_to(self, port: int) -> None:
         """Every connection open now is reset; the next ones reach the node on `port`."""
         self.upstream_port = port
+        self._reset()
+
+    def _reset(self) -> None:
         socks, self._socks = self._socks, []
         _close(*socks)
 

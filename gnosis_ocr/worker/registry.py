@@ -85,8 +85,9 @@ def prune(client: redis.Redis, held: Callable[[], Iterable[str]]) -> list[str]:
 
     A delivery writes its entry while the worker holds its message and removes it before letting the
     message go, so an entry whose tag is not held *after* the entries were read belongs to a delivery
-    that is over, and whose removal was lost. Each is dropped only if unchanged since it was read: a new
-    delivery of the same page may have written it again meanwhile. Entries without a tag are left alone."""
+    that is over, and whose removal was lost (or never came, on a path that returned its message). Each is
+    dropped only if unchanged since it was read: a new delivery of the same page may have written it again
+    meanwhile. Entries without a tag are left alone."""
     key = keys.worker_inflight(worker_id())
     entries = client.hgetall(key)
     if not entries:

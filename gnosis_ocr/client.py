@@ -41,7 +41,9 @@ class Client:
         self.retries = max(1, retries)
         self.backoff = backoff
 
-    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+    def _request(self, method: str, path: str, *, gone_on_repeat: bool = False, **kwargs) -> requests.Response | None:
+        """`gone_on_repeat`: a 404 to a retry is the earlier try done (its answer lost, or a 503 while Redis
+        replicas caught up): None."""
         for attempt in range(1, self.retries + 1):
             last = attempt == self.retries
             try:
@@ -51,6 +53,8 @@ class Client:
                     raise
                 delay = self.backoff * 2 ** (attempt - 1)
             except ApiError as exc:
+                if gone_on_repeat and exc.status == 404 and attempt > 1:
+                    return None
                 if last or exc.status not in RETRIED_STATUSES:
                     raise
                 delay = exc.retry_after if exc.retry_after is not None else self.backoff * 2 ** (attempt - 1)
@@ -93,7 +97,7 @@ class Client:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
     def delete(self, job_id: str) -> None:
-        self._request("DELETE", f"/v1/jobs/{job_id}")
+        self._request("DELETE", f"/v1/jobs/{job_id}", gone_on_repeat=True)
 
     def submit_batch(self, source: str, destination: str, *, idempotency_key: str | None = None, **fields) -> dict:
         """A batch from `source` to `destination` (gs:// prefixes); `fields`: pages, language, overwrite,

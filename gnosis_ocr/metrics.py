@@ -27,8 +27,8 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 
 COUNTERS = {
     "gnosis_jobs_submitted_total": "Jobs accepted by the API.",
-    "gnosis_submissions_unreplicated_total": "Jobs and batches refused because Redis replicas did not confirm them "
-    "in time (GNOSIS_ACCEPT_REPLICAS), by kind.",
+    "gnosis_submissions_unreplicated_total": "Jobs and batches refused, and cancels and deletions answered 503, "
+    "because Redis replicas did not confirm them in time (GNOSIS_ACCEPT_REPLICAS), by kind.",
     "gnosis_jobs_finished_total": "Jobs that reached a final state, by outcome and error code.",
     "gnosis_pages_processed_total": "Pages recognised, by engine.",
     "gnosis_cache_hits_total": "Model loads that found a complete, valid cache.",

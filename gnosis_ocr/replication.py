@@ -136,25 +136,28 @@ class Acceptance:
         self._count = (now, count)
         return count
 
-    def require(self, *, what: str) -> None:
+    def require(self, *, what: str, change: bool = False) -> None:
         """Raise Unavailable (`redis_unreplicated`) unless the replicas the policy wants hold every write so
-        far; a no-op when it wants none."""
+        far; a no-op when it wants none. `change`: what is unconfirmed is a change to something accepted (a
+        cancel, a deletion), which stays on the primary: the answer asks for it again rather than saying
+        nothing was kept."""
         if not self.enabled:
             return
+        then = ("it is on the primary alone, where a failover could undo it. Send it again: repeating it is safe."
+                if change else "nothing was accepted. Retry later.")
         try:
             wanted = self.wanted()
             confirmed = confirm(self.client, wanted, self.timeout) if wanted > 0 else 0
             stale = self.primary_check() if wanted == 0 and self.primary_check is not None else None
         except redis.ResponseError as exc:  # a replica as REDIS_URL, or a Redis that refuses WAIT or INFO
-            raise Unavailable(f"Redis cannot confirm writes on replicas ({exc}); nothing was accepted. "
-                              "Retry later.", code=CODE) from exc
+            raise Unavailable(f"Redis cannot confirm writes on replicas ({exc}); {then}", code=CODE) from exc
         if stale is not None:
             self._count = None
             self.client.connection_pool.disconnect()  # the next connection asks the sentinels again
-            raise Unavailable(f"Redis is failing over ({stale}); nothing was accepted. Retry later.", code=CODE)
+            raise Unavailable(f"Redis is failing over ({stale}); {then}", code=CODE)
         if confirmed < wanted:
             raise Unavailable(f"Redis confirmed the {what} on {confirmed} of {wanted} replica(s) within "
-                              f"{self.timeout:g}s; nothing was accepted. Retry later.", code=CODE)
+                              f"{self.timeout:g}s; {then}", code=CODE)
 
     def describe(self) -> dict:
         """For /readyz: what acceptance requires and what Redis has, with a warning while it falls short."""

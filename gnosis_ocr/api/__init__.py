@@ -65,11 +65,12 @@ class ApiContext:
         with self._depth_lock:
             return self._depth[1]
 
-    def confirm_accepted(self, what: str) -> None:
+    def confirm_accepted(self, what: str, *, change: bool = False) -> None:
         """Before a 202: every write so far is on the replicas GNOSIS_ACCEPT_REPLICAS wants, or Unavailable
-        (`redis_unreplicated`), counted, for the caller to remove what it wrote."""
+        (`redis_unreplicated`), counted, for the caller to remove what it wrote. With `change` (a cancel, a
+        deletion: before its 2xx), nothing is removed: the client sends it again."""
         try:
-            self.acceptance.require(what=what)
+            self.acceptance.require(what=what, change=change)
         except Unavailable:  # replicas fell short (a Redis that does not answer raises RedisError instead)
             self.metrics.inc("gnosis_submissions_unreplicated_total", kind=what)
             raise

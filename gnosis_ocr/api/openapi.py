@@ -8,6 +8,10 @@ def _error(description: str) -> dict:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
+_UNCONFIRMED = _error("Queue unreachable, or (under GNOSIS_ACCEPT_REPLICAS) the change is on the primary and no "
+                      "replica confirmed it yet: send it again, repeating it is safe (redis_unreplicated).")
+
+
 def spec() -> dict:
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     job = {"description": "The job.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
@@ -56,7 +60,7 @@ def spec() -> dict:
                 "delete": {"operationId": "deleteJob", "summary": "Cancel if needed and delete everything",
                            "parameters": [job_id],
                            "responses": {"204": {"description": "Deleted."}, "401": _error("No valid key."),
-                                         "404": _error("Unknown job."), "503": _error("Queue unreachable.")}}},
+                                         "404": _error("Unknown job."), "503": _UNCONFIRMED}}},
             "/v1/jobs/{job_id}/result": {"get": {
                 "operationId": "getResult", "summary": "The result of a succeeded job",
                 "parameters": [job_id, {"name": "format", "in": "query", "required": False,
@@ -69,7 +73,7 @@ def spec() -> dict:
             "/v1/jobs/{job_id}/cancel": {"post": {
                 "operationId": "cancelJob", "summary": "Cancel a queued or running job", "parameters": [job_id],
                 "responses": {"200": job, "401": _error("No valid key."), "404": _error("Unknown job."),
-                              "503": _error("Queue unreachable.")}}},
+                              "503": _UNCONFIRMED}}},
             "/v1/batches": {"post": {
                 "operationId": "submitBatch", "summary": "Read every document under a gs:// prefix into another",
                 "parameters": [idempotency_key],
@@ -104,7 +108,7 @@ def spec() -> dict:
             "/v1/batches/{batch_id}/cancel": {"post": {
                 "operationId": "cancelBatch", "summary": "Stop a batch and its jobs", "parameters": [batch_id],
                 "responses": {"200": batch, "401": _error("No valid key."), "404": _error("Unknown batch."),
-                              "503": _error("Queue unreachable.")}}},
+                              "503": _UNCONFIRMED}}},
             "/v1/cache": {"get": {"summary": "The shared model cache", "responses": {
                 "200": {"description": "Cache state.", "content": {"application/json": {"schema": {
                     "$ref": "#/components/schemas/Cache"}}}},

@@ -165,3 +165,72 @@ def test_a_job_whose_ending_a_failover_lost_runs_again_and_finds_its_document(st
     stack.worker(OCR_ENGINE="null", GNOSIS_CACHE_VISIBILITY_WAIT="1")
     final = poll_job(after, job.json()["id"], timeout=60)
     assert final["status"] == "succeeded", final
+
+
+def test_with_accept_replicas_a_cancel_or_deletion_no_replica_confirms_is_answered_503_until_one_does(stack, pair):
+    """A cancel lost with the primary let its job (or batch) run on and succeed; a deletion lost with it
+    brought the job and its document back. A 200 or 204 (or the 404 of a deletion sent again) comes only once a replica
+    has it; until then 503, and sending it again is safe."""
+    primary, link, replica = pair
+    stack.env.update(REDIS_URL=primary.url, GNOSIS_ACCEPT_REPLICAS="1", GNOSIS_ACCEPT_REPLICAS_WAIT="0.5")
+    url = stack.api(GNOSIS_BATCH_BUCKETS="gs://in/,gs://out/")
+    cancelled, deleted = (submit(url, name).json()["id"] for name in ("cancelled.png", "deleted.png"))  # queued
+    batch = requests.post(f"{url}/v1/batches", json={"source": "gs://in/docs/", "destination": "gs://out/md/"},
+                          timeout=10).json()["id"]  # never listed: no worker
+
+    link.hold()
+    answers = [requests.post(f"{url}/v1/jobs/{cancelled}/cancel", timeout=10),
+               requests.post(f"{url}/v1/batches/{batch}/cancel", timeout=10),
+               requests.delete(f"{url}/v1/jobs/{deleted}", timeout=10),
+               requests.delete(f"{url}/v1/jobs/{deleted}", timeout=10)]  # the client's repeat
+    for r in answers:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unreplicated", r.text
+        assert int(r.headers["Retry-After"]) > 0 and "Send it again" in r.json()["error"]["message"]
+
+    link.release()
+    again = requests.post(f"{url}/v1/jobs/{cancelled}/cancel", timeout=10)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled", again.text
+    again = requests.post(f"{url}/v1/batches/{batch}/cancel", timeout=10)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled", again.text
+    assert requests.delete(f"{url}/v1/jobs/{deleted}", timeout=10).status_code == 404  # gone, and confirmed
+    counted = ('gnosis_submissions_unreplicated_total{kind="cancel"} 1.0',
+               'gnosis_submissions_unreplicated_total{kind="batch_cancel"} 1.0',
+               'gnosis_submissions_unreplicated_total{kind="delete"} 2.0')
+    wait_until(lambda: all(line in requests.get(f"{url}/metrics", timeout=10).text for line in counted), timeout=15,
+               message="the 503s to be counted")
+
+    fail_over(primary, link, replica)  # at once: what was answered must be on the replica already
+    stack.env["REDIS_URL"] = replica.url
+    after = stack.api()
+    assert requests.get(f"{after}/v1/jobs/{cancelled}", timeout=10).json()["status"] == "cancelled"
+    assert requests.get(f"{after}/v1/jobs/{deleted}", timeout=10).status_code == 404
+    assert requests.get(f"{after}/v1/batches/{batch}", timeout=10).json()["status"] == "cancelled"
+
+
+def test_the_client_deletes_through_503s_while_replicas_catch_up_and_takes_the_404_of_its_repeat_for_done(
+        stack, pair):
+    import threading
+
+    from gnosis_ocr.client import Client
+
+    primary, link, _ = pair
+    stack.env.update(REDIS_URL=primary.url, GNOSIS_ACCEPT_REPLICAS="1", GNOSIS_ACCEPT_REPLICAS_WAIT="0.5")
+    url = stack.api()
+    job_id = submit(url, "deleted.png").json()["id"]
+    link.hold()
+    errors: list[BaseException] = []
+
+    def delete() -> None:
+        try:
+            Client(url, retries=10, backoff=0.2).delete(job_id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    deleting = threading.Thread(target=delete)
+    deleting.start()
+    wait_until(lambda: 'gnosis_submissions_unreplicated_total{kind="delete"}' in
+               requests.get(f"{url}/metrics", timeout=10).text, timeout=15, message="a 503 to the deletion")
+    link.release()
+    deleting.join(timeout=60)
+    assert not deleting.is_alive() and errors == []
+    assert requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).status_code == 404

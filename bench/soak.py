@@ -33,6 +33,7 @@ from pathlib import Path
 import requests
 
 from bench.common import PrivateRedis, Stack, percentile, report
+from gnosis_ocr.client import ApiError, Client
 from harness.docs import pdf_of_pages, text_image
 from harness.redisproc import SentinelGroup, follow
 
@@ -104,9 +105,8 @@ class Soak:
                     if roll < 0.05:
                         requests.post(f"{url}/v1/jobs/{job_id}/cancel", timeout=15)
                         self.cancelled.add(job_id)
-                    elif roll < 0.10:
-                        if requests.delete(f"{url}/v1/jobs/{job_id}", timeout=15).status_code == 204:
-                            self.deleted.add(job_id)
+                    elif roll < 0.10 and self.delete(url, job_id):
+                        self.deleted.add(job_id)
                 else:
                     self.refused[str(r.status_code) if r.status_code in (429, 503) else "other"] += 1
                     if r.status_code == 503:
@@ -317,6 +317,15 @@ class Soak:
         for t in threads:
             t.join(timeout=60)
         return self.tally(url)
+
+    def delete(self, url: str, job_id: str) -> bool:
+        """As a client deletes: sent again through 503s (under GNOSIS_ACCEPT_REPLICAS one can answer a deletion
+        that is on the primary but not yet confirmed by a replica), a repeat's 404 being the deletion done."""
+        try:
+            Client(url, timeout=15, retries=4, backoff=0.5).delete(job_id)
+            return True
+        except (ApiError, requests.RequestException):
+            return False
 
     def tally(self, url: str) -> dict:
         deadline = time.monotonic() + self.args.drain * 60

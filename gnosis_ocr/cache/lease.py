@@ -134,19 +134,24 @@ class Lease:
 
         def beat() -> None:
             interval = self.ttl_ms / 3000
-            self._deadline = arm()
-            while not self._stop.wait(interval):
-                try:
-                    ok = self.renew()
-                except redis.RedisError as exc:
-                    log.warning("lease renewal failed: %s", exc)
-                    continue  # unreachable is not lost until the deadline above fires
-                if not ok:
-                    give_up()
-                if self.lost.is_set():
-                    return
-                self._deadline.cancel()
-                self._deadline = arm()
+            # This thread's own reference: `stop_heartbeat`, on another thread, sets the shared one to None
+            # (a renewal in flight then raised AttributeError here, in CI).
+            deadline = self._deadline = arm()
+            try:
+                while not self._stop.wait(interval):
+                    try:
+                        ok = self.renew()
+                    except redis.RedisError as exc:
+                        log.warning("lease renewal failed: %s", exc)
+                        continue  # unreachable is not lost until the deadline above fires
+                    if not ok:
+                        give_up()
+                    if self.lost.is_set():
+                        return
+                    deadline.cancel()
+                    deadline = self._deadline = arm()
+            finally:
+                deadline.cancel()  # the newest: one armed after `stop_heartbeat` cancelled would fire late
 
         lock = threading.Lock()
         self._thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)

@@ -156,8 +156,8 @@ class Acceptance:
             self.client.connection_pool.disconnect()  # the next connection asks the sentinels again
             raise Unavailable(f"Redis is failing over ({stale}); {then}", code=CODE)
         if confirmed < wanted:
-            raise Unavailable(f"Redis confirmed the {what} on {confirmed} of {wanted} replica(s) within "
-                              f"{self.timeout:g}s; {then}", code=CODE)
+            raise Unavailable(f"Redis confirmed the {what.replace('_', ' ')} on {confirmed} of {wanted} replica(s) "
+                              f"within {self.timeout:g}s; {then}", code=CODE)
 
     def describe(self) -> dict:
         """For /readyz: what acceptance requires and what Redis has, with a warning while it falls short."""

@@ -65,10 +65,17 @@ class ApiContext:
         with self._depth_lock:
             return self._depth[1]
 
-    def confirm_accepted(self, what: str, *, change: bool = False) -> None:
+    def confirm_accepted(self, what: str) -> None:
         """Before a 202: every write so far is on the replicas GNOSIS_ACCEPT_REPLICAS wants, or Unavailable
-        (`redis_unreplicated`), counted, for the caller to remove what it wrote. With `change` (a cancel, a
-        deletion: before its 2xx), nothing is removed: the client sends it again."""
+        (`redis_unreplicated`), counted, for the caller to remove what it wrote."""
+        self._confirm(what, change=False)
+
+    def confirm_changed(self, what: str) -> None:
+        """Before the 2xx of a cancel or a deletion: the same confirmation; short of it, Unavailable asks the
+        client to send the change again (it stays on the primary, and repeating it is safe)."""
+        self._confirm(what, change=True)
+
+    def _confirm(self, what: str, *, change: bool) -> None:
         try:
             self.acceptance.require(what=what, change=change)
         except Unavailable:  # replicas fell short (a Redis that does not answer raises RedisError instead)

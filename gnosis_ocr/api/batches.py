@@ -160,7 +160,7 @@ def cancel(batch_id: str):
             from ..broker import DELIVER_BATCH_WEBHOOK_TASK, events_queue
 
             c.producer.send_task(DELIVER_BATCH_WEBHOOK_TASK, args=[batch.id], queue=events_queue(c.settings))
-    c.confirm_accepted("batch_cancel", change=True)  # as a job's cancel: a 200 no failover can undo
+    c.confirm_changed("batch_cancel")  # as a job's cancel: a 200 no failover can undo
     return jsonify((batches.get(batch.id) or batch).to_api())
 
 

@@ -182,7 +182,7 @@ def cancel(job_id: str):
         c.producer.send_task(DELIVER_WEBHOOK_TASK, args=[job.id], queue=events_queue(c.settings))
     # Like a 202, a 200 only once a failover cannot undo it: a cancel lost with the primary let the job run
     # on and succeed. Unconfirmed, 503: sent again it finds the job cancelled, and confirms that.
-    c.confirm_accepted("cancel", change=True)
+    c.confirm_changed("cancel")
     return jsonify((c.jobs.get(job.id) or _gone(job_id)).to_api())
 
 
@@ -192,10 +192,10 @@ def delete(job_id: str):
     try:
         job = _load(job_id)
     except NotFound:  # a repeat of a deletion answered 503 too answers only once no failover can undo it
-        c.confirm_accepted("delete", change=True)
+        c.confirm_changed("delete")
         raise
     c.jobs.delete(job.id)
-    c.confirm_accepted("delete", change=True)  # a deletion a failover undid would bring the document back
+    c.confirm_changed("delete")  # a deletion a failover undid would bring the document back
     return Response(status=204)
 
 

@@ -58,9 +58,9 @@ def test_a_page_whose_ending_a_failover_lost_runs_again_while_its_worker_lives_o
 
     new = redis.Redis(port=replica.port)
     assert new.hget(keys.job(job_id), "status") == b"running" and in_flight(new) == [f"{job_id}:0"]
-    final = poll_job(url, job_id, timeout=120)
-    assert final["status"] == "succeeded", final
-    assert final["attempts"] == 2  # the claim the replica had, and the delivery that ran the page again
+    ended = poll_job(url, job_id, timeout=120)
+    assert ended["status"] == "succeeded", ended
+    assert ended["attempts"] == 2  # the claim the replica had, and the delivery that ran the page again
     assert in_flight(new) == []
 
 

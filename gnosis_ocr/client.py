@@ -18,6 +18,7 @@ class ApiError(GnosisError):
                  status: int = 0) -> None:
         super().__init__(message, code=code, retry_after=retry_after)
         self.status = status
+        self.retried = False  # set by the client: an earlier try of the same call had no answer, or "not now"
 
 
 RETRIED_STATUSES = (429, 502, 503, 504)
@@ -41,9 +42,9 @@ class Client:
         self.retries = max(1, retries)
         self.backoff = backoff
 
-    def _request(self, method: str, path: str, *, gone_on_repeat: bool = False, **kwargs) -> requests.Response | None:
-        """`gone_on_repeat`: a 404 to a retry is the earlier try done (its answer lost, or a 503 while Redis
-        replicas caught up): None."""
+    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        """The answer; ApiError otherwise, with `retried` set when an earlier try went unanswered or was refused
+        for now (so a 404 may be that try's own doing)."""
         for attempt in range(1, self.retries + 1):
             last = attempt == self.retries
             try:
@@ -53,8 +54,7 @@ class Client:
                     raise
                 delay = self.backoff * 2 ** (attempt - 1)
             except ApiError as exc:
-                if gone_on_repeat and exc.status == 404 and attempt > 1:
-                    return None
+                exc.retried = attempt > 1
                 if last or exc.status not in RETRIED_STATUSES:
                     raise
                 delay = exc.retry_after if exc.retry_after is not None else self.backoff * 2 ** (attempt - 1)
@@ -97,7 +97,12 @@ class Client:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
     def delete(self, job_id: str) -> None:
-        self._request("DELETE", f"/v1/jobs/{job_id}", gone_on_repeat=True)
+        try:
+            self._request("DELETE", f"/v1/jobs/{job_id}")
+        except ApiError as exc:
+            # A 404 to a repeat is the earlier try done: its answer lost, or a 503 while replicas caught up.
+            if exc.status != 404 or not exc.retried:
+                raise
 
     def submit_batch(self, source: str, destination: str, *, idempotency_key: str | None = None, **fields) -> dict:
         """A batch from `source` to `destination` (gs:// prefixes); `fields`: pages, language, overwrite,

@@ -105,6 +105,16 @@ def connected(client: redis.Redis) -> int:
     return int(client.info("replication").get("connected_slaves", 0))
 
 
+def node_id(client: redis.Redis) -> str | None:
+    """The replication id of the node `client` reaches: a replica promoted to primary takes a new one, and so
+    does a Redis restarted without its data. None where INFO is refused (some managed proxies): then only a
+    gap in the beats tells a failover."""
+    try:
+        return client.info("replication").get("master_replid")
+    except redis.ResponseError:
+        return None
+
+
 class Acceptance:
     """One process's acceptance policy: `require` before each 202."""
 

@@ -18,7 +18,7 @@ import time
 
 import redis
 
-from .. import keys
+from .. import keys, replication
 from ..broker import cache_queue, events_queue
 from ..job import now_rfc3339
 from . import loopwatch, outbox, plan, registry
@@ -59,6 +59,7 @@ class Heartbeat:
         self._engine_pids: set[str] = set()  # every process seen with a loaded engine, kept across Redis gaps
         self._beating_since: float | None = None  # first good beat since Redis last failed us
         self._last_beat = 0.0
+        self._node: str | None = None  # the replication id of the Redis this worker last beat to
 
     def start(self) -> None:
         # Pool processes may have loaded their engines before this runs: keep what they recorded.
@@ -79,8 +80,11 @@ class Heartbeat:
             try:
                 self.beat()
                 now = time.monotonic()
-                # A beat that came late (its Redis calls retried through an outage) is a gap too.
-                if self._beating_since is None or now - self._last_beat > self.ttl:
+                # A beat that came late (its Redis calls retried through an outage) is a gap too, and so is
+                # a beat to another node: a promoted replica that lagged has let records expire that the
+                # primary still held, though their workers beat all along.
+                moved = self._moved()
+                if self._beating_since is None or now - self._last_beat > self.ttl or moved:
                     self._beating_since = now
                 self._last_beat = now
                 self._check_loop()
@@ -92,6 +96,16 @@ class Heartbeat:
                 # A silent heartbeat makes the other workers requeue this one's pages: never let it die.
                 log.exception("heartbeat error")
             self._stop.wait(self.interval)
+
+    def _moved(self) -> bool:
+        """Whether the Redis beaten to is another node than at the last beat (a failover, a restart)."""
+        node, self._node = self._node, replication.node_id(self.redis)
+        moved = node is not None and self._node is not None and node != self._node
+        if moved:
+            log.warning("Redis is another node now (its replication id changed: a failover or a restart); pages "
+                        "of workers that stopped beating are returned only once every worker has had %.0fs to "
+                        "beat there", self.ttl + self.interval)
+        return moved
 
     def _prune(self) -> None:
         """This worker's in-flight entries kept true (`registry.prune`); a failure here is not a failed beat."""
@@ -137,10 +151,12 @@ class Heartbeat:
             return
         # After a gap in which nobody could beat (Redis away or restarting), every record has expired:
         # the living are told from the dead only once each has had a full record lifetime to beat again.
-        # (This thread may get through before the beat thread notices the gap: a beat long overdue is one.)
+        # (This thread may get through before the beat thread notices the gap: a beat long overdue is one,
+        # and so is a node other than the one beaten to last.)
         now = time.monotonic()
         steady = (self._beating_since is not None and now - self._last_beat < self.ttl
-                  and now - self._beating_since > self.ttl + self.interval)
+                  and now - self._beating_since > self.ttl + self.interval
+                  and replication.node_id(self.redis) == self._node)
         if steady:
             requeued = registry.reap(self.redis, self.app, queue=self.rt.settings.queue)
             if requeued:

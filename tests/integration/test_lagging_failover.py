@@ -8,6 +8,7 @@ held back (`pair`, in conftest).
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -148,3 +149,40 @@ def test_a_batch_through_a_failover_to_a_lagging_replica_ends_with_every_documen
     assert (done["status"], done["documents_total"], done["documents_done"], done["documents_failed"]) == \
         ("succeeded", 12, 12, 0), done
     assert len(result_objects(scans, ".json")) == 12
+
+
+def test_a_failover_to_a_replica_that_lagged_past_a_record_lifetime_reruns_no_page_of_a_live_worker(stack, pair):
+    """The promoted replica lagged longer than a worker record lives: every record it has is out of date,
+    though each worker beat all along. A housekeeper that reached it first took the worker running a page
+    for a dead one and handed its page to another worker, while the page ran on. Now a worker that finds
+    another node than the one it beat to last waits, as after a gap, a full record lifetime before it
+    returns anyone's pages. Here the page's worker reaches the new node only after the housekeeper has."""
+    primary, link, replica = pair
+    runner, keeper = MovingProxy(primary.url), MovingProxy(primary.url)
+    try:
+        # Beats every 2 s: a record lives 6 s, and a housekeeper returns pages only after 8 s of beats.
+        stack.env.update(REDIS_URL=keeper.url, GNOSIS_HEARTBEAT_INTERVAL="2", GNOSIS_RECONCILE_GRACE="60")
+        url = stack.api()
+        page_worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="30", REDIS_URL=runner.url)
+        job_id = submit(url, "long.png").json()["id"]
+        old, new = redis.Redis(port=primary.port), redis.Redis(port=replica.port)
+        wait_until(lambda: in_flight(old) == [f"{job_id}:0"], timeout=60, message="the page to be claimed")
+        housekeeper = stack.worker(OCR_ENGINE="null")  # nothing left to take: it only keeps house
+        assert replication.confirm(old, 1, 5.0) == 1  # the replica has the claim and both workers' records
+        runner_record = next(k for k in old.scan_iter(keys.WORKER_RECORDS)
+                             if keys.is_worker_record(k) and json.loads(old.get(k))["pid"] == page_worker.pid)
+        link.hold()
+        wait_until(lambda: not new.exists(runner_record), timeout=30, message="the replica's record to lapse")
+        fail_over(primary, link, replica)
+        keeper.move_to(replica.port)
+        wait_until(lambda: "Redis is another node now" in housekeeper.log() or not in_flight(new), timeout=60,
+                   message="the housekeeper to beat to the new node")
+        runner.move_to(replica.port)
+
+        ended = poll_job(url, job_id, timeout=120)
+        assert ended["status"] == "succeeded", ended
+        assert ended["attempts"] == 1, housekeeper.log()[-3000:]  # one run: no copy was handed out
+        assert "requeued" not in housekeeper.log()
+    finally:
+        runner.stop()
+        keeper.stop()

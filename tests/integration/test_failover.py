@@ -7,11 +7,14 @@ import signal
 import time
 
 import pytest
+import redis
 import requests
 
+from gnosis_ocr import keys, replication
 from harness.docs import text_image
 from harness.redisproc import PrivateRedis, SentinelGroup, follow
 from harness.stack import poll_job, wait_until
+from tests.redisproxy import MovingProxy
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +138,36 @@ def test_workers_on_a_primary_demoted_with_replicaof_reconnect_until_it_is_prima
     finally:
         b.stop()
         a.stop()
+
+
+def test_a_page_whose_record_and_requeue_met_the_demotion_runs_again_on_the_new_primary(stack, pair):
+    """The primary is demoted gracefully while a page runs: its record is refused (READONLY) through the
+    worker's retries, and so is the return of its message to the queue (kombu logs "Couldn't reject"). The
+    new primary has the page's claim, its in-flight entry and its unacknowledged message, and no worker runs
+    it: the worker drops the entry, the reconciler returns the message, and the page runs again well within
+    the broker's visibility timeout (13 minutes by default)."""
+    primary, _, replica = pair
+    endpoint = MovingProxy(primary.url)
+    try:
+        stack.env.update(REDIS_URL=endpoint.url, GNOSIS_RECONCILE_GRACE="2", GNOSIS_HEARTBEAT_INTERVAL="2",
+                         GNOSIS_REDIS_RETRY="2")
+        url = stack.api()
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="3")
+        job = submit(url, "demoted.png")
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+        old = redis.Redis(port=primary.port)
+        wait_until(lambda: old.hget(keys.job(job_id), "status") == b"running", timeout=60,
+                   message="the page to be claimed")
+        assert replication.confirm(old, 1, 5.0) == 1
+        follow(primary.port, replica.port)  # the old primary answers READONLY to every write from now on
+        wait_until(lambda: "Couldn't reject" in worker.log(), timeout=60,
+                   message="the record, then the message's return, to be refused")
+        endpoint.move_to(replica.port)
+
+        ended = poll_job(url, job_id, timeout=120)
+        assert ended["status"] == "succeeded", ended
+        assert ended["attempts"] == 2  # the claim on the old primary, and the run on the new one
+        assert worker.alive() and "Unrecoverable error" not in worker.log()
+    finally:
+        endpoint.stop()

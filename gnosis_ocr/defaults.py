@@ -188,6 +188,15 @@ ENGINE_EXIT_GRACE = 30.0
 """Seconds a worker whose engine died waits for its pages to go back to the queue (a warm shutdown)
 before it exits regardless."""
 
+ENGINE_SUSPECT_SHARE = 8
+"""A page that was on a device when its engine died (a suspect: the page that caused it is among them)
+shares a device with at most 1 in this many of its slots' worth of suspects (16 of 128), fresh pages
+filling the rest: a page that kills the engine again takes few suspects with it."""
+
+ENGINE_DEATHS_ALONE = 2
+"""Engine deaths a page was on the device for, after which it runs alone on its device; if the engine
+dies then too, the page fails (`engine_error`) instead of going back to the queue."""
+
 WRITE_WAIT_MAX = 5.0
 """Longest pause, in seconds, between a worker's tries of a write Redis refuses (worker/refusals.py: the
 start-up probe, taking and requeueing messages; the pause doubles from a tenth of a second)."""

@@ -121,6 +121,15 @@ class EngineDead(GnosisError, RuntimeError):
 
     code = "engine_dead"
     status = 503
+    on_device = True
+    """Raised for a page that was on the device when it died: one of them may have caused it (docs/gpu.md)."""
+
+
+class EngineDeadWithoutPage(EngineDead):
+    """The engine died while this page waited for it, or another device of the process died: the page had
+    no part in it."""
+
+    on_device = False
 
 
 class EngineCheckFailed(GnosisError, RuntimeError):

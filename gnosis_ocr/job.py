@@ -150,6 +150,8 @@ class Claim:
     data: bytes | None = None
     kind: str | None = None
     options: Options = field(default_factory=Options)
+    deaths: int = 0
+    """Engine deaths the page was on a device for (`release_page(death=True)`)."""
 
 
 @dataclass(frozen=True)
@@ -276,12 +278,16 @@ class JobStore:
         if verdict is not Verdict.RUN:
             return Claim(verdict)
         return Claim(verdict, data=result[1] or None, kind=result[2].decode() if result[2] else None,
-                     options=Options.from_record(result[3] if len(result) > 3 else None))
+                     options=Options.from_record(result[3] if len(result) > 3 else None),
+                     deaths=int(result[4]) if len(result) > 4 else 0)
 
-    def release_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], token: str) -> bool:
+    def release_page(self, job_id: str, page: int, *, inflight: tuple[str, str, str], token: str,
+                     death: bool = False) -> bool:
         """Give back the claim `token` made of a page that did not run: its attempt, and its in-flight
-        entry. False if there was none to give back (the same call again)."""
-        return bool(self._release(keys=self._keys(job_id, inflight[0]), args=self._args(page, inflight[1], token)))
+        entry; with `death`, count an engine death it was on the device for instead. False if there was
+        none to give back (the same call again)."""
+        return bool(self._release(keys=self._keys(job_id, inflight[0]),
+                                  args=self._args(page, inflight[1], token, int(death))))
 
     def finish_page(self, job_id: str, page: int, text: str, *, model_id: str, model_revision: str,
                     inflight: tuple[str, str, str], truncated: bool = False, token: str = "") -> PageRecord:

@@ -90,8 +90,8 @@ if idem ~= '' then redis.call('PERSIST', idem) end
 return created
 """
 
-# Returns {verdict} or {'run', input or false, kind, options or false} (job.Verdict); on 'run' the page
-# is in the worker's in-flight hash. The token is one execution of the page's task: the same call again
+# Returns {verdict} or {'run', input or false, kind, options or false, engine deaths} (job.Verdict); on
+# 'run' the page is in the worker's in-flight hash. The token is one execution of the page's task: the same call again
 # (a client retrying after a lost reply) counts no second attempt and gets the answer the first got.
 START_PAGE = _KEYS + _FINAL + _CLOSE + """
 local page, now, max_attempts, field, value, want_input, ttl, token = unpack(ARGV, 3, 10)
@@ -128,15 +128,17 @@ end
 redis.call('HSET', inflight, field, value)
 local data = false
 if want_input == '1' then data = redis.call('GET', input) end
-return {'run', data, redis.call('HGET', record, 'kind'), redis.call('HGET', record, 'options')}
+return {'run', data, redis.call('HGET', record, 'kind'), redis.call('HGET', record, 'options'),
+  tonumber(redis.call('HGET', attempts, 'd:' .. page) or '0')}
 """
 
-# Hands back a claimed page that did not run (its batch's bucket failed for now): the attempt its claim
-# counted is returned and the worker's in-flight entry goes, so a bucket that fails for longer than
-# GNOSIS_PAGE_MAX_ATTEMPTS deliveries fails no page `worker_lost`. Returns 1 if an attempt was returned;
-# the same call again returns none.
+# Hands back a claimed page that did not run (its batch's bucket failed for now, or its engine died): the
+# attempt its claim counted is returned and the worker's in-flight entry goes, so a bucket that fails for
+# longer than GNOSIS_PAGE_MAX_ATTEMPTS deliveries fails no page `worker_lost`. With `death` '1' the page was
+# on the device when its engine died, which is counted instead (admission.py). Returns 1 if an attempt was
+# returned; the same call again returns none.
 RELEASE_PAGE = _KEYS + """
-local page, field, token = unpack(ARGV, 3, 5)
+local page, field, token, death = unpack(ARGV, 3, 6)
 redis.call('HDEL', inflight, field)
 if token == '' or redis.call('EXISTS', record) == 0 then return 0 end
 if redis.call('HGET', attempts, 'k:' .. page) ~= token then return 0 end
@@ -145,6 +147,7 @@ if tonumber(redis.call('HGET', attempts, page) or '0') > 0 then
   redis.call('HINCRBY', attempts, page, -1)
   redis.call('HINCRBY', record, 'attempts', -1)
 end
+if death == '1' then redis.call('HINCRBY', attempts, 'd:' .. page, 1) end
 return 1
 """
 

@@ -2,7 +2,9 @@
 
 After GNOSIS_TEST_FAIL_AFTER_STEPS decode steps the device behaves as after a sticky CUDA error: the
 step raises and the health probe fails. With GNOSIS_TEST_FAIL_RELEASE, steps go on working and it is
-the write that frees a finished page's slot that fails instead. Nothing else of the worker changes.
+the write that frees a finished page's slot that fails instead. With GNOSIS_TEST_POISON_WIDTH, the first
+step with a page of that width in the batch fails so, whatever else is there: a page that kills any
+engine it runs on. Nothing else of the worker changes.
 
     GNOSIS_TEST_FAIL_AFTER_STEPS=5 python -m tests.faulty_worker worker
 """
@@ -39,8 +41,35 @@ def patch(after_steps: int, fail_release: bool) -> None:
     StaticDecoder.healthy = lambda self: not state["broken"] and healthy(self)
 
 
+def poison(width: int) -> None:
+    from gnosis_ocr.worker.engines.decoder import StaticDecoder
+    from gnosis_ocr.worker.engines.nanonets import NanonetsEngine
+    from gnosis_ocr.worker.engines.scheduler import Scheduler
+
+    broken = []
+    make, launch, healthy = NanonetsEngine._request, Scheduler._launch, StaticDecoder.healthy
+
+    def request(self, page, **kwargs):
+        made = make(self, page, **kwargs)
+        made.poison = page.size[0] == width
+        return made
+
+    def failing_launch(self, active):
+        if any(getattr(self.slots[slot], "poison", False) for slot in active):
+            broken.append(True)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return launch(self, active)
+
+    NanonetsEngine._request = request
+    Scheduler._launch = failing_launch
+    StaticDecoder.healthy = lambda self: not broken and healthy(self)
+
+
 if __name__ == "__main__":
-    patch(int(os.environ["GNOSIS_TEST_FAIL_AFTER_STEPS"]), bool(os.environ.get("GNOSIS_TEST_FAIL_RELEASE")))
+    if os.environ.get("GNOSIS_TEST_POISON_WIDTH"):
+        poison(int(os.environ["GNOSIS_TEST_POISON_WIDTH"]))
+    else:
+        patch(int(os.environ["GNOSIS_TEST_FAIL_AFTER_STEPS"]), bool(os.environ.get("GNOSIS_TEST_FAIL_RELEASE")))
     from gnosis_ocr.cli import main
 
     sys.exit(main())

@@ -7,6 +7,7 @@ batch; rendering and preprocessing happen here, on the thread, while the device 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import sys
@@ -17,7 +18,7 @@ from datetime import datetime
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 
-from .. import backoff, document
+from .. import backoff, defaults, document
 from ..errors import EngineDead, GnosisError, UnreadableDocument
 from ..job import Claim, Ending, JobStatus, Verdict
 from . import notify, registry, telemetry
@@ -104,7 +105,7 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
     data = rt.local_copies.get(job_id)
     if data is not None:
         claim = rt.jobs.start_page(job_id, page, inflight=entry, want_input=False, token=token)
-        return Claim(claim.verdict, data, claim.kind, claim.options) if claim.verdict is Verdict.RUN else claim
+        return dataclasses.replace(claim, data=data) if claim.verdict is Verdict.RUN else claim
     with rt.local_copies.fetching(job_id):  # pages of one job claimed at once on this host fetch it once
         data = rt.local_copies.get(job_id)
         from_redis = data is None and rt.jobs.inputs.in_redis
@@ -118,15 +119,32 @@ def _claim(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], tok
                 data = claim.data if from_redis else _read_store(rt, job_id)
             if data is not None:
                 rt.local_copies.put(job_id, data)
-        return Claim(claim.verdict, data, claim.kind, claim.options)
+        return dataclasses.replace(claim, data=data)
 
 
-def _give_back(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], token: str) -> None:
-    """The page never ran, through no fault of its own: its attempt is returned with its claim, so an
-    outage of the bucket, however long, is waited out (GNOSIS_JOB_MAX_AGE bounds it), never counted
-    as a worker that keeps dying on the page."""
+def _engine_died(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], token: str, deaths: int,
+                 exc: EngineDead) -> str:
+    """The engine died with the page in it. A page that ran alone on its device (`admission.py`) is what
+    stops it, and fails; any other goes back to the queue with its attempt returned, and, if it was on the
+    device, one more death counted, so it comes back as a suspect."""
+    if exc.on_device and deaths >= defaults.ENGINE_DEATHS_ALONE:
+        return _fail(rt, job_id, page, "engine_error",
+                     f"Page {page + 1} stopped the OCR engine {deaths + 1} times, the last time alone on its device; "
+                     "the job was stopped so that it stops no more.")
+    if exc.on_device:
+        log.warning("job %s page %d was on the device when its engine died (%d time(s) now): it goes back to the "
+                    "queue as a suspect", job_id, page, deaths + 1)
+    _give_back(rt, job_id, page, entry, token, death=exc.on_device)
+    raise RequeuePage(f"job {job_id} page {page}: {exc.message}") from exc
+
+
+def _give_back(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], token: str, *,
+               death: bool = False) -> None:
+    """The page never ran, through no fault of its own (or none known): its attempt is returned with its
+    claim, so an outage of the bucket, however long, is waited out (GNOSIS_JOB_MAX_AGE bounds it), never
+    counted as a worker that keeps dying on the page. `death`: count an engine death instead."""
     try:
-        rt.jobs.release_page(job_id, page, inflight=entry, token=token)
+        rt.jobs.release_page(job_id, page, inflight=entry, token=token, death=death)
     except redis.RedisError as exc:  # the attempt stays counted; the stale in-flight entry is harmless
         log.warning("job %s page %d: could not give its attempt back: %s", job_id, page, exc)
 
@@ -185,6 +203,8 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim
             image = document.render_page(data, kind, source, max_side=rt.settings.page_max_side,
                                          max_pixels=rt.settings.max_pixels, **how)
         extra = {"language": options.language} if options.language else {}
+        if claim.deaths:
+            extra["deaths"] = claim.deaths
         with contextlib.nullcontext() if engine.batched else rt.serial, rt.watch.watching(job_id):
             result = engine.recognize(image, deadline=started + limit, cancelled=lambda: rt.watch.over(job_id),
                                       **extra)
@@ -192,9 +212,8 @@ def _run(rt: Runtime, job_id: str, page: int, entry: tuple[str, str, str], claim
         registry.clear(rt.redis, job_id, page)
         rt.local_copies.drop(job_id)
         return "gone"
-    except EngineDead as exc:  # not the page's fault: another worker runs it
-        registry.clear(rt.redis, job_id, page)
-        raise RequeuePage(f"job {job_id} page {page}: {exc.message}") from exc
+    except EngineDead as exc:
+        return _engine_died(rt, job_id, page, entry, token, claim.deaths, exc)
     except (SoftTimeLimitExceeded, TimeoutError) as exc:
         if isinstance(exc, SoftTimeLimitExceeded):  # raised inside the engine's own call: free what it held
             _release_memory()

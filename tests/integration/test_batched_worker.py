@@ -162,6 +162,44 @@ def test_a_worker_whose_gpu_fails_returns_every_page_turns_unready_and_exits(sta
     rescuer = stack.worker()
     finals = [poll_job(url, job["id"], timeout=120) for job in jobs]
     assert [f["status"] for f in finals] == ["succeeded"] * 4, finals
-    assert all(f["attempts"] <= 2 for f in finals), [f["attempts"] for f in finals]
+    # The dead engine gave its claims' attempts back: a death is counted apart (tests/unit/test_suspects.py).
+    assert [f["attempts"] for f in finals] == [1] * 4, [f["attempts"] for f in finals]
     assert time.monotonic() - died_at < 120, "finished within the page deadline"
     assert "failed" not in [f["status"] for f in finals] and rescuer.alive()
+
+
+def test_a_page_that_kills_every_engine_fails_alone_and_costs_the_pages_beside_it_nothing(stack, hub):
+    """A page that leaves any GPU it runs on unusable (a sticky CUDA error, every time). Which page of a
+    batch caused a death is not known, so every page on the device came back, and each paid an attempt:
+    the pages batched with it three times failed `worker_lost` beside it. Now a death costs no attempt; the
+    pages on the device come back as suspects, which share a device with few others, and after two deaths
+    run alone. The page fails alone at the third death, and every other page succeeds at its first attempt."""
+    import sys
+
+    from harness.stack import Proc
+
+    batched(stack, hub, tokens=400, slots=4, GNOSIS_PAGE_SOFT_TIMEOUT="120")
+    url = stack.api()
+    jobs = [submit(url, n) for n in range(6)]  # the first, 300 px wide, is the poison
+    env = {**stack.env, "GNOSIS_TEST_POISON_WIDTH": "300"}
+    workers: list[Proc] = []
+
+    def statuses() -> list[str]:
+        return [requests.get(f"{url}/v1/jobs/{job['id']}", timeout=10).json()["status"] for job in jobs]
+
+    # A supervisor: a worker that exits is replaced, until every job has ended.
+    while {"queued", "running"} & set(statuses()):
+        if not workers or not workers[-1].alive():
+            assert len(workers) <= 3, f"{len(workers)} engine deaths: the page was let stop more than three"
+            workers.append(Proc([sys.executable, "-m", "tests.faulty_worker", "worker"], env,
+                                stack.tmp / f"worker{len(workers)}.log"))
+            stack.procs.append(workers[-1])
+        wait_until(lambda: not workers[-1].alive() or not {"queued", "running"} & set(statuses()), timeout=120,
+                   message="a worker to exit or every job to end")
+
+    finals = [poll_job(url, job["id"], timeout=10) for job in jobs]
+    assert (finals[0]["status"], finals[0]["error"]["code"]) == ("failed", "engine_error"), finals[0]
+    assert "the last time alone" in finals[0]["error"]["message"]
+    assert [(f["status"], f["attempts"]) for f in finals[1:]] == [("succeeded", 1)] * 5, finals[1:]
+    assert [w.popen.returncode for w in workers[:3]] == [70] * 3, [w.log()[-2000:] for w in workers]
+    assert len(workers) <= 4

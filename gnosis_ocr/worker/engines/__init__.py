@@ -68,10 +68,12 @@ class Engine(Protocol):
     """PDF pages rendered in gray by pdfium, for an engine that binarises them anyway."""
 
     def recognize(self, page: Image.Image, *, deadline: float | None = None,
-                  cancelled: Callable[[], bool] | None = None, language: str | None = None) -> PageText:
+                  cancelled: Callable[[], bool] | None = None, language: str | None = None,
+                  deaths: int = 0) -> PageText:
         """The page's text. A batched engine stops at `deadline` (monotonic seconds) with PageTimeout and
         raises Cancelled once `cancelled()` turns true; others leave both to the caller. `language` is
-        for engines that need one (Tesseract's codes joined by "+"); the others read any."""
+        for engines that need one (Tesseract's codes joined by "+"); the others read any. `deaths`: engine
+        deaths the page was on a device for, which a batched engine keeps apart (the others ignore it)."""
         ...
 
 

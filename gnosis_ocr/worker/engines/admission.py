@@ -5,6 +5,13 @@ one chunk at a time, and once the batch is full, freed slots may wait a moment t
 (`_gathering`). Prefills beside the steps: a full chunk ahead of the slots it takes, each freed slot taking
 a prefilled page at once (`_admit_beside`). Either way, cancelled and expired pages leave the queue at
 every turn, even while every slot is busy.
+
+Pages that were on a device when its engine died come back as suspects (`Request.deaths`): one of them may
+kill any engine it runs on, and which one is not known. Whoever shares a device with such a page at its next
+death becomes a suspect too, so suspects share a device with few others (`ENGINE_SUSPECT_SHARE`), fresh
+pages filling the rest of the batch; after ENGINE_DEATHS_ALONE deaths a page runs alone, once the device is
+empty, and nothing joins it. A page that kills the engine then is the cause, and fails alone (the worker);
+the others were beside it at most once as suspects, and no page's attempts are spent on a death.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from ... import defaults
 from .request import Request
 
 GATHER_MIN_SHARE = 8
@@ -22,7 +30,7 @@ markedly fewer tokens for it (3 empty slots of 4 is three quarters), a CPU's bat
 
 class Admission:
     """Mixed into `Scheduler`: it owns `slots`, `capacity`, `_pending`, `_limbo`, `_cond`, `prefill_batch`,
-    `gather`, `concurrent`, `_jobs` and `_resolve`; `Prefilling` the rest."""
+    `gather`, `concurrent`, `_jobs`, `_inflight` and `_resolve`; `Prefilling` the rest."""
 
     _gathering_since: float | None = None
 
@@ -54,8 +62,7 @@ class Admission:
         if not free:
             return
         with self._cond:
-            while self._pending and len(self._limbo) < len(free):
-                self._limbo.append(self._pending.popleft())
+            self._take_waiting(len(free))
             waiting = len(self._pending) + len(self._limbo)
         if not self._limbo or self._gathering(len(free), waiting):
             return
@@ -84,8 +91,7 @@ class Admission:
         if ready >= self.prefill_batch:
             return
         with self._cond:
-            while self._pending and len(self._limbo) < self.prefill_batch:
-                self._limbo.append(self._pending.popleft())
+            self._take_waiting(self.prefill_batch)
         if not self._limbo:
             return
         length = self._limbo[0].length
@@ -94,6 +100,31 @@ class Admission:
         if len(chunk) < self.prefill_batch and len(free) - ready < len(chunk) and any(self.slots):
             return
         self._start_prefill(chunk)
+
+    def _take_waiting(self, room: int) -> None:
+        """Move waiting pages into `_limbo` until it holds `room`, oldest first, as the suspects' rules allow
+        (the module's text); called under `_cond`."""
+        held = [r for r in self.slots if r is not None] + self._limbo + [r for job in self._jobs for r in job.pages]
+        if any(r.deaths >= defaults.ENGINE_DEATHS_ALONE for r in held):
+            return  # nothing joins a page that runs alone
+        alone = next((r for r in self._pending if r.deaths >= defaults.ENGINE_DEATHS_ALONE), None)
+        if alone is not None:  # nothing more is taken until the device is empty, then that page alone
+            if not held and self._inflight is None:
+                self._pending.remove(alone)
+                self._limbo.append(alone)
+            return
+        suspects = sum(1 for r in held if r.deaths)
+        share = max(1, self.capacity // defaults.ENGINE_SUSPECT_SHARE)
+        passed: deque[Request] = deque()
+        while self._pending and len(self._limbo) < room:
+            request = self._pending.popleft()
+            if request.deaths and suspects >= share:
+                passed.append(request)
+                continue
+            suspects += bool(request.deaths)
+            self._limbo.append(request)
+        passed.extend(self._pending)
+        self._pending = passed
 
     def _gathering(self, free: int, waiting: int) -> bool:
         """Whether to leave free slots empty a little longer, so that the next prefill seats a full chunk.

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ... import defaults
-from ...errors import EngineDead
+from ...errors import EngineDead, EngineDeadWithoutPage
 from . import PageText, PageTimings, patch_embed, vision
 from .decoder import StaticDecoder
 from .prompt import PagePrompt
@@ -226,17 +226,20 @@ class NanonetsEngine:
         return sum(s.decoder.captures for s in self.schedulers)
 
     def recognize(self, page, *, deadline: float | None = None, cancelled: Callable[[], bool] | None = None,
-                  language: str | None = None) -> PageText:
+                  language: str | None = None, deaths: int = 0) -> PageText:
         """The page's text. Never waits without a limit: a loop that has not answered `stall_grace`
-        seconds past the deadline is declared stuck (EngineDead, and the page goes back to the queue)."""
+        seconds past the deadline is declared stuck (EngineDead, and the page goes back to the queue).
+        `deaths`: engine deaths the page was on a device for (a suspect shares its device with few others,
+        or runs alone: `admission.py`)."""
         if self.dead is not None:
-            raise self.dead
+            raise EngineDeadWithoutPage(self.dead.message)
         request = self._request(page)
+        request.deaths = deaths
         request.deadline = deadline if deadline is not None else (
             time.monotonic() + defaults.DEFAULT_PAGE_SOFT_TIMEOUT)
         live = [s for s in self.schedulers if s.alive]
         if not live:
-            raise self.dead or EngineDead("The engine has no live device.")
+            raise EngineDeadWithoutPage(self.dead.message if self.dead else "The engine has no live device.")
         scheduler = min(live, key=lambda s: s.load() / s.capacity)
         scheduler.submit(request)
         give_up = request.deadline + self.stall_grace

@@ -30,6 +30,8 @@ class Request:
     resolutions: int = 0
     """How often the scheduler resolved this request: exactly once, whatever raised where."""
     watch: Repetition | None = None
+    deaths: int = 0
+    """Engine deaths this page was on a device for, as its job's record counts them (`admission.py`)."""
     _cancel: bool = False
 
     def cancel(self) -> None:

@@ -18,7 +18,10 @@ Failures cost as little as they can, and every request is resolved exactly once:
 - after any failure the device is probed; a device that no longer answers (a sticky CUDA error), a step
   whose result never reaches the host, or any error inside the recovery itself ends the loop: the engine
   is dead, every page it held is resolved with EngineDead (the worker returns them to the queue), and
-  `on_dead` tells the worker to restart.
+  `on_dead` tells the worker to restart;
+- which pages were on the device then is known, not which of them caused it: those are suspects, and a
+  suspect shares the device with few others (`admission.py`), so a page that kills engines is found out
+  without failing the pages beside it (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ...errors import EngineCheckFailed, EngineDead
+from ...errors import EngineCheckFailed, EngineDead, EngineDeadWithoutPage
 from . import StopReason
 from .admission import Admission
 from .isolation import Isolation
@@ -154,9 +157,9 @@ class Scheduler(Admission, Prefilling, Isolation):
     def submit(self, request: Request) -> Request:
         with self._cond:
             if self.dead is not None:
-                raise self.dead
+                raise EngineDeadWithoutPage(self.dead.message)
             if self._stop:
-                raise EngineDead("The engine is stopping.")
+                raise EngineDeadWithoutPage("The engine is stopping.")
             self._pending.append(request)
             self._cond.notify()
         return request
@@ -167,8 +170,9 @@ class Scheduler(Admission, Prefilling, Isolation):
         self._die(EngineDead(f"The engine on {self.decoder.device} stopped making progress: {reason}."))
 
     def kill(self, error: EngineDead) -> None:
-        """End this loop from outside (another device of the process died): its pages go back too."""
-        self._die(error)
+        """End this loop from outside (another device of the process died): its pages go back too, with
+        no part in it."""
+        self._die(EngineDeadWithoutPage(error.message))
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -188,7 +192,7 @@ class Scheduler(Admission, Prefilling, Isolation):
         except BaseException as exc:  # anything that escapes the recovery paths: the device is not trusted
             self._die(exc)
             return
-        self._drain(EngineDead("The engine stopped."))
+        self._drain(EngineDeadWithoutPage("The engine stopped."))
 
     def _runnable(self) -> bool:
         """Whether the loop has anything to do now (checked under `_cond`)."""
@@ -221,20 +225,23 @@ class Scheduler(Admission, Prefilling, Isolation):
             except Exception:
                 log.exception("on_dead handler failed")
 
-    def _drain(self, error: BaseException) -> None:
-        """Resolve every request still held, touching nothing on the device."""
+    def _drain(self, error: EngineDead) -> None:
+        """Resolve every request still held, touching nothing on the device: those on it (seated, or in a
+        prefill) with `error`, those that never reached it (waiting, or taken and not yet prefilled) with
+        an error that is not theirs."""
+        aside = EngineDeadWithoutPage(error.message) if error.on_device else error
         for slot, request in enumerate(self.slots):
             if request is not None:
                 self.slots[slot] = None
                 self._resolve(request, error=error)
         for request in list(self._limbo):
-            self._resolve(request, error=error)
+            self._resolve(request, error=aside)
         jobs, self._jobs = self._jobs, []
         for request in [r for job in jobs for r in job.pages]:
             self._resolve(request, error=error)
         with self._cond:
             while self._pending:
-                self._resolve(self._pending.popleft(), error=error)
+                self._resolve(self._pending.popleft(), error=aside)
 
     def _in_flight(self) -> int:
         return len(self._occupied())

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 
 import redis
 
@@ -33,6 +34,9 @@ RECONCILE_EVERY = 6
 
 INPUT_SWEEP_INTERVAL = 300
 """Seconds between sweeps of the input directory for files whose job has ended (GNOSIS_INPUT_STORE)."""
+
+NODES_REMEMBERED = 4
+"""Replication ids a worker remembers of the Redis nodes it beat to: a new one counts as a gap in the beats."""
 
 
 class Heartbeat:
@@ -59,7 +63,9 @@ class Heartbeat:
         self._engine_pids: set[str] = set()  # every process seen with a loaded engine, kept across Redis gaps
         self._beating_since: float | None = None  # first good beat since Redis last failed us
         self._last_beat = 0.0
-        self._node: str | None = None  # the replication id of the Redis this worker last beat to
+        # Replication ids of the Redis nodes beaten to lately: a new one is a failover or a restart, and a
+        # proxy that answers INFO from either of two nodes in turn is not one at every beat.
+        self._nodes: deque[str] = deque(maxlen=NODES_REMEMBERED)
 
     def start(self) -> None:
         # Pool processes may have loaded their engines before this runs: keep what they recorded.
@@ -98,9 +104,12 @@ class Heartbeat:
             self._stop.wait(self.interval)
 
     def _moved(self) -> bool:
-        """Whether the Redis beaten to is another node than at the last beat (a failover, a restart)."""
-        node, self._node = self._node, replication.node_id(self.redis)
-        moved = node is not None and self._node is not None and node != self._node
+        """Whether the Redis beaten to is a node not beaten to before (a failover, a restart)."""
+        node = replication.node_id(self.redis)
+        if node is None or node in self._nodes:
+            return False
+        moved = bool(self._nodes)
+        self._nodes.append(node)
         if moved:
             log.warning("Redis is another node now (its replication id changed: a failover or a restart); pages "
                         "of workers that stopped beating are returned only once every worker has had %.0fs to "
@@ -156,7 +165,7 @@ class Heartbeat:
         now = time.monotonic()
         steady = (self._beating_since is not None and now - self._last_beat < self.ttl
                   and now - self._beating_since > self.ttl + self.interval
-                  and replication.node_id(self.redis) == self._node)
+                  and replication.node_id(self.redis) in self._nodes)
         if steady:
             requeued = registry.reap(self.redis, self.app, queue=self.rt.settings.queue)
             if requeued:

@@ -198,6 +198,7 @@ def test_a_page_that_kills_every_engine_fails_alone_and_costs_the_pages_beside_i
                    message="a worker to exit or every job to end")
 
     finals = [poll_job(url, job["id"], timeout=10) for job in jobs]
+    wait_until(lambda: not any(w.alive() for w in workers[:3]), timeout=60, message="the third death's worker to exit")
     assert (finals[0]["status"], finals[0]["error"]["code"]) == ("failed", "engine_error"), finals[0]
     assert "the last time alone" in finals[0]["error"]["message"]
     assert [(f["status"], f["attempts"]) for f in finals[1:]] == [("succeeded", 1)] * 5, finals[1:]

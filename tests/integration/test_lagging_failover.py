@@ -186,3 +186,26 @@ def test_a_failover_to_a_replica_that_lagged_past_a_record_lifetime_reruns_no_pa
     finally:
         runner.stop()
         keeper.stop()
+
+
+def test_a_proxy_that_answers_from_two_nodes_in_turn_is_taken_for_one_failover_not_one_at_every_beat(
+        redis_url, pair):
+    """Every new node a worker beats to holds reaping back a record's lifetime. Were each change of node a
+    new one, a proxy answering INFO from two nodes in turn would hold it back for good, and dead workers'
+    pages would wait for the visibility timeout."""
+    from collections import deque
+
+    from gnosis_ocr.worker.heartbeat import NODES_REMEMBERED, Heartbeat
+
+    nodes = [redis.Redis.from_url(redis_url), redis.Redis(port=pair[0].port)]
+
+    class Alternating:
+        turn = 0
+
+        def info(self, section: str) -> dict:
+            self.turn += 1
+            return nodes[self.turn % 2].info(section)
+
+    beat = Heartbeat.__new__(Heartbeat)  # only what `_moved` reads
+    beat.redis, beat._nodes, beat.ttl, beat.interval = Alternating(), deque(maxlen=NODES_REMEMBERED), 15, 5
+    assert [beat._moved() for _ in range(6)] == [False, True, False, False, False, False]

@@ -36,6 +36,8 @@ COUNTERS = {
     "gnosis_cache_bytes_downloaded_total": "Bytes of model files fetched from the hub.",
     "gnosis_cache_downloads_total": "Model downloads run, by outcome.",
     "gnosis_worker_recoveries_total": "Pages requeued after their worker stopped heartbeating.",
+    "gnosis_engine_deaths_total": "GPU engines that died (a device left unusable, a dead or stuck loop); each "
+                                  "restarted its worker and returned its pages to the queue.",
     "gnosis_pages_republished_total": "Pages published again because no message or worker had them any more.",
     "gnosis_webhooks_republished_total": "Owed webhooks published again from the outbox (their task was lost).",
     "gnosis_batch_listings_republished_total": "Batch listings published again because no message or worker had them.",

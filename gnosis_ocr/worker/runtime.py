@@ -114,6 +114,7 @@ class Runtime:
             return
         self.engine_dead = error
         log.critical("the engine is dead (%s); returning pages to the queue and restarting the worker", error)
+        self.metrics.inc("gnosis_engine_deaths_total")
         (self.on_engine_dead or _stop_this_process)(error)
 
     def expected_engines(self, pool_limit: int) -> int:

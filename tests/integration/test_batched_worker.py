@@ -166,6 +166,9 @@ def test_a_worker_whose_gpu_fails_returns_every_page_turns_unready_and_exits(sta
     assert [f["attempts"] for f in finals] == [1] * 4, [f["attempts"] for f in finals]
     assert time.monotonic() - died_at < 120, "finished within the page deadline"
     assert "failed" not in [f["status"] for f in finals] and rescuer.alive()
+    # Counted cluster-wide, for the GnosisEngineDied alert.
+    deaths = metric_totals(requests.get(f"{url}/metrics", timeout=5).text).get("gnosis_engine_deaths_total")
+    assert deaths == 1, deaths
 
 
 def test_a_page_that_kills_every_engine_fails_alone_and_costs_the_pages_beside_it_nothing(stack, hub):

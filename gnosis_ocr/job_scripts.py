@@ -91,8 +91,9 @@ return created
 """
 
 # Returns {verdict} or {'run', input or false, kind, options or false, engine deaths} (job.Verdict); on
-# 'run' the page is in the worker's in-flight hash. The token is one execution of the page's task: the same call again
-# (a client retrying after a lost reply) counts no second attempt and gets the answer the first got.
+# 'run' the page is in the worker's in-flight hash. The token is one execution of the page's task: the
+# same call again (a client retrying after a lost reply) counts no second attempt and gets the answer the
+# first got.
 START_PAGE = _KEYS + _FINAL + _CLOSE + """
 local page, now, max_attempts, field, value, want_input, ttl, token = unpack(ARGV, 3, 10)
 token = token or ''

@@ -87,8 +87,8 @@ class Heartbeat:
                 self.beat()
                 now = time.monotonic()
                 # A beat that came late (its Redis calls retried through an outage) is a gap too, and so is
-                # a beat to another node: a promoted replica that lagged has let records expire that the
-                # primary still held, though their workers beat all along.
+                # a beat to a node not beaten to lately: a promoted replica that lagged has let records
+                # expire that the primary still held, though their workers beat all along.
                 moved = self._moved()
                 if self._beating_since is None or now - self._last_beat > self.ttl or moved:
                     self._beating_since = now
@@ -161,7 +161,7 @@ class Heartbeat:
         # After a gap in which nobody could beat (Redis away or restarting), every record has expired:
         # the living are told from the dead only once each has had a full record lifetime to beat again.
         # (This thread may get through before the beat thread notices the gap: a beat long overdue is one,
-        # and so is a node other than the one beaten to last.)
+        # and so is a node not beaten to lately.)
         now = time.monotonic()
         steady = (self._beating_since is not None and now - self._last_beat < self.ttl
                   and now - self._beating_since > self.ttl + self.interval

@@ -1,7 +1,8 @@
 """Many faults at once, drawn at random (seeded), on the tiny Qwen2.5-VL on the CPU, with prefills on the
 loop's thread and beside the steps: pages of four prompt lengths, some poisoned (their forward always
 fails), forwards out of memory, seats and decode steps failing now and then, jobs cancelled and deadlines
-passing while their pages wait, are prefilled, wait for a slot or decode.
+passing while their pages wait, are prefilled, wait for a slot or decode; and suspects of earlier engine
+deaths among them, some to run alone (`admission.py`).
 
 The targeted tests (test_engine_faults.py, test_concurrent_prefill.py) each show one path. This one shows
 that their paths compose: whatever happens in what order, every page is resolved exactly once, each fails
@@ -19,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gnosis_ocr import defaults
 from gnosis_ocr.errors import EngineDead, PageTimeout
 from gnosis_ocr.worker.engines import Cancelled
 from gnosis_ocr.worker.engines.scheduler import Scheduler
@@ -163,9 +165,18 @@ def test_random_faults_cost_only_the_pages_they_touch(engine, alone, concurrent,
         fate[id(r)] = "deadline"
         r.deadline = time.monotonic() + rng.uniform(0, 0.3)
     chaos = Chaos(rng, {id(r.inputs["pixel_values"]) for r in requests if fate[id(r)] == "poisoned"})
+    # Suspects of earlier engine deaths, drawn apart so that the faults above stay what each seed drew.
+    suspects = random.Random(seed + 100)
+    for r in requests:
+        r.deaths = suspects.choice([0, 0, 0, 0, 1, 1, 2])
+    seated: list[list] = []
+
+    def step(d, batch) -> None:
+        seated.append([r for r in loop.slots if r is not None])
+        chaos.step(d, batch)
 
     decoder = Faulty(engine.model, slots=3, max_len=engine.max_len)
-    decoder.prefill_fault, decoder.seat_fault, decoder.step_fault = chaos.forward, chaos.seat, chaos.step
+    decoder.prefill_fault, decoder.seat_fault, decoder.step_fault = chaos.forward, chaos.seat, step
     deaths: list[BaseException] = []
     eos = engine.model.generation_config.eos_token_id
     loop = Scheduler(decoder, eos_ids={eos}, prefill_batch=2, on_dead=deaths.append, concurrent=concurrent).start()
@@ -202,6 +213,9 @@ def test_random_faults_cost_only_the_pages_they_touch(engine, alone, concurrent,
         assert sum(isinstance(r.error, SeatFault) for r in requests) == chaos.seated_in_faults, \
             "a failed seat fails the pages it was seating, and no others"
         assert not any(isinstance(r.error, StepFault) for r in requests), "a transient step failure costs no page"
+        # The suspects' rules held at every step: one suspect at a time in 3 slots, and a page at two deaths alone.
+        assert all(sum(1 for r in at if r.deaths) <= 1 for at in seated), "suspects shared the device"
+        assert all(len(at) == 1 for at in seated if any(r.deaths >= defaults.ENGINE_DEATHS_ALONE for r in at))
         # Nothing held: no slot, no prefilled page, nothing waiting; and the engine serves the next page.
         assert loop.load() == 0 and not loop._jobs
         decoder.prefill_fault = decoder.seat_fault = decoder.step_fault = None

@@ -175,6 +175,12 @@ ENGINE_STALL_GRACE = 60.0
 """Seconds past a page's deadline that a batched engine may take to answer before the page's thread
 declares the engine's loop stuck, marks the engine dead and returns the page to the queue."""
 
+ENGINE_LOOP_ANSWER = 2.0
+"""Seconds a page's thread that found a batched engine stuck gives the engine's loop to end the engine
+itself, charging only a prefill that hangs on the prefill thread (engines/scheduler.py `stalled`); past
+them the loop is stuck too, and the page's thread ends the engine. Also how recently the loop must have
+turned to count as turning: a turn is one decode step, or one prefill chunk on its own thread."""
+
 DEFAULT_LOOP_STALL_TIMEOUT = 120.0
 """Seconds a worker's event loop (where Celery takes and acknowledges messages) may go without turning
 while Redis answers before the worker exits for its supervisor to replace it (worker/loopwatch.py); 0

@@ -18,7 +18,7 @@ Failures cost as little as they can, and every request is resolved exactly once:
 - after any failure the device is probed; a device that no longer answers (a sticky CUDA error), a step
   whose result never reaches the host, or any error inside the recovery itself ends the loop: the engine
   is dead, every page it held is resolved with EngineDead (the worker returns them to the queue), and
-  `on_dead` tells the worker to restart;
+  `on_dead` tells the worker to restart (`ending.py`; so does a loop found stuck past a page's deadline);
 - which pages were on the device then is known, not which of them caused it: those are suspects, and a
   suspect shares the device with few others (`admission.py`), so a page that kills engines is found out
   without failing the pages beside it (docs/gpu.md).
@@ -35,6 +35,7 @@ from collections.abc import Callable
 from ...errors import EngineCheckFailed, EngineDead, EngineDeadWithoutPage
 from . import StopReason
 from .admission import Admission
+from .ending import Ending
 from .isolation import Isolation
 from .prefill import Prefiller, Prefilling, PrefillJob, check_stream
 from .repetition import RepetitionGuard
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Request", "RepetitionGuard", "Scheduler"]
 
 
-class Scheduler(Admission, Prefilling, Isolation):
+class Scheduler(Admission, Prefilling, Isolation, Ending):
     """The engine loop for one device. `submit` is thread-safe; everything else runs on the loop thread."""
 
     def __init__(self, decoder, *, eos_ids: set[int], prefill_batch: int = 4, gather: float = 0.0,
@@ -68,6 +69,12 @@ class Scheduler(Admission, Prefilling, Isolation):
         self._prefiller = Prefiller(decoder, self._compute, self._wake, name=name) if concurrent else None
         self._cond = threading.Condition()
         self._stop = False
+        # A page's thread found the engine stuck (`stalled`): the loop ends it itself if it can.
+        self._ending: EngineDead | None = None
+        self._ending_since = 0.0
+        self._ending_answering = False  # whether the loop was turning then, or waiting with nothing to do
+        self._idle = False
+        self._turned = time.monotonic()
         self.dead: EngineDead | None = None
         self.check: dict | None = None  # the start-up graph-against-eager check, once warm
         self.stream_check: dict | None = None  # the start-up check of the prefill stream, where concurrent
@@ -164,16 +171,6 @@ class Scheduler(Admission, Prefilling, Isolation):
             self._cond.notify()
         return request
 
-    def stalled(self, reason: str) -> None:
-        """Called from a page's thread when the loop has not answered long past a deadline: whatever the
-        loop is stuck in, its pages go back to the queue now."""
-        self._die(EngineDead(f"The engine on {self.decoder.device} stopped making progress: {reason}."))
-
-    def kill(self, error: EngineDead) -> None:
-        """End this loop from outside (another device of the process died): its pages go back too, with
-        no part in it."""
-        self._die(EngineDeadWithoutPage(error.message))
-
     # --- the loop ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -181,10 +178,16 @@ class Scheduler(Admission, Prefilling, Isolation):
             self.decoder.bind_thread(steps=self.concurrent)
             while True:
                 with self._cond:
-                    while not self._stop and not self._runnable():
+                    self._idle = True
+                    while not self._stop and self._ending is None and not self._runnable():
                         self._cond.wait()
+                    self._idle = False
+                    self._turned = time.monotonic()
                     if self._stop or self.dead is not None:
                         break
+                    ending = self._ending
+                if ending is not None:
+                    return self._end_stuck(ending)
                 self._drop_unwanted()
                 self._admit()
                 if any(self.slots) or self._inflight is not None:
@@ -205,43 +208,6 @@ class Scheduler(Admission, Prefilling, Isolation):
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
-
-    def _die(self, exc: BaseException) -> None:
-        error = exc if isinstance(exc, EngineDead) else EngineDead(
-            f"The engine on {self.decoder.device} failed and cannot go on: {type(exc).__name__}: {exc}")
-        with self._cond:
-            if self.dead is not None:
-                return
-            self.dead = error
-            self._stop = True
-        log.critical("engine on %s is dead (%s); returning its %d page(s) to the queue", self.decoder.device,
-                     error.message, self.load(), exc_info=exc if exc is not error else None)
-        self._drain(error)
-        if self._prefiller is not None:
-            self._prefiller.stop(timeout=0)
-        if self.on_dead is not None:
-            try:
-                self.on_dead(error)
-            except Exception:
-                log.exception("on_dead handler failed")
-
-    def _drain(self, error: EngineDead) -> None:
-        """Resolve every request still held, touching nothing on the device: those on it (seated, or in a
-        prefill) with `error`, those that never reached it (waiting, or taken and not yet prefilled) with
-        an error that is not theirs."""
-        aside = EngineDeadWithoutPage(error.message) if error.on_device else error
-        for slot, request in enumerate(self.slots):
-            if request is not None:
-                self.slots[slot] = None
-                self._resolve(request, error=error)
-        for request in list(self._limbo):
-            self._resolve(request, error=aside)
-        jobs, self._jobs = self._jobs, []
-        for request in [r for job in jobs for r in job.pages]:
-            self._resolve(request, error=error)
-        with self._cond:
-            while self._pending:
-                self._resolve(self._pending.popleft(), error=aside)
 
     def _in_flight(self) -> int:
         return len(self._occupied())

@@ -15,6 +15,11 @@ timeout is then asked for again with the same key. After each Redis episode it t
 every worker's `/readyz` says 200 again. With `--batch-every S` a batch of `--batch-documents`
 one-page images goes from a GCS emulator's bucket to another prefix every S seconds, and each must end
 with every document counted once and a result object for each document done.
+With `--engine nanonets` the workers run the GPU path, the batched engine (a threads pool feeding one
+continuous batch), on a tiny Qwen2.5-VL on the CPU, downloaded once into the shared cache from a local
+stand-in for the hub; with `--engine-death-steps N` each worker's engine also dies as after a sticky CUDA
+error after a random N/2 to 3N/2 decode steps (`tests/faulty_worker.py`), and the worker, exiting 70, is
+replaced as a supervisor would.
 At the end it waits for the backlog to drain and prints one table. "lost" is a job that was accepted
 (202) and then neither reached a final state nor was deleted by the client.
 """
@@ -25,6 +30,7 @@ import argparse
 import os
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -52,6 +58,9 @@ class Soak:
                               GNOSIS_HEARTBEAT_INTERVAL="2", GNOSIS_REDIS_TIMEOUT="2",
                               GNOSIS_RECONCILE_GRACE=str(args.reconcile_grace),
                               GNOSIS_ACCEPT_REPLICAS=args.accept_replicas, GNOSIS_ACCEPT_REPLICAS_WAIT="1")
+        self.hub = None
+        if args.engine == "nanonets":
+            self.batched_engine()
         self.accepted: dict[str, float] = {}
         self.deleted: set[str] = set()
         self.cancelled: set[str] = set()
@@ -65,7 +74,18 @@ class Soak:
         self.peak_memory = 0
         self.ready_again: list[float] = []  # seconds after each Redis episode until every worker was ready
         self.ports: dict[int, int] = {}  # worker pid -> its probe port
+        self.exits: dict[int, int] = {}  # workers that exited on their own, by exit status (70: engine dead)
         self.stop = threading.Event()
+
+    def batched_engine(self) -> None:
+        """The GPU path's worker on a tiny Qwen2.5-VL: one process, a threads pool, one continuous batch."""
+        from harness.hubstub import TINY_REPO, HubStub
+        from harness.tinymodel import build_tiny_model
+
+        self.hub = HubStub(TINY_REPO, build_tiny_model(self.tmp / "tiny-model")).start()
+        self.stack.env.update(OCR_MODEL_ID=TINY_REPO, HF_ENDPOINT=self.hub.url, OCR_DEVICE="cpu",
+                              OCR_MAX_NEW_TOKENS=str(self.args.tokens), OCR_BATCH_SIZE=str(self.args.slots),
+                              OCR_REPETITION_WINDOW="0")
 
     def document(self, n: int) -> tuple[str, bytes]:
         if self.rng.random() < 0.3:
@@ -188,7 +208,17 @@ class Soak:
         from bench.common import free_port
 
         port = free_port()
-        proc = self.stack.worker(concurrency=1, wait_ready=False, GNOSIS_WORKER_PORT=str(port))
+        if self.args.engine_death_steps:
+            from harness.stack import Proc
+
+            n = self.args.engine_death_steps
+            env = {**self.stack.env, "GNOSIS_WORKER_PORT": str(port),
+                   "GNOSIS_TEST_FAIL_AFTER_STEPS": str(self.rng.randint(n // 2, n * 3 // 2))}
+            proc = Proc([sys.executable, "-m", "tests.faulty_worker", "worker", "--concurrency=1"], env,
+                        self.tmp / f"worker-{len(self.stack.procs)}.log")
+            self.stack.procs.append(proc)
+        else:
+            proc = self.stack.worker(concurrency=1, wait_ready=False, GNOSIS_WORKER_PORT=str(port))
         self.ports[proc.pid] = port
         return proc
 
@@ -234,6 +264,7 @@ class Soak:
             for proc in [p for p in workers if not p.alive()]:  # as a supervisor would: start another
                 workers.remove(proc)
                 workers.append(self.worker())
+                self.exits[proc.popen.returncode] = self.exits.get(proc.popen.returncode, 0) + 1
                 self.events.append(f"{at} worker {proc.pid} exited ({proc.popen.returncode}); started another")
             if now >= next_kill:
                 victim = self.rng.choice(workers)
@@ -366,6 +397,7 @@ class Soak:
             "p99_submit_to_final_s": round(percentile(seconds, 99), 1),
             "peak_redis_memory_mib": round(self.peak_memory / 2**20, 1),
             "all_workers_ready_again_s": self.ready_again,
+            "engine": self.args.engine, "workers_exited_by_status": self.exits,
             **(self.tally_batches(url, deadline) if self.args.batch_every else {}),
             "faults": self.events,
         }
@@ -373,6 +405,8 @@ class Soak:
     def close(self) -> None:
         self.stack.stop()
         self.redis.stop()
+        if self.hub is not None:
+            self.hub.stop()
         if self.bucket is not None:
             self.emulator.stop()
 
@@ -397,7 +431,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--kill-every", type=float, default=60, help="seconds between worker kills")
     parser.add_argument("--redis", choices=["sentinel", "restart"], default="sentinel")
-    parser.add_argument("--engine", default="rapidocr")
+    parser.add_argument("--engine", default="rapidocr",
+                        help="the workers' OCR_ENGINE; nanonets: the batched engine on a tiny model on the CPU")
+    parser.add_argument("--slots", type=int, default=4, help="--engine nanonets: OCR_BATCH_SIZE")
+    parser.add_argument("--tokens", type=int, default=64, help="--engine nanonets: OCR_MAX_NEW_TOKENS")
+    parser.add_argument("--engine-death-steps", type=int, default=0,
+                        help="--engine nanonets: each worker's engine dies after about this many decode steps")
     parser.add_argument("--oom-seconds", type=float, default=30, help="Redis out of memory this long (0: never)")
     parser.add_argument("--outage-seconds", type=float, default=20,
                         help="Redis stopped this long (--redis restart only; 0: never)")

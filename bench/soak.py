@@ -27,7 +27,6 @@ At the end it waits for the backlog to drain and prints one table. "lost" is a j
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import sys
@@ -39,12 +38,13 @@ from pathlib import Path
 import requests
 
 from bench.common import PrivateRedis, Stack, percentile, report
+from bench.soak_batches import Batches
 from gnosis_ocr.client import ApiError, Client
 from harness.docs import pdf_of_pages, text_image
 from harness.redisproc import SentinelGroup, follow
 
 
-class Soak:
+class Soak(Batches):
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.rng = random.Random(args.seed)
@@ -135,63 +135,6 @@ class Soak:
             except requests.RequestException:
                 self.refused["other"] += 1
             self.stop.wait(1 / self.args.rate)
-
-    def start_bucket(self) -> None:
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        from harness.gcsemulator import start_emulator
-
-        self.emulator = start_emulator()
-        client = storage.Client(project="soak", credentials=AnonymousCredentials())
-        self.bucket = client.create_bucket("soak")
-        self.stack.env.update(STORAGE_EMULATOR_HOST=os.environ["STORAGE_EMULATOR_HOST"], GOOGLE_CLOUD_PROJECT="soak",
-                              GNOSIS_BATCH_BUCKETS="gs://soak/")
-
-    def batch_loop(self, url: str) -> None:
-        n = 0
-        while not self.stop.wait(self.args.batch_every):
-            prefix = f"in/b{n:03}/"
-            for d in range(self.args.batch_documents):
-                self.bucket.blob(f"{prefix}d{d:02}.png").upload_from_string(text_image([f"Soak batch {n} doc {d}"]))
-            try:
-                r = requests.post(f"{url}/v1/batches", json={"source": f"gs://soak/{prefix}",
-                                                              "destination": f"gs://soak/out/b{n:03}/"}, timeout=15)
-                if r.status_code == 202:
-                    self.batches[r.json()["id"]] = f"out/b{n:03}/"
-                else:
-                    self.refused[str(r.status_code) if r.status_code in (429, 503) else "other"] += 1
-            except requests.RequestException:
-                self.refused["other"] += 1
-            n += 1
-
-    def tally_batches(self, url: str, deadline: float) -> dict:
-        finals: dict[str, dict] = {}
-        while len(finals) < len(self.batches) and time.monotonic() < deadline:
-            for batch_id in self.batches:
-                if batch_id in finals:
-                    continue
-                r = requests.get(f"{url}/v1/batches/{batch_id}", timeout=15)
-                if r.status_code != 200:
-                    finals[batch_id] = {"status": "lost"}
-                elif r.json()["status"] in ("succeeded", "failed", "cancelled"):
-                    finals[batch_id] = r.json()
-            time.sleep(2)  # polling batches, which have no long-poll
-        miscounted = results_missing = 0
-        for batch_id, batch in finals.items():
-            if batch["status"] == "lost":
-                continue
-            counted = batch["documents_done"] + batch["documents_failed"] + batch["documents_skipped"]
-            miscounted += counted != batch["documents_total"] or batch["documents_total"] != self.args.batch_documents
-            names = {b.name for b in self.bucket.list_blobs(prefix=self.batches[batch_id]) if b.name.endswith(".json")
-                     and not b.name.endswith("_gnosis_batch.json")}
-            results_missing += max(batch["documents_done"] - len(names), 0)
-        statuses: dict[str, int] = {}
-        for batch in finals.values():
-            statuses[batch["status"]] = statuses.get(batch["status"], 0) + 1
-        return {"batches": len(self.batches), "batch_statuses": statuses,
-                "batches_not_final": len(self.batches) - len(finals),
-                "batches_miscounted": miscounted, "batch_results_missing": results_missing}
 
     def sample_memory(self) -> None:
         from gnosis_ocr.redisconn import connect

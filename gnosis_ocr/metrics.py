@@ -39,6 +39,8 @@ COUNTERS = {
     "gnosis_engine_deaths_total": "GPU engines that died (a device left unusable, a dead or stuck loop); each "
                                   "restarted its worker and returned its pages to the queue.",
     "gnosis_pages_republished_total": "Pages published again because no message or worker had them any more.",
+    "gnosis_housekeeping_failures_total": "Housekeeping duties (reap, expire, reconcile, batches, webhooks, inputs, "
+                                          "sweep) that failed with an error other than Redis's, by duty.",
     "gnosis_webhooks_republished_total": "Owed webhooks published again from the outbox (their task was lost).",
     "gnosis_batch_listings_republished_total": "Batch listings published again because no message or worker had them.",
     "gnosis_batch_documents_total": "Documents of batches by outcome (done, failed, skipped).",

@@ -4,7 +4,8 @@ After GNOSIS_TEST_FAIL_AFTER_STEPS decode steps the device behaves as after a st
 step raises and the health probe fails. With GNOSIS_TEST_FAIL_RELEASE, steps go on working and it is
 the write that frees a finished page's slot that fails instead. With GNOSIS_TEST_POISON_WIDTH, the first
 step with a page of that width in the batch fails so, whatever else is there: a page that kills any
-engine it runs on. Nothing else of the worker changes.
+engine it runs on. With GNOSIS_TEST_FAILING_DUTY (reap, expire, reconcile, ...), that housekeeping duty raises
+at every pass, as one that meets a record it cannot read. Nothing else of the worker changes.
 
     GNOSIS_TEST_FAIL_AFTER_STEPS=5 python -m tests.faulty_worker worker
 """
@@ -65,8 +66,20 @@ def poison(width: int) -> None:
     StaticDecoder.healthy = lambda self: not broken and healthy(self)
 
 
+def failing_duty(name: str) -> None:
+    from gnosis_ocr.worker.heartbeat import Heartbeat
+
+    def fail(self):
+        raise ValueError(f"invalid literal for int() with base 10: b't:0' (the {name} duty)")
+
+    assert hasattr(Heartbeat, f"_{name}"), name
+    setattr(Heartbeat, f"_{name}", fail)
+
+
 if __name__ == "__main__":
-    if os.environ.get("GNOSIS_TEST_POISON_WIDTH"):
+    if os.environ.get("GNOSIS_TEST_FAILING_DUTY"):
+        failing_duty(os.environ["GNOSIS_TEST_FAILING_DUTY"])
+    elif os.environ.get("GNOSIS_TEST_POISON_WIDTH"):
         poison(int(os.environ["GNOSIS_TEST_POISON_WIDTH"]))
     else:
         patch(int(os.environ["GNOSIS_TEST_FAIL_AFTER_STEPS"]), bool(os.environ.get("GNOSIS_TEST_FAIL_RELEASE")))

@@ -156,8 +156,36 @@ class Heartbeat:
         registry.register(self.redis, self.worker, record, ttl=self.ttl)
 
     def housekeeping(self) -> None:
+        """One pass of the cluster's duties, by the one worker that holds the housekeeper's lease. Each duty
+        runs apart: one that fails (a record it cannot read, a bug) is logged and counted
+        (`gnosis_housekeeping_failures_total`, alert GnosisHousekeepingFailing) and the others still run. A
+        failing reconciler once skipped every duty after it, webhooks and batches included, at every pass.
+        Redis failing stops the pass: every duty would fail the same way."""
         if not registry.housekeeper(self.redis, self.interval):
             return
+        self._duty("reap", self._reap)
+        self._duty("expire", self._expire)
+        if time.monotonic() - self._reconciled > RECONCILE_EVERY * self.interval:
+            self._reconciled = time.monotonic()
+            self._duty("reconcile", self._reconcile)
+            self._duty("batches", self._recover_batches)
+            self._duty("webhooks", self._republish_webhooks)
+            self._duty("inputs", lambda: self.rt.jobs.delete_ended_inputs(self.rt.settings.reconcile_grace))
+        if time.monotonic() - self._swept > INPUT_SWEEP_INTERVAL:
+            self._swept = time.monotonic()
+            self._duty("sweep", lambda: self.rt.jobs.inputs.sweep(
+                lambda job_id: self.rt.jobs.field(job_id, "status") in ("queued", "running")))
+
+    def _duty(self, name: str, run) -> None:
+        try:
+            run()
+        except redis.RedisError:
+            raise
+        except Exception:
+            log.exception("housekeeping: %s failed; the other duties go on", name)
+            self.rt.metrics.inc("gnosis_housekeeping_failures_total", duty=name)
+
+    def _reap(self) -> None:
         # After a gap in which nobody could beat (Redis away or restarting), every record has expired:
         # the living are told from the dead only once each has had a full record lifetime to beat again.
         # (This thread may get through before the beat thread notices the gap: a beat long overdue is one,
@@ -170,30 +198,32 @@ class Heartbeat:
             requeued = registry.reap(self.redis, self.app, queue=self.rt.settings.queue)
             if requeued:
                 self.rt.metrics.inc("gnosis_worker_recoveries_total", requeued)
+
+    def _expire(self) -> None:
         from .page import count_final
 
         for job_id in self.rt.jobs.expire_overdue(self.rt.settings.job_max_age):
             log.error("job %s did not finish within GNOSIS_JOB_MAX_AGE; failed with expired", job_id)
             count_final(self.rt, job_id)
-        if time.monotonic() - self._reconciled > RECONCILE_EVERY * self.interval:
-            self._reconciled = time.monotonic()
-            published = self.reconciler.run()
-            if published:
-                self.rt.metrics.inc("gnosis_pages_republished_total", published)
-            from . import batches
 
-            batches.recover(self.rt, grace=self.rt.settings.reconcile_grace)
-            relisted = self.listings.run()
-            if relisted:
-                self.rt.metrics.inc("gnosis_batch_listings_republished_total", relisted)
-            owed = outbox.republish(self.redis, self.app, queue=events_queue(self.rt.settings),
-                                    grace=self.rt.settings.reconcile_grace)
-            self.rt.jobs.delete_ended_inputs(self.rt.settings.reconcile_grace)
-            if owed:
-                self.rt.metrics.inc("gnosis_webhooks_republished_total", owed)
-        if time.monotonic() - self._swept > INPUT_SWEEP_INTERVAL:
-            self._swept = time.monotonic()
-            self.rt.jobs.inputs.sweep(lambda job_id: self.rt.jobs.field(job_id, "status") in ("queued", "running"))
+    def _reconcile(self) -> None:
+        published = self.reconciler.run()
+        if published:
+            self.rt.metrics.inc("gnosis_pages_republished_total", published)
+
+    def _recover_batches(self) -> None:
+        from . import batches
+
+        batches.recover(self.rt, grace=self.rt.settings.reconcile_grace)
+        relisted = self.listings.run()
+        if relisted:
+            self.rt.metrics.inc("gnosis_batch_listings_republished_total", relisted)
+
+    def _republish_webhooks(self) -> None:
+        owed = outbox.republish(self.redis, self.app, queue=events_queue(self.rt.settings),
+                                grace=self.rt.settings.reconcile_grace)
+        if owed:
+            self.rt.metrics.inc("gnosis_webhooks_republished_total", owed)
 
     def _live_engines(self) -> int:
         """Processes with a loaded engine. Those seen once are written back every beat, so a hash lost

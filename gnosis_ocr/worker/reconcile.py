@@ -86,7 +86,10 @@ class Reconciler:
         for job_id, (status, total, owner), done in zip(job_ids, replies[::2], replies[1::2], strict=True):
             if status in (b"queued", b"running") and total is not None:
                 owners[job_id] = (owner or b"").decode()
-                recorded = {int(p) for p in done}
+                # The hash also flags each page cut short (`t:<page>`): only the pages' own fields say
+                # which are recorded. Read as numbers, one such flag failed every pass, so no lost page was
+                # published again while any live job had a truncated page.
+                recorded = {int(p) for p in done if p.isdigit()}
                 out |= {(job_id, page) for page in range(int(total)) if page not in recorded}
         return out, owners
 

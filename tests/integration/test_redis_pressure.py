@@ -12,7 +12,7 @@ import pytest
 import redis
 import requests
 
-from harness.docs import text_image
+from harness.docs import pdf_of_pages, text_image
 from harness.redisproc import PrivateRedis
 from harness.stack import free_port, poll_job, wait_until
 
@@ -202,6 +202,74 @@ def test_a_lost_page_of_a_busy_key_is_published_again_at_that_keys_priority(stac
     finals = [poll_job(url, job_id, timeout=90, headers=big) for job_id in jobs]
     assert [f["status"] for f in finals] == ["succeeded"] * len(jobs)
     assert finals[-1]["attempts"] == 1, "the page ran once"
+
+
+def test_a_lost_page_is_published_again_beside_a_page_recorded_as_cut_short(stack):
+    """A page's record says whether its output was cut short (the token cap, the repetition guard), as a flag
+    beside the pages' texts. The reconciler read that flag as a page number and failed its every pass, so
+    while any live job had a truncated page, no lost page of any job was published again: the batched
+    worker's soak left a job `running` with one page never run."""
+    import secrets
+
+    from celery import Celery
+
+    from gnosis_ocr.broker import celery_config
+    from gnosis_ocr.job import JobStore
+    from gnosis_ocr.settings import Settings
+    from gnosis_ocr.worker.reconcile import Reconciler
+
+    url = stack.api()
+    pdf = pdf_of_pages([["the first page, cut short"], ["the second page, whose message is lost"]])
+    job_id = requests.post(f"{url}/v1/jobs", files={"file": ("two.pdf", pdf)}).json()["id"]
+    # What a worker does with the first page: claim it and record its text, cut short at the token cap.
+    jobs, token = JobStore(stack.redis, ttl=3600, max_attempts=3), secrets.token_hex(8)
+    entry = ("gnosis:worker:test:inflight", f"{job_id}:0", "{}")
+    assert jobs.start_page(job_id, 0, inflight=entry, token=token).verdict.value == "run"
+    assert jobs.finish_page(job_id, 0, "the first page, cut", model_id="m", model_revision="r", inflight=entry,
+                            truncated=True, token=token).outcome.value == "recorded"
+    for key, raw in _page_messages(stack.redis):  # both pages' messages: the first ran, the second is lost
+        if job_id in raw.decode():
+            assert stack.redis.lrem(key, 1, raw) == 1
+
+    app = Celery("reconcile-test")
+    app.conf.update(celery_config(Settings.from_env({"REDIS_URL": stack.redis_url})))
+    reconciler = Reconciler(stack.redis, app, queue="ocr", grace=0)
+    assert reconciler.run() == 0, "a page missing on one pass only is not yet lost"
+    assert reconciler.run() == 1, "the second page is published again"
+    assert [job_id in raw.decode() for _, raw in _page_messages(stack.redis)] == [True]
+
+    stack.worker(OCR_ENGINE="null")
+    final = poll_job(url, job_id, timeout=90)
+    assert (final["status"], final["pages_done"]) == ("succeeded", 2), final
+    result = requests.get(f"{url}/v1/jobs/{job_id}/result").json()
+    assert [p["truncated"] for p in result["pages"]] == [True, False]
+
+
+def test_a_failing_housekeeping_duty_is_counted_and_the_others_still_run(stack):
+    """A duty that raises at every pass (here the expiry of overdue jobs) once took every duty after it down
+    with it: with the reconciler failing so, no lost page, webhook or batch was recovered, and only a log
+    line said so. Now each duty runs apart, and a failing one is counted for an alert."""
+    import json as _json
+    import sys
+
+    from harness.stack import Proc, metric_totals
+
+    url = stack.api()
+    job = requests.post(f"{url}/v1/jobs", files={"file": ("lost.png", text_image(["lost"]))}).json()
+    key, raw = next((k, r) for k, r in _page_messages(stack.redis) if job["id"] in _json.dumps(
+        _json.loads(r)["headers"].get("argsrepr", "")))
+    assert stack.redis.lrem(key, 1, raw) == 1  # its message lost: only the reconciler can run it
+    env = {**stack.env, "OCR_ENGINE": "null", "GNOSIS_RECONCILE_GRACE": "1", "GNOSIS_TEST_FAILING_DUTY": "expire"}
+    worker = Proc([sys.executable, "-m", "tests.faulty_worker", "worker"], env, stack.tmp / "worker.log")
+    stack.procs.append(worker)
+    final = poll_job(url, job["id"], timeout=90)
+    assert (final["status"], final["attempts"]) == ("succeeded", 1), final
+    assert "housekeeping: expire failed; the other duties go on" in worker.log()
+    assert "published 1 lost page(s) again" in worker.log()
+    failures = wait_until(lambda: metric_totals(requests.get(f"{url}/metrics", timeout=5).text).get(
+        "gnosis_housekeeping_failures_total"), timeout=30, message="the failures counted")
+    assert failures >= 1
+    assert 'gnosis_housekeeping_failures_total{duty="expire"}' in requests.get(f"{url}/metrics", timeout=5).text
 
 
 @contextlib.contextmanager

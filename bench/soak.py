@@ -75,7 +75,8 @@ class Soak(Batches):
         self.ready_again: list[float] = []  # seconds after each Redis episode until every worker was ready
         self.ports: dict[int, int] = {}  # worker pid -> its probe port
         self.exits: dict[int, int] = {}  # workers that exited on their own, by exit status (70: engine dead)
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # the run is over: no more submissions or faults
+        self.drained = threading.Event()  # the tally is done: the supervisor may stop replacing workers
 
     def batched_engine(self) -> None:
         """The GPU path's worker on a tiny Qwen2.5-VL: one process, a threads pool, one continuous batch."""
@@ -201,14 +202,18 @@ class Soak(Batches):
         failed_over = oomed = outaged = demoted = False
         next_kill = started + self.args.kill_every
         total = self.args.minutes * 60
-        while not self.stop.is_set():
+        while not self.drained.is_set():
             now = time.monotonic()
             at = f"{now - started:.0f}s"
-            for proc in [p for p in workers if not p.alive()]:  # as a supervisor would: start another
+            # As a supervisor would, through the drain too: start another.
+            for proc in [p for p in workers if not p.alive()]:
                 workers.remove(proc)
                 workers.append(self.worker())
                 self.exits[proc.popen.returncode] = self.exits.get(proc.popen.returncode, 0) + 1
                 self.events.append(f"{at} worker {proc.pid} exited ({proc.popen.returncode}); started another")
+            if self.stop.is_set():  # the backlog drains: no more faults
+                self.drained.wait(1)
+                continue
             if now >= next_kill:
                 victim = self.rng.choice(workers)
                 victim.kill_tree()
@@ -288,9 +293,13 @@ class Soak(Batches):
             t.start()
         self.stop.wait(self.args.minutes * 60)
         self.stop.set()
-        for t in threads:
+        for t in threads[:2] + threads[3:]:
             t.join(timeout=60)
-        return self.tally(url)
+        try:
+            return self.tally(url)
+        finally:
+            self.drained.set()
+            threads[2].join(timeout=60)
 
     def delete(self, url: str, job_id: str) -> bool:
         """As a client deletes: sent again through 503s (under GNOSIS_ACCEPT_REPLICAS one can answer a deletion

@@ -87,6 +87,8 @@ class Soak(Batches):
         self.stack.env.update(OCR_MODEL_ID=TINY_REPO, HF_ENDPOINT=self.hub.url, OCR_DEVICE="cpu",
                               OCR_MAX_NEW_TOKENS=str(self.args.tokens), OCR_BATCH_SIZE=str(self.args.slots),
                               OCR_REPETITION_WINDOW="0")
+        if self.args.prefill_concurrent:  # prefills on a thread of their own beside the steps, as on a GPU
+            self.stack.env["OCR_PREFILL_CONCURRENT"] = "on"
 
     def document(self, n: int) -> tuple[str, bytes]:
         if self.rng.random() < 0.3:
@@ -387,6 +389,8 @@ def main() -> None:
                         help="the workers' OCR_ENGINE; nanonets: the batched engine on a tiny model on the CPU")
     parser.add_argument("--slots", type=int, default=4, help="--engine nanonets: OCR_BATCH_SIZE")
     parser.add_argument("--tokens", type=int, default=64, help="--engine nanonets: OCR_MAX_NEW_TOKENS")
+    parser.add_argument("--prefill-concurrent", action="store_true",
+                        help="--engine nanonets: OCR_PREFILL_CONCURRENT=on, the GPU's default, on the CPU")
     parser.add_argument("--engine-death-steps", type=int, default=0,
                         help="--engine nanonets: each worker's engine dies after about this many decode steps")
     parser.add_argument("--oom-seconds", type=float, default=30, help="Redis out of memory this long (0: never)")

@@ -209,9 +209,10 @@ class NanonetsEngine:
         page = Image.new("RGB", (max_side // 2, max_side), "white")
         for scheduler in self.schedulers:
             graphs = scheduler.warm_up(self._request(page, max_new_tokens=4))
-            log.info("engine on %s warm in %.1fs (%d decode graphs; replay identical to eager: %s)",
+            log.info("engine on %s warm in %.1fs (%d decode graphs; replay identical to eager: %s; prefills %s)",
                      scheduler.decoder.device, time.monotonic() - started, graphs,
-                     (scheduler.check or {}).get("identical"))
+                     (scheduler.check or {}).get("identical"),
+                     "beside the steps" if scheduler.concurrent else "on the loop's thread")
 
     def _dead(self, error: BaseException) -> None:
         # One device gone takes the process down: its CUDA context cannot be trusted or reset in place.

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import random
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -39,12 +38,14 @@ import requests
 
 from bench.common import PrivateRedis, Stack, percentile, report
 from bench.soak_batches import Batches
+from bench.soak_webhooks import Webhooks
+from bench.soak_workers import Workers
 from gnosis_ocr.client import ApiError, Client
 from harness.docs import pdf_of_pages, text_image
 from harness.redisproc import SentinelGroup, follow
 
 
-class Soak(Batches):
+class Soak(Batches, Webhooks, Workers):
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.rng = random.Random(args.seed)
@@ -61,6 +62,8 @@ class Soak(Batches):
         self.hub = None
         if args.engine == "nanonets":
             self.batched_engine()
+        if args.webhooks:
+            self.start_webhooks()
         self.accepted: dict[str, float] = {}
         self.deleted: set[str] = set()
         self.cancelled: set[str] = set()
@@ -78,18 +81,6 @@ class Soak(Batches):
         self.stop = threading.Event()  # the run is over: no more submissions or faults
         self.drained = threading.Event()  # the tally is done: the supervisor may stop replacing workers
 
-    def batched_engine(self) -> None:
-        """The GPU path's worker on a tiny Qwen2.5-VL: one process, a threads pool, one continuous batch."""
-        from harness.hubstub import TINY_REPO, HubStub
-        from harness.tinymodel import build_tiny_model
-
-        self.hub = HubStub(TINY_REPO, build_tiny_model(self.tmp / "tiny-model")).start()
-        self.stack.env.update(OCR_MODEL_ID=TINY_REPO, HF_ENDPOINT=self.hub.url, OCR_DEVICE="cpu",
-                              OCR_MAX_NEW_TOKENS=str(self.args.tokens), OCR_BATCH_SIZE=str(self.args.slots),
-                              OCR_REPETITION_WINDOW="0")
-        if self.args.prefill_concurrent:  # prefills on a thread of their own beside the steps, as on a GPU
-            self.stack.env["OCR_PREFILL_CONCURRENT"] = "on"
-
     def document(self, n: int) -> tuple[str, bytes]:
         if self.rng.random() < 0.3:
             pages = self.rng.randint(2, 4)
@@ -98,8 +89,9 @@ class Soak(Batches):
 
     def post(self, url: str, name: str, data: bytes) -> requests.Response | str:
         """One submission: the response, or with `--client-timeout` the job id the retrying client got."""
+        hook = {"callback_url": self.callback_url} if self.callback_url else {}
         if not self.args.client_timeout:
-            return requests.post(f"{url}/v1/jobs", files={"file": (name, data)}, timeout=15)
+            return requests.post(f"{url}/v1/jobs", files={"file": (name, data)}, data=hook, timeout=15)
         from gnosis_ocr.client import ApiError, Client
 
         path = self.tmp / "uploads" / name
@@ -107,7 +99,7 @@ class Soak(Batches):
         path.write_bytes(data)
         client = Client(url, timeout=self.args.client_timeout, retries=8, backoff=0.5)
         try:
-            return client.submit(path)["id"]
+            return client.submit(path, **hook)["id"]
         except ApiError as exc:  # what is left after its retries: answered like a plain response
             self.retried_out[exc.code or "?"] = self.retried_out.get(exc.code or "?", 0) + 1
             raise requests.RequestException(str(exc)) from exc
@@ -149,24 +141,6 @@ class Soak(Batches):
             except Exception:  # during the failover
                 pass
             self.stop.wait(1)
-
-    def worker(self):
-        from bench.common import free_port
-
-        port = free_port()
-        if self.args.engine_death_steps:
-            from harness.stack import Proc
-
-            n = self.args.engine_death_steps
-            env = {**self.stack.env, "GNOSIS_WORKER_PORT": str(port),
-                   "GNOSIS_TEST_FAIL_AFTER_STEPS": str(self.rng.randint(n // 2, n * 3 // 2))}
-            proc = Proc([sys.executable, "-m", "tests.faulty_worker", "worker", "--concurrency=1"], env,
-                        self.tmp / f"worker-{len(self.stack.procs)}.log")
-            self.stack.procs.append(proc)
-        else:
-            proc = self.stack.worker(concurrency=1, wait_ready=False, GNOSIS_WORKER_PORT=str(port))
-        self.ports[proc.pid] = port
-        return proc
 
     def primary_client(self):
         import redis
@@ -353,6 +327,7 @@ class Soak(Batches):
             "all_workers_ready_again_s": self.ready_again,
             "engine": self.args.engine, "workers_exited_by_status": self.exits,
             **(self.tally_batches(url, deadline) if self.args.batch_every else {}),
+            **(self.tally_webhooks(finals, self.deleted, deadline + 60) if self.args.webhooks else {}),
             "faults": self.events,
         }
 
@@ -361,6 +336,7 @@ class Soak(Batches):
         self.redis.stop()
         if self.hub is not None:
             self.hub.stop()
+        self.stop_webhooks()
         if self.bucket is not None:
             self.emulator.stop()
 
@@ -387,6 +363,8 @@ def main() -> None:
     parser.add_argument("--redis", choices=["sentinel", "restart"], default="sentinel")
     parser.add_argument("--engine", default="rapidocr",
                         help="the workers' OCR_ENGINE; nanonets: the batched engine on a tiny model on the CPU")
+    parser.add_argument("--webhooks", action="store_true",
+                        help="every job with a callback_url; each final one must be POSTed, signed, with its state")
     parser.add_argument("--slots", type=int, default=4, help="--engine nanonets: OCR_BATCH_SIZE")
     parser.add_argument("--tokens", type=int, default=64, help="--engine nanonets: OCR_MAX_NEW_TOKENS")
     parser.add_argument("--prefill-concurrent", action="store_true",

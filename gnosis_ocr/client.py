@@ -75,12 +75,14 @@ class Client:
         return response
 
     def submit(self, path: str | Path, *, idempotency_key: str | None = None, pages: str | None = None,
-               language: str | None = None) -> dict:
-        """Submit a document; `pages` ("1-3,7") and `language` ("deu+eng") as the API takes them."""
+               language: str | None = None, callback_url: str | None = None) -> dict:
+        """Submit a document; `pages` ("1-3,7"), `language` ("deu+eng") and `callback_url` (a signed POST of
+        the job once it is final) as the API takes them."""
         path = Path(path)
         headers = {"Idempotency-Key": idempotency_key or f"gnosis-client-{uuid.uuid4().hex}"}
         data = path.read_bytes()  # read once: every retry sends the same bytes
-        form = {k: v for k, v in (("pages", pages), ("language", language)) if v is not None}
+        form = {k: v for k, v in (("pages", pages), ("language", language), ("callback_url", callback_url))
+                if v is not None}
         return self._request("POST", "/v1/jobs", files={"file": (path.name, data)}, data=form or None,
                              headers=headers).json()
 

@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each job (default: until it ends)")
     p.add_argument("--pages", default=None, help='only these pages of each document, e.g. "1-3,7"')
     p.add_argument("--language", default=None, help='the CPU engine\'s language(s), e.g. "deu+eng"')
+    p.add_argument("--callback-url", default=None,
+                   help="where the API POSTs each job, signed, once it is final (docs/api.md)")
     p.set_defaults(func=run)
 
 
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = []
     for name in args.files:
         try:
-            job = client.submit(name, pages=args.pages, language=args.language)
+            job = client.submit(name, pages=args.pages, language=args.language, callback_url=args.callback_url)
         except ApiError as exc:
             print(f"{name}: rejected ({exc.status} {exc.code}): {exc.message}", file=sys.stderr)
             worst = EXIT_FAILED

@@ -216,3 +216,31 @@ def test_submit_wait_rides_out_connection_resets_and_makes_one_job(stack, tmp_pa
         assert len(jobs) == 1, jobs
     finally:
         front.stop()
+
+
+def test_the_client_and_the_cli_ask_for_a_signed_webhook(stack, tmp_path):
+    """A fire-and-forget submit names where the job is POSTed once final, from Python and from the shell."""
+    from gnosis_ocr import webhook
+    from harness.stack import wait_until
+    from tests.integration.test_webhooks import SECRET, Receiver, hooks_env
+
+    receiver = Receiver()
+    try:
+        hooks_env(stack)
+        url = stack.api()
+        stack.worker()
+        doc = tmp_path / "hooked.png"
+        doc.write_bytes(text_image(["A page with a webhook"]))
+        by_client = Client(url).submit(doc, callback_url=receiver.url)
+        r = run_submit(stack, url, str(doc), "--callback-url", receiver.url)
+        assert r.returncode == 0, r.stderr
+        by_cli = json.loads(r.stdout)
+        assert by_client["callback_url"] == by_cli["callback_url"] == receiver.url
+        wait_until(lambda: len(receiver.calls) >= 2, timeout=60, message="both jobs' webhooks")
+        posted = {json.loads(body)["id"]: (headers, body) for headers, body in receiver.calls}
+        assert set(posted) == {by_client["id"], by_cli["id"]}
+        for headers, body in posted.values():
+            assert json.loads(body)["status"] == "succeeded"
+            assert webhook.verify(SECRET, headers["X-Gnosis-Signature"], body)
+    finally:
+        receiver.stop()

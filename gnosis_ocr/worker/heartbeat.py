@@ -66,6 +66,7 @@ class Heartbeat:
         # Replication ids of the Redis nodes beaten to lately: a new one is a failover or a restart, and a
         # proxy that answers INFO from either of two nodes in turn is not one at every beat.
         self._nodes: deque[str] = deque(maxlen=NODES_REMEMBERED)
+        self._state = threading.Lock()  # `_nodes`, `_beating_since` and `_last_beat`, read together
 
     def start(self) -> None:
         # Pool processes may have loaded their engines before this runs: keep what they recorded.
@@ -85,27 +86,43 @@ class Heartbeat:
         while not self._stop.is_set():
             try:
                 self.beat()
-                now = time.monotonic()
-                # A beat that came late (its Redis calls retried through an outage) is a gap too, and so is
-                # a beat to a node not beaten to lately: a promoted replica that lagged has let records
-                # expire that the primary still held, though their workers beat all along.
-                moved = self._moved()
-                if self._beating_since is None or now - self._last_beat > self.ttl or moved:
-                    self._beating_since = now
-                self._last_beat = now
+                self._beaten(replication.node_id(self.redis))
                 self._check_loop()
                 self._prune()
             except redis.RedisError as exc:
-                self._beating_since = None
+                with self._state:
+                    self._beating_since = None
                 log.warning("heartbeat failed (Redis unreachable?): %s", exc)
             except Exception:
                 # A silent heartbeat makes the other workers requeue this one's pages: never let it die.
                 log.exception("heartbeat error")
             self._stop.wait(self.interval)
 
-    def _moved(self) -> bool:
-        """Whether the Redis beaten to is a node not beaten to before (a failover, a restart)."""
-        node = replication.node_id(self.redis)
+    def _beaten(self, node: str | None) -> None:
+        """A beat reached `node`. One that came late (its Redis calls retried through an outage) is a gap in
+        the beats, and so is a beat to a node not beaten to lately: a promoted replica that lagged has let
+        records expire that the primary still held, though their workers beat all along. Under the lock: the
+        housekeeper never sees the new node without the gap it makes (`_steady`)."""
+        with self._state:
+            now = time.monotonic()
+            moved = self._moved(node)
+            if self._beating_since is None or now - self._last_beat > self.ttl or moved:
+                self._beating_since = now
+            self._last_beat = now
+
+    def _steady(self, node: str | None) -> bool:
+        """Whether dead workers can be told from the living on `node` (read before this call): every worker
+        has beaten there for a full record lifetime since the last gap. After a gap in which nobody could beat
+        (Redis away or restarting), or on a node not beaten to lately, every record may have expired. A node
+        that refuses INFO (None) is told by gaps in the beats alone."""
+        with self._state:
+            now = time.monotonic()
+            return (self._beating_since is not None and now - self._last_beat < self.ttl
+                    and now - self._beating_since > self.ttl + self.interval
+                    and (node is None or node in self._nodes))
+
+    def _moved(self, node: str | None) -> bool:
+        """Whether `node`, the Redis beaten to, is one not beaten to before (a failover, a restart)."""
         if node is None or node in self._nodes:
             return False
         moved = bool(self._nodes)
@@ -186,15 +203,10 @@ class Heartbeat:
             self.rt.metrics.inc("gnosis_housekeeping_failures_total", duty=name)
 
     def _reap(self) -> None:
-        # After a gap in which nobody could beat (Redis away or restarting), every record has expired:
-        # the living are told from the dead only once each has had a full record lifetime to beat again.
-        # (This thread may get through before the beat thread notices the gap: a beat long overdue is one,
-        # and so is a node not beaten to lately.)
-        now = time.monotonic()
-        steady = (self._beating_since is not None and now - self._last_beat < self.ttl
-                  and now - self._beating_since > self.ttl + self.interval
-                  and replication.node_id(self.redis) in self._nodes)
-        if steady:
+        # This thread may get here before the beat thread notices a gap: a beat long overdue is one, and so is
+        # a node not beaten to lately. The node is read first, then the beats' state as one reading: read
+        # apart, a beat to a new node could come between them and the old node's state pass for the new one's.
+        if self._steady(replication.node_id(self.redis)):
             requeued = registry.reap(self.redis, self.app, queue=self.rt.settings.queue)
             if requeued:
                 self.rt.metrics.inc("gnosis_worker_recoveries_total", requeued)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import pytest
 import redis
@@ -208,4 +209,26 @@ def test_a_proxy_that_answers_from_two_nodes_in_turn_is_taken_for_one_failover_n
 
     beat = Heartbeat.__new__(Heartbeat)  # only what `_moved` reads
     beat.redis, beat._nodes, beat.ttl, beat.interval = Alternating(), deque(maxlen=NODES_REMEMBERED), 15, 5
-    assert [beat._moved() for _ in range(6)] == [False, True, False, False, False, False]
+    assert [beat._moved(replication.node_id(beat.redis)) for _ in range(6)] == [False, True, False, False, False,
+                                                                                 False]
+
+
+def test_the_housekeeper_never_takes_a_new_nodes_records_for_steady_ones():
+    """CI once caught the housekeeper reaping a live worker 80 ms after a beat reached a promoted replica: it
+    had read the beats' state of the old node, then the node's id, by which time the beat thread had recorded
+    the new node (and not yet the gap it makes). Now the node is read first and the state in one reading, so
+    a beat that comes between the two shows as the gap it is."""
+    from collections import deque
+
+    from gnosis_ocr.worker.heartbeat import NODES_REMEMBERED, Heartbeat
+
+    beat = Heartbeat.__new__(Heartbeat)  # only what `_beaten`, `_moved` and `_steady` read
+    beat._nodes, beat.ttl, beat.interval = deque(maxlen=NODES_REMEMBERED), 6, 2
+    beat._state, beat._beating_since, beat._last_beat = threading.Lock(), None, 0.0
+    beat._beaten("old")
+    beat._beating_since -= 60  # a minute of beats to the old node
+    assert beat._steady("old") and beat._steady(None), "steady: dead workers' pages go back"
+    node = "new"  # the housekeeper reads the promoted node's id; the beat thread then beats to it
+    beat._beaten(node)
+    assert not beat._steady(node), "a gap: records on the new node may have expired"
+    assert not beat._steady("newer"), "a node no beat has reached"

@@ -6,9 +6,7 @@ that final state; a delivery seen more than once (at least once is the promise) 
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SECRET = "whsec-soak"
 
@@ -16,57 +14,43 @@ SECRET = "whsec-soak"
 class Webhooks:
     """Mixed into `Soak`: it owns `args` and `stack`."""
 
-    receiver: ThreadingHTTPServer | None = None
+    receiver = None  # harness.webhooks.Receiver
     callback_url: str | None = None
 
     def start_webhooks(self) -> None:
-        self.hooks: list[tuple[str, str, str, bool]] = []  # (delivery id, job id, status, signature ok)
-        self.hook_posts = 0
-        lock = threading.Lock()
-        soak = self
+        from harness.webhooks import Receiver
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                from gnosis_ocr import webhook
-
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with lock:
-                    soak.hook_posts += 1
-                    refused = soak.hook_posts % 10 == 0
-                    if not refused:
-                        job = json.loads(body)
-                        soak.hooks.append((self.headers["X-Gnosis-Delivery"], job["id"], job["status"],
-                                           webhook.verify(SECRET, self.headers["X-Gnosis-Signature"], body)))
-                self.send_response(503 if refused else 204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.receiver = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.receiver.serve_forever, daemon=True).start()
-        self.callback_url = f"http://127.0.0.1:{self.receiver.server_address[1]}/hook"
+        self.receiver = Receiver(refuse_every=10)
+        self.callback_url = self.receiver.url
         self.stack.env.update(GNOSIS_WEBHOOK_SECRET=SECRET, GNOSIS_WEBHOOK_ALLOW_PRIVATE="true",
                               GNOSIS_WEBHOOK_BACKOFF="0.5")
+
+    def hooks(self) -> list[tuple[str, str, str, bool]]:
+        """(delivery id, job id, status, signature good) of every POST the receiver took."""
+        from gnosis_ocr import webhook
+
+        out = []
+        for headers, body in self.receiver.accepted():
+            job = json.loads(body)
+            out.append((headers["X-Gnosis-Delivery"], job["id"], job["status"],
+                        webhook.verify(SECRET, headers["X-Gnosis-Signature"], body)))
+        return out
 
     def tally_webhooks(self, finals: dict[str, dict], deleted: set[str], deadline: float) -> dict:
         """Wait (until `deadline`) for a webhook of every final, undeleted job; count what is missing or wrong."""
         owed = {job_id: job["status"] for job_id, job in finals.items()
                 if job["status"] in ("succeeded", "failed", "cancelled") and job_id not in deleted}
-        while time.monotonic() < deadline and not owed.keys() <= {job_id for _, job_id, _, _ in self.hooks}:
+        while time.monotonic() < deadline and not owed.keys() <= {job_id for _, job_id, _, _ in self.hooks()}:
             time.sleep(1)  # polling the receiver while the last deliveries are retried
-        last: dict[str, str] = {}
-        for _, job_id, status, _ in self.hooks:
-            last[job_id] = status
-        deliveries = [delivery for delivery, _, _, _ in self.hooks]
+        hooks = self.hooks()
+        last = {job_id: status for _, job_id, status, _ in hooks}
+        deliveries = [delivery for delivery, _, _, _ in hooks]
         return {"webhooks_owed": len(owed), "webhooks_missing": len(owed.keys() - last.keys()),
                 "webhooks_wrong_status": sum(last[j] != s for j, s in owed.items() if j in last),
-                "webhooks_badly_signed": sum(not ok for _, _, _, ok in self.hooks),
+                "webhooks_badly_signed": sum(not ok for _, _, _, ok in hooks),
                 "webhook_deliveries_repeated": len(deliveries) - len(set(deliveries)),
-                "webhook_posts_refused": self.hook_posts // 10}
+                "webhook_posts_refused": len(self.receiver.refused)}
 
     def stop_webhooks(self) -> None:
         if self.receiver is not None:
-            self.receiver.shutdown()
-            self.receiver.server_close()
+            self.receiver.stop()

@@ -14,35 +14,9 @@ import requests
 from gnosis_ocr import webhook
 from harness.docs import text_image
 from harness.stack import poll_job, wait_until
+from harness.webhooks import Receiver  # noqa: F401 (the other tests take it from here too)
 
 SECRET = "whsec-test"
-
-
-class Receiver:
-    def __init__(self, fail_first: int = 0) -> None:
-        self.fail_first = fail_first
-        self.calls: list[tuple[dict, bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.calls.append((dict(self.headers), body))
-                status = 503 if len(receiver.calls) <= receiver.fail_first else 204
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -239,7 +213,6 @@ def test_slow_receivers_delay_only_themselves(stack):
 
 
 def test_a_redirect_is_a_failure_and_is_not_followed(monkeypatch):
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Redirect(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:

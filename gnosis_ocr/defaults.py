@@ -177,7 +177,7 @@ declares the engine's loop stuck, marks the engine dead and returns the page to 
 
 ENGINE_LOOP_ANSWER = 2.0
 """Seconds a page's thread that found a batched engine stuck gives the engine's loop to end the engine
-itself, charging only a prefill that hangs on the prefill thread (engines/scheduler.py `stalled`); past
+itself, charging only a prefill that hangs on the prefill thread (engines/ending.py `stalled`); past
 them the loop is stuck too, and the page's thread ends the engine. Also how recently the loop must have
 turned to count as turning: a turn is one decode step, or one prefill chunk on its own thread."""
 

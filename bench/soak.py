@@ -260,22 +260,23 @@ class Soak(Batches, Webhooks, Workers):
         workers = [self.worker() for _ in range(self.args.workers)]
         for proc in workers:
             self.stack.wait_worker_ready(proc)
+        # The fault injector is also the supervisor: it runs on through the drain, until the tally is done.
+        supervisor = threading.Thread(target=self.faults, args=(workers,), daemon=True)
         threads = [threading.Thread(target=self.submit_loop, args=(url,), daemon=True),
-                   threading.Thread(target=self.sample_memory, daemon=True),
-                   threading.Thread(target=self.faults, args=(workers,), daemon=True)]
+                   threading.Thread(target=self.sample_memory, daemon=True)]
         if self.args.batch_every:
             threads.append(threading.Thread(target=self.batch_loop, args=(url,), daemon=True))
-        for t in threads:
+        for t in [*threads, supervisor]:
             t.start()
         self.stop.wait(self.args.minutes * 60)
         self.stop.set()
-        for t in threads[:2] + threads[3:]:
+        for t in threads:
             t.join(timeout=60)
         try:
             return self.tally(url)
         finally:
             self.drained.set()
-            threads[2].join(timeout=60)
+            supervisor.join(timeout=60)
 
     def delete(self, url: str, job_id: str) -> bool:
         """As a client deletes: sent again through 503s (under GNOSIS_ACCEPT_REPLICAS one can answer a deletion

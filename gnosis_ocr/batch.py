@@ -96,13 +96,16 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
-# Counts a new job in a live batch; 0 (nothing written) when the batch has ended meanwhile (cancelled
-# while its listing ran): the caller then cancels that job.
+# Counts a new job in a live batch, once a document: 0 (nothing written) when the batch has ended
+# meanwhile (cancelled while its listing ran), 2 when a listing made a job of this document already (two
+# listings of one batch ran at once: a lost listing's message restored beside a live one). Either way the
+# caller discards its job.
 _ADD_JOB = """
-local record, jobs = KEYS[1], KEYS[2]
-local job_id = ARGV[1]
+local record, jobs, made = KEYS[1], KEYS[2], KEYS[3]
+local job_id, name = ARGV[1], ARGV[2]
 local st = redis.call('HGET', record, 'status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
+if redis.call('SADD', made, name) == 0 then return 2 end
 redis.call('SADD', jobs, job_id)
 redis.call('HINCRBY', record, 'documents_total', 1)
 if st == 'queued' then redis.call('HSET', record, 'status', 'running') end
@@ -209,16 +212,16 @@ class BatchStore:
         h = self.redis.hgetall(keys.batch(batch_id))
         return Batch.from_hash({k.decode(): v.decode() for k, v in h.items()}) if h else None
 
-    def add_job(self, batch_id: str, job_id: str) -> bool:
-        """Count a new job of the batch; False if the batch ended meanwhile (the job is not its)."""
-        return bool(self._add(keys=[keys.batch(batch_id), keys.batch_jobs(batch_id)], args=[job_id]))
+    def add_job(self, batch_id: str, job_id: str, name: str) -> bool:
+        """Count a new job of the batch, the job of document `name` (its path below the source); False,
+        counting nothing, if the batch ended meanwhile or a listing made that document's job already:
+        the job is not the batch's."""
+        keys_ = [keys.batch(batch_id), keys.batch_jobs(batch_id), keys.batch_made(batch_id)]
+        return self._add(keys=keys_, args=[job_id, name]) == 1
 
     def made(self, batch_id: str, name: str) -> bool:
         """Whether the listing dealt with this document (its path below the source) already."""
         return bool(self.redis.sismember(keys.batch_made(batch_id), name))
-
-    def mark_made(self, batch_id: str, name: str) -> None:
-        self.redis.sadd(keys.batch_made(batch_id), name)
 
     def jobs(self, batch_id: str) -> list[str]:
         return [raw.decode() for raw in self.redis.smembers(keys.batch_jobs(batch_id))]

@@ -300,9 +300,21 @@ def read(uri: str, *, max_bytes: int) -> bytes:
     return client().bucket(bucket).blob(name, generation=blob.generation).download_as_bytes(**_policy())
 
 
-def exists(bucket: str, name: str) -> bool:
-    return client().bucket(bucket).blob(name).exists(**_policy())
+def metadata(bucket: str, name: str) -> dict[str, str] | None:
+    """An object's custom metadata ({} if it has none), or None if there is no such object: one call,
+    as an existence check is."""
+    from google.api_core.exceptions import NotFound
+
+    blob = client().bucket(bucket).blob(name)
+    try:
+        blob.reload(**_policy())
+    except NotFound:
+        return None
+    return dict(blob.metadata or {})
 
 
-def write(bucket: str, name: str, data: bytes, content_type: str) -> None:
-    client().bucket(bucket).blob(name).upload_from_string(data, content_type=content_type, **_policy())
+def write(bucket: str, name: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
+    blob = client().bucket(bucket).blob(name)
+    if metadata:
+        blob.metadata = metadata
+    blob.upload_from_string(data, content_type=content_type, **_policy())

@@ -29,6 +29,11 @@ BATCH_MARK = "_gnosis_batch.json"
 """Written into a batch's destination when its listing begins: which batch writes there, from which
 source, and proof that it may."""
 
+RESULT_BATCH = "gnosis-batch"
+"""Custom metadata of a result's `.json`: the batch that wrote it. A listing run again after a failover
+finds results its own batch wrote on the old primary (their jobs are gone from the new one): those
+documents are done, not skipped as an earlier batch's would be."""
+
 WAIT_FOR_ROOM = 2.0
 """Seconds between two looks at the key's backlog while a batch waits for room under its bound."""
 
@@ -190,9 +195,11 @@ class _Listing:
         """Skip, fail or make a job of one listed document (on one of the listing's threads)."""
         rt, batch, batch_id = self.rt, self.batch, self.batch.id
         result = rel + ".json"  # a document named _gnosis_batch would find the batch's mark there, not its result
-        if not batch.overwrite and result != BATCH_MARK and gcs.exists(self.destination.bucket,
-                                                                        self.destination.join(result)):
-            _ended(rt, self.batches, batch_id, "skipped", name=rel, listing=True)  # done by an earlier batch
+        if not batch.overwrite and result != BATCH_MARK and (
+                written := gcs.metadata(self.destination.bucket, self.destination.join(result))) is not None:
+            # Done by an earlier batch, or by this one on a node that a failover lost.
+            outcome = "done" if written.get(RESULT_BATCH) == batch_id else "skipped"
+            _ended(rt, self.batches, batch_id, outcome, name=rel, listing=True)
             return
         kind = document.sniff(gcs.head(self.source.bucket, name)) if size else None
         if kind is None:
@@ -256,10 +263,11 @@ class _Listing:
         # The bytes stay in the bucket: page workers read the object themselves, Redis carries none of it.
         job = rt.jobs.create(data=None, kind=kind, pages=pages, owner=batch.owner, filename=rel,
                              extra={"options": job_opts.to_record(), "batch": batch.id})
-        if not self.batches.add_job(batch.id, job.id):
-            rt.jobs.discard(job.id)  # the batch was cancelled while this document was read
+        # The job first, then its document marked made with its count, in one step: a crash in between
+        # costs a job that is no one's, never a document lost or counted twice.
+        if not self.batches.add_job(batch.id, job.id, rel):
+            rt.jobs.discard(job.id)  # the batch was cancelled, or another listing made this document's job
             return
-        self.batches.mark_made(batch.id, rel)  # after the job: a crash in between costs a duplicate, never a loss
         # Prioritised by the key's backlog like any job: a batch's thousands of pages never starve a small
         # interactive job of another key.
         priority = page_priority(rt.jobs.backlog(batch.owner)[1])
@@ -295,7 +303,8 @@ def document_ended(rt: Runtime, job: Job, *, housekeeping: bool = False) -> bool
                           "text/markdown; charset=utf-8")
                 # Written last: its presence is what a resubmitted batch takes for "done".
                 gcs.write(destination.bucket, destination.join(rel + ".json"),
-                          json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json")
+                          json.dumps(result_object(job, pages), ensure_ascii=False).encode(), "application/json",
+                          metadata={RESULT_BATCH: batch_id})
         except breaker.Open:  # the probe was taken in between
             return _left_owed(rt, job, destination, rel)
         except Exception as exc:

@@ -6,10 +6,16 @@ its unacked record; the API dies between the write and the publish), and then th
 `queued` for ever: nothing else lists it.
 
 The housekeeper looks at batches still unlisted after GNOSIS_RECONCILE_GRACE (the BATCHES_UNLISTED
-index): one whose listing is in no queue list, no unacknowledged entry and no worker's in-flight hash,
-on two passes in a row, is published again. A message some consumer holds, however old, counts as
-held (kombu returns it after its visibility timeout if that consumer died): two listings of one batch
-at once must not happen, a late one is only late.
+index): one whose listing is in no queue list and no worker's in-flight hash, on two passes in a row, is
+listed again. If its message is unacknowledged, delivered more than the grace ago, that message itself
+goes back to the queue (no copy is made); else a new one is published.
+
+An unacknowledged message with no in-flight entry is one that no listing runs: a listing writes its
+entry as it starts (a light worker starts each message it takes at once), and its worker drops the
+entries of deliveries it no longer holds. A failover to a replica that lagged leaves such messages: the
+replica had the listing's delivery, not its end. Counting them as held left the batch unlisted until
+the broker's visibility timeout (13 minutes by default). A listing run twice at once costs bucket reads,
+never a document counted twice: a document's job is added to its batch once (`BatchStore.add_job`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import redis
 
 from .. import keys
 from ..broker import EXPAND_BATCH_TASK, task_args
-from .reconcile import in_flight_entries, queued_messages, unacked_messages
+from .reconcile import UNACKED_INDEX_KEY, in_flight_entries, queued_messages, restore, unacked_messages
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +48,20 @@ class Listings:
         if not unlisted:
             self._suspects.clear()
             return 0
-        lost = unlisted - self._held()
+        held, stale = self._held()
+        lost = unlisted - held
         again = lost & self._suspects
         self._suspects = lost - again
+        restored = 0
         for batch_id in sorted(again):
-            self.app.send_task(EXPAND_BATCH_TASK, args=[batch_id], queue=self.queue)
+            if (tag := stale.get(batch_id)) is not None:
+                restore(self.app, tag)
+                restored += 1
+            else:
+                self.app.send_task(EXPAND_BATCH_TASK, args=[batch_id], queue=self.queue)
         if again:
-            log.warning("published the listing of %d batch(es) again (no message or worker had it): %s",
-                        len(again), ", ".join(sorted(again)[:10]))
+            log.warning("published the listing of %d batch(es) again (%d of them the unacknowledged original; "
+                        "no worker was listing them): %s", len(again), restored, ", ".join(sorted(again)[:10]))
         return len(again)
 
     def _unlisted(self) -> set[str]:
@@ -70,9 +82,27 @@ class Listings:
             self.redis.zrem(keys.BATCHES_UNLISTED, *stale)
         return out
 
-    def _held(self) -> set[str]:
-        """Batches whose listing a message or a worker has: queued, unacknowledged, or running."""
-        messages = [*queued_messages(self.redis, self.queue), *(raw for _, raw in unacked_messages(self.redis))]
-        held = {str(args[0]) for raw in messages if (args := task_args(raw, EXPAND_BATCH_TASK))}
-        return held | {name[len(IN_FLIGHT_PREFIX):] for name, _ in in_flight_entries(self.redis)
-                       if name.startswith(IN_FLIGHT_PREFIX)}
+    def _held(self) -> tuple[set[str], dict[str, str]]:
+        """Batches whose listing a message or a worker has: queued, unacknowledged for less than the
+        grace, or running; and, of the others, those whose message has been unacknowledged longer, with
+        its delivery tag."""
+        seconds, _ = self.redis.time()
+        stale_tags = set(self.redis.zrangebyscore(UNACKED_INDEX_KEY, 0, seconds - self.grace))
+        held = {batch_id for raw in queued_messages(self.redis, self.queue) if (batch_id := _batch_of(raw))}
+        old: dict[str, str] = {}
+        for tag, raw in unacked_messages(self.redis):
+            if (batch_id := _batch_of(raw)) is None:
+                continue
+            if tag in stale_tags:
+                old[batch_id] = tag.decode()
+            else:
+                held.add(batch_id)
+        held |= {name[len(IN_FLIGHT_PREFIX):] for name, _ in in_flight_entries(self.redis)
+                 if name.startswith(IN_FLIGHT_PREFIX)}
+        return held, {batch_id: tag for batch_id, tag in old.items() if batch_id not in held}
+
+
+def _batch_of(raw: bytes) -> str | None:
+    """The batch a queued listing message lists; None for other messages."""
+    args = task_args(raw, EXPAND_BATCH_TASK)
+    return str(args[0]) if args else None

@@ -60,8 +60,7 @@ class Reconciler:
         for job_id, page in sorted(again):
             tag = stale.get((job_id, page))
             if tag is not None:  # the original, back from a consumer that no longer holds it: no copy is made
-                with self.app.connection_for_write() as conn:
-                    conn.default_channel.qos.restore_by_tag(tag)
+                restore(self.app, tag)
                 restored += 1
             else:  # at its submitter's priority now: a copy without one would go ahead of every key's pages
                 self.app.send_task(OCR_PAGE_TASK, args=[job_id, page], queue=self.queue,
@@ -117,6 +116,12 @@ class Reconciler:
                 held.update({page: tag.decode() for page in pages})
         found |= {(name, int(page)) for name, page in in_flight_entries(self.redis) if page.isdigit()}
         return found, {page: tag for page, tag in held.items() if page not in found}
+
+
+def restore(app, tag: str) -> None:
+    """An unacknowledged message back to its queue, as kombu's visibility timeout would return it."""
+    with app.connection_for_write() as conn:
+        conn.default_channel.qos.restore_by_tag(tag)
 
 
 def queued_messages(client: redis.Redis, queue: str) -> Iterator[bytes]:

@@ -138,6 +138,10 @@ def test_a_document_is_counted_once_and_only_by_its_own_batch(redis_url):
     now = batches.get(batch.id)
     assert (now.documents_total, now.documents_skipped, now.documents_done) == (1, 1, 0)
     assert not batches.redis.zscore(keys.BATCH_ENDS, "orphan-job")  # and the housekeeper will not count it either
+    # Two listings of the batch at once (kombu puts a running listing's message back when its connection
+    # drops) each make a job of one document: the document is the batch's once.
+    assert batches.add_job(batch.id, "job-a", "scan.pdf") and not batches.add_job(batch.id, "job-b", "scan.pdf")
+    assert (batches.get(batch.id).documents_total, batches.jobs(batch.id)) == (2, ["job-a"])
 
 
 def test_a_light_worker_told_to_stop_hands_back_a_listing_that_waits_for_room(stack, emulator):

@@ -14,7 +14,9 @@ every submission, retried through timeouts and 503s as a real client retries): a
 timeout is then asked for again with the same key. After each Redis episode it times how long until
 every worker's `/readyz` says 200 again. With `--batch-every S` a batch of `--batch-documents`
 one-page images goes from a GCS emulator's bucket to another prefix every S seconds, and each must end
-with every document counted once and a result object for each document done.
+with every document counted once and a result object for each document done; with `--batch-key-pages N`
+the clients and the batches each have an API key, whose pages waiting are bounded at N, so a batch of more
+documents is still listing, page by page, through the Redis episodes.
 With `--engine nanonets` the workers run the GPU path, the batched engine (a threads pool feeding one
 continuous batch), on a tiny Qwen2.5-VL on the CPU, downloaded once into the shared cache from a local
 stand-in for the hub; with `--engine-death-steps N` each worker's engine also dies as after a sticky CUDA
@@ -59,6 +61,12 @@ class Soak(Batches, Webhooks, Workers):
                               GNOSIS_HEARTBEAT_INTERVAL="2", GNOSIS_REDIS_TIMEOUT="2",
                               GNOSIS_RECONCILE_GRACE=str(args.reconcile_grace),
                               GNOSIS_ACCEPT_REPLICAS=args.accept_replicas, GNOSIS_ACCEPT_REPLICAS_WAIT="1")
+        self.key = self.batch_key = None  # --batch-key-pages: the clients' key and the batches'
+        if args.batch_key_pages:
+            self.key, self.batch_key = "soak-key", "soak-batch-key"
+            self.stack.env.update(GNOSIS_API_KEYS=f"{self.key},{self.batch_key}",
+                                  GNOSIS_MAX_KEY_PAGES=str(args.batch_key_pages))
+        self.auth = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         self.hub = None
         if args.engine == "nanonets":
             self.batched_engine()
@@ -91,13 +99,14 @@ class Soak(Batches, Webhooks, Workers):
         """One submission: the response, or with `--client-timeout` the job id the retrying client got."""
         hook = {"callback_url": self.callback_url} if self.callback_url else {}
         if not self.args.client_timeout:
-            return requests.post(f"{url}/v1/jobs", files={"file": (name, data)}, data=hook, timeout=15)
+            return requests.post(f"{url}/v1/jobs", files={"file": (name, data)}, data=hook, headers=self.auth,
+                                 timeout=15)
         from gnosis_ocr.client import ApiError, Client
 
         path = self.tmp / "uploads" / name
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
-        client = Client(url, timeout=self.args.client_timeout, retries=8, backoff=0.5)
+        client = Client(url, api_key=self.key, timeout=self.args.client_timeout, retries=8, backoff=0.5)
         try:
             return client.submit(path, **hook)["id"]
         except ApiError as exc:  # what is left after its retries: answered like a plain response
@@ -118,7 +127,7 @@ class Soak(Batches, Webhooks, Workers):
                     self.accepted[job_id] = time.time()
                     roll = self.rng.random()
                     if roll < 0.05:
-                        requests.post(f"{url}/v1/jobs/{job_id}/cancel", timeout=15)
+                        requests.post(f"{url}/v1/jobs/{job_id}/cancel", headers=self.auth, timeout=15)
                         self.cancelled.add(job_id)
                     elif roll < 0.10 and self.delete(url, job_id):
                         self.deleted.add(job_id)
@@ -147,31 +156,6 @@ class Soak(Batches, Webhooks, Workers):
 
         port = self.redis.primary_port() if isinstance(self.redis, SentinelGroup) else self.redis.port
         return redis.Redis(port=port, socket_timeout=2)
-
-    def time_until_ready(self, workers: list, since: float) -> None:
-        """After a Redis episode: seconds until every live worker's /readyz answers 200 (in a thread)."""
-        present = list(workers)  # the workers that lived through it; one killed since no longer counts
-
-        def watch() -> None:
-            deadline = since + 180
-            while time.monotonic() < deadline:
-                ready = 0
-                for proc in present:
-                    if proc not in workers:
-                        ready += 1
-                        continue
-                    try:
-                        ready += requests.get(f"http://127.0.0.1:{self.ports[proc.pid]}/readyz",
-                                              timeout=2).status_code == 200
-                    except (requests.RequestException, KeyError):
-                        pass
-                if ready == len(present):
-                    self.ready_again.append(round(time.monotonic() - since, 1))
-                    return
-                time.sleep(0.5)  # polling readiness probes, as a supervisor does
-            self.ready_again.append(float("inf"))
-
-        threading.Thread(target=watch, daemon=True).start()
 
     def faults(self, workers: list) -> None:
         started = time.monotonic()
@@ -282,7 +266,7 @@ class Soak(Batches, Webhooks, Workers):
         """As a client deletes: sent again through 503s (under GNOSIS_ACCEPT_REPLICAS one can answer a deletion
         that is on the primary but not yet confirmed by a replica), a repeat's 404 being the deletion done."""
         try:
-            Client(url, timeout=15, retries=4, backoff=0.5).delete(job_id)
+            Client(url, api_key=self.key, timeout=15, retries=4, backoff=0.5).delete(job_id)
             return True
         except (ApiError, requests.RequestException):
             return False
@@ -294,7 +278,7 @@ class Soak(Batches, Webhooks, Workers):
         while pending and time.monotonic() < deadline:
             still = []
             for job_id in pending:
-                r = requests.get(f"{url}/v1/jobs/{job_id}", timeout=15)
+                r = requests.get(f"{url}/v1/jobs/{job_id}", headers=self.auth, timeout=15)
                 if r.status_code == 200 and r.json()["status"] in ("succeeded", "failed", "cancelled"):
                     finals[job_id] = r.json()
                 elif r.status_code == 200:
@@ -327,10 +311,22 @@ class Soak(Batches, Webhooks, Workers):
             "peak_redis_memory_mib": round(self.peak_memory / 2**20, 1),
             "all_workers_ready_again_s": self.ready_again,
             "engine": self.args.engine, "workers_exited_by_status": self.exits,
+            "put_right_by_housekeepers": self.put_right(url),
             **(self.tally_batches(url, deadline) if self.args.batch_every else {}),
             **(self.tally_webhooks(finals, self.deleted, deadline + 60) if self.args.webhooks else {}),
             "faults": self.events,
         }
+
+    def put_right(self, url: str) -> dict:
+        """What the housekeepers found and put right, from the cluster's counters on the API's /metrics."""
+        from harness.stack import metric_totals
+
+        try:
+            totals = metric_totals(requests.get(f"{url}/metrics", timeout=15).text)
+        except requests.RequestException:
+            return {}
+        names = ("pages_republished", "batch_listings_republished", "housekeeping_failures")
+        return {name: totals.get(f"gnosis_{name}_total", 0) for name in names}
 
     def close(self) -> None:
         self.stack.stop()
@@ -359,6 +355,9 @@ def main() -> None:
                         help="with Sentinel: SENTINEL FAILOVER at half time instead of killing the primary")
     parser.add_argument("--batch-every", type=float, default=0, help="seconds between batches (0: no batches)")
     parser.add_argument("--batch-documents", type=int, default=10)
+    parser.add_argument("--batch-key-pages", type=int, default=0,
+                        help="API keys on, GNOSIS_MAX_KEY_PAGES this: a batch of more documents lists for as long as "
+                             "its pages take, through the Redis episodes (0: no keys)")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--kill-every", type=float, default=60, help="seconds between worker kills")
     parser.add_argument("--redis", choices=["sentinel", "restart"], default="sentinel")

@@ -13,7 +13,7 @@ from harness.docs import text_image
 
 
 class Batches:
-    """Mixed into `Soak`: it owns `args`, `stack`, `refused`, `stop`, `batches` and `bucket`."""
+    """Mixed into `Soak`: it owns `args`, `stack`, `refused`, `stop`, `batches`, `bucket` and `batch_key`."""
 
     def start_bucket(self) -> None:
         from google.auth.credentials import AnonymousCredentials
@@ -27,6 +27,9 @@ class Batches:
         self.stack.env.update(STORAGE_EMULATOR_HOST=os.environ["STORAGE_EMULATOR_HOST"], GOOGLE_CLOUD_PROJECT="soak",
                               GNOSIS_BATCH_BUCKETS="gs://soak/")
 
+    def batch_auth(self) -> dict:
+        return {"Authorization": f"Bearer {self.batch_key}"} if self.batch_key else {}
+
     def batch_loop(self, url: str) -> None:
         n = 0
         while not self.stop.wait(self.args.batch_every):
@@ -35,7 +38,8 @@ class Batches:
                 self.bucket.blob(f"{prefix}d{d:02}.png").upload_from_string(text_image([f"Soak batch {n} doc {d}"]))
             try:
                 r = requests.post(f"{url}/v1/batches", json={"source": f"gs://soak/{prefix}",
-                                                              "destination": f"gs://soak/out/b{n:03}/"}, timeout=15)
+                                                              "destination": f"gs://soak/out/b{n:03}/"},
+                                  headers=self.batch_auth(), timeout=15)
                 if r.status_code == 202:
                     self.batches[r.json()["id"]] = f"out/b{n:03}/"
                 else:
@@ -50,7 +54,7 @@ class Batches:
             for batch_id in self.batches:
                 if batch_id in finals:
                     continue
-                r = requests.get(f"{url}/v1/batches/{batch_id}", timeout=15)
+                r = requests.get(f"{url}/v1/batches/{batch_id}", headers=self.batch_auth(), timeout=15)
                 if r.status_code != 200:
                     finals[batch_id] = {"status": "lost"}
                 elif r.json()["status"] in ("succeeded", "failed", "cancelled"):

@@ -5,10 +5,14 @@ CUDA error every so many decode steps (`--engine-death-steps`, through `tests/fa
 from __future__ import annotations
 
 import sys
+import threading
+import time
+
+import requests
 
 
 class Workers:
-    """Mixed into `Soak`: it owns `args`, `rng`, `stack`, `tmp`, `hub` and `ports`."""
+    """Mixed into `Soak`: it owns `args`, `rng`, `stack`, `tmp`, `hub`, `ports` and `ready_again`."""
 
     def batched_engine(self) -> None:
         """The GPU path's worker on a tiny Qwen2.5-VL: one process, a threads pool, one continuous batch."""
@@ -39,3 +43,28 @@ class Workers:
             proc = self.stack.worker(concurrency=1, wait_ready=False, GNOSIS_WORKER_PORT=str(port))
         self.ports[proc.pid] = port
         return proc
+
+    def time_until_ready(self, workers: list, since: float) -> None:
+        """After a Redis episode: seconds until every live worker's /readyz answers 200 (in a thread)."""
+        present = list(workers)  # the workers that lived through it; one killed since no longer counts
+
+        def watch() -> None:
+            deadline = since + 180
+            while time.monotonic() < deadline:
+                ready = 0
+                for proc in present:
+                    if proc not in workers:
+                        ready += 1
+                        continue
+                    try:
+                        ready += requests.get(f"http://127.0.0.1:{self.ports[proc.pid]}/readyz",
+                                              timeout=2).status_code == 200
+                    except (requests.RequestException, KeyError):
+                        pass
+                if ready == len(present):
+                    self.ready_again.append(round(time.monotonic() - since, 1))
+                    return
+                time.sleep(0.5)  # polling readiness probes, as a supervisor does
+            self.ready_again.append(float("inf"))
+
+        threading.Thread(target=watch, daemon=True).start()

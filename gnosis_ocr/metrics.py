@@ -42,7 +42,7 @@ COUNTERS = {
     "gnosis_housekeeping_failures_total": "Housekeeping duties (reap, expire, reconcile, batches, webhooks, inputs, "
                                           "sweep) that failed with an error other than Redis's, by duty.",
     "gnosis_webhooks_republished_total": "Owed webhooks published again from the outbox (their task was lost).",
-    "gnosis_batch_listings_republished_total": "Batch listings published again because no message or worker had them.",
+    "gnosis_batch_listings_republished_total": "Batch listings run again because no worker was listing them.",
     "gnosis_batch_documents_total": "Documents of batches by outcome (done, failed, skipped).",
     "gnosis_bucket_failures_total": "Bucket calls of batches that failed for now, past GNOSIS_BUCKET_TIMEOUT, "
                                     "by operation (list, read, write); each was handed back or left owed.",

@@ -5,10 +5,11 @@ from celery import Celery
 
 from ..broker import celery_config
 from ..settings import Settings
-from . import loopwatch, refusals, subscription
+from . import detached, loopwatch, refusals, subscription
 
 refusals.install()  # a Redis refusing writes pauses consumption instead of stopping the worker
 subscription.install()  # a dropped pub/sub connection is reconnected by Celery, never read on forever
+detached.install()  # a channel closed after Redis went away is a lost connection, not a stopped worker
 
 settings = Settings.from_env()
 app = Celery("gnosis-ocr")

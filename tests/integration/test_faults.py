@@ -155,6 +155,31 @@ def test_redis_restart_loses_no_accepted_job(stack, tmp_path, both_stores):
         private.stop()
 
 
+def test_a_worker_that_holds_a_page_and_waits_for_more_lives_through_redis_going_away(stack, tmp_path):
+    """A worker with a page running and its BRPOP waiting for the next when Redis dies: Celery closes the
+    broken connection twice (collect, then close). The first close failed on the dead BRPOP and left the
+    channel open; the second tried to put the held page back through a transport already detached, and
+    kombu's AttributeError was an "Unrecoverable error": the worker stopped as soon as its page ended
+    (in a soak, 3 workers of 3 at one Redis restart)."""
+    private = PrivateRedis(tmp_path / "redis").start()
+    try:
+        stack.env["REDIS_URL"] = private.url
+        url = stack.api()
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="4", concurrency=2)
+        job = submit(url, "held.png")
+        wait_until(lambda: inflight(redis.Redis.from_url(private.url), job["id"]), timeout=30,
+                   message="the page to run")
+        private.stop(signal.SIGKILL)
+        wait_until(lambda: worker.log().count("Connection to broker lost") >= 1, timeout=30,
+                   message="the worker to lose its connection")
+        private.start()
+        assert poll_job(url, job["id"], timeout=120)["status"] == "succeeded"
+        assert poll_job(url, submit(url, "after.png")["id"], timeout=60)["status"] == "succeeded"
+        assert worker.alive() and "Unrecoverable error" not in worker.log(), worker.log()[-3000:]
+    finally:
+        private.stop()
+
+
 def test_workers_whose_redis_connections_are_dropped_go_on_consuming(stack, tmp_path):
     """Connections dropped under a live Redis: a proxy's idle timeout, a network blip, `CLIENT KILL`, Redis's
     pub/sub output-buffer limit. Each worker process also holds a pub/sub subscription (Celery's remote

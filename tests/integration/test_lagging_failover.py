@@ -144,7 +144,7 @@ def test_a_batch_through_a_failover_to_a_lagging_replica_ends_with_every_documen
                      STORAGE_EMULATOR_HOST=host, GOOGLE_CLOUD_PROJECT="test", GNOSIS_BATCH_BUCKETS="gs://scans/")
     headers = {}
     if listing != "ended":
-        stack.env.update(GNOSIS_API_KEYS="batch-key", GNOSIS_MAX_KEY_PAGES="2")
+        stack.env.update(GNOSIS_API_KEYS="batch-key", GNOSIS_MAX_KEY_PAGES="1")  # a document at a time
         headers = {"Authorization": "Bearer batch-key"}
     url = stack.api()
     stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="0.6", concurrency=2)

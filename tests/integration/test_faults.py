@@ -165,7 +165,9 @@ def test_a_worker_that_holds_a_page_and_waits_for_more_lives_through_redis_going
     try:
         stack.env["REDIS_URL"] = private.url
         url = stack.api()
-        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="4", concurrency=2)
+        # A page that ends while Redis is still away is published again by the reconciler, soon.
+        worker = stack.worker(OCR_ENGINE="null", GNOSIS_NULL_ENGINE_DELAY="4", GNOSIS_RECONCILE_GRACE="2",
+                              concurrency=2)
         job = submit(url, "held.png")
         wait_until(lambda: inflight(redis.Redis.from_url(private.url), job["id"]), timeout=30,
                    message="the page to run")

@@ -98,8 +98,8 @@ return 1
 
 # Counts a new job in a live batch, once a document: 0 (nothing written) when the batch has ended
 # meanwhile (cancelled while its listing ran), 2 when a listing made a job of this document already (two
-# listings of one batch ran at once: a lost listing's message restored beside a live one). Either way the
-# caller discards its job.
+# listings of one batch ran at once: kombu put a running listing's message back as its connection dropped).
+# Either way the caller discards its job.
 _ADD_JOB = """
 local record, jobs, made = KEYS[1], KEYS[2], KEYS[3]
 local job_id, name = ARGV[1], ARGV[2]

@@ -68,6 +68,21 @@ return 'final:succeeded'
 """
 
 
+# A listing that saw ARGV[1] documents marks its live batch listed. 0, marking nothing, when fewer than that
+# are made on this node: a failover lost what the listing made on the old primary, and the listing runs
+# again. Marked listed all the same, the batch ended once the documents made here had, short of the rest.
+# KEYS: record, unlisted index, made set. ARGV: documents seen, the batch's id.
+_LISTED = """
+local record, unlisted, made = KEYS[1], KEYS[2], KEYS[3]
+local st = redis.call('HGET', record, 'status')
+if st ~= 'queued' and st ~= 'running' then return 1 end
+if redis.call('SCARD', made) < tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', record, 'listed', '1')
+redis.call('ZREM', unlisted, ARGV[2])
+return 1
+"""
+
+
 # A new batch, with its entry in the unlisted index. KEYS: record, unlisted index, Idempotency-Key claim
 # (or ''). ARGV: the claim this request holds, now (unix s), then field/value pairs. 0, writing nothing,
 # when a retry took the key over while this request was slow: one key, one batch.
@@ -180,6 +195,7 @@ class BatchStore:
         self._note = client.register_script(_NOTE)
         self._create = client.register_script(_CREATE)
         self._discard = client.register_script(_DISCARD)
+        self._listed = client.register_script(_LISTED)
 
     def create(self, *, source: str, destination: str, owner: str, overwrite: bool, callback_url: str,
                options: str, batch_id: str | None = None, idem_name: str = "", idem_claim: str = "") -> Batch:
@@ -239,11 +255,12 @@ class BatchStore:
             return Settlement("", ended_now=False)
         return dataclasses.replace(self.settle(batch_id), counted=bool(counted))
 
-    def listed(self, batch_id: str) -> Settlement:
-        pipe = self.redis.pipeline()
-        pipe.hset(keys.batch(batch_id), "listed", "1")
-        pipe.zrem(keys.BATCHES_UNLISTED, batch_id)
-        pipe.execute()
+    def listed(self, batch_id: str, documents: int) -> Settlement | None:
+        """The end of a listing that saw `documents` documents: the batch marked listed, and settled. None,
+        marking nothing, when fewer are made on this node (a failover lost some): the listing must run again."""
+        if not self._listed(keys=[keys.batch(batch_id), keys.BATCHES_UNLISTED, keys.batch_made(batch_id)],
+                            args=[documents, batch_id]):
+            return None
         return self.settle(batch_id)
 
     def settle(self, batch_id: str) -> Settlement:

@@ -71,7 +71,7 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
     listing = _Listing(rt, app, batch, source, destination)
     pool = ThreadPoolExecutor(rt.settings.listing_threads, thread_name_prefix=f"listing-{batch_id[:8]}")
     pending: set[Future] = set()
-    taken = 0
+    taken = seen = 0
     try:
         for n, (name, size) in enumerate(gcs.iter_names(source)):
             if stopping.is_set():
@@ -81,6 +81,7 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
             rel = gcs.relative_name(name, source)
             if rel is None:
                 continue  # a folder placeholder, or a name that must never become a path
+            seen += 1  # each is made into a job or counted, once, under its name (the made set)
             if taken >= rt.settings.max_batch_documents:
                 _ended(rt, batches, batch_id, "skipped", name=rel, listing=True)
                 continue
@@ -116,7 +117,12 @@ def expand(rt: Runtime, batch_id: str, app) -> str:
     finally:
         listing.over.set()  # a document waiting for room under the key's bound gives up too
         pool.shutdown(wait=True, cancel_futures=True)
-    return _settled(rt, batch_id, batches.listed(batch_id))
+    settlement = batches.listed(batch_id, seen)
+    if settlement is None:
+        # This listing ran partly on a primary that a failover lost, with the documents it made there.
+        raise ListingInterrupted(f"batch {batch_id}: {seen} documents listed, fewer of them made on this Redis "
+                                 f"(a failover lost some); listing it again")
+    return _settled(rt, batch_id, settlement)
 
 
 def _mark_destination(rt: Runtime, batches: BatchStore, batch, destination: gcs.Location) -> str | None:

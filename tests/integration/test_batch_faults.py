@@ -144,6 +144,26 @@ def test_a_document_is_counted_once_and_only_by_its_own_batch(redis_url):
     assert (batches.get(batch.id).documents_total, batches.jobs(batch.id)) == (2, ["job-a"])
 
 
+def test_a_listing_that_saw_more_documents_than_this_node_made_leaves_its_batch_unlisted(redis_url):
+    """A listing cut by a failover ran partly on the old primary, and the documents it made there are not on
+    the new one. Marked listed at its end, the batch ended as soon as the documents made here had (9 of 12 in
+    CI); now the listing runs again instead."""
+    import redis as redis_client
+
+    from gnosis_ocr.batch import BatchStore
+
+    batches = BatchStore(redis_client.Redis.from_url(redis_url), ttl=60)
+    batch = batches.create(source="gs://scans/in/", destination="gs://scans/out/", owner="", overwrite=False,
+                           callback_url="", options="")
+    batches.end_document(batch.id, "skipped", name="notes.txt", listing=True)
+    assert batches.listed(batch.id, 2) is None  # it saw notes.txt and scan.pdf
+    assert (batches.get(batch.id).listed, batches.get(batch.id).status) == (False, "queued")
+    assert batches.redis.zscore(keys.BATCHES_UNLISTED, batch.id) is not None  # the housekeeper still sees it
+    batches.end_document(batch.id, "failed", name="scan.pdf", listing=True, code="unreadable_document")
+    settlement = batches.listed(batch.id, 2)  # the listing run again
+    assert (settlement.status, settlement.ended_now, batches.get(batch.id).documents_total) == ("succeeded", True, 2)
+
+
 def test_a_light_worker_told_to_stop_hands_back_a_listing_that_waits_for_room(stack, emulator):
     client, host = emulator
     scans = make_bucket(client)

@@ -26,7 +26,7 @@ import redis
 
 from .. import keys
 from ..broker import EXPAND_BATCH_TASK, task_args
-from .reconcile import UNACKED_INDEX_KEY, in_flight_entries, queued_messages, restore, unacked_messages
+from .reconcile import in_flight_entries, queued_messages, restore, unacked_messages, unacked_since
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ class Listings:
         """Batches whose listing a message or a worker has: queued, unacknowledged for less than the
         grace, or running; and, of the others, those whose message has been unacknowledged longer, with
         its delivery tag."""
-        seconds, _ = self.redis.time()
-        stale_tags = set(self.redis.zrangebyscore(UNACKED_INDEX_KEY, 0, seconds - self.grace))
+        stale_tags = unacked_since(self.redis, self.grace)
         held = {batch_id for raw in queued_messages(self.redis, self.queue) if (batch_id := _batch_of(raw))}
         old: dict[str, str] = {}
         for tag, raw in unacked_messages(self.redis):

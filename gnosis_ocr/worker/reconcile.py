@@ -103,8 +103,7 @@ class Reconciler:
         than the grace. Unacknowledged longer, and in no worker's in-flight hash, is a message its
         consumer took and died holding before START_PAGE ran: returned with its delivery tag."""
         found: set[tuple[str, int]] = set()
-        seconds, _ = self.redis.time()
-        stale_tags = set(self.redis.zrangebyscore(UNACKED_INDEX_KEY, 0, seconds - self.grace))
+        stale_tags = unacked_since(self.redis, self.grace)
         held: dict[tuple[str, int], str] = {}
         for raw in queued_messages(self.redis, self.queue):
             found |= _pages_of(raw)
@@ -116,6 +115,12 @@ class Reconciler:
                 held.update({page: tag.decode() for page in pages})
         found |= {(name, int(page)) for name, page in in_flight_entries(self.redis) if page.isdigit()}
         return found, {page: tag for page, tag in held.items() if page not in found}
+
+
+def unacked_since(client: redis.Redis, seconds: float) -> set[bytes]:
+    """Delivery tags of the messages unacknowledged for longer than `seconds`, on Redis's clock."""
+    now, _ = client.time()
+    return set(client.zrangebyscore(UNACKED_INDEX_KEY, 0, now - seconds))
 
 
 def restore(app, tag: str) -> None:
